@@ -1,0 +1,8 @@
+// meshrt — everything an application needs, in one import.
+export module meshrt;
+
+export import meshrt.core;
+export import meshrt.alloc;
+export import meshrt.tracking;
+export import meshrt.device;
+export import meshrt.buffer;

@@ -1,0 +1,95 @@
+// The buffer state machine: one record per mesh buffer (or standalone device buffer), shared by
+// its DeviceBuffer handles and known to the mesh as a resident, so that handles, MeshBuffer and
+// MeshDevice::close() all change a device buffer's state through the same two functions.
+module;
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+module meshrt.buffer:allocation;
+
+import meshrt.core;
+import meshrt.tracking;
+import meshrt.device;
+import :state;
+
+namespace meshrt::detail {
+
+// Everything decided about a buffer before it takes memory.
+struct BufferPlan {
+  BufferType type{};
+  InterleavedLayout layout{};
+  std::uint64_t size_per_device{};
+  std::uint64_t bytes_per_bank{};
+  MeshBufferId mesh_buffer{};
+  std::vector<std::uint32_t> devices;  // slot -> device index in the mesh
+  std::string name;
+};
+
+[[nodiscard]] MeshBufferId next_mesh_buffer_id();
+
+// Checks a request against the mesh's device spec and works out its page layout. A size of 0
+// gives a plan with size_per_device 0: such a buffer takes no memory and reports nothing.
+[[nodiscard]] Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_device,
+                                             const DeviceLocalBufferConfig& config,
+                                             std::vector<std::uint32_t> devices, MeshBufferId mesh_buffer,
+                                             std::string name);
+
+class BufferAllocation final : public MeshResident, public std::enable_shared_from_this<BufferAllocation> {
+ public:
+  // Reserves the memory (unless a hook intercepts), enrolls with the mesh and reports one Alloc
+  // per device, all under the mesh lock.
+  [[nodiscard]] static Result<std::shared_ptr<BufferAllocation>> allocate(const std::shared_ptr<MeshMemory>& memory,
+                                                                          BufferPlan plan);
+  BufferAllocation(const BufferAllocation&) = delete;
+  BufferAllocation& operator=(const BufferAllocation&) = delete;
+  ~BufferAllocation();
+
+  // Lock-free: a state only ever moves from allocated to a terminal state, never back.
+  [[nodiscard]] DeviceBufferState state(std::uint32_t slot) const;
+  [[nodiscard]] std::uint32_t slot_count() const { return static_cast<std::uint32_t>(plan_.devices.size()); }
+  [[nodiscard]] BufferId id(std::uint32_t slot) const { return BufferId{first_id_.value() + slot}; }
+  [[nodiscard]] DeviceId device(std::uint32_t slot) const { return DeviceId{plan_.devices[slot]}; }
+  [[nodiscard]] const BufferPlan& plan() const { return plan_; }
+  [[nodiscard]] std::uint64_t address() const { return address_; }
+
+  // Deallocates those of `slots` still allocated and reports their Frees as one batch.
+  void deallocate(std::span<const std::uint32_t> slots, FreeReason reason) noexcept;
+  [[nodiscard]] Result<void> write(std::uint32_t slot, std::span<const std::byte> bytes);
+  [[nodiscard]] Result<void> read(std::uint32_t slot, std::span<std::byte> bytes) const;
+
+  void release_on_close(const MeshLock& lock) noexcept override;
+  [[nodiscard]] std::shared_ptr<const void> keep_alive() noexcept override { return shared_from_this(); }
+
+ private:
+  struct Token {};  // keeps construction inside allocate()
+
+ public:
+  BufferAllocation(Token token, std::shared_ptr<MeshMemory> memory, BufferPlan plan, std::uint64_t address,
+                   bool hooked);
+
+ private:
+  using EventBatch = std::vector<AllocationEvent>;
+  // The transitions. Nothing else writes states_ (the meshrt-state-transition check enforces it).
+  void mark_deallocated(const MeshLock& lock, std::uint32_t slot, FreeReason reason, EventBatch& batch);
+  void mark_released(const MeshLock& lock, std::uint32_t slot, EventBatch& batch);
+  // A slot left `allocated`: the last one gives the reservation back.
+  void slot_freed(const MeshLock& lock);
+  [[nodiscard]] AllocationEvent event(std::uint32_t slot, EventKind kind, FreeReason reason,
+                                      std::int64_t time_ns) const;
+  [[nodiscard]] Result<void> check_transfer(const MeshLock& lock, std::uint32_t slot, std::size_t bytes) const;
+
+  std::shared_ptr<MeshMemory> memory_;
+  BufferPlan plan_;
+  std::uint64_t address_;
+  bool hooked_;
+  BufferId first_id_;
+  std::unique_ptr<std::atomic<DeviceBufferState>[]> states_;
+  std::uint32_t live_slots_;
+};
+
+}  // namespace meshrt::detail

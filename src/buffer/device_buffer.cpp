@@ -1,0 +1,121 @@
+module;
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+
+#include <fmt/format.h>
+#include <gsl/gsl>
+#include <tl/expected.hpp>
+
+module meshrt.buffer;
+
+import meshrt.core;
+import meshrt.tracking;
+import meshrt.device;
+import :allocation;
+
+namespace meshrt {
+
+std::string_view to_string(DeviceBufferState state) {
+  switch (state) {
+    case DeviceBufferState::allocated: return "allocated";
+    case DeviceBufferState::deallocated: return "deallocated";
+    case DeviceBufferState::released: return "released";
+  }
+  return "unknown";
+}
+
+Result<DeviceBuffer> DeviceBuffer::create(MeshDevice& mesh, MeshCoordinate coordinate, std::uint64_t size,
+                                          const DeviceLocalBufferConfig& config, std::string name) {
+  if (!mesh.shape().contains(coordinate)) {
+    return fail(ErrorCode::invalid_argument, fmt::format("coordinate {} is outside the {} mesh", to_string(coordinate),
+                                                         to_string(mesh.shape())));
+  }
+  auto plan = detail::plan_buffer(mesh, size, config, {mesh.shape().index_of(coordinate)}, MeshBufferId{},
+                                  std::move(name));
+  if (!plan) return tl::unexpected(std::move(plan.error()));
+  if (plan->size_per_device == 0) return DeviceBuffer{};  // zero-size buffers take and report nothing
+  auto allocation = detail::BufferAllocation::allocate(mesh.memory(), std::move(*plan));
+  if (!allocation) return tl::unexpected(std::move(allocation.error()));
+  return DeviceBuffer(std::move(*allocation), 0);
+}
+
+DeviceBuffer::DeviceBuffer(std::shared_ptr<detail::BufferAllocation> allocation, std::uint32_t slot)
+    : allocation_(std::move(allocation)), slot_(slot) {}
+
+DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
+    : allocation_(std::move(other.allocation_)), slot_(std::exchange(other.slot_, 0)) {}
+
+DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
+  if (this != &other) {
+    release(FreeReason::destructor);  // the buffer this handle owned is dropped, as by its destructor
+    allocation_ = std::move(other.allocation_);
+    slot_ = std::exchange(other.slot_, 0);
+  }
+  return *this;
+}
+
+DeviceBuffer::~DeviceBuffer() { release(FreeReason::destructor); }
+
+void DeviceBuffer::deallocate() noexcept { release(FreeReason::explicit_deallocate); }
+
+void DeviceBuffer::release(FreeReason reason) noexcept {
+  if (allocation_) allocation_->deallocate(std::array{slot_}, reason);
+}
+
+DeviceBufferState DeviceBuffer::state() const {
+  Expects(owns_buffer());
+  return allocation_->state(slot_);
+}
+
+BufferId DeviceBuffer::id() const {
+  Expects(owns_buffer());
+  return allocation_->id(slot_);
+}
+
+DeviceId DeviceBuffer::device() const {
+  Expects(owns_buffer());
+  return allocation_->device(slot_);
+}
+
+MeshBufferId DeviceBuffer::mesh_buffer() const {
+  Expects(owns_buffer());
+  return allocation_->plan().mesh_buffer;
+}
+
+BufferType DeviceBuffer::type() const {
+  Expects(owns_buffer());
+  return allocation_->plan().type;
+}
+
+std::uint64_t DeviceBuffer::address() const {
+  Expects(owns_buffer());
+  return allocation_->address();
+}
+
+std::uint64_t DeviceBuffer::size() const {
+  Expects(owns_buffer());
+  return allocation_->plan().size_per_device;
+}
+
+std::uint64_t DeviceBuffer::page_size() const {
+  Expects(owns_buffer());
+  return allocation_->plan().layout.page_size;
+}
+
+Result<void> DeviceBuffer::write(std::span<const std::byte> bytes) {
+  if (!owns_buffer()) return fail(ErrorCode::invalid_argument, "write to an empty (moved-from) device buffer");
+  return allocation_->write(slot_, bytes);
+}
+
+Result<void> DeviceBuffer::read(std::span<std::byte> bytes) const {
+  if (!owns_buffer()) return fail(ErrorCode::invalid_argument, "read from an empty (moved-from) device buffer");
+  return allocation_->read(slot_, bytes);
+}
+
+}  // namespace meshrt

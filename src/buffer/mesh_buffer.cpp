@@ -1,0 +1,230 @@
+module;
+#include <algorithm>
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <numeric>
+#include <span>
+#include <string>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gsl/gsl>
+#include <tl/expected.hpp>
+
+module meshrt.buffer;
+
+import meshrt.core;
+import meshrt.tracking;
+import meshrt.device;
+import :allocation;
+
+namespace meshrt {
+
+namespace {
+
+struct ShardGeometry {
+  std::uint64_t element_size{};
+  std::uint64_t size_per_device{};
+};
+
+Result<ShardGeometry> shard_geometry(const ShardedBufferConfig& config, MeshShape mesh) {
+  const Shape2D global = config.global_shape;
+  const Shape2D shard = config.shard_shape;
+  if (global.height == 0 || global.width == 0 || shard.height == 0 || shard.width == 0) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("sharded buffer shapes must be non-empty: global {}x{}, shard {}x{}", global.height,
+                            global.width, shard.height, shard.width));
+  }
+  if (global.height % shard.height != 0 || global.width % shard.width != 0) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("shard shape {}x{} does not tile the global shape {}x{}", shard.height, shard.width,
+                            global.height, global.width));
+  }
+  const std::uint64_t grid_rows = global.height / shard.height;
+  const std::uint64_t grid_cols = global.width / shard.width;
+  if (grid_rows != mesh.rows || grid_cols != mesh.cols) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("global shape {}x{} in shards of {}x{} makes a {}x{} grid, but the mesh is {}: one "
+                            "shard per device",
+                            global.height, global.width, shard.height, shard.width, grid_rows, grid_cols,
+                            to_string(mesh)));
+  }
+  const std::uint64_t elements = global.height * global.width;
+  if (config.global_size % elements != 0) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("global size {} bytes is not a whole number of bytes per element for {}x{} elements",
+                            config.global_size, global.height, global.width));
+  }
+  const std::uint64_t element_size = config.global_size / elements;
+  return ShardGeometry{element_size, shard.height * shard.width * element_size};
+}
+
+// Copies shard (r, c) between the row-major global layout and a device's contiguous shard.
+template <class Copy>
+void for_each_shard_row(Shape2D global, Shape2D shard, std::uint64_t element_size, MeshCoordinate at, Copy copy) {
+  const std::uint64_t row_bytes = shard.width * element_size;
+  for (std::uint64_t row = 0; row < shard.height; ++row) {
+    const std::uint64_t global_offset = ((at.row * shard.height + row) * global.width + at.col * shard.width) *
+                                        element_size;
+    copy(global_offset, row * row_bytes, row_bytes);
+  }
+}
+
+}  // namespace
+
+Result<MeshBuffer> MeshBuffer::create(const MeshBufferConfig& config, const DeviceLocalBufferConfig& device_config,
+                                      MeshDevice& mesh) {
+  MeshBuffer buffer;
+  buffer.mesh_shape_ = mesh.shape();
+  buffer.device_config_ = device_config;
+  if (const auto* replicated = std::get_if<ReplicatedBufferConfig>(&config)) {
+    buffer.name_ = replicated->name;
+    buffer.global_size_ = replicated->size;
+    buffer.size_per_device_ = replicated->size;
+  } else {
+    const auto& sharded = std::get<ShardedBufferConfig>(config);
+    auto geometry = shard_geometry(sharded, buffer.mesh_shape_);
+    if (!geometry) return tl::unexpected(std::move(geometry.error()));
+    buffer.name_ = sharded.name;
+    buffer.sharded_ = true;
+    buffer.global_size_ = sharded.global_size;
+    buffer.size_per_device_ = geometry->size_per_device;
+    buffer.element_size_ = geometry->element_size;
+    buffer.global_shape_ = sharded.global_shape;
+    buffer.shard_shape_ = sharded.shard_shape;
+  }
+  const std::uint32_t devices = buffer.mesh_shape_.device_count();
+  std::vector<std::uint32_t> slots(devices);
+  std::iota(slots.begin(), slots.end(), 0U);
+  buffer.id_ = detail::next_mesh_buffer_id();
+  auto plan = detail::plan_buffer(mesh, buffer.size_per_device_, device_config, std::move(slots), buffer.id_,
+                                  buffer.name_);
+  if (!plan) return tl::unexpected(std::move(plan.error()));
+  buffer.device_buffers_.resize(devices);
+  if (buffer.size_per_device_ == 0) return buffer;  // zero-size: no memory, no events
+
+  auto allocation = detail::BufferAllocation::allocate(mesh.memory(), std::move(*plan));
+  if (!allocation) return tl::unexpected(std::move(allocation.error()));
+  buffer.allocation_ = std::move(*allocation);
+  for (std::uint32_t slot = 0; slot < devices; ++slot) {
+    buffer.device_buffers_[slot] = DeviceBuffer(buffer.allocation_, slot);
+  }
+  return buffer;
+}
+
+MeshBuffer::MeshBuffer(MeshBuffer&& other) noexcept { *this = std::move(other); }
+
+MeshBuffer& MeshBuffer::operator=(MeshBuffer&& other) noexcept {
+  if (this != &other) {
+    release(FreeReason::destructor);  // the buffer this one held is dropped, as by its destructor
+    id_ = other.id_;
+    name_ = std::move(other.name_);
+    mesh_shape_ = other.mesh_shape_;
+    device_config_ = other.device_config_;
+    sharded_ = other.sharded_;
+    global_size_ = other.global_size_;
+    size_per_device_ = other.size_per_device_;
+    global_shape_ = other.global_shape_;
+    shard_shape_ = other.shard_shape_;
+    element_size_ = other.element_size_;
+    allocation_ = std::move(other.allocation_);
+    device_buffers_ = std::move(other.device_buffers_);
+    other.allocation_.reset();
+    other.device_buffers_.clear();
+  }
+  return *this;
+}
+
+MeshBuffer::~MeshBuffer() { release(FreeReason::destructor); }
+
+void MeshBuffer::deallocate() noexcept { release(FreeReason::mesh_deallocate); }
+
+// One lock and one batch of Frees for every device buffer this mesh buffer still owns (a handle
+// moved out of it owns its buffer itself).
+void MeshBuffer::release(FreeReason reason) noexcept {
+  if (!allocation_) return;
+  std::array<std::uint32_t, std::size_t{max_mesh_dimension} * max_mesh_dimension> slots{};
+  std::size_t count = 0;
+  for (const DeviceBuffer& device_buffer : device_buffers_) {
+    if (device_buffer.allocation_ == allocation_) slots.at(count++) = device_buffer.slot_;
+  }
+  allocation_->deallocate(std::span(slots.data(), count), reason);
+}
+
+bool MeshBuffer::is_allocated() const {
+  if (!allocation_) return false;
+  return std::ranges::all_of(device_buffers_, [this](const DeviceBuffer& device_buffer) {
+    return device_buffer.allocation_ == allocation_ && device_buffer.is_allocated();
+  });
+}
+
+std::uint64_t MeshBuffer::address() const { return allocation_ ? allocation_->address() : 0; }
+
+DeviceBuffer& MeshBuffer::device_buffer(MeshCoordinate coordinate) {
+  Expects(mesh_shape_.contains(coordinate) && !device_buffers_.empty());
+  return device_buffers_[mesh_shape_.index_of(coordinate)];
+}
+
+const DeviceBuffer& MeshBuffer::device_buffer(MeshCoordinate coordinate) const {
+  Expects(mesh_shape_.contains(coordinate) && !device_buffers_.empty());
+  return device_buffers_[mesh_shape_.index_of(coordinate)];
+}
+
+Result<void> MeshBuffer::check_readable(std::uint64_t bytes) const {
+  if (bytes != global_size_) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("mesh buffer {} holds {} bytes, got a transfer of {}", id_.value(), global_size_, bytes));
+  }
+  for (std::uint32_t slot = 0; slot < device_buffers_.size(); ++slot) {
+    if (allocation_ && device_buffers_[slot].allocation_ != allocation_) {
+      return fail(ErrorCode::invalid_argument,
+                  fmt::format("mesh buffer {}: the device buffer at {} was moved out of it", id_.value(),
+                              to_string(mesh_shape_.coordinate_of(slot))));
+    }
+  }
+  return {};
+}
+
+Result<void> MeshBuffer::write(std::span<const std::byte> bytes) {
+  if (auto ok = check_readable(bytes.size()); !ok || !allocation_) return ok;
+  std::vector<std::byte> shard(sharded_ ? size_per_device_ : 0);
+  for (std::uint32_t slot = 0; slot < device_buffers_.size(); ++slot) {
+    if (!sharded_) {
+      if (auto ok = allocation_->write(slot, bytes); !ok) return ok;
+      continue;
+    }
+    for_each_shard_row(global_shape_, shard_shape_, element_size_,
+                       mesh_shape_.coordinate_of(slot), [&](std::uint64_t from, std::uint64_t to, std::uint64_t n) {
+                         std::copy_n(bytes.subspan(from, n).begin(), n, shard.begin() + static_cast<std::ptrdiff_t>(to));
+                       });
+    if (auto ok = allocation_->write(slot, shard); !ok) return ok;
+  }
+  return {};
+}
+
+Result<std::vector<std::byte>> MeshBuffer::read() const {
+  std::vector<std::byte> bytes(global_size_);
+  if (auto ok = check_readable(bytes.size()); !ok) return tl::unexpected(std::move(ok.error()));
+  if (!allocation_) return bytes;
+  if (!sharded_) {
+    // Replicated: every device holds the same bytes; the first device answers.
+    if (auto ok = allocation_->read(0, bytes); !ok) return tl::unexpected(std::move(ok.error()));
+    return bytes;
+  }
+  std::vector<std::byte> shard(size_per_device_);
+  for (std::uint32_t slot = 0; slot < device_buffers_.size(); ++slot) {
+    if (auto ok = allocation_->read(slot, shard); !ok) return tl::unexpected(std::move(ok.error()));
+    for_each_shard_row(global_shape_, shard_shape_, element_size_,
+                       mesh_shape_.coordinate_of(slot), [&](std::uint64_t to, std::uint64_t from, std::uint64_t n) {
+                         std::copy_n(shard.begin() + static_cast<std::ptrdiff_t>(from), n,
+                                     bytes.begin() + static_cast<std::ptrdiff_t>(to));
+                       });
+  }
+  return bytes;
+}
+
+}  // namespace meshrt

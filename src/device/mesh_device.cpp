@@ -1,0 +1,225 @@
+module;
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <utility>
+#include <vector>
+
+#include <fmt/format.h>
+#include <gsl/gsl>
+#include <tl/expected.hpp>
+
+module meshrt.device;
+
+import meshrt.core;
+import meshrt.alloc;
+import meshrt.tracking;
+
+namespace meshrt {
+
+void Device::write_pages(BufferType type, const InterleavedLayout& layout, std::uint64_t address,
+                         std::span<const std::byte> bytes) {
+  Expects(layout.page_size > 0 && bytes.size() % layout.page_size == 0);
+  const std::uint64_t pages = bytes.size() / layout.page_size;
+  for (std::uint64_t page = 0; page < pages; ++page) {
+    memory_.write(type, layout.bank_of(page), address + layout.offset_of(page),
+                  bytes.subspan(page * layout.page_size, layout.page_size));
+  }
+}
+
+void Device::read_pages(BufferType type, const InterleavedLayout& layout, std::uint64_t address,
+                        std::span<std::byte> bytes) const {
+  Expects(layout.page_size > 0 && bytes.size() % layout.page_size == 0);
+  const std::uint64_t pages = bytes.size() / layout.page_size;
+  for (std::uint64_t page = 0; page < pages; ++page) {
+    memory_.read(type, layout.bank_of(page), address + layout.offset_of(page),
+                 bytes.subspan(page * layout.page_size, layout.page_size));
+  }
+}
+
+namespace detail {
+
+Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSpec spec,
+                                                       std::shared_ptr<Tracker> tracker) {
+  if (shape.rows == 0 || shape.cols == 0 || shape.rows > max_mesh_dimension || shape.cols > max_mesh_dimension) {
+    return fail(ErrorCode::invalid_argument, fmt::format("mesh shape {} is not supported: each side must be 1 to {}",
+                                                         to_string(shape), max_mesh_dimension));
+  }
+  if (auto valid = validate(spec); !valid) return tl::unexpected(std::move(valid.error()));
+  std::array<std::optional<BankAllocator>, buffer_type_count> allocators;
+  for (const BufferType type : all_buffer_types) {
+    const BankLayout& banks = spec.layout(type);
+    if (banks.bank_size == 0) continue;  // an empty carve-out: buffers of this type are refused
+    auto allocator = BankAllocator::create(banks.base_address, banks.bank_size, banks.alignment);
+    if (!allocator) return tl::unexpected(std::move(allocator.error()));
+    allocators[index_of(type)].emplace(std::move(*allocator));
+  }
+  Expects(tracker != nullptr);
+  return std::shared_ptr<MeshMemory>(new MeshMemory(shape, std::move(spec), std::move(tracker), std::move(allocators)));
+}
+
+MeshMemory::MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker,
+                       std::array<std::optional<BankAllocator>, buffer_type_count> allocators)
+    : shape_(shape), spec_(std::move(spec)), tracker_(std::move(tracker)), allocators_(std::move(allocators)) {
+  devices_.reserve(shape_.device_count());
+  for (std::uint32_t index = 0; index < shape_.device_count(); ++index) {
+    devices_.emplace_back(DeviceId{index}, shape_.coordinate_of(index));
+  }
+}
+
+bool MeshMemory::is_open(const MeshLock& lock) const {
+  Expects(lock.holds(*this));
+  return open_;
+}
+
+Result<std::uint64_t> MeshMemory::reserve(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank) {
+  Expects(lock.holds(*this));
+  if (!open_) return fail(ErrorCode::device_closed, "the mesh device is closed: open a new one to allocate");
+  auto& allocator = allocators_[index_of(type)];
+  Expects(allocator.has_value());  // buffers of an empty region are refused when planned
+  auto address = allocator->allocate(bytes_per_bank, spec_.layout(type).direction);
+  if (!address) {
+    return fail(address.error().code, fmt::format("{} on {} ({} banks per device): {}", to_string(type),
+                                                  spec_.name, spec_.layout(type).bank_count, address.error().message));
+  }
+  return *address;
+}
+
+void MeshMemory::unreserve(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank) {
+  Expects(lock.holds(*this));
+  if (!open_) return;  // close() already emptied everything
+  auto& allocator = allocators_[index_of(type)];
+  Expects(allocator.has_value());
+  const auto freed = allocator->free(address);
+  Ensures(freed.has_value());  // the buffer state machine frees each reservation exactly once
+  const std::uint32_t banks = spec_.layout(type).bank_count;
+  for (Device& device : devices_) device.memory().discard(type, banks, address, bytes_per_bank);
+}
+
+void MeshMemory::enroll(const MeshLock& lock, MeshResident& resident) {
+  Expects(lock.holds(*this) && !resident.enrolled_ && open_);
+  resident.previous_ = nullptr;
+  resident.next_ = residents_;
+  if (residents_ != nullptr) residents_->previous_ = &resident;
+  residents_ = &resident;
+  resident.enrolled_ = true;
+}
+
+void MeshMemory::withdraw(const MeshLock& lock, MeshResident& resident) {
+  Expects(lock.holds(*this));
+  if (!resident.enrolled_) return;
+  if (resident.previous_ != nullptr) resident.previous_->next_ = resident.next_;
+  else residents_ = resident.next_;
+  if (resident.next_ != nullptr) resident.next_->previous_ = resident.previous_;
+  resident.previous_ = resident.next_ = nullptr;
+  resident.enrolled_ = false;
+}
+
+Device& MeshMemory::device(const MeshLock& lock, std::uint32_t index) {
+  Expects(lock.holds(*this) && index < devices_.size());
+  return devices_[index];
+}
+
+AllocatorStatistics MeshMemory::statistics(BufferType type) const {
+  const MeshLock lock = this->lock();
+  const auto& allocator = allocators_[index_of(type)];
+  return allocator ? allocator->statistics() : AllocatorStatistics{};
+}
+
+std::vector<Block> MeshMemory::block_table(BufferType type) const {
+  const MeshLock lock = this->lock();
+  const auto& allocator = allocators_[index_of(type)];
+  return allocator ? allocator->block_table() : std::vector<Block>{};
+}
+
+std::uint64_t MeshMemory::resident_bytes(std::uint32_t device_index) const {
+  const MeshLock lock = this->lock();
+  Expects(device_index < devices_.size());
+  return devices_[device_index].memory().resident_bytes();
+}
+
+void MeshMemory::close() {
+  // Declared before the lock, so the residents kept alive here are let go after it is released.
+  std::vector<std::shared_ptr<const void>> kept_alive;
+  const MeshLock lock = this->lock();
+  if (!open_) return;
+  open_ = false;  // from here no reservation is made or given back one by one
+  // Each resident reports its Frees before the memory is gone; it is unlinked before it is told,
+  // so it cannot re-enter the registry.
+  while (residents_ != nullptr) {
+    MeshResident& resident = *residents_;
+    withdraw(lock, resident);
+    kept_alive.push_back(resident.keep_alive());
+    resident.release_on_close(lock);
+  }
+  for (auto& allocator : allocators_) {
+    if (allocator) allocator->reset();
+  }
+  for (Device& device : devices_) device.memory().clear();
+}
+
+}  // namespace detail
+
+Result<MeshDevice> MeshDevice::create(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker) {
+  auto memory = detail::MeshMemory::create(shape, std::move(spec),
+                                           tracker != nullptr ? std::move(tracker) : Tracker::process_default());
+  if (!memory) return tl::unexpected(std::move(memory.error()));
+  return MeshDevice(std::move(*memory));
+}
+
+MeshDevice& MeshDevice::operator=(MeshDevice&& other) noexcept {
+  if (this != &other) {
+    close();
+    memory_ = std::move(other.memory_);
+  }
+  return *this;
+}
+
+MeshDevice::~MeshDevice() { close(); }
+
+void MeshDevice::close() {
+  if (memory_) memory_->close();
+}
+
+bool MeshDevice::is_open() const { return memory_ && memory_->is_open(memory_->lock()); }
+
+MeshShape MeshDevice::shape() const {
+  Expects(memory_ != nullptr);
+  return memory_->shape();
+}
+
+DeviceId MeshDevice::device_id(MeshCoordinate coordinate) const {
+  Expects(shape().contains(coordinate));
+  return DeviceId{shape().index_of(coordinate)};
+}
+
+const DeviceSpec& MeshDevice::spec() const {
+  Expects(memory_ != nullptr);
+  return memory_->spec();
+}
+
+Tracker& MeshDevice::tracker() const {
+  Expects(memory_ != nullptr);
+  return memory_->tracker();
+}
+
+AllocatorStatistics MeshDevice::allocator_statistics(BufferType type) const {
+  Expects(memory_ != nullptr);
+  return memory_->statistics(type);
+}
+
+std::vector<Block> MeshDevice::block_table(BufferType type) const {
+  Expects(memory_ != nullptr);
+  return memory_->block_table(type);
+}
+
+std::uint64_t MeshDevice::resident_bytes(MeshCoordinate coordinate) const {
+  Expects(shape().contains(coordinate));
+  return memory_->resident_bytes(shape().index_of(coordinate));
+}
+
+}  // namespace meshrt

@@ -1,0 +1,78 @@
+module;
+#include <cstdint>
+#include <mutex>
+#include <span>
+#include <vector>
+
+module meshrt.tracking;
+
+import meshrt.core;
+
+namespace meshrt {
+
+void LiveBufferTable::process(std::span<const AllocationEvent> events) noexcept {
+  const std::scoped_lock lock(mutex_);
+  for (const AllocationEvent& event : events) {
+    if (event.kind == EventKind::allocate) {
+      if (!live_.try_emplace(event.buffer, event).second) {
+        ++duplicate_allocations_;
+        continue;
+      }
+      LiveBufferSummary& summary = summaries_[{event.device.value(), event.type}];
+      ++summary.buffers;
+      summary.bytes += event.size;
+      continue;
+    }
+    const auto found = live_.find(event.buffer);
+    if (found == live_.end()) {
+      ++unknown_frees_;
+      continue;
+    }
+    // Account the free against what was allocated, whatever the free event claims.
+    LiveBufferSummary& summary = summaries_[{found->second.device.value(), found->second.type}];
+    --summary.buffers;
+    summary.bytes -= found->second.size;
+    live_.erase(found);
+  }
+}
+
+std::vector<AllocationEvent> LiveBufferTable::live_buffers(DeviceId device, BufferType type) const {
+  const std::scoped_lock lock(mutex_);
+  std::vector<AllocationEvent> result;
+  for (const auto& [id, event] : live_) {
+    if (event.device == device && event.type == type) result.push_back(event);
+  }
+  return result;
+}
+
+std::vector<AllocationEvent> LiveBufferTable::live_buffers_of(MeshBufferId mesh_buffer) const {
+  const std::scoped_lock lock(mutex_);
+  std::vector<AllocationEvent> result;
+  for (const auto& [id, event] : live_) {
+    if (event.mesh_buffer == mesh_buffer) result.push_back(event);
+  }
+  return result;
+}
+
+LiveBufferSummary LiveBufferTable::summary(DeviceId device, BufferType type) const {
+  const std::scoped_lock lock(mutex_);
+  const auto found = summaries_.find({device.value(), type});
+  return found == summaries_.end() ? LiveBufferSummary{} : found->second;
+}
+
+std::uint64_t LiveBufferTable::active_allocations() const {
+  const std::scoped_lock lock(mutex_);
+  return live_.size();
+}
+
+std::uint64_t LiveBufferTable::unknown_frees() const {
+  const std::scoped_lock lock(mutex_);
+  return unknown_frees_;
+}
+
+std::uint64_t LiveBufferTable::duplicate_allocations() const {
+  const std::scoped_lock lock(mutex_);
+  return duplicate_allocations_;
+}
+
+}  // namespace meshrt

@@ -1,0 +1,87 @@
+// meshrt.testing — helpers the tests share.
+module;
+#include <cstdint>
+#include <map>
+#include <mutex>
+#include <span>
+#include <vector>
+
+export module meshrt.testing;
+
+import meshrt;
+
+export namespace meshrt::testing {
+
+// Records every event a tracker reports, and checks the invariant of DESIGN.md over them:
+// each buffer id has exactly one Alloc followed by exactly one Free.
+class EventLog final : public EventProcessor {
+ public:
+  void process(std::span<const AllocationEvent> events) noexcept override {
+    const std::scoped_lock lock(mutex_);
+    events_.insert(events_.end(), events.begin(), events.end());
+  }
+
+  [[nodiscard]] std::vector<AllocationEvent> events() const {
+    const std::scoped_lock lock(mutex_);
+    return events_;
+  }
+
+  [[nodiscard]] std::vector<AllocationEvent> of_kind(EventKind kind) const {
+    std::vector<AllocationEvent> result;
+    for (const AllocationEvent& event : events()) {
+      if (event.kind == kind) result.push_back(event);
+    }
+    return result;
+  }
+
+  [[nodiscard]] std::vector<AllocationEvent> of_buffer(BufferId id) const {
+    std::vector<AllocationEvent> result;
+    for (const AllocationEvent& event : events()) {
+      if (event.buffer == id) result.push_back(event);
+    }
+    return result;
+  }
+
+  void clear() {
+    const std::scoped_lock lock(mutex_);
+    events_.clear();
+  }
+
+  struct Audit {
+    std::uint64_t buffers{};          // distinct ids seen
+    std::uint64_t still_live{};       // allocated, not (yet) freed
+    std::uint64_t double_allocs{};    // an id allocated twice
+    std::uint64_t double_frees{};     // an id freed twice
+    std::uint64_t unknown_frees{};    // a Free before any Alloc of its id
+  };
+
+  // Walks the log in order and counts every breach of "one Alloc, then one Free".
+  [[nodiscard]] Audit audit() const {
+    Audit audit;
+    std::map<BufferId, int> state;  // 1 allocated, 2 freed
+    for (const AllocationEvent& event : events()) {
+      int& s = state[event.buffer];
+      if (event.kind == EventKind::allocate) {
+        if (s != 0) ++audit.double_allocs;
+        s = 1;
+      } else if (s == 0) {
+        ++audit.unknown_frees;
+      } else if (s == 2) {
+        ++audit.double_frees;
+      } else {
+        s = 2;
+      }
+    }
+    audit.buffers = state.size();
+    for (const auto& [id, s] : state) {
+      if (s == 1) ++audit.still_live;
+    }
+    return audit;
+  }
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<AllocationEvent> events_;
+};
+
+}  // namespace meshrt::testing

@@ -1,0 +1,284 @@
+#include <algorithm>
+#include <cstdint>
+#include <iterator>
+#include <map>
+#include <optional>
+#include <random>
+#include <string>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+import meshrt;
+
+using namespace meshrt;
+
+namespace {
+
+BankAllocator make(std::uint64_t base, std::uint64_t size, std::uint64_t alignment) {
+  auto allocator = BankAllocator::create(base, size, alignment);
+  REQUIRE(allocator.has_value());
+  return std::move(*allocator);
+}
+
+bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
+
+// The obvious model: free blocks in an address-ordered map, best fit by scanning them all.
+class ReferenceAllocator {
+ public:
+  ReferenceAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment)
+      : alignment_(alignment), size_(size) {
+    free_[base] = size;
+  }
+
+  std::optional<std::uint64_t> allocate(std::uint64_t size, AllocationDirection direction) {
+    const std::uint64_t rounded = (size + alignment_ - 1) / alignment_ * alignment_;
+    std::optional<std::map<std::uint64_t, std::uint64_t>::iterator> best;
+    for (auto it = free_.begin(); it != free_.end(); ++it) {
+      if (it->second < rounded) continue;
+      if (!best || it->second < (*best)->second ||
+          (it->second == (*best)->second && direction == AllocationDirection::top_down)) {
+        best = it;
+      }
+    }
+    if (!best) return std::nullopt;
+    const auto [block, block_size] = **best;
+    free_.erase(*best);
+    const std::uint64_t address =
+        direction == AllocationDirection::bottom_up ? block : block + block_size - rounded;
+    if (address > block) free_[block] = address - block;
+    if (address + rounded < block + block_size) free_[address + rounded] = block + block_size - address - rounded;
+    allocated_[address] = rounded;
+    return address;
+  }
+
+  bool free(std::uint64_t address) {
+    const auto found = allocated_.find(address);
+    if (found == allocated_.end()) return false;
+    std::uint64_t start = address;
+    std::uint64_t size = found->second;
+    allocated_.erase(found);
+    if (const auto after = free_.find(start + size); after != free_.end()) {
+      size += after->second;
+      free_.erase(after);
+    }
+    if (const auto next = free_.lower_bound(start); next != free_.begin()) {
+      const auto before = std::prev(next);
+      if (before->first + before->second == start) {
+        start = before->first;
+        size += before->second;
+        free_.erase(before);
+      }
+    }
+    free_[start] = size;
+    return true;
+  }
+
+  AllocatorStatistics statistics() const {
+    AllocatorStatistics stats{.total_bytes = size_};
+    for (const auto& [address, size] : allocated_) stats.allocated_bytes += size;
+    for (const auto& [address, size] : free_) stats.largest_free_block = std::max(stats.largest_free_block, size);
+    stats.free_bytes = size_ - stats.allocated_bytes;
+    stats.allocated_blocks = allocated_.size();
+    stats.free_blocks = free_.size();
+    return stats;
+  }
+
+  std::vector<std::uint64_t> live() const {
+    std::vector<std::uint64_t> addresses;
+    for (const auto& [address, size] : allocated_) addresses.push_back(address);
+    return addresses;
+  }
+
+ private:
+  std::uint64_t alignment_;
+  std::uint64_t size_;
+  std::map<std::uint64_t, std::uint64_t> free_;
+  std::map<std::uint64_t, std::uint64_t> allocated_;
+};
+
+}  // namespace
+
+TEST_SUITE("alloc") {
+  TEST_CASE("a new allocator is one free block covering its range") {
+    const BankAllocator allocator = make(0x1000, 4096, 32);
+    const AllocatorStatistics stats = allocator.statistics();
+    CHECK(stats == AllocatorStatistics{4096, 0, 4096, 4096, 0, 1});
+    CHECK(allocator.block_table() == std::vector<Block>{{0x1000, 4096, false}});
+  }
+
+  TEST_CASE("bad ranges are refused at creation") {
+    CHECK(BankAllocator::create(0, 4096, 24).error().code == ErrorCode::invalid_argument);  // not a power of two
+    CHECK(BankAllocator::create(0, 0, 32).error().code == ErrorCode::invalid_argument);
+    CHECK(BankAllocator::create(16, 4096, 32).error().code == ErrorCode::invalid_argument);  // unaligned base
+    CHECK(BankAllocator::create(~std::uint64_t{0} - 31, 64, 32).error().code == ErrorCode::invalid_argument);
+  }
+
+  TEST_CASE("sizes round up to the alignment and bottom-up fills from the base") {
+    BankAllocator allocator = make(0, 1024, 32);
+    CHECK(allocator.allocate(1).value() == 0);
+    CHECK(allocator.allocate(33).value() == 32);
+    CHECK(allocator.allocate(32).value() == 96);
+    CHECK(allocator.statistics().allocated_bytes == 128);
+  }
+
+  TEST_CASE("top-down fills from the end of the range") {
+    BankAllocator allocator = make(0, 1024, 16);
+    CHECK(allocator.allocate(100, AllocationDirection::top_down).value() == 1024 - 112);
+    CHECK(allocator.allocate(16, AllocationDirection::top_down).value() == 1024 - 128);
+  }
+
+  TEST_CASE("best fit picks the smallest block that holds the request") {
+    BankAllocator allocator = make(0, 1024, 32);
+    const auto a = allocator.allocate(64).value();   // [0, 64)
+    const auto b = allocator.allocate(32).value();   // [64, 96)
+    const auto c = allocator.allocate(128).value();  // [96, 224)
+    const auto d = allocator.allocate(32).value();   // [224, 256)
+    REQUIRE(allocator.free(a).has_value());          // free 64 at 0
+    REQUIRE(allocator.free(c).has_value());          // free 128 at 96; tail free 768 at 256
+    CHECK(allocator.allocate(100).value() == 96);    // 128 block, not the 768 tail
+    CHECK(allocator.allocate(40).value() == 0);      // 64 block
+    (void)b;
+    (void)d;
+  }
+
+  TEST_CASE("freeing coalesces with both neighbours") {
+    BankAllocator allocator = make(0, 1024, 32);
+    const auto a = allocator.allocate(256).value();
+    const auto b = allocator.allocate(256).value();
+    const auto c = allocator.allocate(256).value();
+    REQUIRE(allocator.free(a).has_value());
+    REQUIRE(allocator.free(c).has_value());
+    CHECK(allocator.statistics().free_blocks == 2);  // [0,256) and [512,1024)
+    REQUIRE(allocator.free(b).has_value());
+    CHECK(allocator.statistics() == AllocatorStatistics{1024, 0, 1024, 1024, 0, 1});
+  }
+
+  TEST_CASE("a larger alignment is honoured and the padding stays free") {
+    BankAllocator allocator = make(0, 4096, 32);
+    REQUIRE(allocator.allocate(32).value() == 0);
+    const auto aligned = allocator.allocate(64, AllocationDirection::bottom_up, 1024).value();
+    CHECK(aligned == 1024);
+    CHECK(allocator.statistics().allocated_bytes == 96);
+    const auto padding = allocator.allocate(900).value();  // fits in the gap [32, 1024)
+    CHECK(padding == 32);
+  }
+
+  TEST_CASE("bad requests return errors with the figures and change nothing") {
+    BankAllocator allocator = make(0, 1024, 32);
+    REQUIRE(allocator.allocate(512).has_value());
+    const AllocatorStatistics before = allocator.statistics();
+    const auto table_before = allocator.block_table();
+
+    const auto zero = allocator.allocate(0);
+    CHECK(zero.error().code == ErrorCode::invalid_argument);
+    CHECK(contains(zero.error().message, "0 bytes"));
+
+    const auto huge = allocator.allocate(4096);
+    CHECK(huge.error().code == ErrorCode::invalid_argument);
+    CHECK(contains(huge.error().message, "4096"));
+    CHECK(contains(huge.error().message, "1024"));
+
+    const auto odd = allocator.allocate(32, AllocationDirection::bottom_up, 48);
+    CHECK(odd.error().code == ErrorCode::invalid_argument);
+    CHECK(contains(odd.error().message, "power of two"));
+
+    const auto full = allocator.allocate(544);
+    CHECK(full.error().code == ErrorCode::out_of_memory);
+    CHECK(contains(full.error().message, "requested 544 bytes"));
+    CHECK(contains(full.error().message, "free 512"));
+    CHECK(contains(full.error().message, "largest free block 512"));
+
+    const auto unknown = allocator.free(0x40);
+    CHECK(unknown.error().code == ErrorCode::not_found);
+    const auto outside = allocator.free(0x10000);
+    CHECK(outside.error().code == ErrorCode::not_found);
+    CHECK(contains(outside.error().message, "outside"));
+
+    CHECK(allocator.statistics() == before);
+    CHECK(allocator.block_table() == table_before);
+  }
+
+  TEST_CASE("a double free is named as such and changes nothing") {
+    BankAllocator allocator = make(0, 1024, 32);
+    const auto a = allocator.allocate(64).value();
+    REQUIRE(allocator.allocate(64).has_value());
+    REQUIRE(allocator.free(a).has_value());
+    const AllocatorStatistics before = allocator.statistics();
+    const auto again = allocator.free(a);
+    REQUIRE_FALSE(again.has_value());
+    CHECK(again.error().code == ErrorCode::double_free);
+    CHECK(allocator.statistics() == before);
+  }
+
+  TEST_CASE("out of memory when fragmented: enough free bytes, no block large enough") {
+    BankAllocator allocator = make(0, 1024, 32);
+    std::vector<std::uint64_t> blocks;
+    for (int i = 0; i < 8; ++i) blocks.push_back(allocator.allocate(128).value());
+    for (std::size_t i = 0; i < blocks.size(); i += 2) REQUIRE(allocator.free(blocks[i]).has_value());
+    CHECK(allocator.statistics().free_bytes == 512);
+    const auto result = allocator.allocate(256);
+    REQUIRE_FALSE(result.has_value());
+    CHECK(result.error().code == ErrorCode::out_of_memory);
+    CHECK(contains(result.error().message, "largest free block 128"));
+  }
+
+  TEST_CASE("reset frees everything") {
+    BankAllocator allocator = make(0, 1024, 32);
+    for (int i = 0; i < 5; ++i) REQUIRE(allocator.allocate(100).has_value());
+    allocator.reset();
+    CHECK(allocator.statistics() == AllocatorStatistics{1024, 0, 1024, 1024, 0, 1});
+  }
+
+  TEST_CASE("the block table covers the range with no gaps or overlaps") {
+    BankAllocator allocator = make(0x100, 4096, 64);
+    std::mt19937_64 random(7);
+    std::vector<std::uint64_t> live;
+    for (int step = 0; step < 500; ++step) {
+      if (live.empty() || random() % 3 != 0) {
+        if (auto a = allocator.allocate(1 + random() % 300)) live.push_back(*a);
+      } else {
+        const auto at = random() % live.size();
+        REQUIRE(allocator.free(live[at]).has_value());
+        live.erase(live.begin() + static_cast<std::ptrdiff_t>(at));
+      }
+      const auto table = allocator.block_table();
+      std::uint64_t cursor = 0x100;
+      for (std::size_t i = 0; i < table.size(); ++i) {
+        REQUIRE(table[i].address == cursor);
+        if (i > 0) REQUIRE_FALSE((!table[i].allocated && !table[i - 1].allocated));  // free neighbours coalesced
+        cursor += table[i].size;
+      }
+      REQUIRE(cursor == 0x100 + 4096);
+    }
+  }
+
+  TEST_CASE("randomised: matches the reference model step by step") {
+    for (const std::uint64_t seed : {1ULL, 2ULL, 3ULL, 42ULL}) {
+      for (const AllocationDirection direction : {AllocationDirection::bottom_up, AllocationDirection::top_down}) {
+        CAPTURE(seed);
+        CAPTURE(static_cast<int>(direction));
+        std::mt19937_64 random(seed);
+        BankAllocator allocator = make(0, 1 << 16, 32);
+        ReferenceAllocator model(0, 1 << 16, 32);
+        for (int step = 0; step < 3000; ++step) {
+          CAPTURE(step);
+          const auto live = model.live();
+          if (live.empty() || random() % 5 < 3) {
+            const std::uint64_t size = 1 + random() % 2048;
+            const auto got = allocator.allocate(size, direction);
+            const auto expected = model.allocate(size, direction);
+            REQUIRE(got.has_value() == expected.has_value());
+            if (expected) REQUIRE(*got == *expected);
+            else REQUIRE(got.error().code == ErrorCode::out_of_memory);
+          } else {
+            const std::uint64_t address = live[random() % live.size()];
+            REQUIRE(allocator.free(address).has_value());
+            REQUIRE(model.free(address));
+          }
+          REQUIRE(allocator.statistics() == model.statistics());
+        }
+      }
+    }
+  }
+}

@@ -1,0 +1,136 @@
+// MeshBuffer data paths: replicated and sharded writes and reads, with their checks.
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <numeric>
+#include <span>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+import meshrt;
+
+using namespace meshrt;
+
+namespace {
+
+std::vector<std::byte> pattern(std::size_t size, std::uint32_t seed) {
+  std::vector<std::byte> bytes(size);
+  for (std::size_t i = 0; i < size; ++i) bytes[i] = static_cast<std::byte>((i * 131 + seed * 7) & 0xFFU);
+  return bytes;
+}
+
+MeshDevice open(MeshShape shape) {
+  return MeshDevice::create(shape, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>()).value();
+}
+
+}  // namespace
+
+TEST_SUITE("mesh buffer data") {
+  TEST_CASE("replicated: every device holds the same bytes") {
+    MeshDevice mesh = open({2, 4});
+    auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 50 * 1024},
+                                     {.page_size = 1024, .buffer_type = BufferType::dram}, mesh)
+                      .value();
+    const auto data = pattern(50 * 1024, 1);
+    REQUIRE(buffer.write(data).has_value());
+    CHECK(buffer.read().value() == data);
+    for (std::uint32_t i = 0; i < 8; ++i) {
+      std::vector<std::byte> back(50 * 1024);
+      REQUIRE(buffer.device_buffer(mesh.shape().coordinate_of(i)).read(back).has_value());
+      CHECK(back == data);
+    }
+  }
+
+  TEST_CASE("sharded: each device holds its own tile of the row-major tensor") {
+    MeshDevice mesh = open({2, 2});
+    // A 4x6 tensor of 4-byte elements cut into 2x3 shards: device (r, c) holds rows 2r..2r+1,
+    // columns 3c..3c+2.
+    auto buffer = MeshBuffer::create(ShardedBufferConfig{.global_size = 4 * 6 * 4,
+                                                         .global_shape = {4, 6},
+                                                         .shard_shape = {2, 3}},
+                                     {.page_size = 12, .buffer_type = BufferType::l1}, mesh)
+                      .value();
+    CHECK(buffer.is_sharded());
+    CHECK(buffer.size_per_device() == 24);
+    std::vector<std::byte> data(96);
+    for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>(i);
+    REQUIRE(buffer.write(data).has_value());
+    CHECK(buffer.read().value() == data);
+
+    std::vector<std::byte> shard(24);
+    REQUIRE(buffer.device_buffer({1, 1}).read(shard).has_value());
+    // Element (2, 3) of the tensor is the first of shard (1, 1): byte offset (2 * 6 + 3) * 4 = 60.
+    CHECK(shard[0] == std::byte{60});
+    CHECK(shard[12] == std::byte{84});  // element (3, 3)
+  }
+
+  TEST_CASE("sharded shapes that do not fit the mesh are refused") {
+    MeshDevice mesh = open({2, 4});
+    const DeviceLocalBufferConfig config{.page_size = 4, .buffer_type = BufferType::dram};
+    const auto wrong_grid =
+        MeshBuffer::create(ShardedBufferConfig{.global_size = 64, .global_shape = {4, 4}, .shard_shape = {2, 2}},
+                           config, mesh);
+    REQUIRE_FALSE(wrong_grid.has_value());
+    CHECK(wrong_grid.error().message.find("2x2 grid, but the mesh is 2x4") != std::string::npos);
+    const auto ragged =
+        MeshBuffer::create(ShardedBufferConfig{.global_size = 64, .global_shape = {4, 4}, .shard_shape = {3, 1}},
+                           config, mesh);
+    CHECK(ragged.error().message.find("does not tile") != std::string::npos);
+    const auto empty =
+        MeshBuffer::create(ShardedBufferConfig{.global_size = 64, .global_shape = {0, 4}, .shard_shape = {1, 1}},
+                           config, mesh);
+    CHECK(empty.error().code == ErrorCode::invalid_argument);
+    const auto fractional =
+        MeshBuffer::create(ShardedBufferConfig{.global_size = 65, .global_shape = {2, 4}, .shard_shape = {1, 1}},
+                           config, mesh);
+    CHECK(fractional.error().message.find("per element") != std::string::npos);
+  }
+
+  TEST_CASE("transfers of the wrong size are refused and change nothing") {
+    MeshDevice mesh = open({1, 2});
+    auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024}, mesh).value();
+    const auto data = pattern(4096, 3);
+    REQUIRE(buffer.write(data).has_value());
+    const auto short_write = buffer.write(std::span(data).first(100));
+    REQUIRE_FALSE(short_write.has_value());
+    CHECK(short_write.error().message.find("holds 4096 bytes, got a transfer of 100") != std::string::npos);
+    CHECK(buffer.read().value() == data);
+    std::vector<std::byte> too_long(5000);
+    CHECK_FALSE(buffer.device_buffer({0, 1}).read(too_long).has_value());
+  }
+
+  TEST_CASE("pages land in banks round-robin: memory is held only where pages were written") {
+    MeshDevice mesh = open({1, 1});
+    // 12 pages of 4096 bytes: one page per DRAM bank, each a whole simulated chunk.
+    auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 12 * 4096}, {.page_size = 4096}, mesh).value();
+    CHECK(mesh.resident_bytes({0, 0}) == 0);
+    REQUIRE(buffer.write(pattern(12 * 4096, 5)).has_value());
+    CHECK(mesh.resident_bytes({0, 0}) == 12 * 4096);
+    buffer.deallocate();
+    CHECK(mesh.resident_bytes({0, 0}) == 0);  // freed memory costs nothing again
+  }
+
+  TEST_CASE("a new buffer at a reused address reads zeros, not the last owner's bytes") {
+    MeshDevice mesh = open({1, 1});
+    const DeviceLocalBufferConfig config{.page_size = 1024};
+    std::uint64_t address = 0;
+    {
+      auto first = MeshBuffer::create(ReplicatedBufferConfig{.size = 8192}, config, mesh).value();
+      REQUIRE(first.write(pattern(8192, 9)).has_value());
+      address = first.address();
+    }
+    auto second = MeshBuffer::create(ReplicatedBufferConfig{.size = 8192}, config, mesh).value();
+    REQUIRE(second.address() == address);
+    CHECK(second.read().value() == std::vector<std::byte>(8192));
+  }
+
+  TEST_CASE("names given in the config are kept") {
+    MeshDevice mesh = open({1, 1});
+    auto buffer =
+        MeshBuffer::create(ReplicatedBufferConfig{.size = 1024, .name = "kv-cache"}, {.page_size = 1024}, mesh).value();
+    CHECK(buffer.name() == "kv-cache");
+  }
+}
