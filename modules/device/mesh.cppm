@@ -68,6 +68,9 @@ class MeshResident {
  public:
   MeshResident(const MeshResident&) = delete;
   MeshResident& operator=(const MeshResident&) = delete;
+  MeshResident(MeshResident&&) = delete;
+  MeshResident& operator=(MeshResident&&) = delete;
+  virtual ~MeshResident() = default;
   virtual void release_on_close(const MeshLock& lock) noexcept = 0;
   // A reference that keeps the resident alive while close() releases it: its owners may drop
   // their last handle on another thread the moment they see it released.
@@ -75,7 +78,6 @@ class MeshResident {
 
  protected:
   MeshResident() = default;
-  ~MeshResident() = default;
 
  private:
   friend class MeshMemory;

@@ -27,8 +27,8 @@ struct BankLayout {
 // every DRAM bank (sizes per bank). As in the runtime we model, they are chosen when the device is
 // opened; our defaults are non-zero so that every buffer type works out of the box.
 struct DeviceRegions {
-  std::uint64_t l1_small_size{32 * 1024};
-  std::uint64_t trace_region_size{32 * 1024 * 1024};
+  std::uint64_t l1_small_size{std::uint64_t{32} * 1024};
+  std::uint64_t trace_region_size{std::uint64_t{32} * 1024 * 1024};
 };
 
 struct DeviceSpec {

@@ -47,7 +47,9 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
                                                                           BufferPlan plan);
   BufferAllocation(const BufferAllocation&) = delete;
   BufferAllocation& operator=(const BufferAllocation&) = delete;
-  ~BufferAllocation();
+  BufferAllocation(BufferAllocation&&) = delete;
+  BufferAllocation& operator=(BufferAllocation&&) = delete;
+  ~BufferAllocation() override;
 
   // Lock-free: a state only ever moves from allocated to a terminal state, never back.
   [[nodiscard]] DeviceBufferState state(std::uint32_t slot) const;

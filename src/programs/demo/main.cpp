@@ -6,6 +6,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
+#include <exception>
 #include <memory>
 #include <string>
 #include <thread>
@@ -114,9 +115,7 @@ bool run_iteration(MeshDevice& mesh, const LiveBufferTable& live, const Options&
   return true;
 }
 
-}  // namespace
-
-int main(int argc, char** argv) {
+int run(int argc, char** argv) {
   Options options;
   CLI::App app{"meshrt-demo: the seed scenario (16 buffers on a 2x4 mesh: 100 MiB DRAM and 12 MiB L1 on device 0)"};
   app.add_option("--mesh", options.mesh, "mesh shape RxC (up to 8x8) or preset: n150, n300, t3000, galaxy, tgg")
@@ -176,4 +175,15 @@ int main(int argc, char** argv) {
   }
   fmt::print("Active allocations: {}\n", live->active_allocations());
   return clean && live->active_allocations() == 0 ? 0 : 1;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& error) {  // only allocation failure or I/O can get here
+    fmt::print(stderr, "meshrt-demo: {}\n", error.what());
+    return 1;
+  }
 }
