@@ -110,6 +110,7 @@ Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::
     if (!reserved) return tl::unexpected(std::move(reserved.error()));
     address = *reserved;
   }
+  if (!plan.name.empty()) memory->tracker().describe_mesh_buffer(plan.mesh_buffer, plan.name);
   auto allocation = std::make_shared<BufferAllocation>(Token{}, memory, std::move(plan), address, intercepted.has_value());
   memory->enroll(lock, *allocation);
   const std::int64_t time = now_ns();

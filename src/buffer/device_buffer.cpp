@@ -36,7 +36,7 @@ Result<DeviceBuffer> DeviceBuffer::create(MeshDevice& mesh, MeshCoordinate coord
     return fail(ErrorCode::invalid_argument, fmt::format("coordinate {} is outside the {} mesh", to_string(coordinate),
                                                          to_string(mesh.shape())));
   }
-  auto plan = detail::plan_buffer(mesh, size, config, {mesh.shape().index_of(coordinate)}, MeshBufferId{},
+  auto plan = detail::plan_buffer(mesh, size, config, {mesh.shape().index_of(coordinate)}, detail::next_mesh_buffer_id(),
                                   std::move(name));
   if (!plan) return tl::unexpected(std::move(plan.error()));
   if (plan->size_per_device == 0) return DeviceBuffer{};  // zero-size buffers take and report nothing

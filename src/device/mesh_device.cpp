@@ -59,6 +59,12 @@ Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSp
     allocators[index_of(type)].emplace(std::move(*allocator));
   }
   Expects(tracker != nullptr);
+  std::vector<DeviceDescription> devices(shape.device_count());
+  for (std::uint32_t index = 0; index < shape.device_count(); ++index) {
+    devices[index].device = DeviceId{index};
+    for (const BufferType type : all_buffer_types) devices[index].total_bytes[index_of(type)] = spec.layout(type).total_bytes();
+  }
+  tracker->describe_devices(devices);
   return std::shared_ptr<MeshMemory>(new MeshMemory(shape, std::move(spec), std::move(tracker), std::move(allocators)));
 }
 

@@ -31,7 +31,11 @@ std::string_view to_string(FreeReason reason) {
 }
 
 std::shared_ptr<Tracker> Tracker::process_default() {
-  static const std::shared_ptr<Tracker> tracker = std::make_shared<Tracker>();
+  static const std::shared_ptr<Tracker> tracker = [] {
+    auto created = std::make_shared<Tracker>();
+    if (tracking_enabled_by_environment()) created->add_processor(TrackingClient::start({}));
+    return created;
+  }();
   return tracker;
 }
 
@@ -69,6 +73,16 @@ void Tracker::record(std::span<const AllocationEvent> events) const noexcept {
   if (events.empty()) return;
   const std::scoped_lock lock(mutex_);
   for (const auto& processor : processors_) processor->process(events);
+}
+
+void Tracker::describe_devices(std::span<const DeviceDescription> devices) const noexcept {
+  const std::scoped_lock lock(mutex_);
+  for (const auto& processor : processors_) processor->describe_devices(devices);
+}
+
+void Tracker::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept {
+  const std::scoped_lock lock(mutex_);
+  for (const auto& processor : processors_) processor->describe_mesh_buffer(mesh_buffer, name);
 }
 
 }  // namespace meshrt

@@ -1,0 +1,201 @@
+// meshrt.protocol — the allocation server's wire format. Pure: no I/O, no globals.
+//
+// A frame is an 8-byte header (u32 payload size, u16 message type, u16 flags = 0), then the
+// payload. Every integer is little-endian with an explicit size. Decoding checks every bound:
+// a malformed frame is an Error with a message, never undefined behaviour.
+module;
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+#include <variant>
+#include <vector>
+
+export module meshrt.protocol;
+
+import meshrt.core;
+
+export namespace meshrt::protocol {
+
+inline constexpr std::uint16_t version = 1;
+inline constexpr std::size_t header_size = 8;
+// Largest payload either side sends or accepts: large enough for ~20,000 events per frame,
+// small enough that a hostile length prefix costs nothing.
+inline constexpr std::uint32_t max_payload_size = 1U << 20U;
+inline constexpr std::size_t max_name_size = 255;
+
+enum class MessageType : std::uint16_t {
+  hello = 1,             // client -> server: first message of every session
+  device_info = 2,       // client -> server: device totals of a mesh it opened
+  mesh_buffer_name = 3,  // client -> server: a mesh buffer's name, before its allocations
+  alloc = 4,             // client -> server: allocations, with sequence numbers
+  free = 5,              // client -> server: frees, with reasons and sequence numbers
+  snapshot_begin = 6,    // client -> server: the session's live table follows, replacing it
+  snapshot_chunk = 7,    // client -> server: part of the live table
+  snapshot_end = 8,      // client -> server: end of the live table, and the next sequence
+  goodbye = 9,           // client -> server: clean exit
+  query = 10,            // monitor -> server
+  reply = 11,            // server -> monitor: JSON, in chunks
+  error = 12,            // server -> client: why the session is being closed
+};
+
+[[nodiscard]] std::string_view to_string(MessageType type);
+
+enum class ClientRole : std::uint8_t { tracker = 1, monitor = 2 };
+enum class QueryKind : std::uint8_t { summary = 1, buffers = 2, verify = 3 };
+
+struct Hello {
+  std::uint16_t protocol_version{version};
+  ClientRole role{ClientRole::tracker};
+  // What the client says its pid is. The server trusts only SO_PEERCRED and rejects a mismatch.
+  std::uint32_t claimed_pid{};
+  std::string process_name;
+};
+
+struct DeviceTotals {
+  std::uint32_t device{};
+  std::array<std::uint64_t, buffer_type_count> total_bytes{};  // indexed by BufferType
+};
+
+struct DeviceInfo {
+  std::vector<DeviceTotals> devices;
+};
+
+struct MeshBufferName {
+  std::uint64_t mesh_buffer{};
+  std::string name;
+};
+
+// One live buffer, as sent in Alloc and SnapshotChunk frames (48 bytes on the wire).
+struct AllocRecord {
+  std::uint64_t buffer{};
+  std::uint64_t mesh_buffer{};
+  std::uint64_t address{};
+  std::uint64_t size{};
+  std::int64_t time_ns{};
+  std::uint32_t device{};
+  BufferType type{};
+  bool hooked{};
+  friend bool operator==(const AllocRecord&, const AllocRecord&) = default;
+};
+
+// One free (24 bytes on the wire). The reason is FreeReason's value; the server keeps it opaque.
+struct FreeRecord {
+  std::uint64_t buffer{};
+  std::int64_t time_ns{};
+  std::uint8_t reason{};
+  friend bool operator==(const FreeRecord&, const FreeRecord&) = default;
+};
+
+inline constexpr std::size_t alloc_record_size = 8 + 8 + 8 + 8 + 8 + 4 + 1 + 1 + 2;
+inline constexpr std::size_t free_record_size = 8 + 8 + 1 + 7;
+inline constexpr std::size_t device_totals_size = 4 + 4 + 8 * buffer_type_count;
+inline constexpr std::size_t batch_prefix_size = 8 + 4 + 4;  // first sequence, count, reserved
+static_assert(alloc_record_size == 48 && free_record_size == 24 && device_totals_size == 40);
+inline constexpr std::size_t max_alloc_records = (max_payload_size - batch_prefix_size) / alloc_record_size;
+inline constexpr std::size_t max_free_records = (max_payload_size - batch_prefix_size) / free_record_size;
+
+// Decode one record from exactly its size in bytes (checked when the frame was decoded).
+[[nodiscard]] AllocRecord decode_alloc_record(std::span<const std::byte> bytes);
+[[nodiscard]] FreeRecord decode_free_record(std::span<const std::byte> bytes);
+
+// Records are decoded on access from the frame's bytes: no copy of a whole batch.
+template <class Record, std::size_t RecordSize>
+class RecordView {
+ public:
+  RecordView() = default;
+  explicit RecordView(std::span<const std::byte> bytes) : bytes_(bytes) {}
+  [[nodiscard]] std::size_t size() const { return bytes_.size() / RecordSize; }
+  [[nodiscard]] bool empty() const { return bytes_.empty(); }
+  [[nodiscard]] Record operator[](std::size_t index) const {
+    const auto bytes = bytes_.subspan(index * RecordSize, RecordSize);
+    if constexpr (std::is_same_v<Record, AllocRecord>) {
+      return decode_alloc_record(bytes);
+    } else {
+      return decode_free_record(bytes);
+    }
+  }
+
+ private:
+  std::span<const std::byte> bytes_;
+};
+
+using AllocRecords = RecordView<AllocRecord, alloc_record_size>;
+using FreeRecords = RecordView<FreeRecord, free_record_size>;
+
+struct AllocBatch {
+  std::uint64_t first_sequence{};
+  AllocRecords records;
+};
+
+struct FreeBatch {
+  std::uint64_t first_sequence{};
+  FreeRecords records;
+};
+
+struct SnapshotBegin {};
+struct SnapshotChunk {
+  AllocRecords records;
+};
+struct SnapshotEnd {
+  std::uint64_t next_sequence{};  // the sequence number of the first event after the snapshot
+  std::uint64_t record_count{};   // how many records the chunks carried
+};
+struct Goodbye {};
+
+struct Query {
+  QueryKind kind{QueryKind::summary};
+  std::uint32_t pid{};  // 0: every process
+};
+
+struct Reply {
+  bool last{true};
+  std::string json;
+};
+
+struct ErrorMessage {
+  ErrorCode code{ErrorCode::protocol_error};
+  std::string message;
+};
+
+using Message = std::variant<Hello, DeviceInfo, MeshBufferName, AllocBatch, FreeBatch, SnapshotBegin, SnapshotChunk,
+                             SnapshotEnd, Goodbye, Query, Reply, ErrorMessage>;
+
+struct Frame {
+  MessageType type{};
+  std::span<const std::byte> payload;
+  std::size_t frame_size{};  // header + payload: how far to advance the input
+};
+
+// The first complete frame at the start of `input`, nullopt when more bytes are needed, or an
+// Error for a header no valid peer sends (unknown type, non-zero flags, payload over the limit).
+[[nodiscard]] Result<std::optional<Frame>> next_frame(std::span<const std::byte> input,
+                                                      std::uint32_t max_payload = max_payload_size);
+// The message in a frame; record views point into the frame's bytes.
+[[nodiscard]] Result<Message> decode(const Frame& frame);
+
+// Where clients and monitors find the server: $MESHRT_ALLOC_SERVER, else
+// $XDG_RUNTIME_DIR/meshrt/alloc.sock, else /tmp/meshrt-$UID/alloc.sock.
+[[nodiscard]] std::string default_socket_path();
+
+// Encoders append one whole frame to `out`.
+void encode(const Hello& message, std::vector<std::byte>& out);
+void encode(const DeviceInfo& message, std::vector<std::byte>& out);
+void encode(const MeshBufferName& message, std::vector<std::byte>& out);
+void encode_alloc_batch(std::uint64_t first_sequence, std::span<const AllocRecord> records,
+                        std::vector<std::byte>& out);
+void encode_free_batch(std::uint64_t first_sequence, std::span<const FreeRecord> records,
+                       std::vector<std::byte>& out);
+void encode(const SnapshotBegin& message, std::vector<std::byte>& out);
+void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out);
+void encode(const SnapshotEnd& message, std::vector<std::byte>& out);
+void encode(const Goodbye& message, std::vector<std::byte>& out);
+void encode(const Query& message, std::vector<std::byte>& out);
+void encode(const Reply& message, std::vector<std::byte>& out);
+void encode(const ErrorMessage& message, std::vector<std::byte>& out);
+
+}  // namespace meshrt::protocol

@@ -1,0 +1,190 @@
+// The allocation server's state: every live buffer of every client session, with aggregates kept
+// per device, buffer type and process so that a summary costs O(devices + processes).
+//
+// Pure state: no I/O, no clock, no locking. Applying an event is O(1).
+module;
+#include <array>
+#include <cstdint>
+#include <deque>
+#include <map>
+#include <string>
+#include <string_view>
+#include <unordered_map>
+#include <unordered_set>
+#include <vector>
+
+export module meshrt.server:ledger;
+
+import meshrt.core;
+import meshrt.protocol;
+
+export namespace meshrt::server {
+
+using SessionId = std::uint64_t;
+
+// How much of one buffer type is in use, and the most that ever was.
+struct Usage {
+  std::uint64_t bytes{};
+  std::uint64_t buffers{};
+  std::uint64_t peak_bytes{};
+  friend bool operator==(const Usage&, const Usage&) = default;
+};
+using UsageByType = std::array<Usage, buffer_type_count>;
+
+// Who a session is: identity from the kernel (SO_PEERCRED, /proc), never from the client.
+struct SessionIdentity {
+  std::uint32_t pid{};
+  std::uint32_t uid{};
+  std::uint64_t start_time{};  // process start time in clock ticks since boot: pid + this never repeats
+  std::string name;
+};
+
+struct Counters {
+  std::uint64_t allocations{};            // Alloc records applied
+  std::uint64_t deallocations{};          // Free records that matched a live buffer
+  std::uint64_t unknown_deallocations{};  // Free for a buffer the session never had live
+  std::uint64_t double_deallocations{};   // Free for a buffer the session freed recently
+  std::uint64_t duplicate_allocations{};  // Alloc for a buffer already live
+  std::uint64_t reclaimed_allocations{};  // live buffers of sessions that ended without Goodbye
+  std::uint64_t leaked_at_exit{};         // live buffers of sessions that said Goodbye with them
+  std::uint64_t sequence_gaps{};          // Alloc/Free batches that did not follow the last one
+  std::uint64_t resyncs{};                // snapshots applied
+  friend bool operator==(const Counters&, const Counters&) = default;
+};
+
+struct ProcessSummary {
+  SessionId session{};
+  SessionIdentity identity;
+  std::uint64_t live_allocations{};
+  std::uint64_t live_bytes{};
+  std::uint64_t allocations{};
+  std::uint64_t deallocations{};
+  std::map<std::uint32_t, UsageByType> devices;  // device -> usage by type
+};
+
+struct DeviceSummary {
+  std::uint32_t device{};
+  UsageByType usage{};
+  std::array<std::uint64_t, buffer_type_count> total_bytes{};  // as reported by clients; 0 if unknown
+};
+
+struct Summary {
+  std::uint64_t active_allocations{};
+  Counters counters;
+  std::vector<DeviceSummary> devices;
+  std::vector<ProcessSummary> processes;
+};
+
+struct LiveBuffer {
+  std::uint32_t pid{};
+  std::uint64_t buffer{};
+  std::uint64_t mesh_buffer{};
+  std::string mesh_buffer_name;
+  std::uint32_t device{};
+  BufferType type{};
+  std::uint64_t address{};
+  std::uint64_t size{};
+  std::int64_t time_ns{};
+  bool hooked{};
+};
+
+// What a session still held when it ended, per device and type.
+struct Reclaim {
+  SessionIdentity identity;
+  std::uint64_t buffers{};
+  std::uint64_t bytes{};
+  std::map<std::uint32_t, UsageByType> devices;
+};
+
+// The result of cross-checking every aggregate against the live buffers themselves.
+struct Verification {
+  bool consistent{true};
+  std::vector<std::string> differences;  // one line per mismatch, with both figures
+};
+
+enum class SessionEnd : std::uint8_t { goodbye, disconnected };
+
+// What a Free did, and to what (for the activity log).
+struct FreeOutcome {
+  enum class Kind : std::uint8_t { freed, unknown, double_free } kind{Kind::unknown};
+  std::uint32_t device{};
+  BufferType type{};
+  std::uint64_t size{};
+};
+
+class Ledger {
+ public:
+  // Past this many recent frees a session forgets which ids it freed: a later Free of one of
+  // them counts as unknown rather than double.
+  static constexpr std::size_t recent_frees_remembered = 4096;
+
+  SessionId open_session(SessionIdentity identity);
+  // Ends a session: its live buffers are reclaimed (and reported) and it is forgotten.
+  Reclaim close_session(SessionId session, SessionEnd how);
+  [[nodiscard]] bool has_session(SessionId session) const { return sessions_.contains(session); }
+  [[nodiscard]] const SessionIdentity& identity(SessionId session) const;
+
+  // Sequence numbers: each Alloc/Free batch must start where the previous one ended. A gap is
+  // counted (and returned as false) but the batch is still applied.
+  bool check_sequence(SessionId session, std::uint64_t first_sequence, std::uint64_t count);
+  void apply_alloc(SessionId session, const protocol::AllocRecord& record);
+  FreeOutcome apply_free(SessionId session, const protocol::FreeRecord& record);
+  void name_mesh_buffer(SessionId session, std::uint64_t mesh_buffer, std::string name);
+  void set_device_totals(const protocol::DeviceTotals& totals);
+
+  // Snapshots replace a session's live table: begin drops it (no frees counted), the chunks are
+  // applied as allocations, end sets the next expected sequence number.
+  void begin_snapshot(SessionId session);
+  void apply_snapshot_record(SessionId session, const protocol::AllocRecord& record);
+  void end_snapshot(SessionId session, std::uint64_t next_sequence);
+
+  [[nodiscard]] std::uint64_t active_allocations() const { return active_allocations_; }
+  [[nodiscard]] const Counters& counters() const { return counters_; }
+  [[nodiscard]] std::uint64_t live_allocations(SessionId session) const;
+  [[nodiscard]] Summary summary() const;
+  // Every live buffer (of one pid, or all when pid is 0). O(live buffers).
+  [[nodiscard]] std::vector<LiveBuffer> live_buffers(std::uint32_t pid = 0) const;
+  // Recomputes every aggregate from the live buffers and compares. O(live buffers).
+  [[nodiscard]] Verification verify() const;
+
+ private:
+  struct Entry {
+    std::uint64_t mesh_buffer;
+    std::uint64_t address;
+    std::uint64_t size;
+    std::int64_t time_ns;
+    std::uint32_t device;
+    BufferType type;
+    bool hooked;
+  };
+  struct Session {
+    SessionIdentity identity;
+    std::unordered_map<std::uint64_t, Entry> live;
+    std::map<std::uint32_t, UsageByType> devices;
+    std::uint64_t live_bytes{};
+    std::uint64_t allocations{};
+    std::uint64_t deallocations{};
+    std::uint64_t next_sequence{};
+    struct Name {
+      std::string text;
+      std::uint64_t live{};  // live buffers of that mesh buffer: the name goes with the last one
+    };
+    std::unordered_map<std::uint64_t, Name> names;
+    std::unordered_set<std::uint64_t> recent_frees;
+    std::deque<std::uint64_t> recent_free_order;
+  };
+
+  Session& session(SessionId id);
+  void add(Session& session, std::uint64_t buffer, const Entry& entry);
+  void remove(Session& session, std::unordered_map<std::uint64_t, Entry>::iterator found);
+  void remember_free(Session& session, std::uint64_t buffer);
+
+  SessionId next_session_{1};
+  std::map<SessionId, Session> sessions_;
+  std::map<std::uint32_t, UsageByType> devices_;
+  std::map<std::uint32_t, std::array<std::uint64_t, buffer_type_count>> device_totals_;
+  std::uint64_t active_allocations_{};
+  Counters counters_;
+};
+
+}  // namespace meshrt::server

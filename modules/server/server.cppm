@@ -1,0 +1,69 @@
+// The allocation server: one epoll loop on a Unix socket, many client sessions, one Ledger.
+module;
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <map>
+#include <memory>
+#include <optional>
+#include <string>
+#include <string_view>
+#include <vector>
+
+export module meshrt.server:server;
+
+import meshrt.core;
+import meshrt.protocol;
+import :ledger;
+
+export namespace meshrt::server {
+
+struct ServerConfig {
+  std::string socket_path;
+  // Lets one group connect (socket 0660, directory 0750, both owned by the group).
+  std::optional<std::string> group;
+  std::chrono::milliseconds activity_interval{1000};  // how often allocation activity is logged
+  std::chrono::milliseconds summary_interval{10000};  // periodic summary (only when something changed)
+  bool log_activity{true};
+  std::size_t max_sessions{1024};
+  std::uint64_t max_live_per_session{std::uint64_t{1} << 24U};
+  std::uint32_t max_payload{protocol::max_payload_size};
+  std::size_t max_pending_output{std::size_t{64} << 20U};  // a monitor that stops reading is dropped
+  std::function<void(std::string_view)> log;  // one line at a time; stdout when empty
+};
+
+// Server-level counters: what went wrong at the connection level.
+struct ConnectionCounters {
+  std::uint64_t sessions_opened{};
+  std::uint64_t malformed_messages{};   // sessions closed for bad frames or out-of-order messages
+  std::uint64_t rejected_sessions{};    // wrong version, claimed another pid, not allowed, over a limit
+  std::uint64_t dropped_slow_readers{};  // monitors that stopped reading replies
+  std::uint64_t monitors{};             // monitor sessions served
+};
+
+class Server {
+ public:
+  // Creates the socket directory (0700, or 0750 for a group) and binds the socket (0600/0660).
+  // Refuses to start when another server answers on the path; a stale socket file is replaced.
+  [[nodiscard]] static Result<std::unique_ptr<Server>> start(ServerConfig config);
+  Server(const Server&) = delete;
+  Server& operator=(const Server&) = delete;
+  Server(Server&&) = delete;
+  Server& operator=(Server&&) = delete;
+  ~Server();
+
+  // Serves until stop() or, with handle_signals, SIGINT/SIGTERM; then logs the final summary
+  // (last line "Active allocations: N") and removes the socket.
+  Result<void> run(bool handle_signals);
+  // Thread-safe; run() returns soon after.
+  void stop();
+  [[nodiscard]] const std::string& socket_path() const;
+
+ private:
+  struct State;
+  explicit Server(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+}  // namespace meshrt::server

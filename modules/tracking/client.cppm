@@ -1,0 +1,77 @@
+// TrackingClient — streams every allocation and free to the allocation server.
+module;
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+
+export module meshrt.tracking:client;
+
+import meshrt.core;
+import :events;
+
+export namespace meshrt {
+
+// A processor that forwards events to the allocation server (meshrt-alloc-server).
+//
+// The allocation path never waits on the socket: process() appends to a queue; a background
+// thread keeps the client's own table of live buffers and sends batches. When the server is
+// absent, or restarts, the client connects when it can and sends a snapshot of its live table,
+// so nothing is lost. On destruction it flushes everything and says Goodbye.
+class TrackingClient final : public EventProcessor {
+ public:
+  struct Options {
+    std::string socket_path;   // default: protocol::default_socket_path()
+    std::string process_name;  // a label; the server identifies processes by the kernel's word
+    std::chrono::milliseconds flush_interval{5};
+    std::chrono::milliseconds reconnect_interval{100};
+    // Encoded bytes waiting for a slow server beyond this are dropped; the client is then out
+    // of sync and sends a snapshot of its live table as soon as the server reads again.
+    std::size_t max_pending_bytes{std::size_t{16} << 20U};
+    // Where the client's few messages go (server absent, lost, back). stderr when empty.
+    std::function<void(std::string_view)> warn;
+  };
+
+  struct Status {
+    bool connected{};
+    std::uint64_t events_queued{};    // handed to process()
+    std::uint64_t events_delivered{};  // written to a connected server, as records or in a snapshot
+    std::uint64_t live_buffers{};     // in the client's own table
+    std::uint64_t connections{};      // successful connects (1 + reconnects)
+    std::uint64_t snapshots{};        // snapshots sent
+    std::uint64_t overflows{};        // times pending bytes were dropped for a slow server
+  };
+
+  [[nodiscard]] static std::shared_ptr<TrackingClient> start(Options options);
+  TrackingClient(const TrackingClient&) = delete;
+  TrackingClient& operator=(const TrackingClient&) = delete;
+  TrackingClient(TrackingClient&&) = delete;
+  TrackingClient& operator=(TrackingClient&&) = delete;
+  ~TrackingClient() override;
+
+  void process(std::span<const AllocationEvent> events) noexcept override;
+  void describe_devices(std::span<const DeviceDescription> devices) noexcept override;
+  void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept override;
+
+  // Waits until every event queued before the call has been written to a connected server.
+  // False when that did not happen within `timeout` (server absent or slow).
+  bool flush(std::chrono::milliseconds timeout);
+  // Flushes, says Goodbye and stops the background thread. Idempotent; the destructor calls it.
+  void shutdown();
+  [[nodiscard]] Status status() const;
+
+  struct State;  // the background thread's world: src/tracking/tracking_client.cpp
+
+ private:
+  explicit TrackingClient(std::unique_ptr<State> state);
+  std::unique_ptr<State> state_;
+};
+
+// True when MESHRT_ALLOC_TRACKING=1 (or TT_ALLOC_TRACKING_ENABLED=1, for users of tt-metal).
+[[nodiscard]] bool tracking_enabled_by_environment();
+
+}  // namespace meshrt

@@ -1,0 +1,162 @@
+// Events, and the Tracker that hands them to processors and hooks.
+module;
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <optional>
+#include <span>
+#include <string_view>
+#include <array>
+#include <unordered_map>
+#include <vector>
+
+export module meshrt.tracking:events;
+
+import meshrt.core;
+
+export namespace meshrt {
+
+enum class EventKind : std::uint8_t { allocate, free };
+
+// How a buffer went away. Every Free carries one, so a report can say how each buffer ended.
+enum class FreeReason : std::uint8_t {
+  none,                 // on allocate events
+  explicit_deallocate,  // DeviceBuffer::deallocate()
+  destructor,           // a handle died while still owning its buffer
+  mesh_deallocate,      // MeshBuffer::deallocate()
+  device_closed,        // MeshDevice::close() with the buffer live
+};
+
+[[nodiscard]] std::string_view to_string(EventKind kind);
+[[nodiscard]] std::string_view to_string(FreeReason reason);
+
+// One per-device buffer's allocate or free. `size` is the buffer's size on that device (what the
+// user asked for); the bank footprint after page rounding is in `footprint`.
+struct AllocationEvent {
+  EventKind kind{EventKind::allocate};
+  FreeReason reason{FreeReason::none};
+  BufferType type{BufferType::dram};
+  bool hooked{false};  // a hook intercepted the allocation: reported, but took no device memory
+  DeviceId device{};
+  BufferId buffer{};
+  MeshBufferId mesh_buffer{};  // the buffer's group: its MeshBuffer, or its own for a lone DeviceBuffer
+  std::uint64_t address{};
+  std::uint64_t size{};
+  std::uint64_t footprint{};
+  std::int64_t time_ns{};  // system clock, nanoseconds since the Unix epoch
+};
+
+// A device of a mesh that was opened, with the bytes each buffer type offers on it.
+struct DeviceDescription {
+  DeviceId device{};
+  std::array<std::uint64_t, buffer_type_count> total_bytes{};
+};
+
+// What a hook sees before an allocation takes memory.
+struct AllocationRequest {
+  BufferType type{};
+  MeshBufferId mesh_buffer{};
+  std::uint32_t device_count{};
+  std::uint64_t size_per_device{};
+  std::uint64_t bytes_per_bank{};
+};
+
+class EventProcessor {
+ public:
+  EventProcessor() = default;
+  EventProcessor(const EventProcessor&) = delete;
+  EventProcessor& operator=(const EventProcessor&) = delete;
+  virtual ~EventProcessor() = default;
+  // Called with the owning mesh device's lock held, possibly from many threads (one per mesh):
+  // be quick, be thread-safe, never call back into the runtime. The same holds for the
+  // describe_* notifications, which processors may ignore.
+  virtual void process(std::span<const AllocationEvent> events) noexcept = 0;
+  // A mesh device opened these devices.
+  virtual void describe_devices(std::span<const DeviceDescription> devices) noexcept { (void)devices; }
+  // A buffer group was given a name; called before its Allocs. `name` lives only for the call.
+  virtual void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept {
+    (void)mesh_buffer;
+    (void)name;
+  }
+};
+
+class AllocationHook {
+ public:
+  AllocationHook() = default;
+  AllocationHook(const AllocationHook&) = delete;
+  AllocationHook& operator=(const AllocationHook&) = delete;
+  virtual ~AllocationHook() = default;
+  // Return an address to intercept the allocation (a capture mode that plans memory without
+  // taking it): the buffer gets that address, takes no device memory, and its events are
+  // flagged `hooked`. Return nullopt to let the allocation proceed.
+  virtual std::optional<std::uint64_t> intercept(const AllocationRequest& request) noexcept = 0;
+};
+
+class Tracker {
+ public:
+  Tracker() = default;
+  Tracker(const Tracker&) = delete;
+  Tracker& operator=(const Tracker&) = delete;
+  ~Tracker() = default;
+
+  // The tracker mesh devices use unless given another. Attaches the allocation-server client
+  // when the environment asks for it (MESHRT_ALLOC_TRACKING=1).
+  [[nodiscard]] static std::shared_ptr<Tracker> process_default();
+
+  void add_processor(std::shared_ptr<EventProcessor> processor);
+  void remove_processor(const EventProcessor& processor);
+  void add_hook(std::shared_ptr<AllocationHook> hook);
+  void remove_hook(const AllocationHook& hook);
+
+  // The first hook that intercepts wins.
+  [[nodiscard]] std::optional<std::uint64_t> intercept(const AllocationRequest& request) const;
+  void record(std::span<const AllocationEvent> events) const noexcept;
+  void describe_devices(std::span<const DeviceDescription> devices) const noexcept;
+  void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept;
+
+ private:
+  mutable std::mutex mutex_;
+  std::vector<std::shared_ptr<EventProcessor>> processors_;
+  std::vector<std::shared_ptr<AllocationHook>> hooks_;
+};
+
+struct LiveBufferSummary {
+  std::uint64_t buffers{};
+  std::uint64_t bytes{};
+  friend bool operator==(const LiveBufferSummary&, const LiveBufferSummary&) = default;
+};
+
+// A processor that keeps every live buffer and answers "what is live on device D, type T?".
+// It also counts what must never happen: a Free for an id it never saw allocated, an id
+// allocated twice.
+class LiveBufferTable final : public EventProcessor {
+ public:
+  void process(std::span<const AllocationEvent> events) noexcept override;
+
+  [[nodiscard]] std::vector<AllocationEvent> live_buffers(DeviceId device, BufferType type) const;
+  [[nodiscard]] std::vector<AllocationEvent> live_buffers_of(MeshBufferId mesh_buffer) const;
+  [[nodiscard]] LiveBufferSummary summary(DeviceId device, BufferType type) const;
+  [[nodiscard]] std::uint64_t active_allocations() const;
+  [[nodiscard]] std::uint64_t unknown_frees() const;
+  [[nodiscard]] std::uint64_t duplicate_allocations() const;
+
+ private:
+  struct DeviceTypeKey {
+    std::uint32_t device;
+    BufferType type;
+    friend bool operator==(const DeviceTypeKey&, const DeviceTypeKey&) = default;
+  };
+  struct DeviceTypeKeyHash {
+    std::size_t operator()(DeviceTypeKey key) const noexcept {
+      return (std::size_t{key.device} << 3U) ^ static_cast<std::size_t>(key.type);
+    }
+  };
+
+  mutable std::mutex mutex_;
+  std::unordered_map<BufferId, AllocationEvent> live_;
+  std::unordered_map<DeviceTypeKey, LiveBufferSummary, DeviceTypeKeyHash> summaries_;
+  std::uint64_t unknown_frees_{};
+  std::uint64_t duplicate_allocations_{};
+};
+
+}  // namespace meshrt

@@ -1,0 +1,78 @@
+// meshrt-alloc-server — the bundled allocation server: a foreground daemon on a Unix socket that
+// keeps per-device, per-process, per-memory-type ledgers of every client's allocations.
+#include <chrono>
+#include <cstdint>
+#include <cstdio>
+#include <exception>
+#include <optional>
+#include <string>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+import meshrt.protocol;
+import meshrt.server;
+
+namespace {
+
+int run(int argc, char** argv) {
+  meshrt::server::ServerConfig config;
+  config.socket_path = meshrt::protocol::default_socket_path();
+  std::string group;
+  double summary_seconds = 10;
+  double activity_seconds = 1;
+  bool quiet = false;
+
+  CLI::App app{"meshrt-alloc-server: tracks the device allocations of meshrt processes (see meshrt-smi)"};
+  app.add_option("--socket", config.socket_path, "Unix socket to listen on ($MESHRT_ALLOC_SERVER)")
+      ->capture_default_str();
+  app.add_option("--group", group, "let members of this group connect (socket 0660, directory 0750)");
+  app.add_option("--summary-interval", summary_seconds, "seconds between summaries in the log, when something changed")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 86400.0));
+  app.add_option("--activity-interval", activity_seconds, "seconds between allocation activity lines in the log")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 3600.0));
+  app.add_flag("--quiet", quiet, "log sessions and summaries only, not allocation activity");
+  app.add_option("--max-sessions", config.max_sessions, "most client sessions at once")->capture_default_str();
+  app.add_option("--max-live-per-process", config.max_live_per_session, "most live allocations one process may hold")
+      ->capture_default_str();
+  app.set_version_flag("--version", "meshrt-alloc-server 0.1.0 (protocol version 1)");
+  app.footer("Exit codes: 0 stopped cleanly (SIGINT/SIGTERM), 1 could not start or failed, 2 bad usage.");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& help) {
+    return app.exit(help);
+  } catch (const CLI::CallForVersion& version) {
+    return app.exit(version);
+  } catch (const CLI::ParseError& error) {
+    fmt::print(stderr, "meshrt-alloc-server: {}\n\n{}", error.what(), app.help());
+    return 2;
+  }
+  if (!group.empty()) config.group = group;
+  config.summary_interval = std::chrono::milliseconds(static_cast<std::int64_t>(summary_seconds * 1000));
+  config.activity_interval = std::chrono::milliseconds(static_cast<std::int64_t>(activity_seconds * 1000));
+  config.log_activity = !quiet;
+
+  auto server = meshrt::server::Server::start(config);
+  if (!server) {
+    fmt::print(stderr, "meshrt-alloc-server: {}\n", server.error().message);
+    return 1;
+  }
+  if (auto ran = (*server)->run(/*handle_signals=*/true); !ran) {
+    fmt::print(stderr, "meshrt-alloc-server: {}\n", ran.error().message);
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& error) {
+    fmt::print(stderr, "meshrt-alloc-server: {}\n", error.what());
+    return 1;
+  }
+}

@@ -1,0 +1,276 @@
+// meshrt-smi — what the allocation server sees, as nvidia-smi shows GPUs: per device DRAM and L1
+// used/total, the processes using them, and the counters that reveal leaks.
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <exception>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <variant>
+#include <vector>
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+#include <tl/expected.hpp>
+
+import meshrt.core;
+import meshrt.protocol;
+
+using meshrt::Result;
+using meshrt::ErrorCode;
+using nlohmann::json;
+
+namespace {
+
+// One monitor session: Hello as a monitor, then queries answered by JSON replies.
+class MonitorSession {
+ public:
+  static Result<MonitorSession> open(const std::string& path) {
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    if (path.size() >= sizeof(address.sun_path)) {
+      return meshrt::fail(ErrorCode::invalid_argument, fmt::format("socket path {} is too long", path));
+    }
+    std::memcpy(address.sun_path, path.c_str(), path.size() + 1);
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (fd < 0 || ::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
+      const int error = errno;
+      if (fd >= 0) ::close(fd);
+      return meshrt::fail(ErrorCode::io_error, fmt::format("no allocation server at {} ({})", path,
+                                                           std::system_category().message(error)));
+    }
+    MonitorSession session(fd);
+    std::vector<std::byte> hello;
+    meshrt::protocol::encode(meshrt::protocol::Hello{.role = meshrt::protocol::ClientRole::monitor,
+                                                     .claimed_pid = static_cast<std::uint32_t>(::getpid()),
+                                                     .process_name = "meshrt-smi"},
+                             hello);
+    if (auto sent = session.write(hello); !sent) return tl::unexpected(std::move(sent.error()));
+    return session;
+  }
+
+  MonitorSession(MonitorSession&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  MonitorSession& operator=(MonitorSession&&) = delete;
+  MonitorSession(const MonitorSession&) = delete;
+  MonitorSession& operator=(const MonitorSession&) = delete;
+  ~MonitorSession() {
+    if (fd_ >= 0) ::close(fd_);
+  }
+
+  Result<json> query(meshrt::protocol::QueryKind kind, std::uint32_t pid = 0) {
+    std::vector<std::byte> request;
+    meshrt::protocol::encode(meshrt::protocol::Query{kind, pid}, request);
+    if (auto sent = write(request); !sent) return tl::unexpected(std::move(sent.error()));
+    std::string text;
+    for (;;) {
+      auto message = read_message();
+      if (!message) return tl::unexpected(std::move(message.error()));
+      if (const auto* error = std::get_if<meshrt::protocol::ErrorMessage>(&*message)) {
+        return meshrt::fail(error->code, fmt::format("the server refused: {}", error->message));
+      }
+      const auto* reply = std::get_if<meshrt::protocol::Reply>(&*message);
+      if (reply == nullptr) return meshrt::fail(ErrorCode::protocol_error, "the server sent something other than a reply");
+      text += reply->json;
+      if (reply->last) break;
+    }
+    auto parsed = json::parse(text, nullptr, /*allow_exceptions=*/false);
+    if (parsed.is_discarded()) return meshrt::fail(ErrorCode::protocol_error, "the server's reply is not JSON");
+    return parsed;
+  }
+
+ private:
+  explicit MonitorSession(int fd) : fd_(fd) {}
+
+  Result<void> write(std::span<const std::byte> bytes) const {
+    while (!bytes.empty()) {
+      const ssize_t sent = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (sent < 0) {
+        if (errno == EINTR) continue;
+        return meshrt::fail(ErrorCode::io_error, fmt::format("lost the server: {}", std::system_category().message(errno)));
+      }
+      bytes = bytes.subspan(static_cast<std::size_t>(sent));
+    }
+    return {};
+  }
+
+  Result<meshrt::protocol::Message> read_message() {
+    for (;;) {
+      auto frame = meshrt::protocol::next_frame(std::span(buffer_).subspan(start_));
+      if (!frame) return tl::unexpected(std::move(frame.error()));
+      if (frame->has_value()) {
+        auto decoded = meshrt::protocol::decode(**frame);
+        if (!decoded) return tl::unexpected(std::move(decoded.error()));
+        // Copy out before the buffer moves: replies own their text.
+        meshrt::protocol::Message message = std::move(*decoded);
+        start_ += (*frame)->frame_size;
+        return message;
+      }
+      if (start_ > 0) {
+        buffer_.erase(buffer_.begin(), buffer_.begin() + static_cast<std::ptrdiff_t>(start_));
+        start_ = 0;
+      }
+      std::array<std::byte, 65536> chunk{};
+      const ssize_t got = ::recv(fd_, chunk.data(), chunk.size(), 0);
+      if (got == 0) return meshrt::fail(ErrorCode::io_error, "the server closed the connection");
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        return meshrt::fail(ErrorCode::io_error, fmt::format("lost the server: {}", std::system_category().message(errno)));
+      }
+      buffer_.insert(buffer_.end(), chunk.begin(), chunk.begin() + got);
+    }
+  }
+
+  int fd_;
+  std::vector<std::byte> buffer_;
+  std::size_t start_{};
+};
+
+std::string bytes_text(std::uint64_t bytes) {
+  std::string digits = std::to_string(bytes);
+  for (auto at = static_cast<std::ptrdiff_t>(digits.size()) - 3; at > 0; at -= 3) digits.insert(static_cast<std::size_t>(at), ",");
+  return digits;
+}
+
+std::string usage_cell(const json& usage) {
+  const auto used = usage.value("used_bytes", std::uint64_t{0});
+  const auto total = usage.value("total_bytes", std::uint64_t{0});
+  if (total == 0) return fmt::format("{} B", bytes_text(used));
+  return fmt::format("{} / {} B ({:.1f}%)", bytes_text(used), bytes_text(total),
+                     100.0 * static_cast<double>(used) / static_cast<double>(total));
+}
+
+void print_summary(const json& summary) {
+  const json& server = summary["server"];
+  fmt::print("meshrt-smi    server pid {} on {}    up {:.0f} s\n", server.value("pid", 0), server.value("socket", ""),
+             server.value("uptime_seconds", 0.0));
+  constexpr std::string_view rule =
+      "+--------+------------------------------------------+------------------------------------+---------+";
+  fmt::print("{}\n| {:>6} | {:<40} | {:<34} | {:>7} |\n{}\n", rule, "Device", "DRAM used / total", "L1 used / total",
+             "Buffers", rule);
+  for (const json& device : summary["devices"]) {
+    std::uint64_t buffers = 0;
+    for (const char* type : {"dram", "l1", "l1_small", "trace"}) buffers += device[type].value("buffers", std::uint64_t{0});
+    fmt::print("| {:>6} | {:<40} | {:<34} | {:>7} |\n", device.value("id", 0), usage_cell(device["dram"]),
+               usage_cell(device["l1"]), buffers);
+    for (const json& user : device["processes"]) {
+      fmt::print("| {:>6} |   pid {:<8} {:<25} | {:<34} | {:>7} |\n", "", user.value("pid", 0),
+                 bytes_text(user.value("dram_bytes", std::uint64_t{0})) + " B",
+                 bytes_text(user.value("l1_bytes", std::uint64_t{0})) + " B", "");
+    }
+  }
+  fmt::print("{}\n", rule);
+  fmt::print("Processes:\n  {:>8}  {:<16} {:>14} {:>20} {:>12} {:>12}\n", "PID", "Name", "Live buffers", "Live bytes",
+             "Allocations", "Frees");
+  for (const json& process : summary["processes"]) {
+    fmt::print("  {:>8}  {:<16} {:>14} {:>20} {:>12} {:>12}\n", process.value("pid", 0),
+               process.value("name", std::string{}), process.value("live_allocations", std::uint64_t{0}),
+               bytes_text(process.value("live_bytes", std::uint64_t{0})), process.value("allocations", std::uint64_t{0}),
+               process.value("deallocations", std::uint64_t{0}));
+  }
+  if (summary["processes"].empty()) fmt::print("  (no process is tracking allocations)\n");
+  fmt::print("Active allocations: {}   Unknown frees: {}   Double frees: {}   Reclaimed from crashed processes: {}   "
+             "Leaked at exit: {}   Sequence gaps: {}   Malformed: {}   Rejected: {}\n",
+             summary.value("active_allocations", 0), summary.value("unknown_deallocations", 0),
+             summary.value("double_deallocations", 0), summary.value("reclaimed_allocations", 0),
+             summary.value("leaked_at_exit", 0), summary.value("sequence_gaps", 0),
+             summary.value("malformed_messages", 0), summary.value("rejected_sessions", 0));
+}
+
+void print_buffers(const json& reply) {
+  fmt::print("{:>8} {:>10} {:>10}  {:<20} {:>6}  {:<8} {:>14} {:>16} {:>9}\n", "PID", "Buffer", "Mesh buf", "Name",
+             "Device", "Type", "Address", "Size", "Age (s)");
+  for (const json& b : reply["buffers"]) {
+    fmt::print("{:>8} {:>10} {:>10}  {:<20} {:>6}  {:<8} {:>#14x} {:>16} {:>9.1f}{}\n", b.value("pid", 0),
+               b.value("buffer", std::uint64_t{0}), b.value("mesh_buffer", std::uint64_t{0}),
+               b.value("name", std::string{}), b.value("device", 0), b.value("type", std::string{}),
+               b.value("address", std::uint64_t{0}), bytes_text(b.value("size", std::uint64_t{0})),
+               b.value("age_seconds", 0.0), b.value("hooked", false) ? "  (hooked)" : "");
+  }
+  fmt::print("{} live buffers\n", reply["buffers"].size());
+}
+
+int run(int argc, char** argv) {
+  std::string socket = meshrt::protocol::default_socket_path();
+  bool as_json = false;
+  bool buffers = false;
+  bool verify = false;
+  std::uint32_t pid = 0;
+  double watch = 0;
+  CLI::App app{"meshrt-smi: the allocation server's view of device memory, per device, type and process"};
+  app.add_option("--socket", socket, "the server's Unix socket ($MESHRT_ALLOC_SERVER)")->capture_default_str();
+  app.add_flag("--json", as_json, "print one JSON object (per refresh with --watch)");
+  app.add_option("--watch", watch, "refresh every SECONDS until interrupted")->check(CLI::Range(0.1, 86400.0));
+  auto* buffers_flag = app.add_flag("--buffers", buffers, "list live buffers instead of the summary");
+  app.add_option("--pid", pid, "with --buffers: only this process's buffers")->needs(buffers_flag);
+  app.add_flag("--verify", verify, "check that per-buffer, per-process and per-device totals agree (exit 1 if not)");
+  app.set_version_flag("--version", "meshrt-smi 0.1.0 (protocol version 1)");
+  app.footer("Exit codes: 0 ok, 1 server unreachable or --verify found a difference, 2 bad usage.");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::CallForHelp& help) {
+    return app.exit(help);
+  } catch (const CLI::CallForVersion& version) {
+    return app.exit(version);
+  } catch (const CLI::ParseError& error) {
+    fmt::print(stderr, "meshrt-smi: {}\n\n{}", error.what(), app.help());
+    return 2;
+  }
+
+  auto session = MonitorSession::open(socket);
+  if (!session) {
+    fmt::print(stderr, "meshrt-smi: {}\n", session.error().message);
+    return 1;
+  }
+  const auto kind = verify ? meshrt::protocol::QueryKind::verify :
+                    buffers ? meshrt::protocol::QueryKind::buffers : meshrt::protocol::QueryKind::summary;
+  for (;;) {
+    auto reply = session->query(kind, pid);
+    if (!reply) {
+      fmt::print(stderr, "meshrt-smi: {}\n", reply.error().message);
+      return 1;
+    }
+    if (watch > 0 && !as_json && ::isatty(STDOUT_FILENO) != 0) fmt::print("\x1b[H\x1b[2J");
+    if (as_json) {
+      fmt::print("{}\n", reply->dump());
+    } else if (verify) {
+      if (reply->value("consistent", false)) {
+        fmt::print("consistent: per-buffer, per-process and per-device totals agree for every buffer type\n");
+      } else {
+        fmt::print("INCONSISTENT:\n");
+        for (const json& line : (*reply)["differences"]) fmt::print("  {}\n", line.get<std::string>());
+      }
+    } else if (buffers) {
+      print_buffers(*reply);
+    } else {
+      print_summary(*reply);
+    }
+    std::fflush(stdout);
+    if (verify && !reply->value("consistent", false)) return 1;
+    if (watch <= 0) return 0;
+    std::this_thread::sleep_for(std::chrono::duration<double>(watch));
+  }
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  try {
+    return run(argc, argv);
+  } catch (const std::exception& error) {
+    fmt::print(stderr, "meshrt-smi: {}\n", error.what());
+    return 1;
+  }
+}

@@ -1,0 +1,457 @@
+module;
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <optional>
+#include <span>
+#include <string>
+#include <string_view>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <gsl/gsl>
+#include <tl/expected.hpp>
+
+module meshrt.protocol;
+
+import meshrt.core;
+
+namespace meshrt::protocol {
+
+namespace {
+
+constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::error);
+constexpr std::uint8_t max_free_reason = 4;  // FreeReason::device_closed
+
+// Appends little-endian integers, whatever the host's byte order.
+class Writer {
+ public:
+  explicit Writer(std::vector<std::byte>& out) : out_(out) {}
+  template <class T>
+  void integer(T value) {
+    auto bits = static_cast<std::make_unsigned_t<T>>(value);
+    for (std::size_t i = 0; i < sizeof(T); ++i) {
+      out_.push_back(static_cast<std::byte>(bits & 0xFFU));
+      if constexpr (sizeof(T) > 1) bits = static_cast<decltype(bits)>(bits >> 8U);
+    }
+  }
+  void zeros(std::size_t count) { out_.insert(out_.end(), count, std::byte{0}); }
+  void text(std::string_view value) {
+    const auto* bytes = reinterpret_cast<const std::byte*>(value.data());  // NOLINT: byte view of chars
+    out_.insert(out_.end(), bytes, bytes + value.size());
+  }
+
+ private:
+  std::vector<std::byte>& out_;
+};
+
+// Reads little-endian integers; every read is bounds-checked and a short read sticks.
+class Reader {
+ public:
+  explicit Reader(std::span<const std::byte> bytes) : bytes_(bytes) {}
+  template <class T>
+  T integer() {
+    if (bytes_.size() < sizeof(T)) {
+      short_ = true;
+      bytes_ = {};
+      return T{};
+    }
+    std::make_unsigned_t<T> bits = 0;
+    for (std::size_t i = sizeof(T); i-- > 0;) {
+      bits = static_cast<decltype(bits)>((bits << 8U) | std::to_integer<std::uint8_t>(bytes_[i]));
+    }
+    bytes_ = bytes_.subspan(sizeof(T));
+    return static_cast<T>(bits);
+  }
+  std::string text(std::size_t size) {
+    if (bytes_.size() < size) {
+      short_ = true;
+      bytes_ = {};
+      return {};
+    }
+    std::string value(size, '\0');
+    std::memcpy(value.data(), bytes_.data(), size);
+    bytes_ = bytes_.subspan(size);
+    return value;
+  }
+  std::span<const std::byte> rest() {
+    return std::exchange(bytes_, {});
+  }
+  [[nodiscard]] bool ok() const { return !short_; }
+  [[nodiscard]] std::size_t remaining() const { return bytes_.size(); }
+
+ private:
+  std::span<const std::byte> bytes_;
+  bool short_{false};
+};
+
+// Writes a header with a placeholder size, lets `body` append the payload, then patches the size.
+template <class Body>
+void frame(MessageType type, std::vector<std::byte>& out, Body body) {
+  const std::size_t start = out.size();
+  Writer writer(out);
+  writer.integer(std::uint32_t{0});
+  writer.integer(static_cast<std::uint16_t>(type));
+  writer.integer(std::uint16_t{0});
+  body(writer);
+  const auto payload = static_cast<std::uint32_t>(out.size() - start - header_size);
+  Expects(payload <= max_payload_size);
+  for (std::size_t i = 0; i < 4; ++i) out[start + i] = static_cast<std::byte>((payload >> (8U * i)) & 0xFFU);
+}
+
+tl::unexpected<Error> malformed(MessageType type, std::string_view what) {
+  return fail(ErrorCode::protocol_error, fmt::format("malformed {} frame: {}", to_string(type), what));
+}
+
+Result<std::size_t> batch_count(MessageType type, Reader& reader, std::size_t record_size) {
+  const auto count = reader.integer<std::uint32_t>();
+  const auto reserved = reader.integer<std::uint32_t>();
+  if (!reader.ok()) return malformed(type, "shorter than its batch header");
+  if (reserved != 0) return malformed(type, "reserved field is not zero");
+  if (reader.remaining() != std::size_t{count} * record_size) {
+    return malformed(type, fmt::format("says {} records of {} bytes but carries {} bytes", count, record_size,
+                                       reader.remaining()));
+  }
+  return std::size_t{count};
+}
+
+Result<AllocRecords> alloc_records(MessageType type, Reader& reader) {
+  auto count = batch_count(type, reader, alloc_record_size);
+  if (!count) return tl::unexpected(std::move(count.error()));
+  const auto bytes = reader.rest();
+  for (std::size_t i = 0; i < *count; ++i) {
+    const auto record = bytes.subspan(i * alloc_record_size, alloc_record_size);
+    const auto type_byte = std::to_integer<std::uint8_t>(record[44]);
+    const auto flags = std::to_integer<std::uint8_t>(record[45]);
+    if (type_byte >= buffer_type_count) return malformed(type, fmt::format("record {}: buffer type {}", i, type_byte));
+    if ((flags & ~1U) != 0 || record[46] != std::byte{0} || record[47] != std::byte{0}) {
+      return malformed(type, fmt::format("record {}: unknown flags or reserved bits set", i));
+    }
+  }
+  return AllocRecords(bytes);
+}
+
+Result<FreeRecords> free_records(Reader& reader) {
+  auto count = batch_count(MessageType::free, reader, free_record_size);
+  if (!count) return tl::unexpected(std::move(count.error()));
+  const auto bytes = reader.rest();
+  for (std::size_t i = 0; i < *count; ++i) {
+    const auto record = bytes.subspan(i * free_record_size, free_record_size);
+    if (std::to_integer<std::uint8_t>(record[16]) > max_free_reason) {
+      return malformed(MessageType::free, fmt::format("record {}: unknown free reason", i));
+    }
+    for (std::size_t b = 17; b < free_record_size; ++b) {
+      if (record[b] != std::byte{0}) return malformed(MessageType::free, fmt::format("record {}: reserved bits set", i));
+    }
+  }
+  return FreeRecords(bytes);
+}
+
+void write_alloc_records(Writer& writer, std::span<const AllocRecord> records) {
+  for (const AllocRecord& r : records) {
+    writer.integer(r.buffer);
+    writer.integer(r.mesh_buffer);
+    writer.integer(r.address);
+    writer.integer(r.size);
+    writer.integer(r.time_ns);
+    writer.integer(r.device);
+    writer.integer(static_cast<std::uint8_t>(r.type));
+    writer.integer(static_cast<std::uint8_t>(r.hooked ? 1U : 0U));
+    writer.zeros(2);
+  }
+}
+
+}  // namespace
+
+std::string default_socket_path() {
+  if (const char* path = std::getenv("MESHRT_ALLOC_SERVER"); path != nullptr && *path != '\0') return path;
+  if (const char* runtime = std::getenv("XDG_RUNTIME_DIR"); runtime != nullptr && *runtime != '\0') {
+    return fmt::format("{}/meshrt/alloc.sock", runtime);
+  }
+  return fmt::format("/tmp/meshrt-{}/alloc.sock", ::getuid());
+}
+
+std::string_view to_string(MessageType type) {
+  switch (type) {
+    case MessageType::hello: return "Hello";
+    case MessageType::device_info: return "DeviceInfo";
+    case MessageType::mesh_buffer_name: return "MeshBufferName";
+    case MessageType::alloc: return "Alloc";
+    case MessageType::free: return "Free";
+    case MessageType::snapshot_begin: return "SnapshotBegin";
+    case MessageType::snapshot_chunk: return "SnapshotChunk";
+    case MessageType::snapshot_end: return "SnapshotEnd";
+    case MessageType::goodbye: return "Goodbye";
+    case MessageType::query: return "Query";
+    case MessageType::reply: return "Reply";
+    case MessageType::error: return "Error";
+  }
+  return "unknown";
+}
+
+AllocRecord decode_alloc_record(std::span<const std::byte> bytes) {
+  Expects(bytes.size() == alloc_record_size);
+  Reader reader(bytes);
+  AllocRecord record;
+  record.buffer = reader.integer<std::uint64_t>();
+  record.mesh_buffer = reader.integer<std::uint64_t>();
+  record.address = reader.integer<std::uint64_t>();
+  record.size = reader.integer<std::uint64_t>();
+  record.time_ns = reader.integer<std::int64_t>();
+  record.device = reader.integer<std::uint32_t>();
+  record.type = static_cast<BufferType>(reader.integer<std::uint8_t>());
+  record.hooked = (reader.integer<std::uint8_t>() & 1U) != 0;
+  return record;
+}
+
+FreeRecord decode_free_record(std::span<const std::byte> bytes) {
+  Expects(bytes.size() == free_record_size);
+  Reader reader(bytes);
+  FreeRecord record;
+  record.buffer = reader.integer<std::uint64_t>();
+  record.time_ns = reader.integer<std::int64_t>();
+  record.reason = reader.integer<std::uint8_t>();
+  return record;
+}
+
+Result<std::optional<Frame>> next_frame(std::span<const std::byte> input, std::uint32_t max_payload) {
+  if (input.size() < header_size) return std::optional<Frame>{};
+  Reader reader(input.first(header_size));
+  const auto payload_size = reader.integer<std::uint32_t>();
+  const auto type = reader.integer<std::uint16_t>();
+  const auto flags = reader.integer<std::uint16_t>();
+  if (type == 0 || type > last_message_type) {
+    return fail(ErrorCode::protocol_error, fmt::format("unknown message type {}", type));
+  }
+  const auto message_type = static_cast<MessageType>(type);
+  if (flags != 0) return malformed(message_type, fmt::format("header flags {:#x} are not zero", flags));
+  if (payload_size > max_payload) {
+    return fail(ErrorCode::protocol_error, fmt::format("{} frame of {} bytes is over the limit of {} bytes",
+                                                       to_string(message_type), payload_size, max_payload));
+  }
+  if (input.size() - header_size < payload_size) return std::optional<Frame>{};
+  return std::optional<Frame>{Frame{message_type, input.subspan(header_size, payload_size), header_size + payload_size}};
+}
+
+Result<Message> decode(const Frame& frame) {
+  Reader reader(frame.payload);
+  const MessageType type = frame.type;
+  const auto exact = [&](std::size_t size) { return frame.payload.size() == size; };
+  switch (type) {
+    case MessageType::hello: {
+      Hello hello;
+      hello.protocol_version = reader.integer<std::uint16_t>();
+      const auto role = reader.integer<std::uint8_t>();
+      const auto reserved = reader.integer<std::uint8_t>();
+      hello.claimed_pid = reader.integer<std::uint32_t>();
+      const auto name_size = reader.integer<std::uint16_t>();
+      hello.process_name = reader.text(name_size);
+      if (!reader.ok() || reader.remaining() != 0) return malformed(type, "size does not match its name length");
+      if (role != 1 && role != 2) return malformed(type, fmt::format("unknown role {}", role));
+      if (reserved != 0) return malformed(type, "reserved field is not zero");
+      if (name_size > max_name_size) return malformed(type, fmt::format("process name of {} bytes", name_size));
+      hello.role = static_cast<ClientRole>(role);
+      return hello;
+    }
+    case MessageType::device_info: {
+      const auto count = reader.integer<std::uint32_t>();
+      if (!reader.ok() || reader.remaining() != std::size_t{count} * device_totals_size) {
+        return malformed(type, "size does not match its device count");
+      }
+      DeviceInfo info;
+      info.devices.resize(count);
+      for (DeviceTotals& device : info.devices) {
+        device.device = reader.integer<std::uint32_t>();
+        if (reader.integer<std::uint32_t>() != 0) return malformed(type, "reserved field is not zero");
+        for (std::uint64_t& total : device.total_bytes) total = reader.integer<std::uint64_t>();
+      }
+      return info;
+    }
+    case MessageType::mesh_buffer_name: {
+      MeshBufferName name;
+      name.mesh_buffer = reader.integer<std::uint64_t>();
+      const auto size = reader.integer<std::uint16_t>();
+      name.name = reader.text(size);
+      if (!reader.ok() || reader.remaining() != 0 || size > max_name_size) {
+        return malformed(type, "size does not match its name length (at most 255 bytes)");
+      }
+      return name;
+    }
+    case MessageType::alloc:
+    case MessageType::snapshot_chunk: {
+      const auto first_sequence = reader.integer<std::uint64_t>();
+      if (type == MessageType::snapshot_chunk && first_sequence != 0) {
+        return malformed(type, "snapshot chunks carry no sequence number");
+      }
+      auto records = alloc_records(type, reader);
+      if (!records) return tl::unexpected(std::move(records.error()));
+      if (type == MessageType::alloc) return AllocBatch{first_sequence, *records};
+      return SnapshotChunk{*records};
+    }
+    case MessageType::free: {
+      const auto first_sequence = reader.integer<std::uint64_t>();
+      auto records = free_records(reader);
+      if (!records) return tl::unexpected(std::move(records.error()));
+      return FreeBatch{first_sequence, *records};
+    }
+    case MessageType::snapshot_begin:
+      if (!exact(0)) return malformed(type, "carries a payload");
+      return SnapshotBegin{};
+    case MessageType::snapshot_end: {
+      if (!exact(16)) return malformed(type, "payload is not 16 bytes");
+      const auto next_sequence = reader.integer<std::uint64_t>();
+      const auto record_count = reader.integer<std::uint64_t>();
+      return SnapshotEnd{next_sequence, record_count};
+    }
+    case MessageType::goodbye:
+      if (!exact(0)) return malformed(type, "carries a payload");
+      return Goodbye{};
+    case MessageType::query: {
+      if (!exact(8)) return malformed(type, "payload is not 8 bytes");
+      const auto kind = reader.integer<std::uint8_t>();
+      if (kind < 1 || kind > 3) return malformed(type, fmt::format("unknown query kind {}", kind));
+      if (reader.integer<std::uint8_t>() != 0 || reader.integer<std::uint16_t>() != 0) {
+        return malformed(type, "reserved field is not zero");
+      }
+      return Query{static_cast<QueryKind>(kind), reader.integer<std::uint32_t>()};
+    }
+    case MessageType::reply: {
+      const auto last = reader.integer<std::uint8_t>();
+      reader.integer<std::uint8_t>();
+      reader.integer<std::uint16_t>();
+      if (!reader.ok() || last > 1) return malformed(type, "bad chunk header");
+      return Reply{last == 1, reader.text(reader.remaining())};
+    }
+    case MessageType::error: {
+      const auto code = reader.integer<std::uint16_t>();
+      const auto size = reader.integer<std::uint16_t>();
+      auto message = reader.text(size);
+      if (!reader.ok() || reader.remaining() != 0) return malformed(type, "size does not match its message length");
+      if (code > static_cast<std::uint16_t>(ErrorCode::permission_denied)) {
+        return malformed(type, fmt::format("unknown error code {}", code));
+      }
+      return ErrorMessage{static_cast<ErrorCode>(code), std::move(message)};
+    }
+  }
+  return fail(ErrorCode::protocol_error, "unknown message type");
+}
+
+void encode(const Hello& message, std::vector<std::byte>& out) {
+  Expects(message.process_name.size() <= max_name_size);
+  frame(MessageType::hello, out, [&](Writer& w) {
+    w.integer(message.protocol_version);
+    w.integer(static_cast<std::uint8_t>(message.role));
+    w.integer(std::uint8_t{0});
+    w.integer(message.claimed_pid);
+    w.integer(static_cast<std::uint16_t>(message.process_name.size()));
+    w.text(message.process_name);
+  });
+}
+
+void encode(const DeviceInfo& message, std::vector<std::byte>& out) {
+  Expects(message.devices.size() * device_totals_size + 4 <= max_payload_size);
+  frame(MessageType::device_info, out, [&](Writer& w) {
+    w.integer(static_cast<std::uint32_t>(message.devices.size()));
+    for (const DeviceTotals& device : message.devices) {
+      w.integer(device.device);
+      w.integer(std::uint32_t{0});
+      for (const std::uint64_t total : device.total_bytes) w.integer(total);
+    }
+  });
+}
+
+void encode(const MeshBufferName& message, std::vector<std::byte>& out) {
+  const std::string_view name = std::string_view(message.name).substr(0, max_name_size);
+  frame(MessageType::mesh_buffer_name, out, [&](Writer& w) {
+    w.integer(message.mesh_buffer);
+    w.integer(static_cast<std::uint16_t>(name.size()));
+    w.text(name);
+  });
+}
+
+void encode_alloc_batch(std::uint64_t first_sequence, std::span<const AllocRecord> records,
+                        std::vector<std::byte>& out) {
+  Expects(records.size() <= max_alloc_records);
+  frame(MessageType::alloc, out, [&](Writer& w) {
+    w.integer(first_sequence);
+    w.integer(static_cast<std::uint32_t>(records.size()));
+    w.integer(std::uint32_t{0});
+    write_alloc_records(w, records);
+  });
+}
+
+void encode_free_batch(std::uint64_t first_sequence, std::span<const FreeRecord> records,
+                       std::vector<std::byte>& out) {
+  Expects(records.size() <= max_free_records);
+  frame(MessageType::free, out, [&](Writer& w) {
+    w.integer(first_sequence);
+    w.integer(static_cast<std::uint32_t>(records.size()));
+    w.integer(std::uint32_t{0});
+    for (const FreeRecord& r : records) {
+      w.integer(r.buffer);
+      w.integer(r.time_ns);
+      w.integer(r.reason);
+      w.zeros(7);
+    }
+  });
+}
+
+void encode(const SnapshotBegin& /*message*/, std::vector<std::byte>& out) {
+  frame(MessageType::snapshot_begin, out, [](Writer&) {});
+}
+
+void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out) {
+  Expects(records.size() <= max_alloc_records);
+  frame(MessageType::snapshot_chunk, out, [&](Writer& w) {
+    w.integer(std::uint64_t{0});
+    w.integer(static_cast<std::uint32_t>(records.size()));
+    w.integer(std::uint32_t{0});
+    write_alloc_records(w, records);
+  });
+}
+
+void encode(const SnapshotEnd& message, std::vector<std::byte>& out) {
+  frame(MessageType::snapshot_end, out, [&](Writer& w) {
+    w.integer(message.next_sequence);
+    w.integer(message.record_count);
+  });
+}
+
+void encode(const Goodbye& /*message*/, std::vector<std::byte>& out) {
+  frame(MessageType::goodbye, out, [](Writer&) {});
+}
+
+void encode(const Query& message, std::vector<std::byte>& out) {
+  frame(MessageType::query, out, [&](Writer& w) {
+    w.integer(static_cast<std::uint8_t>(message.kind));
+    w.integer(std::uint8_t{0});
+    w.integer(std::uint16_t{0});
+    w.integer(message.pid);
+  });
+}
+
+void encode(const Reply& message, std::vector<std::byte>& out) {
+  Expects(message.json.size() + 4 <= max_payload_size);
+  frame(MessageType::reply, out, [&](Writer& w) {
+    w.integer(static_cast<std::uint8_t>(message.last ? 1U : 0U));
+    w.zeros(3);
+    w.text(message.json);
+  });
+}
+
+void encode(const ErrorMessage& message, std::vector<std::byte>& out) {
+  const std::string_view text = std::string_view(message.message).substr(0, 4096);
+  frame(MessageType::error, out, [&](Writer& w) {
+    w.integer(static_cast<std::uint16_t>(message.code));
+    w.integer(static_cast<std::uint16_t>(text.size()));
+    w.text(text);
+  });
+}
+
+}  // namespace meshrt::protocol

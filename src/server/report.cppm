@@ -1,0 +1,167 @@
+// What the server says about its ledger: JSON for monitors, text lines for its log.
+module;
+#include <array>
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include <fmt/format.h>
+#include <nlohmann/json.hpp>
+
+module meshrt.server:report;
+
+import meshrt.core;
+import :ledger;
+import :server;
+
+namespace meshrt::server {
+
+struct ServerInfo {
+  std::uint32_t pid{};
+  std::string socket;
+  double uptime_seconds{};
+  std::int64_t now_ns{};
+};
+
+namespace report {
+
+inline nlohmann::json usage_json(const Usage& usage, std::uint64_t total) {
+  return {{"used_bytes", usage.bytes}, {"total_bytes", total}, {"peak_bytes", usage.peak_bytes},
+          {"buffers", usage.buffers}};
+}
+
+inline std::string summary_json(const Summary& summary, const ConnectionCounters& connections,
+                                const ServerInfo& info) {
+  nlohmann::json devices = nlohmann::json::array();
+  for (const DeviceSummary& device : summary.devices) {
+    nlohmann::json entry{{"id", device.device}};
+    for (const BufferType type : all_buffer_types) {
+      entry[std::string(to_string(type))] = usage_json(device.usage[index_of(type)], device.total_bytes[index_of(type)]);
+    }
+    nlohmann::json users = nlohmann::json::array();
+    for (const ProcessSummary& process : summary.processes) {
+      const auto found = process.devices.find(device.device);
+      if (found == process.devices.end()) continue;
+      nlohmann::json user{{"pid", process.identity.pid}, {"name", process.identity.name}};
+      std::uint64_t buffers = 0;
+      for (const BufferType type : all_buffer_types) {
+        user[fmt::format("{}_bytes", to_string(type))] = found->second[index_of(type)].bytes;
+        buffers += found->second[index_of(type)].buffers;
+      }
+      if (buffers > 0) users.push_back(std::move(user));
+    }
+    entry["processes"] = std::move(users);
+    devices.push_back(std::move(entry));
+  }
+  nlohmann::json processes = nlohmann::json::array();
+  for (const ProcessSummary& process : summary.processes) {
+    nlohmann::json peaks;
+    for (const BufferType type : all_buffer_types) {
+      std::uint64_t peak = 0;
+      for (const auto& [device, usage] : process.devices) peak = std::max(peak, usage[index_of(type)].peak_bytes);
+      peaks[std::string(to_string(type))] = peak;
+    }
+    processes.push_back({{"pid", process.identity.pid},
+                         {"uid", process.identity.uid},
+                         {"name", process.identity.name},
+                         {"start_time", process.identity.start_time},
+                         {"session", process.session},
+                         {"live_allocations", process.live_allocations},
+                         {"live_bytes", process.live_bytes},
+                         {"allocations", process.allocations},
+                         {"deallocations", process.deallocations},
+                         {"peak_bytes_per_device", std::move(peaks)}});
+  }
+  const Counters& c = summary.counters;
+  const nlohmann::json json{
+      {"server", {{"pid", info.pid}, {"socket", info.socket}, {"uptime_seconds", info.uptime_seconds}}},
+      {"active_allocations", summary.active_allocations},
+      {"unknown_deallocations", c.unknown_deallocations},
+      {"double_deallocations", c.double_deallocations},
+      {"duplicate_allocations", c.duplicate_allocations},
+      {"reclaimed_allocations", c.reclaimed_allocations},
+      {"leaked_at_exit", c.leaked_at_exit},
+      {"sequence_gaps", c.sequence_gaps},
+      {"resyncs", c.resyncs},
+      {"total_allocations", c.allocations},
+      {"total_deallocations", c.deallocations},
+      {"malformed_messages", connections.malformed_messages},
+      {"rejected_sessions", connections.rejected_sessions},
+      {"dropped_slow_readers", connections.dropped_slow_readers},
+      {"sessions_opened", connections.sessions_opened},
+      {"devices", std::move(devices)},
+      {"processes", std::move(processes)},
+  };
+  return json.dump();
+}
+
+inline std::string buffers_json(const std::vector<LiveBuffer>& buffers, std::int64_t now_ns) {
+  nlohmann::json list = nlohmann::json::array();
+  for (const LiveBuffer& b : buffers) {
+    list.push_back({{"pid", b.pid},
+                    {"buffer", b.buffer},
+                    {"mesh_buffer", b.mesh_buffer},
+                    {"name", b.mesh_buffer_name},
+                    {"device", b.device},
+                    {"type", to_string(b.type)},
+                    {"address", b.address},
+                    {"size", b.size},
+                    {"age_seconds", static_cast<double>(now_ns - b.time_ns) / 1e9},
+                    {"hooked", b.hooked}});
+  }
+  return nlohmann::json{{"buffers", std::move(list)}}.dump();
+}
+
+inline std::string verification_json(const Verification& verification) {
+  return nlohmann::json{{"consistent", verification.consistent}, {"differences", verification.differences}}.dump();
+}
+
+inline std::string type_usage_text(const Usage& usage, std::uint64_t total, BufferType type) {
+  if (total != 0) return fmt::format("{} {} / {} B ({} buffers)", to_string(type), usage.bytes, total, usage.buffers);
+  return fmt::format("{} {} B ({} buffers)", to_string(type), usage.bytes, usage.buffers);
+}
+
+// The summary as log lines; the last is always "Active allocations: N".
+inline std::vector<std::string> summary_lines(const Summary& summary, const ConnectionCounters& connections) {
+  std::vector<std::string> lines;
+  lines.push_back(fmt::format("Summary: {} process{} connected", summary.processes.size(),
+                              summary.processes.size() == 1 ? "" : "es"));
+  for (const DeviceSummary& device : summary.devices) {
+    std::string line = fmt::format("  Device {}:", device.device);
+    for (const BufferType type : all_buffer_types) {
+      const Usage& usage = device.usage[index_of(type)];
+      if (usage.buffers == 0 && type != BufferType::dram && type != BufferType::l1) continue;
+      line += " " + type_usage_text(usage, device.total_bytes[index_of(type)], type) + ";";
+    }
+    line.pop_back();
+    lines.push_back(std::move(line));
+  }
+  for (const ProcessSummary& process : summary.processes) {
+    lines.push_back(fmt::format("  pid {} ({}): {} live buffers, {} bytes", process.identity.pid,
+                                process.identity.name, process.live_allocations, process.live_bytes));
+  }
+  const Counters& c = summary.counters;
+  lines.push_back(fmt::format("  Unknown deallocations: {}, double deallocations: {}, reclaimed from crashed "
+                              "processes: {}, leaked at exit: {}, sequence gaps: {}, malformed: {}, rejected: {}",
+                              c.unknown_deallocations, c.double_deallocations, c.reclaimed_allocations,
+                              c.leaked_at_exit, c.sequence_gaps, connections.malformed_messages,
+                              connections.rejected_sessions));
+  lines.push_back(fmt::format("Active allocations: {}", summary.active_allocations));
+  return lines;
+}
+
+inline std::string reclaim_text(const Reclaim& reclaim) {
+  std::string detail;
+  for (const auto& [device, usage] : reclaim.devices) {
+    for (const BufferType type : all_buffer_types) {
+      const Usage& u = usage[index_of(type)];
+      if (u.buffers == 0) continue;
+      detail += fmt::format("{}Device {} {} {} B in {}", detail.empty() ? "" : "; ", device, to_string(type), u.bytes,
+                            u.buffers);
+    }
+  }
+  return detail;
+}
+
+}  // namespace report
+}  // namespace meshrt::server

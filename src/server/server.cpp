@@ -1,0 +1,753 @@
+module;
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <csignal>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <iterator>
+#include <map>
+#include <memory>
+#include <optional>
+#include <span>
+#include <sstream>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <fcntl.h>
+#include <grp.h>
+#include <sys/epoll.h>
+#include <sys/eventfd.h>
+#include <sys/signalfd.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/timerfd.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <gsl/gsl>
+#include <tl/expected.hpp>
+
+module meshrt.server;
+
+import meshrt.core;
+import meshrt.protocol;
+import :report;
+
+namespace meshrt::server {
+
+namespace {
+
+using namespace std::chrono_literals;
+
+std::string describe_errno(int error) { return std::system_category().message(error); }
+
+tl::unexpected<Error> io_failure(std::string_view what, int error) {
+  return fail(ErrorCode::io_error, fmt::format("{}: {}", what, describe_errno(error)));
+}
+
+// Owns one file descriptor.
+class FileDescriptor {
+ public:
+  FileDescriptor() = default;
+  explicit FileDescriptor(int fd) : fd_(fd) {}
+  FileDescriptor(FileDescriptor&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
+  FileDescriptor& operator=(FileDescriptor&& other) noexcept {
+    if (this != &other) {
+      reset();
+      fd_ = std::exchange(other.fd_, -1);
+    }
+    return *this;
+  }
+  FileDescriptor(const FileDescriptor&) = delete;
+  FileDescriptor& operator=(const FileDescriptor&) = delete;
+  ~FileDescriptor() { reset(); }
+  [[nodiscard]] int get() const { return fd_; }
+  [[nodiscard]] bool valid() const { return fd_ >= 0; }
+  void reset() {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = -1;
+  }
+
+ private:
+  int fd_{-1};
+};
+
+std::int64_t now_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
+}
+
+// Field 22 of /proc/PID/stat: the start time in clock ticks since boot. With the pid it names a
+// process uniquely: a reused pid has a later start time.
+std::uint64_t process_start_time(std::uint32_t pid) {
+  std::ifstream file(fmt::format("/proc/{}/stat", pid));
+  std::string stat((std::istreambuf_iterator<char>(file)), std::istreambuf_iterator<char>());
+  const auto close_paren = stat.rfind(')');
+  if (close_paren == std::string::npos) return 0;
+  std::istringstream fields(stat.substr(close_paren + 2));
+  std::string field;
+  // After "pid (comm) " the state is field 3; the start time is field 22.
+  for (int index = 3; index <= 22 && fields >> field; ++index) {
+    if (index == 22) return std::stoull(field);
+  }
+  return 0;
+}
+
+std::string process_name(std::uint32_t pid) {
+  std::ifstream file(fmt::format("/proc/{}/comm", pid));
+  std::string name;
+  std::getline(file, name);
+  return name;
+}
+
+Result<gid_t> group_id(const std::string& name) {
+  std::array<char, 16384> buffer{};
+  group entry{};
+  group* found = nullptr;
+  const int error = ::getgrnam_r(name.c_str(), &entry, buffer.data(), buffer.size(), &found);
+  if (error != 0 || found == nullptr) {
+    return fail(ErrorCode::not_found, fmt::format("unknown group '{}': give --group an existing group", name));
+  }
+  return found->gr_gid;
+}
+
+Result<sockaddr_un> socket_address(const std::string& path) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  if (path.empty() || path.size() >= sizeof(address.sun_path)) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("socket path '{}' must be 1 to {} bytes long", path, sizeof(address.sun_path) - 1));
+  }
+  std::memcpy(address.sun_path, path.c_str(), path.size() + 1);
+  return address;
+}
+
+// The socket's directory: created 0700 (0750 for a group) when missing; when present it must
+// belong to us or to root, so nobody else can swap the socket under our clients.
+Result<void> prepare_directory(const std::string& socket_path, std::optional<gid_t> gid) {
+  const auto slash = socket_path.rfind('/');
+  const std::string directory = slash == std::string::npos ? "." : socket_path.substr(0, std::max<std::size_t>(slash, 1));
+  struct stat info {};
+  if (::stat(directory.c_str(), &info) != 0) {
+    if (errno != ENOENT) return io_failure(fmt::format("cannot inspect {}", directory), errno);
+    const mode_t mode = gid ? 0750 : 0700;
+    // Parents first (like mkdir -p); only the last level gets our mode and group.
+    for (std::size_t at = directory.find('/', 1); at != std::string::npos; at = directory.find('/', at + 1)) {
+      const std::string parent = directory.substr(0, at);
+      if (::mkdir(parent.c_str(), 0755) != 0 && errno != EEXIST) {
+        return io_failure(fmt::format("cannot create {}", parent), errno);
+      }
+    }
+    if (::mkdir(directory.c_str(), mode) != 0 && errno != EEXIST) {
+      return io_failure(fmt::format("cannot create {}", directory), errno);
+    }
+    if (::chmod(directory.c_str(), mode) != 0) return io_failure(fmt::format("cannot chmod {}", directory), errno);
+    if (gid && ::chown(directory.c_str(), static_cast<uid_t>(-1), *gid) != 0) {
+      return io_failure(fmt::format("cannot give {} to the group", directory), errno);
+    }
+    return {};
+  }
+  if (!S_ISDIR(info.st_mode)) return fail(ErrorCode::invalid_argument, fmt::format("{} is not a directory", directory));
+  if (info.st_uid != ::getuid() && info.st_uid != 0) {
+    return fail(ErrorCode::permission_denied,
+                fmt::format("{} belongs to uid {}, not to you (uid {}): choose another --socket", directory,
+                            info.st_uid, ::getuid()));
+  }
+  return {};
+}
+
+// A socket file left by a server that died is replaced; a live server is never displaced.
+Result<void> clear_stale_socket(const std::string& path, const sockaddr_un& address) {
+  struct stat info {};
+  if (::lstat(path.c_str(), &info) != 0) return {};
+  if (!S_ISSOCK(info.st_mode)) {
+    return fail(ErrorCode::invalid_argument, fmt::format("{} exists and is not a socket: remove it or choose another "
+                                                         "--socket",
+                                                         path));
+  }
+  const FileDescriptor probe(::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0));
+  if (!probe.valid()) return io_failure("socket", errno);
+  if (::connect(probe.get(), reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("another allocation server is already listening on {}", path));
+  }
+  if (::unlink(path.c_str()) != 0) return io_failure(fmt::format("cannot remove the stale socket {}", path), errno);
+  return {};
+}
+
+Result<FileDescriptor> listen_on(const std::string& path, std::optional<gid_t> gid) {
+  auto address = socket_address(path);
+  if (!address) return tl::unexpected(std::move(address.error()));
+  if (auto ready = prepare_directory(path, gid); !ready) return tl::unexpected(std::move(ready.error()));
+  if (auto cleared = clear_stale_socket(path, *address); !cleared) return tl::unexpected(std::move(cleared.error()));
+  FileDescriptor listener(::socket(AF_UNIX, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!listener.valid()) return io_failure("socket", errno);
+  const mode_t mode = gid ? 0660 : 0600;
+  // The umask makes the socket private from the moment it exists; chmod then sets it exactly.
+  const mode_t old_umask = ::umask(0177);
+  const int bound = ::bind(listener.get(), reinterpret_cast<const sockaddr*>(&*address), sizeof(*address));
+  const int bind_error = errno;
+  ::umask(old_umask);
+  if (bound != 0) return io_failure(fmt::format("cannot bind {}", path), bind_error);
+  if (::chmod(path.c_str(), mode) != 0) return io_failure(fmt::format("cannot chmod {}", path), errno);
+  if (gid && ::chown(path.c_str(), static_cast<uid_t>(-1), *gid) != 0) {
+    return io_failure(fmt::format("cannot give {} to the group", path), errno);
+  }
+  if (::listen(listener.get(), SOMAXCONN) != 0) return io_failure("listen", errno);
+  return listener;
+}
+
+struct Activity {
+  std::uint64_t allocated{};
+  std::uint64_t allocated_bytes{};
+  std::uint64_t freed{};
+  std::uint64_t freed_bytes{};
+};
+
+constexpr std::size_t read_chunk = std::size_t{256} << 10U;
+constexpr std::size_t max_reads_per_wakeup = 16;  // fairness between clients
+constexpr int unknown_frees_logged_per_session = 5;
+
+}  // namespace
+
+struct Connection {
+  FileDescriptor fd;
+  ucred peer{};
+  std::uint64_t start_time{};
+  std::string name;
+  bool greeted{false};
+  protocol::ClientRole role{protocol::ClientRole::tracker};
+  std::optional<SessionId> session;
+  bool in_snapshot{false};
+  std::uint64_t snapshot_records{};
+  bool said_goodbye{false};
+  bool closing{false};  // flush the output, then close
+  std::vector<std::byte> input;
+  std::size_t input_start{};
+  std::vector<std::byte> output;
+  std::size_t output_start{};
+  std::map<std::uint32_t, Activity> activity;
+  int unknown_frees_logged{};
+};
+
+struct Server::State {
+  ServerConfig config;
+  std::optional<gid_t> gid;
+  FileDescriptor listener;
+  FileDescriptor epoll;
+  FileDescriptor wake;
+  FileDescriptor timer;
+  FileDescriptor signals;
+  Ledger ledger;
+  ConnectionCounters counters;
+  std::map<int, std::unique_ptr<Connection>> connections;
+  std::chrono::steady_clock::time_point started{std::chrono::steady_clock::now()};
+  std::chrono::steady_clock::time_point last_summary{started};
+  std::uint64_t changes{};
+  std::uint64_t changes_at_last_summary{};
+  bool running{true};
+
+  void log(std::string_view line) const {
+    if (config.log) {
+      config.log(line);
+      return;
+    }
+    std::fwrite(line.data(), 1, line.size(), stdout);
+    std::fputc('\n', stdout);
+    std::fflush(stdout);
+  }
+
+  [[nodiscard]] std::string who(const Connection& c) const { return fmt::format("pid {} ({})", c.peer.pid, c.name); }
+
+  Result<void> watch(int fd, std::uint32_t events, int op = EPOLL_CTL_ADD) const {
+    epoll_event event{};
+    event.events = events;
+    event.data.fd = fd;
+    if (::epoll_ctl(epoll.get(), op, fd, &event) != 0) return io_failure("epoll_ctl", errno);
+    return {};
+  }
+
+  void update_interest(Connection& c) const {
+    std::uint32_t events = c.closing ? 0U : static_cast<std::uint32_t>(EPOLLIN);
+    if (c.output.size() > c.output_start) events |= EPOLLOUT;
+    (void)watch(c.fd.get(), events, EPOLL_CTL_MOD);
+  }
+
+  void accept_all() {
+    for (;;) {
+      FileDescriptor fd(::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+      if (!fd.valid()) {
+        if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) log(fmt::format("accept: {}", describe_errno(errno)));
+        return;
+      }
+      auto connection = std::make_unique<Connection>();
+      socklen_t length = sizeof(connection->peer);
+      if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &connection->peer, &length) != 0) {
+        log(fmt::format("SO_PEERCRED: {}", describe_errno(errno)));
+        continue;
+      }
+      const auto pid = static_cast<std::uint32_t>(connection->peer.pid);
+      connection->start_time = process_start_time(pid);
+      connection->name = process_name(pid);
+      connection->fd = std::move(fd);
+      const int key = connection->fd.get();
+      if (!watch(key, EPOLLIN)) continue;
+      Connection& c = *connection;
+      connections.emplace(key, std::move(connection));
+      if (c.peer.uid != ::getuid() && c.peer.uid != 0 && !gid) {
+        reject(c, ErrorCode::permission_denied,
+               fmt::format("uid {} may not use this server (it serves uid {}; start it with --group)", c.peer.uid,
+                           ::getuid()),
+               counters.rejected_sessions);
+      } else if (connections.size() > config.max_sessions) {
+        reject(c, ErrorCode::limit_exceeded,
+               fmt::format("the server already has {} sessions, its limit", config.max_sessions),
+               counters.rejected_sessions);
+      }
+    }
+  }
+
+  // Tells the client why, then closes its session once the message is out.
+  void reject(Connection& c, ErrorCode code, const std::string& message, std::uint64_t& counter) {
+    ++counter;
+    log(fmt::format("{}: session closed: {}", who(c), message));
+    protocol::encode(protocol::ErrorMessage{code, message}, c.output);
+    c.closing = true;
+    update_interest(c);
+  }
+
+  void send(Connection& c, const std::string& json) {
+    // Replies are split into chunks under the frame limit; the client joins them.
+    constexpr std::size_t chunk = protocol::max_payload_size - 16;
+    std::size_t offset = 0;
+    do {
+      const std::size_t size = std::min(chunk, json.size() - offset);
+      protocol::encode(protocol::Reply{offset + size == json.size(), json.substr(offset, size)}, c.output);
+      offset += size;
+    } while (offset < json.size());
+    if (c.output.size() - c.output_start > config.max_pending_output) {
+      ++counters.dropped_slow_readers;
+      log(fmt::format("{}: dropped: it stopped reading its replies ({} bytes pending)", who(c),
+                      c.output.size() - c.output_start));
+      c.output.clear();
+      c.output_start = 0;
+      c.closing = true;
+    }
+    update_interest(c);
+  }
+
+  [[nodiscard]] ServerInfo info() const {
+    return ServerInfo{static_cast<std::uint32_t>(::getpid()), config.socket_path,
+                      std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(), now_ns()};
+  }
+
+  void answer(Connection& c, const protocol::Query& query) {
+    switch (query.kind) {
+      case protocol::QueryKind::summary:
+        send(c, report::summary_json(ledger.summary(), counters, info()));
+        return;
+      case protocol::QueryKind::buffers:
+        send(c, report::buffers_json(ledger.live_buffers(query.pid), now_ns()));
+        return;
+      case protocol::QueryKind::verify:
+        send(c, report::verification_json(ledger.verify()));
+        return;
+    }
+  }
+
+  // Applies one frame; an Error closes the session (counted as malformed or rejected).
+  void handle(Connection& c, const protocol::Frame& frame) {
+    auto decoded = protocol::decode(frame);
+    if (!decoded) {
+      reject(c, decoded.error().code, decoded.error().message, counters.malformed_messages);
+      return;
+    }
+    const auto out_of_order = [&](std::string_view why) {
+      reject(c, ErrorCode::protocol_error,
+             fmt::format("{} message out of order: {}", protocol::to_string(frame.type), why),
+             counters.malformed_messages);
+    };
+    if (c.said_goodbye) return out_of_order("the session already said Goodbye");
+    if (!c.greeted && frame.type != protocol::MessageType::hello) return out_of_order("the first message must be Hello");
+    const bool tracker = c.role == protocol::ClientRole::tracker;
+    const bool tracker_message = frame.type != protocol::MessageType::hello &&
+                                 frame.type != protocol::MessageType::query &&
+                                 frame.type != protocol::MessageType::goodbye;
+    if (c.greeted && tracker_message && !tracker) return out_of_order("a monitor may only query");
+    const bool snapshot_part = frame.type == protocol::MessageType::snapshot_chunk ||
+                               frame.type == protocol::MessageType::snapshot_end;
+    if (c.in_snapshot != snapshot_part && tracker_message) {
+      return out_of_order(c.in_snapshot ? "a snapshot is in progress" : "no snapshot was begun");
+    }
+    ++changes;
+    std::visit([&](const auto& message) { apply(c, message); }, *decoded);
+  }
+
+  void apply(Connection& c, const protocol::Hello& hello) {
+    if (c.greeted) {
+      reject(c, ErrorCode::protocol_error, "Hello message out of order: the session already said Hello",
+             counters.malformed_messages);
+      return;
+    }
+    if (hello.protocol_version != protocol::version) {
+      reject(c, ErrorCode::protocol_error,
+             fmt::format("protocol version {} is not supported: this server speaks version {}", hello.protocol_version,
+                         protocol::version),
+             counters.rejected_sessions);
+      return;
+    }
+    if (hello.claimed_pid != 0 && hello.claimed_pid != static_cast<std::uint32_t>(c.peer.pid)) {
+      reject(c, ErrorCode::permission_denied,
+             fmt::format("the client claims pid {} but the kernel says it is pid {}: identity comes from the kernel",
+                         hello.claimed_pid, c.peer.pid),
+             counters.rejected_sessions);
+      return;
+    }
+    c.greeted = true;
+    c.role = hello.role;
+    if (c.name.empty()) c.name = hello.process_name;
+    if (c.role == protocol::ClientRole::monitor) {
+      ++counters.monitors;
+      return;
+    }
+    ++counters.sessions_opened;
+    c.session = ledger.open_session(SessionIdentity{static_cast<std::uint32_t>(c.peer.pid), c.peer.uid,
+                                                    c.start_time, c.name});
+    log(fmt::format("{}: connected (uid {}, session {})", who(c), c.peer.uid, *c.session));
+  }
+
+  void apply(Connection& c, const protocol::DeviceInfo& info) {
+    for (const protocol::DeviceTotals& device : info.devices) ledger.set_device_totals(device);
+    (void)c;
+  }
+
+  void apply(Connection& c, const protocol::MeshBufferName& name) {
+    ledger.name_mesh_buffer(*c.session, name.mesh_buffer, name.name);
+  }
+
+  bool within_limit(Connection& c, std::size_t adding) {
+    if (ledger.live_allocations(*c.session) + adding <= config.max_live_per_session) return true;
+    reject(c, ErrorCode::limit_exceeded,
+           fmt::format("more than {} live allocations in one process, the server's limit", config.max_live_per_session),
+           counters.rejected_sessions);
+    return false;
+  }
+
+  void sequence(Connection& c, std::uint64_t first, std::uint64_t count) {
+    if (!ledger.check_sequence(*c.session, first, count)) {
+      log(fmt::format("{}: sequence gap: batch starts at event {}, not where the last ended; events were lost",
+                      who(c), first));
+    }
+  }
+
+  void apply(Connection& c, const protocol::AllocBatch& batch) {
+    if (!within_limit(c, batch.records.size())) return;
+    sequence(c, batch.first_sequence, batch.records.size());
+    for (std::size_t i = 0; i < batch.records.size(); ++i) {
+      const protocol::AllocRecord record = batch.records[i];
+      ledger.apply_alloc(*c.session, record);
+      Activity& a = c.activity[record.device];
+      ++a.allocated;
+      a.allocated_bytes += record.size;
+    }
+  }
+
+  void apply(Connection& c, const protocol::FreeBatch& batch) {
+    sequence(c, batch.first_sequence, batch.records.size());
+    for (std::size_t i = 0; i < batch.records.size(); ++i) {
+      const protocol::FreeRecord record = batch.records[i];
+      const FreeOutcome outcome = ledger.apply_free(*c.session, record);
+      if (outcome.kind == FreeOutcome::Kind::freed) {
+        Activity& a = c.activity[outcome.device];
+        ++a.freed;
+        a.freed_bytes += outcome.size;
+        continue;
+      }
+      if (c.unknown_frees_logged++ < unknown_frees_logged_per_session) {
+        log(fmt::format("{}: {} for buffer {}{}", who(c),
+                        outcome.kind == FreeOutcome::Kind::double_free ? "Double deallocation" :
+                                                                         "Deallocation for unknown buffer",
+                        record.buffer,
+                        c.unknown_frees_logged == unknown_frees_logged_per_session ? " (further ones are counted, not "
+                                                                                     "logged)" :
+                                                                                     ""));
+      }
+    }
+  }
+
+  void apply(Connection& c, const protocol::SnapshotBegin& /*begin*/) {
+    ledger.begin_snapshot(*c.session);
+    c.in_snapshot = true;
+    c.snapshot_records = 0;
+  }
+
+  void apply(Connection& c, const protocol::SnapshotChunk& chunk) {
+    if (!within_limit(c, chunk.records.size())) return;
+    for (std::size_t i = 0; i < chunk.records.size(); ++i) ledger.apply_snapshot_record(*c.session, chunk.records[i]);
+    c.snapshot_records += chunk.records.size();
+  }
+
+  void apply(Connection& c, const protocol::SnapshotEnd& end) {
+    if (end.record_count != c.snapshot_records) {
+      reject(c, ErrorCode::protocol_error,
+             fmt::format("malformed SnapshotEnd frame: says {} records, the chunks carried {}", end.record_count,
+                         c.snapshot_records),
+             counters.malformed_messages);
+      return;
+    }
+    ledger.end_snapshot(*c.session, end.next_sequence);
+    c.in_snapshot = false;
+    if (c.snapshot_records > 0) log(fmt::format("{}: resynchronised: {} live buffers", who(c), c.snapshot_records));
+  }
+
+  void apply(Connection& c, const protocol::Goodbye& /*goodbye*/) { c.said_goodbye = true; }
+
+  void apply(Connection& c, const protocol::Query& query) { answer(c, query); }
+
+  void apply(Connection& c, const protocol::Reply& /*reply*/) {
+    reject(c, ErrorCode::protocol_error, "Reply message out of order: only the server sends replies",
+           counters.malformed_messages);
+  }
+
+  void apply(Connection& c, const protocol::ErrorMessage& /*error*/) {
+    reject(c, ErrorCode::protocol_error, "Error message out of order: only the server sends errors",
+           counters.malformed_messages);
+  }
+
+  // Reads what is there (a bounded amount, for fairness), applies every complete frame.
+  // Returns false when the connection is finished.
+  bool on_readable(Connection& c) {
+    for (std::size_t reads = 0; reads < max_reads_per_wakeup && !c.closing; ++reads) {
+      const std::size_t old_size = c.input.size();
+      c.input.resize(old_size + read_chunk);
+      const ssize_t got = ::recv(c.fd.get(), c.input.data() + old_size, read_chunk, 0);
+      c.input.resize(old_size + static_cast<std::size_t>(std::max<ssize_t>(got, 0)));
+      if (got == 0) return false;  // orderly close
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        return false;
+      }
+      while (!c.closing) {
+        const auto pending = std::span<const std::byte>(c.input).subspan(c.input_start);
+        auto frame = protocol::next_frame(pending, config.max_payload);
+        if (!frame) {
+          reject(c, frame.error().code, frame.error().message, counters.malformed_messages);
+          break;
+        }
+        if (!frame->has_value()) break;
+        handle(c, **frame);
+        c.input_start += (*frame)->frame_size;
+      }
+      if (c.input_start == c.input.size()) {
+        c.input.clear();
+        c.input_start = 0;
+      } else if (c.input_start > read_chunk) {
+        c.input.erase(c.input.begin(), c.input.begin() + static_cast<std::ptrdiff_t>(c.input_start));
+        c.input_start = 0;
+      }
+    }
+    return true;
+  }
+
+  // Returns false when the connection is finished (closing and fully flushed, or broken).
+  bool on_writable(Connection& c) {
+    while (c.output.size() > c.output_start) {
+      const ssize_t sent = ::send(c.fd.get(), c.output.data() + c.output_start, c.output.size() - c.output_start,
+                                  MSG_NOSIGNAL);
+      if (sent < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        return false;
+      }
+      c.output_start += static_cast<std::size_t>(sent);
+    }
+    if (c.output.size() == c.output_start) {
+      c.output.clear();
+      c.output_start = 0;
+      if (c.closing) return false;
+    }
+    update_interest(c);
+    return true;
+  }
+
+  // "Allocated N buffers on Device D": devices with the same figures share one line, so a
+  // replicated buffer on 64 devices logs one line, not 64.
+  void log_activity(Connection& c) {
+    const auto emit = [&](std::string_view verb, auto count_of, auto bytes_of) {
+      auto it = c.activity.begin();
+      while (it != c.activity.end()) {
+        const std::uint64_t count = count_of(it->second);
+        const std::uint64_t bytes = bytes_of(it->second);
+        auto last = it;
+        auto next = std::next(it);
+        while (next != c.activity.end() && next->first == last->first + 1 && count_of(next->second) == count &&
+               bytes_of(next->second) == bytes) {
+          last = next++;
+        }
+        if (count > 0) {
+          if (last == it) {
+            log(fmt::format("{}: {} {} buffers on Device {} ({} bytes)", who(c), verb, count, it->first, bytes));
+          } else {
+            log(fmt::format("{}: {} {} buffers on Devices {}-{} ({} bytes on each)", who(c), verb, count, it->first,
+                            last->first, bytes));
+          }
+        }
+        it = next;
+      }
+    };
+    emit("Allocated", [](const Activity& a) { return a.allocated; }, [](const Activity& a) { return a.allocated_bytes; });
+    emit("Freed", [](const Activity& a) { return a.freed; }, [](const Activity& a) { return a.freed_bytes; });
+    c.activity.clear();
+  }
+
+  void close_connection(int fd) {
+    const auto found = connections.find(fd);
+    if (found == connections.end()) return;
+    Connection& c = *found->second;
+    if (config.log_activity) log_activity(c);
+    if (c.session) {
+      const SessionEnd how = c.said_goodbye ? SessionEnd::goodbye : SessionEnd::disconnected;
+      const Reclaim reclaim = ledger.close_session(*c.session, how);
+      ++changes;
+      if (reclaim.buffers == 0) {
+        log(fmt::format("{}: {}", who(c), how == SessionEnd::goodbye ? "said goodbye" : "disconnected"));
+      } else if (how == SessionEnd::goodbye) {
+        log(fmt::format("{}: exited with {} live buffers ({} bytes), leaked: {}", who(c), reclaim.buffers,
+                        reclaim.bytes, report::reclaim_text(reclaim)));
+      } else {
+        log(fmt::format("{}: disconnected without Goodbye (crashed?): reclaimed {} leaked buffers ({} bytes): {}",
+                        who(c), reclaim.buffers, reclaim.bytes, report::reclaim_text(reclaim)));
+      }
+    }
+    (void)::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fd, nullptr);
+    connections.erase(found);
+  }
+
+  void tick() {
+    std::uint64_t expirations = 0;
+    (void)::read(timer.get(), &expirations, sizeof(expirations));
+    if (config.log_activity) {
+      for (auto& [fd, connection] : connections) log_activity(*connection);
+    }
+    const auto now = std::chrono::steady_clock::now();
+    if (now - last_summary >= config.summary_interval && changes != changes_at_last_summary) {
+      log_summary();
+      last_summary = now;
+      changes_at_last_summary = changes;
+    }
+  }
+
+  void log_summary() const {
+    for (const std::string& line : report::summary_lines(ledger.summary(), counters)) log(line);
+  }
+
+  Result<void> loop() {
+    std::array<epoll_event, 64> events{};
+    while (running) {
+      const int ready = ::epoll_wait(epoll.get(), events.data(), static_cast<int>(events.size()), -1);
+      if (ready < 0) {
+        if (errno == EINTR) continue;
+        return io_failure("epoll_wait", errno);
+      }
+      for (const epoll_event& event : std::span(events).first(static_cast<std::size_t>(ready))) {
+        const int fd = event.data.fd;
+        if (fd == listener.get()) {
+          accept_all();
+        } else if (fd == wake.get() || (signals.valid() && fd == signals.get())) {
+          running = false;
+        } else if (fd == timer.get()) {
+          tick();
+        } else if (const auto found = connections.find(fd); found != connections.end()) {
+          Connection& c = *found->second;
+          bool alive = true;
+          if ((event.events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0U && !c.closing) alive = on_readable(c);
+          if (alive && (c.output.size() > c.output_start || c.closing)) alive = on_writable(c);
+          if (!alive) close_connection(fd);
+        }
+      }
+    }
+    return {};
+  }
+};
+
+Result<std::unique_ptr<Server>> Server::start(ServerConfig config) {
+  auto state = std::make_unique<State>();
+  if (config.group) {
+    auto gid = group_id(*config.group);
+    if (!gid) return tl::unexpected(std::move(gid.error()));
+    state->gid = *gid;
+  }
+  if (config.activity_interval <= 0ms || config.summary_interval <= 0ms) {
+    return fail(ErrorCode::invalid_argument, "log intervals must be positive");
+  }
+  auto listener = listen_on(config.socket_path, state->gid);
+  if (!listener) return tl::unexpected(std::move(listener.error()));
+  state->listener = std::move(*listener);
+  state->config = std::move(config);
+  state->epoll = FileDescriptor(::epoll_create1(EPOLL_CLOEXEC));
+  state->wake = FileDescriptor(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
+  state->timer = FileDescriptor(::timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC));
+  if (!state->epoll.valid() || !state->wake.valid() || !state->timer.valid()) return io_failure("server setup", errno);
+  const auto interval = std::chrono::duration_cast<std::chrono::nanoseconds>(state->config.activity_interval);
+  itimerspec spec{};
+  spec.it_interval.tv_sec = static_cast<time_t>(interval.count() / 1'000'000'000);
+  spec.it_interval.tv_nsec = static_cast<long>(interval.count() % 1'000'000'000);
+  spec.it_value = spec.it_interval;
+  if (::timerfd_settime(state->timer.get(), 0, &spec, nullptr) != 0) return io_failure("timerfd_settime", errno);
+  for (const int fd : {state->listener.get(), state->wake.get(), state->timer.get()}) {
+    if (auto watched = state->watch(fd, EPOLLIN); !watched) return tl::unexpected(std::move(watched.error()));
+  }
+  return std::unique_ptr<Server>(new Server(std::move(state)));
+}
+
+Server::Server(std::unique_ptr<State> state) : state_(std::move(state)) {}
+
+Server::~Server() {
+  if (state_ && state_->listener.valid()) ::unlink(state_->config.socket_path.c_str());
+}
+
+const std::string& Server::socket_path() const { return state_->config.socket_path; }
+
+void Server::stop() {
+  const std::uint64_t one = 1;
+  (void)::write(state_->wake.get(), &one, sizeof(one));
+}
+
+Result<void> Server::run(bool handle_signals) {
+  State& s = *state_;
+  if (handle_signals) {
+    sigset_t mask;
+    sigemptyset(&mask);
+    sigaddset(&mask, SIGINT);
+    sigaddset(&mask, SIGTERM);
+    if (::pthread_sigmask(SIG_BLOCK, &mask, nullptr) != 0) return io_failure("pthread_sigmask", errno);
+    s.signals = FileDescriptor(::signalfd(-1, &mask, SFD_NONBLOCK | SFD_CLOEXEC));
+    if (!s.signals.valid()) return io_failure("signalfd", errno);
+    if (auto watched = s.watch(s.signals.get(), EPOLLIN); !watched) return watched;
+  }
+  s.log(fmt::format("meshrt-alloc-server: listening on {} (pid {}, protocol version {})", s.config.socket_path,
+                    ::getpid(), protocol::version));
+  auto result = s.loop();
+  // Drain: sessions still connected keep their buffers in the final figures.
+  if (s.config.log_activity) {
+    for (auto& [fd, connection] : s.connections) s.log_activity(*connection);
+  }
+  s.log("meshrt-alloc-server: stopping");
+  s.log_summary();
+  ::unlink(s.config.socket_path.c_str());
+  s.listener.reset();
+  return result;
+}
+
+}  // namespace meshrt::server

@@ -1,0 +1,448 @@
+module;
+#include <algorithm>
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <condition_variable>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <fstream>
+#include <map>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <system_error>
+#include <thread>
+#include <unordered_map>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <fcntl.h>
+#include <poll.h>
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <gsl/gsl>
+
+module meshrt.tracking;
+
+import meshrt.core;
+import meshrt.protocol;
+
+namespace meshrt {
+
+namespace {
+
+using Clock = std::chrono::steady_clock;
+using namespace std::chrono_literals;
+
+// Past this many queued events the application thread wakes the sender early.
+constexpr std::size_t wake_threshold = 4096;
+// How long a clean exit may wait for a slow server to take the last events.
+constexpr auto final_flush_timeout = 2s;
+
+protocol::AllocRecord to_record(const AllocationEvent& event) {
+  return protocol::AllocRecord{
+      .buffer = event.buffer.value(),
+      .mesh_buffer = event.mesh_buffer.value(),
+      .address = event.address,
+      .size = event.size,
+      .time_ns = event.time_ns,
+      .device = event.device.value(),
+      .type = event.type,
+      .hooked = event.hooked,
+  };
+}
+
+std::string own_process_name() {
+  std::ifstream file("/proc/self/comm");
+  std::string name;
+  std::getline(file, name);
+  return name.substr(0, protocol::max_name_size);
+}
+
+}  // namespace
+
+bool tracking_enabled_by_environment() {
+  for (const char* variable : {"MESHRT_ALLOC_TRACKING", "TT_ALLOC_TRACKING_ENABLED"}) {
+    if (const char* value = std::getenv(variable); value != nullptr && std::string_view(value) == "1") return true;
+  }
+  return false;
+}
+
+struct TrackingClient::State {
+  Options options;
+
+  // Shared with application threads, under `mutex`.
+  mutable std::mutex mutex;
+  std::condition_variable wake;
+  std::condition_variable delivered_changed;
+  std::vector<AllocationEvent> queue;
+  std::vector<protocol::DeviceTotals> device_queue;
+  std::vector<protocol::MeshBufferName> name_queue;
+  std::uint64_t queued{};     // events ever handed to process()
+  std::uint64_t delivered{};  // events ever written to a connected server
+  bool stopping{false};
+  Status status;
+
+  // The sender thread's own world.
+  int fd{-1};
+  std::vector<std::byte> out;
+  std::size_t out_start{};
+  std::unordered_map<std::uint64_t, protocol::AllocRecord> live;
+  std::map<std::uint32_t, protocol::DeviceTotals> devices;
+  struct Name {
+    std::string text;
+    std::uint64_t live{};
+  };
+  std::unordered_map<std::uint64_t, Name> names;
+  std::uint64_t next_sequence{};
+  bool need_snapshot{true};
+  bool warned{false};  // a warning is out; the next connect says so
+  Clock::time_point next_connect{};
+  std::uint64_t taken{};  // events the sender has taken from the queue
+  std::thread sender;
+
+  void warn(const std::string& line) const {
+    if (options.warn) {
+      options.warn(line);
+    } else {
+      std::fprintf(stderr, "%s\n", line.c_str());
+    }
+  }
+
+  // ---- the live table, names and devices: updated for every event, connected or not ----
+
+  void remember(const protocol::MeshBufferName& name) {
+    if (!name.name.empty()) names[name.mesh_buffer].text = name.name;
+  }
+
+  void apply(const AllocationEvent& event) {
+    if (event.kind == EventKind::allocate) {
+      live.insert_or_assign(event.buffer.value(), to_record(event));
+      if (const auto name = names.find(event.mesh_buffer.value()); name != names.end()) ++name->second.live;
+      return;
+    }
+    const auto found = live.find(event.buffer.value());
+    if (found == live.end()) return;
+    if (const auto name = names.find(found->second.mesh_buffer); name != names.end() && --name->second.live == 0) {
+      names.erase(name);
+    }
+    live.erase(found);
+  }
+
+  // ---- encoding ----
+
+  void encode_events(std::span<const AllocationEvent> events) {
+    std::vector<protocol::AllocRecord> allocs;
+    std::vector<protocol::FreeRecord> frees;
+    const auto flush_allocs = [&] {
+      if (allocs.empty()) return;
+      protocol::encode_alloc_batch(next_sequence, allocs, out);
+      next_sequence += allocs.size();
+      allocs.clear();
+    };
+    const auto flush_frees = [&] {
+      if (frees.empty()) return;
+      protocol::encode_free_batch(next_sequence, frees, out);
+      next_sequence += frees.size();
+      frees.clear();
+    };
+    // Runs of one kind become one frame; order between kinds is kept.
+    for (const AllocationEvent& event : events) {
+      if (event.kind == EventKind::allocate) {
+        flush_frees();
+        allocs.push_back(to_record(event));
+        if (allocs.size() == protocol::max_alloc_records) flush_allocs();
+      } else {
+        flush_allocs();
+        frees.push_back({event.buffer.value(), event.time_ns, static_cast<std::uint8_t>(event.reason)});
+        if (frees.size() == protocol::max_free_records) flush_frees();
+      }
+    }
+    flush_allocs();
+    flush_frees();
+  }
+
+  // Hello, what the server must know, and the whole live table.
+  void encode_session_start() {
+    out.clear();
+    out_start = 0;
+    protocol::encode(protocol::Hello{.protocol_version = protocol::version,
+                                     .role = protocol::ClientRole::tracker,
+                                     .claimed_pid = static_cast<std::uint32_t>(::getpid()),
+                                     .process_name = options.process_name},
+                     out);
+    encode_snapshot();
+  }
+
+  void encode_snapshot() {
+    if (!devices.empty()) {
+      protocol::DeviceInfo info;
+      for (const auto& [id, totals] : devices) info.devices.push_back(totals);
+      protocol::encode(info, out);
+    }
+    for (const auto& [mesh_buffer, name] : names) protocol::encode(protocol::MeshBufferName{mesh_buffer, name.text}, out);
+    protocol::encode(protocol::SnapshotBegin{}, out);
+    std::vector<protocol::AllocRecord> chunk;
+    chunk.reserve(std::min(live.size(), protocol::max_alloc_records));
+    for (const auto& [id, record] : live) {
+      chunk.push_back(record);
+      if (chunk.size() == protocol::max_alloc_records) {
+        protocol::encode_snapshot_chunk(chunk, out);
+        chunk.clear();
+      }
+    }
+    if (!chunk.empty()) protocol::encode_snapshot_chunk(chunk, out);
+    protocol::encode(protocol::SnapshotEnd{next_sequence, live.size()}, out);
+    need_snapshot = false;
+    const std::scoped_lock lock(mutex);
+    ++status.snapshots;
+  }
+
+  // ---- the socket ----
+
+  [[nodiscard]] bool connected() const { return fd >= 0; }
+
+  void disconnect(const std::string& why) {
+    if (fd >= 0) ::close(fd);
+    fd = -1;
+    out.clear();
+    out_start = 0;
+    need_snapshot = true;
+    next_connect = Clock::now() + options.reconnect_interval;
+    if (!warned) {
+      warn(fmt::format("meshrt: tracking: lost the allocation server at {} ({}); tracking continues in-process and "
+                       "will resynchronise when it is back",
+                       options.socket_path, why));
+      warned = true;
+    }
+    const std::scoped_lock lock(mutex);
+    status.connected = false;
+  }
+
+  void try_connect() {
+    if (Clock::now() < next_connect) return;
+    next_connect = Clock::now() + options.reconnect_interval;
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    if (options.socket_path.size() >= sizeof(address.sun_path)) {
+      if (!warned) warn(fmt::format("meshrt: tracking: socket path {} is too long", options.socket_path));
+      warned = true;
+      return;
+    }
+    std::memcpy(address.sun_path, options.socket_path.c_str(), options.socket_path.size() + 1);
+    const int candidate = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (candidate < 0) return;
+    if (::connect(candidate, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
+      const int error = errno;
+      ::close(candidate);
+      if (!warned) {
+        warn(fmt::format("meshrt: tracking: no allocation server at {} ({}); the application runs on with "
+                         "in-process tracking and will connect when the server appears",
+                         options.socket_path, std::system_category().message(error)));
+        warned = true;
+      }
+      return;
+    }
+    ::fcntl(candidate, F_SETFL, ::fcntl(candidate, F_GETFL) | O_NONBLOCK);
+    fd = candidate;
+    encode_session_start();
+    if (warned) {
+      warn(fmt::format("meshrt: tracking: connected to the allocation server at {}; resynchronised {} live buffers",
+                       options.socket_path, live.size()));
+      warned = false;
+    }
+    const std::scoped_lock lock(mutex);
+    status.connected = true;
+    ++status.connections;
+  }
+
+  // Reads what the server said: only an Error (before it closes the session) is expected.
+  void read_server() {
+    std::array<std::byte, 4096> buffer{};
+    std::vector<std::byte> input;
+    for (;;) {
+      const ssize_t got = ::recv(fd, buffer.data(), buffer.size(), 0);
+      if (got == 0) return disconnect("the server closed the session");
+      if (got < 0) {
+        if (errno == EINTR) continue;
+        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+        return disconnect(std::system_category().message(errno));
+      }
+      input.insert(input.end(), buffer.begin(), buffer.begin() + got);
+    }
+    auto frame = protocol::next_frame(input);
+    if (frame && frame->has_value()) {
+      if (auto message = protocol::decode(**frame)) {
+        if (const auto* error = std::get_if<protocol::ErrorMessage>(&*message)) {
+          warned = false;  // this reason matters more than "lost"
+          return disconnect(fmt::format("the server refused: {}", error->message));
+        }
+      }
+    }
+  }
+
+  // Writes what it can without blocking; false when the connection broke.
+  bool pump(std::chrono::milliseconds wait) {
+    const auto deadline = Clock::now() + wait;
+    while (connected()) {
+      pollfd poller{fd, static_cast<short>(POLLIN | (out.size() > out_start ? POLLOUT : 0)), 0};
+      const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      const int ready = ::poll(&poller, 1, static_cast<int>(std::max<std::int64_t>(remaining.count(), 0)));
+      if (ready < 0 && errno != EINTR) {
+        disconnect(std::system_category().message(errno));
+        return false;
+      }
+      if ((poller.revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
+        read_server();
+        if (!connected()) return false;
+      }
+      while (out.size() > out_start) {
+        const ssize_t sent = ::send(fd, out.data() + out_start, out.size() - out_start, MSG_NOSIGNAL);
+        if (sent < 0) {
+          if (errno == EINTR) continue;
+          if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+          disconnect(std::system_category().message(errno));
+          return false;
+        }
+        out_start += static_cast<std::size_t>(sent);
+      }
+      if (out.size() == out_start) {
+        out.clear();
+        out_start = 0;
+        return true;
+      }
+      if (Clock::now() >= deadline) return true;
+    }
+    return false;
+  }
+
+  // ---- the sender thread ----
+
+  void run() {
+    try_connect();  // at once: a server that is there sees the first allocations as they happen
+    for (;;) {
+      std::vector<AllocationEvent> events;
+      std::vector<protocol::DeviceTotals> new_devices;
+      std::vector<protocol::MeshBufferName> new_names;
+      bool stop = false;
+      {
+        std::unique_lock lock(mutex);
+        wake.wait_for(lock, options.flush_interval, [&] { return stopping || queue.size() >= wake_threshold; });
+        events.swap(queue);
+        new_devices.swap(device_queue);
+        new_names.swap(name_queue);
+        stop = stopping;
+      }
+      taken += events.size();
+      for (const protocol::DeviceTotals& device : new_devices) devices[device.device] = device;
+      for (const protocol::MeshBufferName& name : new_names) remember(name);
+      for (const AllocationEvent& event : events) apply(event);
+
+      if (!connected()) try_connect();  // a new session starts with a snapshot: it covers these events
+      else if (need_snapshot) {
+        if (out.size() == out_start) encode_snapshot();
+      } else {
+        if (!new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
+        for (const protocol::MeshBufferName& name : new_names) protocol::encode(name, out);
+        encode_events(events);
+      }
+      if (connected() && out.size() - out_start > options.max_pending_bytes) {
+        // The server is not reading: drop what waits, resynchronise when it reads again.
+        out.resize(out_start);
+        need_snapshot = true;
+        const std::scoped_lock lock(mutex);
+        ++status.overflows;
+      }
+      if (connected()) pump(stop ? std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout) : 0ms);
+      {
+        const std::scoped_lock lock(mutex);
+        if (connected() && out.size() == out_start && !need_snapshot) {
+          status.events_delivered += taken - delivered;
+          delivered = taken;
+        }
+        status.live_buffers = live.size();
+      }
+      delivered_changed.notify_all();
+      if (stop) break;
+    }
+    if (connected()) {
+      protocol::encode(protocol::Goodbye{}, out);
+      pump(std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout));
+      if (fd >= 0) ::close(fd);
+      fd = -1;
+    }
+  }
+};
+
+std::shared_ptr<TrackingClient> TrackingClient::start(Options options) {
+  if (options.socket_path.empty()) options.socket_path = protocol::default_socket_path();
+  if (options.process_name.empty()) options.process_name = own_process_name();
+  auto state = std::make_unique<State>();
+  state->options = std::move(options);
+  State& s = *state;
+  auto client = std::shared_ptr<TrackingClient>(new TrackingClient(std::move(state)));
+  s.sender = std::thread([&s] { s.run(); });
+  return client;
+}
+
+TrackingClient::TrackingClient(std::unique_ptr<State> state) : state_(std::move(state)) {}
+
+TrackingClient::~TrackingClient() { shutdown(); }
+
+void TrackingClient::shutdown() {
+  {
+    const std::scoped_lock lock(state_->mutex);
+    state_->stopping = true;
+  }
+  state_->wake.notify_one();
+  if (state_->sender.joinable()) state_->sender.join();
+}
+
+void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
+  bool kick = false;
+  {
+    const std::scoped_lock lock(state_->mutex);
+    if (state_->stopping) return;
+    state_->queue.insert(state_->queue.end(), events.begin(), events.end());
+    state_->queued += events.size();
+    state_->status.events_queued += events.size();
+    kick = state_->queue.size() >= wake_threshold && state_->queue.size() - events.size() < wake_threshold;
+  }
+  if (kick) state_->wake.notify_one();
+}
+
+void TrackingClient::describe_devices(std::span<const DeviceDescription> devices) noexcept {
+  const std::scoped_lock lock(state_->mutex);
+  for (const DeviceDescription& device : devices) {
+    state_->device_queue.push_back({device.device.value(), device.total_bytes});
+  }
+}
+
+void TrackingClient::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept {
+  const std::scoped_lock lock(state_->mutex);
+  state_->name_queue.push_back({mesh_buffer.value(), std::string(name.substr(0, protocol::max_name_size))});
+}
+
+bool TrackingClient::flush(std::chrono::milliseconds timeout) {
+  std::unique_lock lock(state_->mutex);
+  const std::uint64_t target = state_->queued;
+  state_->wake.notify_one();
+  return state_->delivered_changed.wait_for(lock, timeout, [&] { return state_->delivered >= target; });
+}
+
+TrackingClient::Status TrackingClient::status() const {
+  const std::scoped_lock lock(state_->mutex);
+  return state_->status;
+}
+
+}  // namespace meshrt
