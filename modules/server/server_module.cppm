@@ -4,3 +4,4 @@ export module meshrt.server;
 
 export import :ledger;
 export import :server;
+export import :monitor;

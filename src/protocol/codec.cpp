@@ -76,7 +76,7 @@ class Reader {
       return {};
     }
     std::string value(size, '\0');
-    std::memcpy(value.data(), bytes_.data(), size);
+    if (size > 0) std::memcpy(value.data(), bytes_.data(), size);  // an empty span may hold a null pointer
     bytes_ = bytes_.subspan(size);
     return value;
   }

@@ -1,7 +1,10 @@
 // meshrt.testing — helpers the tests share.
 module;
 #include <cstdint>
+#include <cstdlib>
+#include <filesystem>
 #include <map>
+#include <string>
 #include <mutex>
 #include <span>
 #include <vector>
@@ -82,6 +85,29 @@ class EventLog final : public EventProcessor {
  private:
   mutable std::mutex mutex_;
   std::vector<AllocationEvent> events_;
+};
+
+// A private directory under /tmp, removed with everything in it.
+class TempDirectory {
+ public:
+  TempDirectory() {
+    std::string pattern = (std::filesystem::temp_directory_path() / "meshrt-test-XXXXXX").string();
+    if (::mkdtemp(pattern.data()) == nullptr) std::abort();
+    path_ = pattern;
+  }
+  TempDirectory(const TempDirectory&) = delete;
+  TempDirectory& operator=(const TempDirectory&) = delete;
+  TempDirectory(TempDirectory&&) = delete;
+  TempDirectory& operator=(TempDirectory&&) = delete;
+  ~TempDirectory() {
+    std::error_code ignored;
+    std::filesystem::remove_all(path_, ignored);
+  }
+  [[nodiscard]] const std::filesystem::path& path() const { return path_; }
+  [[nodiscard]] std::string file(const std::string& name) const { return (path_ / name).string(); }
+
+ private:
+  std::filesystem::path path_;
 };
 
 }  // namespace meshrt::testing

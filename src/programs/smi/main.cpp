@@ -1,142 +1,27 @@
 // meshrt-smi — what the allocation server sees, as nvidia-smi shows GPUs: per device DRAM and L1
 // used/total, the processes using them, and the counters that reveal leaks.
-#include <array>
-#include <cerrno>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstdio>
-#include <cstring>
 #include <exception>
-#include <optional>
-#include <span>
 #include <string>
 #include <string_view>
-#include <system_error>
 #include <thread>
-#include <variant>
-#include <vector>
 
-#include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 #include <nlohmann/json.hpp>
-#include <tl/expected.hpp>
 
 import meshrt.core;
 import meshrt.protocol;
+import meshrt.server;
 
-using meshrt::Result;
-using meshrt::ErrorCode;
 using nlohmann::json;
 
 namespace {
-
-// One monitor session: Hello as a monitor, then queries answered by JSON replies.
-class MonitorSession {
- public:
-  static Result<MonitorSession> open(const std::string& path) {
-    sockaddr_un address{};
-    address.sun_family = AF_UNIX;
-    if (path.size() >= sizeof(address.sun_path)) {
-      return meshrt::fail(ErrorCode::invalid_argument, fmt::format("socket path {} is too long", path));
-    }
-    std::memcpy(address.sun_path, path.c_str(), path.size() + 1);
-    const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-    if (fd < 0 || ::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
-      const int error = errno;
-      if (fd >= 0) ::close(fd);
-      return meshrt::fail(ErrorCode::io_error, fmt::format("no allocation server at {} ({})", path,
-                                                           std::system_category().message(error)));
-    }
-    MonitorSession session(fd);
-    std::vector<std::byte> hello;
-    meshrt::protocol::encode(meshrt::protocol::Hello{.role = meshrt::protocol::ClientRole::monitor,
-                                                     .claimed_pid = static_cast<std::uint32_t>(::getpid()),
-                                                     .process_name = "meshrt-smi"},
-                             hello);
-    if (auto sent = session.write(hello); !sent) return tl::unexpected(std::move(sent.error()));
-    return session;
-  }
-
-  MonitorSession(MonitorSession&& other) noexcept : fd_(std::exchange(other.fd_, -1)) {}
-  MonitorSession& operator=(MonitorSession&&) = delete;
-  MonitorSession(const MonitorSession&) = delete;
-  MonitorSession& operator=(const MonitorSession&) = delete;
-  ~MonitorSession() {
-    if (fd_ >= 0) ::close(fd_);
-  }
-
-  Result<json> query(meshrt::protocol::QueryKind kind, std::uint32_t pid = 0) {
-    std::vector<std::byte> request;
-    meshrt::protocol::encode(meshrt::protocol::Query{kind, pid}, request);
-    if (auto sent = write(request); !sent) return tl::unexpected(std::move(sent.error()));
-    std::string text;
-    for (;;) {
-      auto message = read_message();
-      if (!message) return tl::unexpected(std::move(message.error()));
-      if (const auto* error = std::get_if<meshrt::protocol::ErrorMessage>(&*message)) {
-        return meshrt::fail(error->code, fmt::format("the server refused: {}", error->message));
-      }
-      const auto* reply = std::get_if<meshrt::protocol::Reply>(&*message);
-      if (reply == nullptr) return meshrt::fail(ErrorCode::protocol_error, "the server sent something other than a reply");
-      text += reply->json;
-      if (reply->last) break;
-    }
-    auto parsed = json::parse(text, nullptr, /*allow_exceptions=*/false);
-    if (parsed.is_discarded()) return meshrt::fail(ErrorCode::protocol_error, "the server's reply is not JSON");
-    return parsed;
-  }
-
- private:
-  explicit MonitorSession(int fd) : fd_(fd) {}
-
-  Result<void> write(std::span<const std::byte> bytes) const {
-    while (!bytes.empty()) {
-      const ssize_t sent = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
-      if (sent < 0) {
-        if (errno == EINTR) continue;
-        return meshrt::fail(ErrorCode::io_error, fmt::format("lost the server: {}", std::system_category().message(errno)));
-      }
-      bytes = bytes.subspan(static_cast<std::size_t>(sent));
-    }
-    return {};
-  }
-
-  Result<meshrt::protocol::Message> read_message() {
-    for (;;) {
-      auto frame = meshrt::protocol::next_frame(std::span(buffer_).subspan(start_));
-      if (!frame) return tl::unexpected(std::move(frame.error()));
-      if (frame->has_value()) {
-        auto decoded = meshrt::protocol::decode(**frame);
-        if (!decoded) return tl::unexpected(std::move(decoded.error()));
-        // Copy out before the buffer moves: replies own their text.
-        meshrt::protocol::Message message = std::move(*decoded);
-        start_ += (*frame)->frame_size;
-        return message;
-      }
-      if (start_ > 0) {
-        buffer_.erase(buffer_.begin(), buffer_.begin() + static_cast<std::ptrdiff_t>(start_));
-        start_ = 0;
-      }
-      std::array<std::byte, 65536> chunk{};
-      const ssize_t got = ::recv(fd_, chunk.data(), chunk.size(), 0);
-      if (got == 0) return meshrt::fail(ErrorCode::io_error, "the server closed the connection");
-      if (got < 0) {
-        if (errno == EINTR) continue;
-        return meshrt::fail(ErrorCode::io_error, fmt::format("lost the server: {}", std::system_category().message(errno)));
-      }
-      buffer_.insert(buffer_.end(), chunk.begin(), chunk.begin() + got);
-    }
-  }
-
-  int fd_;
-  std::vector<std::byte> buffer_;
-  std::size_t start_{};
-};
 
 std::string bytes_text(std::uint64_t bytes) {
   std::string digits = std::to_string(bytes);
@@ -229,36 +114,41 @@ int run(int argc, char** argv) {
     return 2;
   }
 
-  auto session = MonitorSession::open(socket);
-  if (!session) {
-    fmt::print(stderr, "meshrt-smi: {}\n", session.error().message);
+  auto monitor = meshrt::server::Monitor::connect(socket);
+  if (!monitor) {
+    fmt::print(stderr, "meshrt-smi: {}\n", monitor.error().message);
     return 1;
   }
   const auto kind = verify ? meshrt::protocol::QueryKind::verify :
                     buffers ? meshrt::protocol::QueryKind::buffers : meshrt::protocol::QueryKind::summary;
   for (;;) {
-    auto reply = session->query(kind, pid);
-    if (!reply) {
-      fmt::print(stderr, "meshrt-smi: {}\n", reply.error().message);
+    auto answer = monitor->query(kind, pid);
+    if (!answer) {
+      fmt::print(stderr, "meshrt-smi: {}\n", answer.error().message);
+      return 1;
+    }
+    auto reply = json::parse(*answer, nullptr, /*allow_exceptions=*/false);
+    if (reply.is_discarded()) {
+      fmt::print(stderr, "meshrt-smi: the server's reply is not JSON\n");
       return 1;
     }
     if (watch > 0 && !as_json && ::isatty(STDOUT_FILENO) != 0) fmt::print("\x1b[H\x1b[2J");
     if (as_json) {
-      fmt::print("{}\n", reply->dump());
+      fmt::print("{}\n", reply.dump());
     } else if (verify) {
-      if (reply->value("consistent", false)) {
+      if (reply.value("consistent", false)) {
         fmt::print("consistent: per-buffer, per-process and per-device totals agree for every buffer type\n");
       } else {
         fmt::print("INCONSISTENT:\n");
-        for (const json& line : (*reply)["differences"]) fmt::print("  {}\n", line.get<std::string>());
+        for (const json& line : reply["differences"]) fmt::print("  {}\n", line.get<std::string>());
       }
     } else if (buffers) {
-      print_buffers(*reply);
+      print_buffers(reply);
     } else {
-      print_summary(*reply);
+      print_summary(reply);
     }
     std::fflush(stdout);
-    if (verify && !reply->value("consistent", false)) return 1;
+    if (verify && !reply.value("consistent", false)) return 1;
     if (watch <= 0) return 0;
     std::this_thread::sleep_for(std::chrono::duration<double>(watch));
   }

@@ -1,0 +1,131 @@
+module;
+#include <array>
+#include <cerrno>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <system_error>
+#include <utility>
+#include <variant>
+#include <vector>
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <fmt/format.h>
+#include <tl/expected.hpp>
+
+module meshrt.server;
+
+import meshrt.core;
+import meshrt.protocol;
+
+namespace meshrt::server {
+
+namespace {
+
+tl::unexpected<Error> lost(int error) {
+  return fail(ErrorCode::io_error, fmt::format("lost the server: {}", std::system_category().message(error)));
+}
+
+}  // namespace
+
+Result<Monitor> Monitor::connect(const std::string& socket_path) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  if (socket_path.empty() || socket_path.size() >= sizeof(address.sun_path)) {
+    return fail(ErrorCode::invalid_argument, fmt::format("socket path '{}' is empty or too long", socket_path));
+  }
+  std::memcpy(address.sun_path, socket_path.c_str(), socket_path.size() + 1);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0 || ::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
+    const int error = errno;
+    if (fd >= 0) ::close(fd);
+    return fail(ErrorCode::io_error,
+                fmt::format("no allocation server at {} ({})", socket_path, std::system_category().message(error)));
+  }
+  Monitor monitor(fd);
+  std::vector<std::byte> hello;
+  protocol::encode(protocol::Hello{.role = protocol::ClientRole::monitor,
+                                   .claimed_pid = static_cast<std::uint32_t>(::getpid()),
+                                   .process_name = "monitor"},
+                   hello);
+  if (auto sent = monitor.write(hello); !sent) return tl::unexpected(std::move(sent.error()));
+  return monitor;
+}
+
+Monitor::Monitor(Monitor&& other) noexcept
+    : fd_(std::exchange(other.fd_, -1)), buffer_(std::move(other.buffer_)), start_(std::exchange(other.start_, 0)) {}
+
+Monitor& Monitor::operator=(Monitor&& other) noexcept {
+  if (this != &other) {
+    if (fd_ >= 0) ::close(fd_);
+    fd_ = std::exchange(other.fd_, -1);
+    buffer_ = std::move(other.buffer_);
+    start_ = std::exchange(other.start_, 0);
+  }
+  return *this;
+}
+
+Monitor::~Monitor() {
+  if (fd_ >= 0) ::close(fd_);
+}
+
+Result<std::string> Monitor::query(protocol::QueryKind kind, std::uint32_t pid) {
+  std::vector<std::byte> request;
+  protocol::encode(protocol::Query{kind, pid}, request);
+  if (auto sent = write(request); !sent) return tl::unexpected(std::move(sent.error()));
+  std::string json;
+  for (;;) {
+    auto message = read_message();
+    if (!message) return tl::unexpected(std::move(message.error()));
+    if (const auto* error = std::get_if<protocol::ErrorMessage>(&*message)) {
+      return fail(error->code, fmt::format("the server refused: {}", error->message));
+    }
+    const auto* reply = std::get_if<protocol::Reply>(&*message);
+    if (reply == nullptr) return fail(ErrorCode::protocol_error, "the server answered with something other than a reply");
+    json += reply->json;
+    if (reply->last) return json;
+  }
+}
+
+Result<void> Monitor::write(std::span<const std::byte> bytes) const {
+  while (!bytes.empty()) {
+    const ssize_t sent = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    if (sent < 0) {
+      if (errno == EINTR) continue;
+      return lost(errno);
+    }
+    bytes = bytes.subspan(static_cast<std::size_t>(sent));
+  }
+  return {};
+}
+
+Result<protocol::Message> Monitor::read_message() {
+  for (;;) {
+    auto frame = protocol::next_frame(std::span<const std::byte>(buffer_).subspan(start_));
+    if (!frame) return tl::unexpected(std::move(frame.error()));
+    if (frame->has_value()) {
+      auto decoded = protocol::decode(**frame);
+      start_ += (*frame)->frame_size;
+      return decoded;  // replies and errors own their text: no view into the buffer escapes
+    }
+    if (start_ > 0) {
+      buffer_.erase(buffer_.begin(), buffer_.begin() + static_cast<std::ptrdiff_t>(start_));
+      start_ = 0;
+    }
+    std::array<std::byte, 65536> chunk{};
+    const ssize_t got = ::recv(fd_, chunk.data(), chunk.size(), 0);
+    if (got == 0) return fail(ErrorCode::io_error, "the server closed the connection");
+    if (got < 0) {
+      if (errno == EINTR) continue;
+      return lost(errno);
+    }
+    buffer_.insert(buffer_.end(), chunk.begin(), chunk.begin() + got);
+  }
+}
+
+}  // namespace meshrt::server

@@ -1,0 +1,224 @@
+// The tracking client against a real server (in this process, on a private socket): streaming,
+// a server that appears late, a server that restarts, a clean goodbye.
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <string>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+import meshrt;
+import meshrt.protocol;
+import meshrt.server;
+import meshrt.testing;
+
+using namespace meshrt;
+using namespace std::chrono_literals;
+
+namespace {
+
+// A server running on its own thread until destroyed.
+class RunningServer {
+ public:
+  explicit RunningServer(std::string socket_path) {
+    server::ServerConfig config;
+    config.socket_path = std::move(socket_path);
+    config.log = [this](std::string_view line) {
+      const std::scoped_lock lock(mutex_);
+      log_.emplace_back(line);
+    };
+    auto started = server::Server::start(std::move(config));
+    REQUIRE(started.has_value());
+    server_ = std::move(*started);
+    thread_ = std::thread([this] { (void)server_->run(false); });
+  }
+  RunningServer(const RunningServer&) = delete;
+  RunningServer& operator=(const RunningServer&) = delete;
+  RunningServer(RunningServer&&) = delete;
+  RunningServer& operator=(RunningServer&&) = delete;
+  ~RunningServer() {
+    server_->stop();
+    thread_.join();
+  }
+  std::vector<std::string> log() const {
+    const std::scoped_lock lock(mutex_);
+    return log_;
+  }
+
+ private:
+  std::unique_ptr<server::Server> server_;
+  std::thread thread_;
+  mutable std::mutex mutex_;
+  std::vector<std::string> log_;
+};
+
+nlohmann::json summary(const std::string& socket) {
+  auto monitor = server::Monitor::connect(socket);
+  REQUIRE(monitor.has_value());
+  auto reply = monitor->query(protocol::QueryKind::summary);
+  REQUIRE(reply.has_value());
+  return nlohmann::json::parse(*reply);
+}
+
+std::uint64_t dram_used(const nlohmann::json& summary, std::uint32_t device) {
+  for (const auto& d : summary["devices"]) {
+    if (d["id"] == device) return d["dram"]["used_bytes"];
+  }
+  return 0;
+}
+
+struct Warnings {
+  std::shared_ptr<std::mutex> mutex = std::make_shared<std::mutex>();
+  std::shared_ptr<std::vector<std::string>> lines = std::make_shared<std::vector<std::string>>();
+  std::function<void(std::string_view)> sink() const {
+    return [mutex = mutex, lines = lines](std::string_view line) {
+      const std::scoped_lock lock(*mutex);
+      lines->emplace_back(line);
+    };
+  }
+  std::vector<std::string> get() const {
+    const std::scoped_lock lock(*mutex);
+    return *lines;
+  }
+};
+
+MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, BufferType type = BufferType::dram) {
+  return MeshBuffer::create(ReplicatedBufferConfig{.size = size}, {.page_size = 1024, .buffer_type = type}, mesh).value();
+}
+
+}  // namespace
+
+TEST_SUITE("client and server") {
+  TEST_CASE("the server sees every allocation and free the client streams") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    RunningServer server(socket);
+    auto client = TrackingClient::start({.socket_path = socket});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), tracker).value();
+    std::vector<MeshBuffer> buffers;
+    for (int i = 0; i < 8; ++i) buffers.push_back(replicated(mesh, 13'107'200));
+    REQUIRE(client->flush(5s));
+    auto live = summary(socket);
+    CHECK(live["active_allocations"] == 64);
+    CHECK(dram_used(live, 0) == 104'857'600);
+    CHECK(live["devices"][0]["dram"]["total_bytes"] == mesh.spec().dram.total_bytes());
+    buffers.clear();
+    REQUIRE(client->flush(5s));
+    auto after = summary(socket);
+    CHECK(after["active_allocations"] == 0);
+    CHECK(after["unknown_deallocations"] == 0);
+    CHECK(after["total_deallocations"] == 64);
+    CHECK(after["sequence_gaps"] == 0);
+  }
+
+  TEST_CASE("server absent at start: one warning, then it appears and gets the live table") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    Warnings warnings;
+    auto client = TrackingClient::start({.socket_path = socket, .reconnect_interval = 20ms, .warn = warnings.sink()});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    MeshBuffer kept = replicated(mesh, 4096);
+    { MeshBuffer gone = replicated(mesh, 8192); }
+    CHECK_FALSE(client->flush(100ms));
+    REQUIRE(warnings.get().size() == 1);
+    CHECK(warnings.get()[0].find("no allocation server") != std::string::npos);
+
+    RunningServer server(socket);
+    REQUIRE(client->flush(5s));
+    auto live = summary(socket);
+    CHECK(live["active_allocations"] == 2);
+    CHECK(dram_used(live, 1) == 4096);
+    CHECK(live["resyncs"] == 1);
+    CHECK(warnings.get().size() == 2);  // "connected ... resynchronised 2 live buffers"
+    CHECK(client->status().snapshots == 1);
+  }
+
+  TEST_CASE("server restarted while buffers live: after resync its figures match the client exactly") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    Warnings warnings;
+    auto client = TrackingClient::start({.socket_path = socket, .reconnect_interval = 20ms, .warn = warnings.sink()});
+    auto tracker = std::make_shared<Tracker>();
+    auto table = std::make_shared<LiveBufferTable>();
+    tracker->add_processor(client);
+    tracker->add_processor(table);
+    auto mesh = MeshDevice::create({2, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    std::vector<MeshBuffer> buffers;
+    auto first = std::make_unique<RunningServer>(socket);
+    for (int i = 0; i < 6; ++i) buffers.push_back(replicated(mesh, 2048));
+    REQUIRE(client->flush(5s));
+    CHECK(summary(socket)["active_allocations"] == 24);
+    first.reset();  // the server goes away
+    buffers.erase(buffers.begin(), buffers.begin() + 3);
+    buffers.push_back(replicated(mesh, 4096, BufferType::l1));
+    RunningServer second(socket);
+    REQUIRE(client->flush(5s));
+    const auto live = summary(socket);
+    CHECK(live["active_allocations"] == table->active_allocations());
+    CHECK(live["active_allocations"] == 16);
+    CHECK(dram_used(live, 0) == table->summary(DeviceId{0}, BufferType::dram).bytes);
+    buffers.clear();
+    REQUIRE(client->flush(5s));
+    const auto after = summary(socket);
+    CHECK(after["active_allocations"] == 0);
+    CHECK(after["unknown_deallocations"] == 0);
+    CHECK(after["sequence_gaps"] == 0);
+    const auto lines = warnings.get();
+    REQUIRE(lines.size() == 2);
+    CHECK(lines[0].find("lost the allocation server") != std::string::npos);
+    CHECK(lines[1].find("resynchronised 16 live buffers") != std::string::npos);
+  }
+
+  TEST_CASE("a clean exit flushes everything and says goodbye; live buffers count as leaked at exit") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    RunningServer server(socket);
+    {
+      auto client = TrackingClient::start({.socket_path = socket});
+      auto tracker = std::make_shared<Tracker>();
+      tracker->add_processor(client);
+      auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+      auto leaked = new MeshBuffer(replicated(mesh, 1024));  // never freed: an application leak
+      (void)leaked;
+      for (int i = 0; i < 1000; ++i) (void)replicated(mesh, 1024);
+      client->shutdown();
+      delete leaked;  // after the client left: the server never hears of this Free
+    }
+    for (int attempt = 0; attempt < 200 && summary(socket)["processes"].size() != 0; ++attempt) {
+      std::this_thread::sleep_for(10ms);
+    }
+    const auto after = summary(socket);
+    CHECK(after["total_allocations"] == 1001);
+    CHECK(after["total_deallocations"] == 1000);
+    CHECK(after["leaked_at_exit"] == 1);
+    CHECK(after["reclaimed_allocations"] == 0);
+    CHECK(after["active_allocations"] == 0);
+  }
+
+  TEST_CASE("names given to mesh buffers reach the server's buffer list") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    RunningServer server(socket);
+    auto client = TrackingClient::start({.socket_path = socket});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto named = MeshBuffer::create(ReplicatedBufferConfig{.size = 1024, .name = "kv-cache"}, {.page_size = 1024}, mesh)
+                     .value();
+    REQUIRE(client->flush(5s));
+    auto monitor = server::Monitor::connect(socket).value();
+    const auto list = nlohmann::json::parse(monitor.query(protocol::QueryKind::buffers).value());
+    REQUIRE(list["buffers"].size() == 2);
+    CHECK(list["buffers"][0]["name"] == "kv-cache");
+    CHECK(list["buffers"][1]["device"] == 1);
+  }
+}

@@ -1,0 +1,159 @@
+// The server's ledger: O(1) events, aggregates that always agree with the buffers behind them.
+#include <cstdint>
+#include <string>
+
+#include <doctest/doctest.h>
+
+import meshrt.core;
+import meshrt.protocol;
+import meshrt.server;
+
+using namespace meshrt;
+using namespace meshrt::server;
+using protocol::AllocRecord;
+using protocol::FreeRecord;
+
+namespace {
+
+AllocRecord alloc(std::uint64_t id, std::uint32_t device, BufferType type, std::uint64_t size,
+                  std::uint64_t mesh_buffer = 0) {
+  return AllocRecord{.buffer = id, .mesh_buffer = mesh_buffer, .size = size, .device = device, .type = type};
+}
+
+FreeRecord free_of(std::uint64_t id) { return FreeRecord{.buffer = id}; }
+
+const Usage& usage_of(const Summary& summary, std::uint32_t device, BufferType type) {
+  for (const DeviceSummary& d : summary.devices) {
+    if (d.device == device) return d.usage[index_of(type)];
+  }
+  FAIL("no such device");
+  return summary.devices.front().usage[0];
+}
+
+}  // namespace
+
+TEST_SUITE("ledger") {
+  TEST_CASE("allocations and frees move the per-device, per-type and per-process figures") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10, .name = "a"});
+    const SessionId b = ledger.open_session({.pid = 11, .name = "b"});
+    ledger.apply_alloc(a, alloc(1, 0, BufferType::dram, 100));
+    ledger.apply_alloc(a, alloc(2, 0, BufferType::l1, 10));
+    ledger.apply_alloc(b, alloc(1, 0, BufferType::dram, 50));  // ids are per process: no clash
+    Summary summary = ledger.summary();
+    CHECK(summary.active_allocations == 3);
+    CHECK(usage_of(summary, 0, BufferType::dram) == Usage{150, 2, 150});
+    CHECK(usage_of(summary, 0, BufferType::l1) == Usage{10, 1, 10});
+    REQUIRE(summary.processes.size() == 2);
+    CHECK(summary.processes[0].live_bytes == 110);
+    CHECK(summary.processes[1].live_allocations == 1);
+
+    CHECK(ledger.apply_free(a, free_of(1)).kind == FreeOutcome::Kind::freed);
+    summary = ledger.summary();
+    CHECK(usage_of(summary, 0, BufferType::dram) == Usage{50, 1, 150});  // the peak stays
+    CHECK(summary.counters.deallocations == 1);
+    CHECK(ledger.verify().consistent);
+  }
+
+  TEST_CASE("unknown and double frees are counted, never applied") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    const SessionId b = ledger.open_session({.pid = 11});
+    ledger.apply_alloc(a, alloc(1, 0, BufferType::dram, 100));
+    CHECK(ledger.apply_free(b, free_of(1)).kind == FreeOutcome::Kind::unknown);  // another process's buffer
+    CHECK(ledger.apply_free(a, free_of(99)).kind == FreeOutcome::Kind::unknown);
+    CHECK(ledger.apply_free(a, free_of(1)).kind == FreeOutcome::Kind::freed);
+    CHECK(ledger.apply_free(a, free_of(1)).kind == FreeOutcome::Kind::double_free);
+    CHECK(ledger.counters().unknown_deallocations == 2);
+    CHECK(ledger.counters().double_deallocations == 1);
+    CHECK(ledger.active_allocations() == 0);
+    ledger.apply_alloc(a, alloc(5, 0, BufferType::dram, 1));
+    ledger.apply_alloc(a, alloc(5, 0, BufferType::dram, 1));
+    CHECK(ledger.counters().duplicate_allocations == 1);
+    CHECK(ledger.active_allocations() == 1);
+    CHECK(ledger.verify().consistent);
+  }
+
+  TEST_CASE("a session that ends without Goodbye has its buffers reclaimed, with the figures") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10, .name = "crashy"});
+    for (std::uint64_t id = 1; id <= 16; ++id) ledger.apply_alloc(a, alloc(id, id % 2, BufferType::dram, 1000));
+    const Reclaim reclaim = ledger.close_session(a, SessionEnd::disconnected);
+    CHECK(reclaim.buffers == 16);
+    CHECK(reclaim.bytes == 16000);
+    CHECK(reclaim.devices.at(0)[index_of(BufferType::dram)].buffers == 8);
+    CHECK(reclaim.identity.name == "crashy");
+    CHECK(ledger.counters().reclaimed_allocations == 16);
+    CHECK(ledger.active_allocations() == 0);
+    CHECK_FALSE(ledger.has_session(a));
+    CHECK(ledger.summary().processes.empty());
+  }
+
+  TEST_CASE("buffers left at Goodbye count as leaked at exit, not as a crash") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    ledger.apply_alloc(a, alloc(1, 0, BufferType::l1, 8));
+    (void)ledger.close_session(a, SessionEnd::goodbye);
+    CHECK(ledger.counters().leaked_at_exit == 1);
+    CHECK(ledger.counters().reclaimed_allocations == 0);
+  }
+
+  TEST_CASE("a snapshot replaces the session's live table and resets its sequence") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    CHECK(ledger.check_sequence(a, 0, 3));
+    for (std::uint64_t id = 1; id <= 3; ++id) ledger.apply_alloc(a, alloc(id, 0, BufferType::dram, 10));
+    ledger.begin_snapshot(a);
+    ledger.apply_snapshot_record(a, alloc(3, 0, BufferType::dram, 10));
+    ledger.apply_snapshot_record(a, alloc(7, 1, BufferType::l1, 5));
+    ledger.end_snapshot(a, 42);
+    CHECK(ledger.active_allocations() == 2);
+    CHECK(ledger.counters().deallocations == 0);  // replaced, not freed
+    CHECK(ledger.counters().resyncs == 1);
+    CHECK(ledger.check_sequence(a, 42, 1));
+    CHECK(ledger.verify().consistent);
+  }
+
+  TEST_CASE("a sequence gap is counted, never absorbed") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    CHECK(ledger.check_sequence(a, 0, 10));
+    CHECK_FALSE(ledger.check_sequence(a, 15, 1));
+    CHECK(ledger.counters().sequence_gaps == 1);
+    CHECK(ledger.check_sequence(a, 16, 1));
+  }
+
+  TEST_CASE("names follow their mesh buffer and go with its last buffer") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    ledger.name_mesh_buffer(a, 5, "weights");
+    ledger.apply_alloc(a, alloc(1, 0, BufferType::dram, 10, 5));
+    ledger.apply_alloc(a, alloc(2, 1, BufferType::dram, 10, 5));
+    auto buffers = ledger.live_buffers();
+    REQUIRE(buffers.size() == 2);
+    CHECK(buffers[0].mesh_buffer_name == "weights");
+    (void)ledger.apply_free(a, free_of(1));
+    (void)ledger.apply_free(a, free_of(2));
+    ledger.apply_alloc(a, alloc(3, 0, BufferType::dram, 10, 5));
+    CHECK(ledger.live_buffers()[0].mesh_buffer_name.empty());
+  }
+
+  TEST_CASE("live buffers can be listed for one pid") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    const SessionId b = ledger.open_session({.pid = 11});
+    ledger.apply_alloc(a, alloc(1, 0, BufferType::dram, 10));
+    ledger.apply_alloc(b, alloc(1, 0, BufferType::dram, 10));
+    ledger.apply_alloc(b, alloc(2, 0, BufferType::dram, 10));
+    CHECK(ledger.live_buffers(11).size() == 2);
+    CHECK(ledger.live_buffers().size() == 3);
+  }
+
+  TEST_CASE("device totals reported by clients appear in the summary") {
+    Ledger ledger;
+    ledger.set_device_totals({.device = 3, .total_bytes = {1000, 100, 10, 1}});
+    const Summary summary = ledger.summary();
+    REQUIRE(summary.devices.size() == 1);
+    CHECK(summary.devices[0].total_bytes[index_of(BufferType::l1)] == 100);
+  }
+}
