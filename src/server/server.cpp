@@ -714,6 +714,7 @@ Result<std::unique_ptr<Server>> Server::start(ServerConfig config) {
 Server::Server(std::unique_ptr<State> state) : state_(std::move(state)) {}
 
 Server::~Server() {
+  // A server that never ran still owns its socket file.
   if (state_ && state_->listener.valid()) ::unlink(state_->config.socket_path.c_str());
 }
 
@@ -739,14 +740,16 @@ Result<void> Server::run(bool handle_signals) {
   s.log(fmt::format("meshrt-alloc-server: listening on {} (pid {}, protocol version {})", s.config.socket_path,
                     ::getpid(), protocol::version));
   auto result = s.loop();
-  // Drain: sessions still connected keep their buffers in the final figures.
+  // Stop accepting first: a client must not connect to a server that is going away.
+  (void)::epoll_ctl(s.epoll.get(), EPOLL_CTL_DEL, s.listener.get(), nullptr);
+  s.listener.reset();
+  ::unlink(s.config.socket_path.c_str());
+  // Sessions still connected keep their buffers in the final figures.
   if (s.config.log_activity) {
     for (auto& [fd, connection] : s.connections) s.log_activity(*connection);
   }
   s.log("meshrt-alloc-server: stopping");
   s.log_summary();
-  ::unlink(s.config.socket_path.c_str());
-  s.listener.reset();
   return result;
 }
 

@@ -11,6 +11,7 @@ module;
 
 export module meshrt.testing;
 
+export import :process;
 import meshrt;
 
 export namespace meshrt::testing {

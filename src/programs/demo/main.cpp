@@ -10,6 +10,8 @@
 #include <memory>
 #include <string>
 #include <thread>
+
+#include <unistd.h>
 #include <vector>
 
 #include <CLI/CLI.hpp>
@@ -24,6 +26,18 @@ namespace {
 constexpr std::uint64_t page_size = 2048;
 constexpr std::uint64_t dram_buffer_size = 13'107'200;  // 12.5 MiB: 8 of them make 100 MiB
 constexpr std::uint64_t l1_buffer_size = 1'572'864;     // 1.5 MiB: 8 of them make 12 MiB
+
+// SIGUSR1 ends a --hold early: tests and scripts release the buffers when they have looked.
+volatile std::sig_atomic_t hold_released = 0;
+extern "C" void release_hold(int /*signal*/) { hold_released = 1; }
+
+void hold(double seconds) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
+  while (hold_released == 0 && std::chrono::steady_clock::now() < deadline) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+  }
+  hold_released = 0;
+}
 
 struct Options {
   std::string mesh = "t3000";
@@ -105,10 +119,10 @@ bool run_iteration(MeshDevice& mesh, const LiveBufferTable& live, const Options&
 
   print_figures(mesh, live);
   if (options.hold_seconds > 0) {
-    fmt::print("  holding {} buffers live for {} s (pid {})\n", buffers.size(), options.hold_seconds,
-               static_cast<long>(::getpid()));
+    fmt::print("  holding {} buffers live for {} s (pid {}; SIGUSR1 ends the hold)\n", buffers.size(),
+               options.hold_seconds, static_cast<long>(::getpid()));
     std::fflush(stdout);
-    std::this_thread::sleep_for(std::chrono::duration<double>(options.hold_seconds));
+    hold(options.hold_seconds);
   }
   for (MeshBuffer& buffer : buffers) buffer.deallocate();
   fmt::print("  freed {} mesh buffers\n", buffers.size());
@@ -127,7 +141,8 @@ int run(int argc, char** argv) {
   app.add_option("--iterations", options.iterations, "repeat the scenario; nothing may accumulate")
       ->capture_default_str()
       ->check(CLI::Range(1U, 1000000U));
-  app.add_option("--hold", options.hold_seconds, "seconds to hold the buffers live (for a monitor, or a kill)")
+  app.add_option("--hold", options.hold_seconds,
+                 "seconds to hold the buffers live, for a monitor or a kill (SIGUSR1 ends it early)")
       ->check(CLI::Range(0.0, 86400.0));
   app.add_flag("!--no-verify", options.verify, "skip writing and reading back the pattern");
   try {
@@ -146,6 +161,7 @@ int run(int argc, char** argv) {
     return 2;
   }
 
+  std::signal(SIGUSR1, release_hold);
   auto tracker = Tracker::process_default();
   auto live = std::make_shared<LiveBufferTable>();
   tracker->add_processor(live);

@@ -1,0 +1,305 @@
+// Real processes: the bundled server on a private socket, real meshrt-demo and meshrt-loadgen
+// clients, and meshrt-smi asking the questions a user would.
+#include <chrono>
+#include <csignal>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+import meshrt.core;
+import meshrt.protocol;
+import meshrt.testing;
+
+using namespace meshrt;
+using namespace meshrt::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+const std::string bin = MESHRT_BIN_DIR;
+
+// A private server and everything a test needs around it.
+class Fixture {
+ public:
+  Fixture() { start_server(); }
+
+  void start_server() {
+    ++servers_started_;
+    server_.reset();  // never two servers on one socket
+    server_ = std::make_unique<ChildProcess>(ChildProcess::Options{
+        .argv = {bin + "/meshrt-alloc-server", "--socket", socket(), "--summary-interval", "0.5"},
+        .stdout_path = dir_.file(fmt_name("server", servers_started_, "out")),
+        .stderr_path = dir_.file(fmt_name("server", servers_started_, "err")),
+    });
+    REQUIRE(eventually([&] { return smi_json().has_value(); }));
+  }
+
+  ChildProcess& server() { return *server_; }
+  [[nodiscard]] std::string socket() const { return dir_.file("alloc.sock"); }
+  [[nodiscard]] std::string server_log() const { return read_text(dir_.file(fmt_name("server", servers_started_, "out"))); }
+
+  // Runs meshrt-smi with `arguments`; its exit code and output.
+  std::pair<int, std::string> smi(std::vector<std::string> arguments) {
+    arguments.insert(arguments.begin(), {bin + "/meshrt-smi", "--socket", socket()});
+    const std::string name = fmt_name("smi", ++smi_runs_, "out");
+    ChildProcess smi({.argv = arguments, .stdout_path = dir_.file(name), .stderr_path = dir_.file(name + ".err")});
+    const auto code = smi.wait_for(60s);
+    REQUIRE(code.has_value());
+    return {*code, smi.standard_output() + smi.standard_error()};
+  }
+
+  std::optional<json> smi_json() {
+    auto [code, output] = smi({"--json"});
+    if (code != 0) return std::nullopt;
+    return json::parse(output);
+  }
+
+  json summary() {
+    auto result = smi_json();
+    REQUIRE(result.has_value());
+    return *result;
+  }
+
+  // A tracked client process; its output goes to files named after it.
+  std::unique_ptr<ChildProcess> client(std::vector<std::string> argv) {
+    const std::string name = fmt_name("client", ++clients_, "out");
+    return std::make_unique<ChildProcess>(ChildProcess::Options{
+        .argv = std::move(argv),
+        .environment = {{"MESHRT_ALLOC_TRACKING", "1"}, {"MESHRT_ALLOC_SERVER", socket()}},
+        .stdout_path = dir_.file(name),
+        .stderr_path = dir_.file(name + ".err"),
+    });
+  }
+
+  std::unique_ptr<ChildProcess> demo(std::vector<std::string> flags) {
+    flags.insert(flags.begin(), bin + "/meshrt-demo");
+    return client(std::move(flags));
+  }
+
+  [[nodiscard]] std::string file(const std::string& name) const { return dir_.file(name); }
+
+ private:
+  static std::string fmt_name(const std::string& what, int number, const std::string& extension) {
+    return what + "-" + std::to_string(number) + "." + extension;
+  }
+
+  TempDirectory dir_;
+  std::unique_ptr<ChildProcess> server_;
+  int servers_started_{};
+  int smi_runs_{};
+  int clients_{};
+};
+
+std::uint64_t used(const json& summary, std::uint32_t device, const char* type) {
+  for (const json& d : summary["devices"]) {
+    if (d["id"] == device) return d[type]["used_bytes"];
+  }
+  return 0;
+}
+
+std::uint64_t active(Fixture& fixture) { return fixture.summary()["active_allocations"]; }
+
+}  // namespace
+
+TEST_SUITE("integration") {
+  TEST_CASE("the seed scenario through the server: 100 MiB DRAM and 12 MiB L1 on device 0, five runs, no residue") {
+    Fixture fixture;
+    for (int run = 1; run <= 5; ++run) {
+      CAPTURE(run);
+      std::vector<std::string> flags{"--hold", "120"};
+      if (run > 1) flags.emplace_back("--no-verify");
+      auto demo = fixture.demo(flags);
+      REQUIRE(eventually([&] { return active(fixture) == 128; }));
+      const json live = fixture.summary();
+      CHECK(used(live, 0, "dram") == 104'857'600);
+      CHECK(used(live, 0, "l1") == 12'582'912);
+      CHECK(live["processes"].size() == 1);
+      CHECK(live["processes"][0]["pid"] == demo->pid());
+      demo->signal(SIGUSR1);
+      REQUIRE(demo->wait_for(120s) == 0);
+      CHECK(demo->standard_output().find("Active allocations: 0") != std::string::npos);
+      REQUIRE(eventually([&] { return fixture.summary()["processes"].empty(); }));
+      const json after = fixture.summary();
+      CHECK(after["active_allocations"] == 0);
+      CHECK(after["unknown_deallocations"] == 0);
+      CHECK(after["double_deallocations"] == 0);
+      CHECK(after["reclaimed_allocations"] == 0);
+      CHECK(after["leaked_at_exit"] == 0);
+      CHECK(after["total_allocations"] == 128 * run);
+      CHECK(after["total_deallocations"] == 128 * run);
+    }
+    const std::string log = fixture.server_log();
+    CHECK(log.find("Allocated 16 buffers on Devices 0-7") != std::string::npos);
+    CHECK(log.find("Freed 16 buffers on Devices 0-7") != std::string::npos);
+    CHECK(fixture.smi({"--verify"}).first == 0);
+  }
+
+  TEST_CASE("8 clients at once, each with several threads: the ledger ends exact") {
+    Fixture fixture;
+    std::vector<std::unique_ptr<ChildProcess>> clients;
+    for (int i = 0; i < 8; ++i) {
+      clients.push_back(fixture.client({bin + "/meshrt-loadgen", "--threads", "4", "--operations", "300", "--seed",
+                                        std::to_string(100 + i)}));
+    }
+    std::uint64_t allocated = 0;
+    for (auto& client : clients) {
+      REQUIRE(client->wait_for(300s) == 0);
+      const std::string output = client->standard_output();
+      const auto at = output.find("device buffers allocated: ");
+      REQUIRE(at != std::string::npos);
+      allocated += std::stoull(output.substr(at + 26));
+    }
+    CHECK(allocated > 8 * 4 * 100);
+    REQUIRE(eventually([&] { return fixture.summary()["processes"].empty(); }));
+    const json after = fixture.summary();
+    CHECK(after["total_allocations"] == allocated);
+    CHECK(after["total_deallocations"] == allocated);
+    CHECK(after["active_allocations"] == 0);
+    CHECK(after["unknown_deallocations"] == 0);
+    CHECK(after["double_deallocations"] == 0);
+    CHECK(after["sequence_gaps"] == 0);
+    CHECK(after["reclaimed_allocations"] == 0);
+    CHECK(fixture.smi({"--verify"}).first == 0);
+  }
+
+  TEST_CASE("a client killed with SIGKILL while holding buffers: reclaimed, reported, server still answering") {
+    Fixture fixture;
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return active(fixture) == 128; }));
+    demo->signal(SIGKILL);
+    REQUIRE(demo->wait_for(30s) == 128 + SIGKILL);
+    REQUIRE(eventually([&] { return fixture.summary()["reclaimed_allocations"] == 128; }));
+    const json after = fixture.summary();
+    CHECK(after["active_allocations"] == 0);
+    CHECK(after["processes"].empty());
+    CHECK(used(after, 0, "dram") == 0);
+    const std::string log = fixture.server_log();
+    CHECK(log.find(std::to_string(demo->pid()) + " (meshrt-demo): disconnected without Goodbye") != std::string::npos);
+    CHECK(log.find("reclaimed 128 leaked buffers") != std::string::npos);
+    CHECK(log.find("Device 0 dram 104857600 B in 8") != std::string::npos);
+  }
+
+  TEST_CASE("the server killed and restarted while clients hold buffers: after resync it matches them exactly") {
+    Fixture fixture;
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    const std::string report = fixture.file("loadgen.json");
+    auto loadgen = fixture.client({bin + "/meshrt-loadgen", "--threads", "3", "--operations", "200", "--keep", "20",
+                                   "--hold", "300", "--seed", "7", "--mesh", "2x2", "--report", report});
+    REQUIRE(eventually([&] { return !read_text(report).empty(); }));
+    const json account = json::parse(read_text(report));
+    const std::uint64_t expected = 128 + account["live_buffers"].get<std::uint64_t>();
+    REQUIRE(eventually([&] { return active(fixture) == expected; }));
+
+    fixture.server().signal(SIGKILL);
+    REQUIRE(fixture.server().wait_for(30s).has_value());
+    fixture.start_server();
+    REQUIRE(eventually([&] { return active(fixture) == expected; }));
+    const json resynced = fixture.summary();
+    CHECK(resynced["resyncs"] == 2);
+    CHECK(used(resynced, 0, "dram") == 104'857'600 + account["devices"][0]["dram"]["bytes"].get<std::uint64_t>());
+    CHECK(used(resynced, 3, "l1") == 12'582'912 + account["devices"][3]["l1"]["bytes"].get<std::uint64_t>());
+    for (const json& process : resynced["processes"]) {
+      if (process["pid"] == loadgen->pid()) CHECK(process["live_allocations"] == account["live_buffers"]);
+      else CHECK(process["live_allocations"] == 128);
+    }
+    demo->signal(SIGUSR1);
+    loadgen->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
+    REQUIRE(loadgen->wait_for(120s) == 0);
+    REQUIRE(eventually([&] { return fixture.summary()["processes"].empty(); }));
+    const json after = fixture.summary();
+    CHECK(after["active_allocations"] == 0);
+    CHECK(after["unknown_deallocations"] == 0);
+    CHECK(after["reclaimed_allocations"] == 0);
+  }
+
+  TEST_CASE("malformed frames and a client that claims another pid: rejected, counted, others unaffected") {
+    Fixture fixture;
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return active(fixture) == 128; }));
+
+    const auto raw_session = [&](const std::vector<std::byte>& bytes) {
+      const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+      sockaddr_un address{};
+      address.sun_family = AF_UNIX;
+      const std::string path = fixture.socket();
+      std::copy(path.begin(), path.end(), address.sun_path);
+      REQUIRE(::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+      REQUIRE(::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL) == static_cast<ssize_t>(bytes.size()));
+      std::vector<std::byte> reply(4096);
+      std::size_t got = 0;
+      for (ssize_t n = 1; n > 0 && got < reply.size();) {
+        n = ::recv(fd, reply.data() + got, reply.size() - got, 0);  // until the server closes
+        if (n > 0) got += static_cast<std::size_t>(n);
+      }
+      ::close(fd);
+      reply.resize(got);
+      auto frame = protocol::next_frame(reply);
+      REQUIRE(frame.has_value());
+      REQUIRE(frame->has_value());
+      auto message = protocol::decode(**frame);
+      REQUIRE(message.has_value());
+      return std::get<protocol::ErrorMessage>(*message);
+    };
+
+    const std::string garbage = "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n";
+    std::vector<std::byte> bytes;
+    for (const char c : garbage) bytes.push_back(static_cast<std::byte>(c));
+    const auto garbage_error = raw_session(bytes);
+    CHECK(garbage_error.code == ErrorCode::protocol_error);
+
+    bytes.clear();
+    protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(demo->pid()), .process_name = "liar"},
+                     bytes);
+    protocol::encode_free_batch(0, std::vector{protocol::FreeRecord{.buffer = 1}}, bytes);
+    const auto liar_error = raw_session(bytes);
+    CHECK(liar_error.code == ErrorCode::permission_denied);
+    CHECK(liar_error.message.find("claims pid " + std::to_string(demo->pid())) != std::string::npos);
+
+    bytes.clear();
+    protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid())}, bytes);
+    protocol::encode(protocol::SnapshotEnd{0, 5}, bytes);  // out of order: no snapshot begun
+    const auto order_error = raw_session(bytes);
+    CHECK(order_error.message.find("out of order") != std::string::npos);
+
+    const json after = fixture.summary();
+    CHECK(after["malformed_messages"] == 2);
+    CHECK(after["rejected_sessions"] == 1);
+    CHECK(after["active_allocations"] == 128);  // the demo's buffers are untouched
+    CHECK(after["unknown_deallocations"] == 0);
+    CHECK(used(after, 0, "dram") == 104'857'600);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
+    REQUIRE(eventually([&] { return active(fixture) == 0; }));
+  }
+
+  TEST_CASE("server absent: the demo runs, says once that tracking is off, and ends clean") {
+    Fixture fixture;
+    fixture.server().signal(SIGTERM);
+    REQUIRE(fixture.server().wait_for(30s) == 0);
+    CHECK(fixture.server_log().find("Active allocations: 0") != std::string::npos);
+    auto demo = fixture.demo({"--buffers", "4"});
+    REQUIRE(demo->wait_for(120s) == 0);
+    const std::string errors = demo->standard_error();
+    std::size_t warnings = 0;
+    for (std::size_t at = errors.find("meshrt: tracking:"); at != std::string::npos;
+         at = errors.find("meshrt: tracking:", at + 1)) {
+      ++warnings;
+    }
+    CHECK(warnings == 1);
+    CHECK(errors.find("no allocation server at " + fixture.socket()) != std::string::npos);
+    CHECK(demo->standard_output().find("Active allocations: 0") != std::string::npos);
+  }
+}
