@@ -1,6 +1,9 @@
 // The tracking client against a real server (in this process, on a private socket): streaming,
 // a server that appears late, a server that restarts, a clean goodbye.
+#include <algorithm>
 #include <chrono>
+#include <functional>
+#include <string_view>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -8,6 +11,12 @@
 #include <thread>
 #include <utility>
 #include <vector>
+
+#include <grp.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
 
 #include <doctest/doctest.h>
 #include <nlohmann/json.hpp>
@@ -222,5 +231,57 @@ TEST_SUITE("client and server") {
     REQUIRE(list["buffers"].size() == 2);
     CHECK(list["buffers"][0]["name"] == "kv-cache");
     CHECK(list["buffers"][1]["device"] == 1);
+  }
+}
+
+TEST_SUITE("server socket") {
+  TEST_CASE("socket 0600 in a 0700 directory by default; 0660 and 0750 with --group") {
+    testing::TempDirectory dir;
+    {
+      const std::string socket = dir.file("private/alloc.sock");
+      RunningServer server(socket);
+      struct stat info {};
+      REQUIRE(::stat(socket.c_str(), &info) == 0);
+      CHECK((info.st_mode & 07777) == 0600);
+      REQUIRE(::stat(dir.file("private").c_str(), &info) == 0);
+      CHECK((info.st_mode & 07777) == 0700);
+    }
+    const ::group* shared = ::getgrnam("nogroup");
+    if (shared == nullptr) shared = ::getgrgid(::getgid());
+    REQUIRE(shared != nullptr);
+    server::ServerConfig config;
+    config.socket_path = dir.file("shared/alloc.sock");
+    config.group = shared->gr_name;
+    config.log = [](std::string_view) {};
+    auto server = server::Server::start(config);
+    REQUIRE(server.has_value());
+    struct stat info {};
+    REQUIRE(::stat(config.socket_path.c_str(), &info) == 0);
+    CHECK((info.st_mode & 07777) == 0660);
+    CHECK(info.st_gid == shared->gr_gid);
+    REQUIRE(::stat(dir.file("shared").c_str(), &info) == 0);
+    CHECK((info.st_mode & 07777) == 0750);
+  }
+
+  TEST_CASE("a second server on a live socket is refused; a stale socket file is replaced") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    {
+      RunningServer first(socket);
+      server::ServerConfig config;
+      config.socket_path = socket;
+      const auto second = server::Server::start(config);
+      REQUIRE_FALSE(second.has_value());
+      CHECK(second.error().message.find("already listening") != std::string::npos);
+    }
+    // A socket file with nobody behind it, as a killed server leaves.
+    const int fd = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::copy(socket.begin(), socket.end(), address.sun_path);
+    REQUIRE(::bind(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+    ::close(fd);
+    RunningServer replacement(socket);
+    CHECK(summary(socket)["active_allocations"] == 0);
   }
 }
