@@ -28,6 +28,7 @@ inline constexpr std::size_t header_size = 8;
 inline constexpr std::uint32_t max_payload_size = 1U << 20U;
 inline constexpr std::size_t max_name_size = 255;
 
+// NOLINTNEXTLINE(performance-enum-size): as wide as its field on the wire
 enum class MessageType : std::uint16_t {
   hello = 1,             // client -> server: first message of every session
   device_info = 2,       // client -> server: device totals of a mesh it opened

@@ -163,7 +163,7 @@ AllocationEvent BufferAllocation::event(std::uint32_t slot, EventKind kind, Free
   };
 }
 
-void BufferAllocation::deallocate(std::span<const std::uint32_t> slots, FreeReason reason) noexcept {
+void BufferAllocation::release_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept {
   // Fast path without the lock: nothing here is still allocated (a terminal state is final).
   const bool any_live = std::ranges::any_of(slots, [this](std::uint32_t s) {
     return state(s) == DeviceBufferState::allocated;

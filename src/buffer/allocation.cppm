@@ -60,7 +60,7 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
   [[nodiscard]] std::uint64_t address() const { return address_; }
 
   // Deallocates those of `slots` still allocated and reports their Frees as one batch.
-  void deallocate(std::span<const std::uint32_t> slots, FreeReason reason) noexcept;
+  void release_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept;
   [[nodiscard]] Result<void> write(std::uint32_t slot, std::span<const std::byte> bytes);
   [[nodiscard]] Result<void> read(std::uint32_t slot, std::span<std::byte> bytes) const;
 

@@ -65,7 +65,7 @@ DeviceBuffer::~DeviceBuffer() { release(FreeReason::destructor); }
 void DeviceBuffer::deallocate() noexcept { release(FreeReason::explicit_deallocate); }
 
 void DeviceBuffer::release(FreeReason reason) noexcept {
-  if (allocation_) allocation_->deallocate(std::array{slot_}, reason);
+  if (allocation_) allocation_->release_slots(std::array{slot_}, reason);
 }
 
 DeviceBufferState DeviceBuffer::state() const {

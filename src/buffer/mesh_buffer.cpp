@@ -152,7 +152,7 @@ void MeshBuffer::release(FreeReason reason) noexcept {
   for (const DeviceBuffer& device_buffer : device_buffers_) {
     if (device_buffer.allocation_ == allocation_) slots.at(count++) = device_buffer.slot_;
   }
-  allocation_->deallocate(std::span(slots.data(), count), reason);
+  allocation_->release_slots(std::span(slots.data(), count), reason);
 }
 
 bool MeshBuffer::is_allocated() const {

@@ -106,11 +106,11 @@ Result<void> Monitor::write(std::span<const std::byte> bytes) const {
 
 Result<protocol::Message> Monitor::read_message() {
   for (;;) {
-    auto frame = protocol::next_frame(std::span<const std::byte>(buffer_).subspan(start_));
-    if (!frame) return tl::unexpected(std::move(frame.error()));
-    if (frame->has_value()) {
-      auto decoded = protocol::decode(**frame);
-      start_ += (*frame)->frame_size;
+    auto next = protocol::next_frame(std::span<const std::byte>(buffer_).subspan(start_));
+    if (!next) return tl::unexpected(std::move(next.error()));
+    if (const std::optional<protocol::Frame>& frame = *next) {
+      auto decoded = protocol::decode(*frame);
+      start_ += frame->frame_size;
       return decoded;  // replies and errors own their text: no view into the buffer escapes
     }
     if (start_ > 0) {

@@ -227,7 +227,7 @@ struct Connection {
   std::string name;
   bool greeted{false};
   protocol::ClientRole role{protocol::ClientRole::tracker};
-  std::optional<SessionId> session;
+  SessionId session{};  // 0 until a tracker says Hello (the ledger's ids start at 1)
   bool in_snapshot{false};
   std::uint64_t snapshot_records{};
   bool said_goodbye{false};
@@ -280,7 +280,7 @@ struct Server::State {
   void update_interest(Connection& c) const {
     std::uint32_t events = c.closing ? 0U : static_cast<std::uint32_t>(EPOLLIN);
     if (c.output.size() > c.output_start) events |= EPOLLOUT;
-    (void)watch(c.fd.get(), events, EPOLL_CTL_MOD);
+    if (auto watched = watch(c.fd.get(), events, EPOLL_CTL_MOD); !watched) log(watched.error().message);
   }
 
   void accept_all() {
@@ -423,7 +423,7 @@ struct Server::State {
     ++counters.sessions_opened;
     c.session = ledger.open_session(SessionIdentity{static_cast<std::uint32_t>(c.peer.pid), c.peer.uid,
                                                     c.start_time, c.name});
-    log(fmt::format("{}: connected (uid {}, session {})", who(c), c.peer.uid, *c.session));
+    log(fmt::format("{}: connected (uid {}, session {})", who(c), c.peer.uid, c.session));
   }
 
   void apply(Connection& c, const protocol::DeviceInfo& info) {
@@ -432,11 +432,11 @@ struct Server::State {
   }
 
   void apply(Connection& c, const protocol::MeshBufferName& name) {
-    ledger.name_mesh_buffer(*c.session, name.mesh_buffer, name.name);
+    ledger.name_mesh_buffer(c.session, name.mesh_buffer, name.name);
   }
 
   bool within_limit(Connection& c, std::size_t adding) {
-    if (ledger.live_allocations(*c.session) + adding <= config.max_live_per_session) return true;
+    if (ledger.live_allocations(c.session) + adding <= config.max_live_per_session) return true;
     reject(c, ErrorCode::limit_exceeded,
            fmt::format("more than {} live allocations in one process, the server's limit", config.max_live_per_session),
            counters.rejected_sessions);
@@ -444,7 +444,7 @@ struct Server::State {
   }
 
   void sequence(Connection& c, std::uint64_t first, std::uint64_t count) {
-    if (!ledger.check_sequence(*c.session, first, count)) {
+    if (!ledger.check_sequence(c.session, first, count)) {
       log(fmt::format("{}: sequence gap: batch starts at event {}, not where the last ended; events were lost",
                       who(c), first));
     }
@@ -455,7 +455,7 @@ struct Server::State {
     sequence(c, batch.first_sequence, batch.records.size());
     for (std::size_t i = 0; i < batch.records.size(); ++i) {
       const protocol::AllocRecord record = batch.records[i];
-      ledger.apply_alloc(*c.session, record);
+      ledger.apply_alloc(c.session, record);
       Activity& a = c.activity[record.device];
       ++a.allocated;
       a.allocated_bytes += record.size;
@@ -466,7 +466,7 @@ struct Server::State {
     sequence(c, batch.first_sequence, batch.records.size());
     for (std::size_t i = 0; i < batch.records.size(); ++i) {
       const protocol::FreeRecord record = batch.records[i];
-      const FreeOutcome outcome = ledger.apply_free(*c.session, record);
+      const FreeOutcome outcome = ledger.apply_free(c.session, record);
       if (outcome.kind == FreeOutcome::Kind::freed) {
         Activity& a = c.activity[outcome.device];
         ++a.freed;
@@ -486,14 +486,14 @@ struct Server::State {
   }
 
   void apply(Connection& c, const protocol::SnapshotBegin& /*begin*/) {
-    ledger.begin_snapshot(*c.session);
+    ledger.begin_snapshot(c.session);
     c.in_snapshot = true;
     c.snapshot_records = 0;
   }
 
   void apply(Connection& c, const protocol::SnapshotChunk& chunk) {
     if (!within_limit(c, chunk.records.size())) return;
-    for (std::size_t i = 0; i < chunk.records.size(); ++i) ledger.apply_snapshot_record(*c.session, chunk.records[i]);
+    for (std::size_t i = 0; i < chunk.records.size(); ++i) ledger.apply_snapshot_record(c.session, chunk.records[i]);
     c.snapshot_records += chunk.records.size();
   }
 
@@ -505,7 +505,7 @@ struct Server::State {
              counters.malformed_messages);
       return;
     }
-    ledger.end_snapshot(*c.session, end.next_sequence);
+    ledger.end_snapshot(c.session, end.next_sequence);
     c.in_snapshot = false;
     if (c.snapshot_records > 0) log(fmt::format("{}: resynchronised: {} live buffers", who(c), c.snapshot_records));
   }
@@ -540,14 +540,15 @@ struct Server::State {
       }
       while (!c.closing) {
         const auto pending = std::span<const std::byte>(c.input).subspan(c.input_start);
-        auto frame = protocol::next_frame(pending, config.max_payload);
-        if (!frame) {
-          reject(c, frame.error().code, frame.error().message, counters.malformed_messages);
+        auto next = protocol::next_frame(pending, config.max_payload);
+        if (!next) {
+          reject(c, next.error().code, next.error().message, counters.malformed_messages);
           break;
         }
-        if (!frame->has_value()) break;
-        handle(c, **frame);
-        c.input_start += (*frame)->frame_size;
+        const std::optional<protocol::Frame>& frame = *next;
+        if (!frame) break;  // a partial frame: wait for more bytes
+        handle(c, *frame);
+        c.input_start += frame->frame_size;
       }
       if (c.input_start == c.input.size()) {
         c.input.clear();
@@ -616,9 +617,9 @@ struct Server::State {
     if (found == connections.end()) return;
     Connection& c = *found->second;
     if (config.log_activity) log_activity(c);
-    if (c.session) {
+    if (c.session != 0) {
       const SessionEnd how = c.said_goodbye ? SessionEnd::goodbye : SessionEnd::disconnected;
-      const Reclaim reclaim = ledger.close_session(*c.session, how);
+      const Reclaim reclaim = ledger.close_session(c.session, how);
       ++changes;
       if (reclaim.buffers == 0) {
         log(fmt::format("{}: {}", who(c), how == SessionEnd::goodbye ? "said goodbye" : "disconnected"));

@@ -13,6 +13,7 @@ module;
 #include <map>
 #include <memory>
 #include <mutex>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -280,9 +281,10 @@ struct TrackingClient::State {
       }
       input.insert(input.end(), buffer.begin(), buffer.begin() + got);
     }
-    auto frame = protocol::next_frame(input);
-    if (frame && frame->has_value()) {
-      if (auto message = protocol::decode(**frame)) {
+    const auto next = protocol::next_frame(input);
+    if (!next) return;
+    if (const std::optional<protocol::Frame>& frame = *next) {
+      if (auto message = protocol::decode(*frame)) {
         if (const auto* error = std::get_if<protocol::ErrorMessage>(&*message)) {
           warned = false;  // this reason matters more than "lost"
           return disconnect(fmt::format("the server refused: {}", error->message));

@@ -1,0 +1,14 @@
+// Every option a project may point at its own types shows in --dump-config, with its default.
+// RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' --dump-config | FileCheck %s
+
+// CHECK-DAG: meshrt-state-transition.StateMembers: '::meshrt::detail::BufferAllocation::states_'
+// CHECK-DAG: meshrt-state-transition.TransitionFunctions: '::meshrt::detail::BufferAllocation::mark_deallocated;::meshrt::detail::BufferAllocation::mark_released'
+// CHECK-DAG: meshrt-state-transition.StateSetters: mark_as_deallocated
+// CHECK-DAG: meshrt-state-transition.MutatingMethods: 'operator=;emplace;reset;swap;store;exchange;compare_exchange_weak;compare_exchange_strong'
+// CHECK-DAG: meshrt-state-transition.AllowInConstructors: 'true'
+// CHECK-DAG: meshrt-release-on-every-path.DeallocatingFunctions: deallocate
+// CHECK-DAG: meshrt-release-on-every-path.ReleaseFunctions: '::meshrt::MeshBuffer::release;::meshrt::DeviceBuffer::release;::meshrt::detail::BufferAllocation::release_slots'
+// CHECK-DAG: meshrt-release-on-every-path.CheckDestructors: 'true'
+// CHECK-DAG: meshrt-ownership-escape.BufferTypes: '::meshrt::DeviceBuffer;::meshrt::MeshBuffer;::meshrt::detail::BufferAllocation'
+// CHECK-DAG: meshrt-ownership-escape.AllowedFactories: '::meshrt::DeviceBuffer::create;::meshrt::MeshBuffer::create;::meshrt::detail::BufferAllocation::allocate'
+// CHECK-DAG: meshrt-discarded-handle.HandleTypes: '::meshrt::DeviceBuffer;::meshrt::MeshBuffer'

@@ -1,0 +1,53 @@
+// With no options at all, the checks know meshrt's own types: the state machine's record, its
+// transitions, the handles and their factories.
+// RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' %s -- -std=c++20 \
+// RUN:   | FileCheck %s --check-prefix=CHECK-MESSAGES --implicit-check-not='{{warning|error}}:'
+
+#include <atomic>
+#include <memory>
+
+namespace meshrt {
+enum class DeviceBufferState { allocated, deallocated, released };
+namespace detail {
+class BufferAllocation {
+ public:
+  static std::shared_ptr<BufferAllocation> allocate() { return std::make_shared<BufferAllocation>(); }
+  // The record's own entry point: its guard return is fine (nothing left to release).
+  void release_slots(int slot) {
+    if (states_[slot] != DeviceBufferState::allocated) return;
+    mark_deallocated(slot);
+  }
+  void shortcut(int slot) {
+    states_[slot].store(DeviceBufferState::deallocated);
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'states_' is written outside its transition functions; change it only through BufferAllocation::mark_deallocated() or BufferAllocation::mark_released(), so that every change emits its event [meshrt-state-transition]
+  }
+
+ private:
+  void mark_deallocated(int slot) { states_[slot].store(DeviceBufferState::deallocated); }
+  void mark_released(int slot) { states_[slot].store(DeviceBufferState::released); }
+  std::atomic<DeviceBufferState> states_[8];
+};
+}  // namespace detail
+
+class MeshBuffer {
+ public:
+  static MeshBuffer create() { return MeshBuffer(); }
+  void deallocate() {
+    if (closed_) return;
+    // CHECK-MESSAGES: :[[@LINE-1]]:18: warning: 'meshrt::MeshBuffer::deallocate' returns here without releasing its per-device buffers: no call to MeshBuffer::release(), DeviceBuffer::release() or BufferAllocation::release_slots() on this path; release them on every path before returning [meshrt-release-on-every-path]
+    release();
+  }
+  ~MeshBuffer() { release(); }
+
+ private:
+  void release() {}
+  bool closed_ = false;
+};
+
+void misuse() {
+  auto* raw = new MeshBuffer(MeshBuffer::create());
+  // CHECK-MESSAGES: :[[@LINE-1]]:15: warning: raw 'new' of buffer type 'MeshBuffer': a buffer must be owned by its RAII handle from the start; create it with DeviceBuffer::create(), MeshBuffer::create() or BufferAllocation::allocate() [meshrt-ownership-escape]
+  delete raw;
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: raw 'delete' of buffer type 'MeshBuffer'
+}
+}  // namespace meshrt

@@ -1,0 +1,99 @@
+// RUN: %clang_tidy --checks='-*,meshrt-release-on-every-path' \
+// RUN:   --config="{CheckOptions: {meshrt-release-on-every-path.ReleaseFunctions: 'Buffer::deallocate;MeshBuffer::mark_deallocated'}}" \
+// RUN:   %s -- -std=c++20 | FileCheck %s --check-prefix=CHECK-MESSAGES --implicit-check-not='{{warning|error}}:'
+
+#include "seed.h"
+
+// The seed: with the mesh device alive, deallocate() returns before any device buffer is released.
+void MeshBuffer::deallocate() {
+  auto mesh_device = mesh_device_.lock();
+  if (mesh_device) {
+    state_ = DeallocatedState{};
+    return;
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'MeshBuffer::deallocate' returns here without releasing its per-device buffers: no call to Buffer::deallocate() or MeshBuffer::mark_deallocated() on this path; release them on every path before returning [meshrt-release-on-every-path]
+  }
+  for (auto& buffer : buffers_) buffer->deallocate();
+  state_ = DeallocatedState{};
+}
+
+// A destructor of a class with deallocate() that forgets to release.
+MeshBuffer::~MeshBuffer() {
+  if (!is_allocated()) return;
+  // CHECK-MESSAGES: :[[@LINE-1]]:24: warning: 'MeshBuffer::~MeshBuffer' returns here without releasing
+  state_ = DeallocatedState{};
+}
+// CHECK-MESSAGES: :[[@LINE-1]]:1: warning: 'MeshBuffer::~MeshBuffer' can reach its end without releasing its per-device buffers: no call to Buffer::deallocate() or MeshBuffer::mark_deallocated() on this path [meshrt-release-on-every-path]
+
+struct Good {
+  std::vector<std::shared_ptr<Buffer>> buffers;
+  bool alive = false;
+  // Every path releases: both branches, or through the one call before the branch.
+  void deallocate() {
+    if (alive) {
+      for (auto& b : buffers) b->deallocate();
+    } else {
+      for (auto& b : buffers) b->deallocate();
+    }
+  }
+  ~Good() { deallocate_all(); }
+  void deallocate_all() {
+    for (auto& b : buffers) {
+      if (b) b->deallocate();  // skipping an empty slot is still releasing the loop
+    }
+  }
+};
+
+struct LoopEscape {
+  std::vector<std::shared_ptr<Buffer>> buffers;
+  bool closed = false;
+  void deallocate() {
+    for (auto& b : buffers) {
+      if (closed) return;
+      // CHECK-MESSAGES: :[[@LINE-1]]:19: warning: 'LoopEscape::deallocate' returns here without releasing
+      b->deallocate();
+    }
+  }
+};
+
+struct LambdaNeverCalled {
+  std::shared_ptr<Buffer> buffer;
+  void deallocate() {
+    auto release = [this] { buffer->deallocate(); };
+    (void)release;
+  }
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'LambdaNeverCalled::deallocate' can reach its end without releasing
+};
+
+#define RETURN_IF(condition) \
+  if (condition) return
+struct MacroExit {
+  std::shared_ptr<Buffer> buffer;
+  bool closed = false;
+  void deallocate() {
+    RETURN_IF(closed);
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'MacroExit::deallocate' returns here without releasing
+    buffer->deallocate();
+  }
+};
+
+struct HalfIf {
+  std::shared_ptr<Buffer> buffer;
+  bool owned = false;
+  void deallocate() {
+    if (owned) buffer->deallocate();
+  }
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'HalfIf::deallocate' can reach its end without releasing
+};
+
+struct Throws {
+  std::shared_ptr<Buffer> buffer;
+  void deallocate() {
+    if (!buffer) throw 1;  // an exception is not a silent early exit
+    buffer->deallocate();
+  }
+};
+
+// Not a deallocating function: not checked.
+struct Unrelated {
+  void close() {}
+};
