@@ -1,13 +1,15 @@
 // meshrt.alloc — BankAllocator: best-fit allocation over one bank's address range.
 //
-// Pure: no I/O, no globals, no locking (its owner serialises access). Every operation is
-// O(log n) in the number of free blocks; bad requests return an Error and change nothing.
+// Pure: no I/O, no globals, no locking (its owner serialises access). Bad requests return an
+// Error and change nothing. See ADR 0011 for the structure and its figures.
 module;
+#include <array>
 #include <cstdint>
 #include <set>
-#include <unordered_map>
-#include <utility>
+#include <tuple>
 #include <vector>
+
+#include <absl/container/flat_hash_map.h>
 
 export module meshrt.alloc;
 
@@ -40,9 +42,10 @@ class BankAllocator {
   // `alignment` (a power of two) is the allocation granule: every address and size is a multiple.
   [[nodiscard]] static Result<BankAllocator> create(std::uint64_t base, std::uint64_t size, std::uint64_t alignment);
 
-  // Best fit: the smallest free block that holds `size` (rounded up to the granule); among equal
-  // blocks the lowest (bottom_up) or highest (top_down) address. `alignment` 0 means the granule;
-  // a larger power of two is honoured at some cost in search.
+  // Best fit: a free block of the smallest size that holds `size` (rounded up to the granule);
+  // among blocks of that size, the most recently freed (large blocks: the lowest address). The
+  // allocation sits at the block's low end (bottom_up) or high end (top_down). `alignment` 0
+  // means the granule; a larger power of two is honoured by a slower first-fit search.
   [[nodiscard]] Result<std::uint64_t> allocate(std::uint64_t size,
                                                AllocationDirection direction = AllocationDirection::bottom_up,
                                                std::uint64_t alignment = 0);
@@ -60,10 +63,33 @@ class BankAllocator {
   // Size of the allocated block at `address`, if there is one.
   [[nodiscard]] Result<std::uint64_t> allocated_size(std::uint64_t address) const;
 
+  // Free blocks of up to this many granules live in exact-size buckets found through a bitmap
+  // (O(1)); larger ones in an ordered set (O(log n), and there are few of them).
+  static constexpr std::uint32_t bucketed_granules = 1024;
+
  private:
+  using Index = std::uint32_t;
+  static constexpr Index none = ~Index{0};
+  struct Slot {
+    std::uint64_t address{};
+    std::uint64_t size{};
+    Index previous{none};  // the physically adjacent blocks, free or not
+    Index next{none};
+    Index position{none};  // where it sits in its bucket, when free and bucketed
+    bool allocated{false};
+    bool in_use{false};
+  };
+
   BankAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment);
-  void insert_free(std::uint64_t address, std::uint64_t size);
-  void erase_free(std::uint64_t address, std::uint64_t size);
+  [[nodiscard]] Index new_slot(std::uint64_t address, std::uint64_t size);
+  void drop_slot(Index index);
+  void index_free(Index index);
+  void unindex_free(Index index);
+  [[nodiscard]] Index best_fit(std::uint64_t rounded) const;
+  [[nodiscard]] Index first_fit_aligned(std::uint64_t rounded, std::uint64_t align, AllocationDirection direction) const;
+  [[nodiscard]] std::uint64_t place(const Slot& block, std::uint64_t rounded, std::uint64_t align,
+                                    AllocationDirection direction) const;
+  Index split_off(Index index, std::uint64_t address, std::uint64_t size);
   [[nodiscard]] Error out_of_memory(std::uint64_t requested, std::uint64_t rounded) const;
   [[nodiscard]] Error not_allocated(std::uint64_t address) const;
 
@@ -71,12 +97,13 @@ class BankAllocator {
   std::uint64_t size_{};
   std::uint64_t alignment_{};
   std::uint64_t allocated_bytes_{};
-  // Free blocks three ways: by (size, address) for best fit, by start and by end so that
-  // coalescing finds both neighbours in O(1) without an ordered map of addresses.
-  std::set<std::pair<std::uint64_t, std::uint64_t>> free_by_size_;
-  std::unordered_map<std::uint64_t, std::uint64_t> free_by_start_;  // start -> size
-  std::unordered_map<std::uint64_t, std::uint64_t> free_by_end_;    // end -> start
-  std::unordered_map<std::uint64_t, std::uint64_t> allocated_;      // start -> size
+  std::uint64_t free_blocks_{};
+  std::vector<Slot> slots_;
+  std::vector<Index> free_slots_;
+  std::vector<std::vector<Index>> buckets_;  // [granules] -> free blocks of exactly that size
+  std::array<std::uint64_t, bucketed_granules / 64 + 1> bucket_bits_{};
+  std::set<std::tuple<std::uint64_t, std::uint64_t, Index>> large_;  // (size, address, slot)
+  absl::flat_hash_map<std::uint64_t, Index> allocated_;               // address -> slot
 };
 
 }  // namespace meshrt
