@@ -38,8 +38,9 @@ class TrackingClient final : public EventProcessor {
 
   struct Status {
     bool connected{};
-    std::uint64_t events_queued{};    // handed to process()
-    std::uint64_t events_delivered{};  // written to a connected server, as records or in a snapshot
+    std::uint64_t events_queued{};     // handed to process()
+    std::uint64_t events_taken{};      // taken from the queues by the sender
+    std::uint64_t events_delivered{};  // of those, written to a connected server (as records or in a snapshot)
     std::uint64_t live_buffers{};     // in the client's own table
     std::uint64_t connections{};      // successful connects (1 + reconnects)
     std::uint64_t snapshots{};        // snapshots sent

@@ -7,6 +7,7 @@ module;
 #include <span>
 #include <string_view>
 #include <array>
+#include <atomic>
 #include <unordered_map>
 #include <vector>
 
@@ -92,11 +93,16 @@ class AllocationHook {
   virtual std::optional<std::uint64_t> intercept(const AllocationRequest& request) noexcept = 0;
 };
 
+// Hands events to processors and asks hooks. record() and intercept() take no lock: they read
+// an immutable list published by add/remove (earlier lists are kept until the Tracker dies, so a
+// record() that started before a removal may still reach the removed processor).
 class Tracker {
  public:
-  Tracker() = default;
+  Tracker();
   Tracker(const Tracker&) = delete;
   Tracker& operator=(const Tracker&) = delete;
+  Tracker(Tracker&&) = delete;
+  Tracker& operator=(Tracker&&) = delete;
   ~Tracker() = default;
 
   // The tracker mesh devices use unless given another. Attaches the allocation-server client
@@ -115,9 +121,17 @@ class Tracker {
   void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept;
 
  private:
-  mutable std::mutex mutex_;
-  std::vector<std::shared_ptr<EventProcessor>> processors_;
-  std::vector<std::shared_ptr<AllocationHook>> hooks_;
+  struct Listeners {
+    std::vector<std::shared_ptr<EventProcessor>> processors;
+    std::vector<std::shared_ptr<AllocationHook>> hooks;
+  };
+  // Under mutex_: copies the current list, lets `change` edit it, publishes the result.
+  template <class Change>
+  void publish(Change change);
+
+  std::mutex mutex_;
+  std::vector<std::unique_ptr<const Listeners>> published_;
+  std::atomic<const Listeners*> current_{nullptr};
 };
 
 struct LiveBufferSummary {

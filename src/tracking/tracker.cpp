@@ -1,5 +1,6 @@
 module;
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -39,31 +40,42 @@ std::shared_ptr<Tracker> Tracker::process_default() {
   return tracker;
 }
 
+Tracker::Tracker() {
+  published_.push_back(std::make_unique<const Listeners>());
+  current_.store(published_.back().get(), std::memory_order_release);
+}
+
+template <class Change>
+void Tracker::publish(Change change) {
+  const std::scoped_lock lock(mutex_);
+  auto next = std::make_unique<Listeners>(*current_.load(std::memory_order_relaxed));
+  change(*next);
+  published_.push_back(std::move(next));
+  current_.store(published_.back().get(), std::memory_order_release);
+}
+
 void Tracker::add_processor(std::shared_ptr<EventProcessor> processor) {
   Expects(processor != nullptr);
-  const std::scoped_lock lock(mutex_);
-  processors_.push_back(std::move(processor));
+  publish([&](Listeners& listeners) { listeners.processors.push_back(std::move(processor)); });
 }
 
 void Tracker::remove_processor(const EventProcessor& processor) {
-  const std::scoped_lock lock(mutex_);
-  std::erase_if(processors_, [&](const auto& p) { return p.get() == &processor; });
+  publish([&](Listeners& listeners) {
+    std::erase_if(listeners.processors, [&](const auto& p) { return p.get() == &processor; });
+  });
 }
 
 void Tracker::add_hook(std::shared_ptr<AllocationHook> hook) {
   Expects(hook != nullptr);
-  const std::scoped_lock lock(mutex_);
-  hooks_.push_back(std::move(hook));
+  publish([&](Listeners& listeners) { listeners.hooks.push_back(std::move(hook)); });
 }
 
 void Tracker::remove_hook(const AllocationHook& hook) {
-  const std::scoped_lock lock(mutex_);
-  std::erase_if(hooks_, [&](const auto& h) { return h.get() == &hook; });
+  publish([&](Listeners& listeners) { std::erase_if(listeners.hooks, [&](const auto& h) { return h.get() == &hook; }); });
 }
 
 std::optional<std::uint64_t> Tracker::intercept(const AllocationRequest& request) const {
-  const std::scoped_lock lock(mutex_);
-  for (const auto& hook : hooks_) {
+  for (const auto& hook : current_.load(std::memory_order_acquire)->hooks) {
     if (auto address = hook->intercept(request)) return address;
   }
   return std::nullopt;
@@ -71,18 +83,17 @@ std::optional<std::uint64_t> Tracker::intercept(const AllocationRequest& request
 
 void Tracker::record(std::span<const AllocationEvent> events) const noexcept {
   if (events.empty()) return;
-  const std::scoped_lock lock(mutex_);
-  for (const auto& processor : processors_) processor->process(events);
+  for (const auto& processor : current_.load(std::memory_order_acquire)->processors) processor->process(events);
 }
 
 void Tracker::describe_devices(std::span<const DeviceDescription> devices) const noexcept {
-  const std::scoped_lock lock(mutex_);
-  for (const auto& processor : processors_) processor->describe_devices(devices);
+  for (const auto& processor : current_.load(std::memory_order_acquire)->processors) processor->describe_devices(devices);
 }
 
 void Tracker::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept {
-  const std::scoped_lock lock(mutex_);
-  for (const auto& processor : processors_) processor->describe_mesh_buffer(mesh_buffer, name);
+  for (const auto& processor : current_.load(std::memory_order_acquire)->processors) {
+    processor->describe_mesh_buffer(mesh_buffer, name);
+  }
 }
 
 }  // namespace meshrt

@@ -1,6 +1,7 @@
 module;
 #include <algorithm>
 #include <array>
+#include <atomic>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -45,8 +46,34 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-// Past this many queued events the application thread wakes the sender early.
+// Past this many events in its lane an application thread wakes the sender early.
 constexpr std::size_t wake_threshold = 4096;
+// Application threads spread over this many lanes, each with its own tiny lock, so that
+// recording an event never waits on the sender or (usually) on another thread.
+constexpr std::size_t lane_count = 16;
+
+std::atomic<std::size_t> next_lane{0};
+
+std::size_t this_thread_lane() {
+  thread_local const std::size_t lane = next_lane.fetch_add(1, std::memory_order_relaxed) % lane_count;
+  return lane;
+}
+
+// One application-thread queue. The lock is held only to append or to swap the vector out.
+struct alignas(64) Lane {
+  std::atomic<bool> locked{false};
+  std::vector<AllocationEvent> events;
+  std::uint64_t queued{};
+
+  void lock() {
+    for (int spins = 0; locked.exchange(true, std::memory_order_acquire); ++spins) {
+      while (locked.load(std::memory_order_relaxed)) {
+        if (++spins > 64) std::this_thread::yield();  // the holder may be preempted: 2 cores
+      }
+    }
+  }
+  void unlock() { locked.store(false, std::memory_order_release); }
+};
 // How long a clean exit may wait for a slow server to take the last events.
 constexpr auto final_flush_timeout = 2s;
 
@@ -82,16 +109,18 @@ bool tracking_enabled_by_environment() {
 struct TrackingClient::State {
   Options options;
 
-  // Shared with application threads, under `mutex`.
+  // Written by application threads.
+  std::array<Lane, lane_count> lanes;
+  std::atomic<bool> stopping{false};
+
+  // Shared with flush()/status()/describe_*, under `mutex`.
   mutable std::mutex mutex;
   std::condition_variable wake;
   std::condition_variable delivered_changed;
-  std::vector<AllocationEvent> queue;
   std::vector<protocol::DeviceTotals> device_queue;
   std::vector<protocol::MeshBufferName> name_queue;
-  std::uint64_t queued{};     // events ever handed to process()
-  std::uint64_t delivered{};  // events ever written to a connected server
-  bool stopping{false};
+  std::uint64_t flush_requests{};  // flush() calls so far
+  std::uint64_t flushed_through{};  // the last request whose events were all delivered
   Status status;
 
   // The sender thread's own world.
@@ -99,6 +128,9 @@ struct TrackingClient::State {
   std::vector<std::byte> out;
   std::size_t out_start{};
   std::unordered_map<std::uint64_t, protocol::AllocRecord> live;
+  // A Free can overtake its Alloc when the two were recorded on different threads' lanes: it
+  // waits here (keyed by buffer id, never reused) until the Alloc arrives.
+  std::unordered_map<std::uint64_t, AllocationEvent> early_frees;
   std::map<std::uint32_t, protocol::DeviceTotals> devices;
   struct Name {
     std::string text;
@@ -109,7 +141,6 @@ struct TrackingClient::State {
   bool need_snapshot{true};
   bool warned{false};  // a warning is out; the next connect says so
   Clock::time_point next_connect{};
-  std::uint64_t taken{};  // events the sender has taken from the queue
   std::thread sender;
 
   void warn(const std::string& line) const {
@@ -126,14 +157,27 @@ struct TrackingClient::State {
     if (!name.name.empty()) names[name.mesh_buffer].text = name.name;
   }
 
-  void apply(const AllocationEvent& event) {
+  // Applies one event to the live table and appends what the server must hear, in an order it
+  // accepts (each Alloc before its Free), to `ordered`.
+  void apply(const AllocationEvent& event, std::vector<AllocationEvent>& ordered) {
+    const std::uint64_t id = event.buffer.value();
     if (event.kind == EventKind::allocate) {
-      live.insert_or_assign(event.buffer.value(), to_record(event));
+      ordered.push_back(event);
+      if (const auto early = early_frees.find(id); early != early_frees.end()) {
+        ordered.push_back(early->second);  // its whole life fell between two drains
+        early_frees.erase(early);
+        return;
+      }
+      live.insert_or_assign(id, to_record(event));
       if (const auto name = names.find(event.mesh_buffer.value()); name != names.end()) ++name->second.live;
       return;
     }
-    const auto found = live.find(event.buffer.value());
-    if (found == live.end()) return;
+    const auto found = live.find(id);
+    if (found == live.end()) {
+      early_frees.emplace(id, event);
+      return;
+    }
+    ordered.push_back(event);
     if (const auto name = names.find(found->second.mesh_buffer); name != names.end() && --name->second.live == 0) {
       names.erase(name);
     }
@@ -330,33 +374,55 @@ struct TrackingClient::State {
 
   // ---- the sender thread ----
 
+  // Takes every lane's events (swapping vectors, so a lane is locked only for the swap).
+  void drain_lanes(std::vector<AllocationEvent>& taken, std::vector<AllocationEvent>& spare) {
+    for (Lane& lane : lanes) {
+      lane.lock();
+      spare.swap(lane.events);
+      lane.unlock();
+      taken.insert(taken.end(), spare.begin(), spare.end());
+      spare.clear();
+    }
+  }
+
   void run() {
     try_connect();  // at once: a server that is there sees the first allocations as they happen
+    std::vector<AllocationEvent> taken;
+    std::vector<AllocationEvent> spare;
+    std::vector<AllocationEvent> ordered;
     for (;;) {
-      std::vector<AllocationEvent> events;
       std::vector<protocol::DeviceTotals> new_devices;
       std::vector<protocol::MeshBufferName> new_names;
+      std::uint64_t round{};
       bool stop = false;
       {
         std::unique_lock lock(mutex);
-        wake.wait_for(lock, options.flush_interval, [&] { return stopping || queue.size() >= wake_threshold; });
-        events.swap(queue);
+        wake.wait_for(lock, options.flush_interval);
+        stop = stopping.load(std::memory_order_acquire);
+        round = flush_requests;
+      }
+      // Lanes before names: a name is queued before its Allocs, so any Alloc taken now has its
+      // name in the queue already.
+      taken.clear();
+      drain_lanes(taken, spare);
+      {
+        const std::scoped_lock lock(mutex);
         new_devices.swap(device_queue);
         new_names.swap(name_queue);
-        stop = stopping;
       }
-      taken += events.size();
       for (const protocol::DeviceTotals& device : new_devices) devices[device.device] = device;
       for (const protocol::MeshBufferName& name : new_names) remember(name);
-      for (const AllocationEvent& event : events) apply(event);
+      ordered.clear();
+      for (const AllocationEvent& event : taken) apply(event, ordered);
 
-      if (!connected()) try_connect();  // a new session starts with a snapshot: it covers these events
-      else if (need_snapshot) {
+      if (!connected()) {
+        try_connect();  // a new session starts with a snapshot: it covers these events
+      } else if (need_snapshot) {
         if (out.size() == out_start) encode_snapshot();
       } else {
         if (!new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
         for (const protocol::MeshBufferName& name : new_names) protocol::encode(name, out);
-        encode_events(events);
+        encode_events(ordered);
       }
       if (connected() && out.size() - out_start > options.max_pending_bytes) {
         // The server is not reading: drop what waits, resynchronise when it reads again.
@@ -368,9 +434,10 @@ struct TrackingClient::State {
       if (connected()) pump(stop ? std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout) : 0ms);
       {
         const std::scoped_lock lock(mutex);
+        status.events_taken += taken.size();
         if (connected() && out.size() == out_start && !need_snapshot) {
-          status.events_delivered += taken - delivered;
-          delivered = taken;
+          status.events_delivered = status.events_taken;
+          flushed_through = round;
         }
         status.live_buffers = live.size();
       }
@@ -378,6 +445,10 @@ struct TrackingClient::State {
       if (stop) break;
     }
     if (connected()) {
+      // Frees whose Alloc never came are a runtime bug: the server counts them as unknown.
+      std::vector<AllocationEvent> orphans;
+      for (const auto& [id, event] : early_frees) orphans.push_back(event);
+      encode_events(orphans);
       protocol::encode(protocol::Goodbye{}, out);
       pump(std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout));
       if (fd >= 0) ::close(fd);
@@ -404,23 +475,21 @@ TrackingClient::~TrackingClient() { shutdown(); }
 void TrackingClient::shutdown() {
   {
     const std::scoped_lock lock(state_->mutex);
-    state_->stopping = true;
+    state_->stopping.store(true, std::memory_order_release);
   }
   state_->wake.notify_one();
   if (state_->sender.joinable()) state_->sender.join();
 }
 
 void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
-  bool kick = false;
-  {
-    const std::scoped_lock lock(state_->mutex);
-    if (state_->stopping) return;
-    state_->queue.insert(state_->queue.end(), events.begin(), events.end());
-    state_->queued += events.size();
-    state_->status.events_queued += events.size();
-    kick = state_->queue.size() >= wake_threshold && state_->queue.size() - events.size() < wake_threshold;
-  }
-  if (kick) state_->wake.notify_one();
+  if (state_->stopping.load(std::memory_order_relaxed)) return;
+  Lane& lane = state_->lanes[this_thread_lane()];
+  lane.lock();
+  lane.events.insert(lane.events.end(), events.begin(), events.end());
+  lane.queued += events.size();
+  const bool kick = lane.events.size() >= wake_threshold && lane.events.size() - events.size() < wake_threshold;
+  lane.unlock();
+  if (kick) state_->wake.notify_one();  // a missed wake-up costs one flush interval, no more
 }
 
 void TrackingClient::describe_devices(std::span<const DeviceDescription> devices) noexcept {
@@ -437,14 +506,24 @@ void TrackingClient::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_
 
 bool TrackingClient::flush(std::chrono::milliseconds timeout) {
   std::unique_lock lock(state_->mutex);
-  const std::uint64_t target = state_->queued;
+  const std::uint64_t request = ++state_->flush_requests;
   state_->wake.notify_one();
-  return state_->delivered_changed.wait_for(lock, timeout, [&] { return state_->delivered >= target; });
+  return state_->delivered_changed.wait_for(lock, timeout, [&] { return state_->flushed_through >= request; });
 }
 
 TrackingClient::Status TrackingClient::status() const {
-  const std::scoped_lock lock(state_->mutex);
-  return state_->status;
+  Status status;
+  {
+    const std::scoped_lock lock(state_->mutex);
+    status = state_->status;
+  }
+  status.events_queued = 0;
+  for (Lane& lane : state_->lanes) {
+    lane.lock();
+    status.events_queued += lane.queued;
+    lane.unlock();
+  }
+  return status;
 }
 
 }  // namespace meshrt

@@ -1,6 +1,7 @@
 // The tracking client against a real server (in this process, on a private socket): streaming,
 // a server that appears late, a server that restarts, a clean goodbye.
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <functional>
 #include <string_view>
@@ -231,6 +232,53 @@ TEST_SUITE("client and server") {
     REQUIRE(list["buffers"].size() == 2);
     CHECK(list["buffers"][0]["name"] == "kv-cache");
     CHECK(list["buffers"][1]["device"] == 1);
+  }
+}
+
+TEST_SUITE("client and server") {
+  TEST_CASE("buffers allocated on some threads and freed on others: every Alloc reaches the server before its Free") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    RunningServer server(socket);
+    auto client = TrackingClient::start({.socket_path = socket});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    std::mutex handoff_mutex;
+    std::vector<MeshBuffer> handoff;
+    std::atomic<int> producers_left{3};
+    std::vector<std::thread> threads;
+    for (int p = 0; p < 3; ++p) {
+      threads.emplace_back([&] {
+        for (int i = 0; i < 2000; ++i) {
+          auto buffer = replicated(mesh, 1024);
+          const std::scoped_lock lock(handoff_mutex);
+          handoff.push_back(std::move(buffer));
+        }
+        producers_left.fetch_sub(1);
+      });
+    }
+    for (int c = 0; c < 3; ++c) {
+      threads.emplace_back([&] {
+        for (;;) {
+          std::vector<MeshBuffer> taken;
+          {
+            const std::scoped_lock lock(handoff_mutex);
+            taken.swap(handoff);
+          }
+          if (taken.empty() && producers_left.load() == 0) return;
+          taken.clear();  // freed here, on a thread that did not allocate them
+        }
+      });
+    }
+    for (std::thread& thread : threads) thread.join();
+    REQUIRE(client->flush(10s));
+    const auto after = summary(socket);
+    CHECK(after["total_allocations"] == 3 * 2000 * 2);
+    CHECK(after["total_deallocations"] == 3 * 2000 * 2);
+    CHECK(after["unknown_deallocations"] == 0);
+    CHECK(after["active_allocations"] == 0);
+    CHECK(after["sequence_gaps"] == 0);
   }
 }
 
