@@ -1,10 +1,8 @@
-// meshrt.bench — a small benchmark harness: warm-up, repetitions, medians, and the results file.
+// meshrt.bench — the benchmark harness (warm-up, repetitions, medians) and the figures it reports.
 module;
 #include <algorithm>
 #include <chrono>
 #include <cstdint>
-#include <cstdio>
-#include <functional>
 #include <string>
 #include <utility>
 #include <vector>
@@ -25,15 +23,14 @@ double median_ns_per_op(Batch&& batch, std::uint64_t operations, int repetitions
   for (int i = 0; i < repetitions; ++i) {
     const auto start = Clock::now();
     batch();
-    const auto elapsed = std::chrono::duration<double, std::nano>(Clock::now() - start).count();
-    samples.push_back(elapsed / static_cast<double>(operations));
+    samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - start).count() /
+                      static_cast<double>(operations));
   }
   std::ranges::sort(samples);
   return samples[samples.size() / 2];
 }
 
-// Two batches measured alternately, so that a noisy neighbour hits both alike; returns the
-// median of each.
+// Two batches measured alternately, so that a noisy neighbour hits both alike; the median of each.
 template <class A, class B>
 std::pair<double, double> paired_medians(A&& a, B&& b, std::uint64_t operations, int repetitions = 11) {
   a();
@@ -52,5 +49,43 @@ std::pair<double, double> paired_medians(A&& a, B&& b, std::uint64_t operations,
   std::ranges::sort(bs);
   return {as[as.size() / 2], bs[bs.size() / 2]};
 }
+
+// One reported number, with the target it is held to.
+struct Figure {
+  std::string key;
+  double value{};
+  std::string unit;
+  std::string target;  // e.g. "<= 1.10"; empty when the figure is informational
+  bool met{true};
+};
+
+enum class Bound : std::uint8_t { at_most, at_least, none };
+
+inline Figure figure(std::string key, double value, std::string unit, Bound bound = Bound::none, double limit = 0) {
+  Figure f{std::move(key), value, std::move(unit), {}, true};
+  if (bound == Bound::at_most) {
+    f.target = "<= " + std::to_string(limit);
+    f.met = value <= limit;
+  } else if (bound == Bound::at_least) {
+    f.target = ">= " + std::to_string(limit);
+    f.met = value >= limit;
+  }
+  return f;
+}
+
+struct Context {
+  std::string bin_dir;    // where meshrt-alloc-server and this program live
+  std::string self;       // this program, for the client processes it starts
+  std::string scratch;    // a private directory for sockets
+};
+
+// The sections; each measures its figures in one run so that ratios compare like with like.
+std::vector<Figure> allocator_figures();
+std::vector<Figure> tracking_figures(const Context& context);
+std::vector<Figure> server_figures(const Context& context);
+// The client process of the ingest benchmark: sends `events` as fast as it can, then Goodbye.
+int blast(const std::string& socket, std::uint64_t events);
+// The holder process of the memory benchmark: keeps `live` allocations until stdin closes.
+int hold(const std::string& socket, std::uint64_t live);
 
 }  // namespace meshrt::bench

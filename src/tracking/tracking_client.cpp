@@ -127,6 +127,7 @@ struct TrackingClient::State {
   int fd{-1};
   std::vector<std::byte> out;
   std::size_t out_start{};
+  std::size_t out_keep{};  // out[0, out_keep) starts a session or resynchronises it: never dropped
   std::unordered_map<std::uint64_t, protocol::AllocRecord> live;
   // A Free can overtake its Alloc when the two were recorded on different threads' lanes: it
   // waits here (keyed by buffer id, never reused) until the Alloc arrives.
@@ -221,6 +222,7 @@ struct TrackingClient::State {
   void encode_session_start() {
     out.clear();
     out_start = 0;
+    out_keep = 0;
     protocol::encode(protocol::Hello{.protocol_version = protocol::version,
                                      .role = protocol::ClientRole::tracker,
                                      .claimed_pid = static_cast<std::uint32_t>(::getpid()),
@@ -248,9 +250,25 @@ struct TrackingClient::State {
     }
     if (!chunk.empty()) protocol::encode_snapshot_chunk(chunk, out);
     protocol::encode(protocol::SnapshotEnd{next_sequence, live.size()}, out);
+    out_keep = out.size();
     need_snapshot = false;
     const std::scoped_lock lock(mutex);
     ++status.snapshots;
+  }
+
+  // The server is not reading: drop the frames that wait, resynchronise when it reads again.
+  // The frame being written stays whole (out_start may be inside it), or the stream would break.
+  void drop_pending() {
+    std::size_t boundary = 0;
+    while (boundary < std::max(out_start, out_keep)) {
+      std::uint32_t payload = 0;
+      for (std::size_t i = 0; i < 4; ++i) payload |= std::to_integer<std::uint32_t>(out[boundary + i]) << (8U * i);
+      boundary += protocol::header_size + payload;
+    }
+    out.resize(boundary);
+    need_snapshot = true;
+    const std::scoped_lock lock(mutex);
+    ++status.overflows;
   }
 
   // ---- the socket ----
@@ -262,6 +280,7 @@ struct TrackingClient::State {
     fd = -1;
     out.clear();
     out_start = 0;
+    out_keep = 0;
     need_snapshot = true;
     next_connect = Clock::now() + options.reconnect_interval;
     if (!warned) {
@@ -365,6 +384,7 @@ struct TrackingClient::State {
       if (out.size() == out_start) {
         out.clear();
         out_start = 0;
+        out_keep = 0;
         return true;
       }
       if (Clock::now() >= deadline) return true;
@@ -424,14 +444,8 @@ struct TrackingClient::State {
         for (const protocol::MeshBufferName& name : new_names) protocol::encode(name, out);
         encode_events(ordered);
       }
-      if (connected() && out.size() - out_start > options.max_pending_bytes) {
-        // The server is not reading: drop what waits, resynchronise when it reads again.
-        out.resize(out_start);
-        need_snapshot = true;
-        const std::scoped_lock lock(mutex);
-        ++status.overflows;
-      }
       if (connected()) pump(stop ? std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout) : 0ms);
+      if (connected() && out.size() - out_start > options.max_pending_bytes) drop_pending();
       {
         const std::scoped_lock lock(mutex);
         status.events_taken += taken.size();

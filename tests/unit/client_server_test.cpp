@@ -1,6 +1,8 @@
 // The tracking client against a real server (in this process, on a private socket): streaming,
 // a server that appears late, a server that restarts, a clean goodbye.
 #include <algorithm>
+#include <array>
+#include <span>
 #include <atomic>
 #include <chrono>
 #include <functional>
@@ -14,6 +16,7 @@
 #include <vector>
 
 #include <grp.h>
+#include <poll.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
@@ -331,5 +334,66 @@ TEST_SUITE("server socket") {
     ::close(fd);
     RunningServer replacement(socket);
     CHECK(summary(socket)["active_allocations"] == 0);
+  }
+}
+
+TEST_SUITE("client and server") {
+  TEST_CASE("a server that stops reading: waiting frames are dropped whole, then a snapshot follows") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("slow.sock");
+    // A "server" that accepts and then reads nothing until told to.
+    const int listener = ::socket(AF_UNIX, SOCK_STREAM, 0);
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::copy(socket.begin(), socket.end(), address.sun_path);
+    REQUIRE(::bind(listener, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) == 0);
+    REQUIRE(::listen(listener, 4) == 0);
+    auto client = TrackingClient::start(
+        {.socket_path = socket, .flush_interval = 1ms, .max_pending_bytes = 64 * 1024, .warn = [](std::string_view) {}});
+    const int session = ::accept(listener, nullptr, nullptr);
+    REQUIRE(session >= 0);
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    AllocationEvent event{.type = BufferType::dram, .size = 64};
+    for (std::uint64_t id = 1; client->status().overflows == 0 && id < 50'000'000; ++id) {
+      event.kind = EventKind::allocate;
+      event.buffer = BufferId{id};
+      tracker->record(std::span(&event, 1));
+      event.kind = EventKind::free;
+      tracker->record(std::span(&event, 1));
+    }
+    REQUIRE(client->status().overflows > 0);
+
+    // Now read everything: every frame must decode, and a second snapshot must come.
+    std::vector<std::byte> stream;
+    std::array<std::byte, 65536> chunk{};
+    for (;;) {
+      pollfd poller{session, POLLIN, 0};
+      if (::poll(&poller, 1, 300) <= 0) break;
+      const ssize_t got = ::recv(session, chunk.data(), chunk.size(), 0);
+      if (got <= 0) break;
+      stream.insert(stream.end(), chunk.begin(), chunk.begin() + got);
+    }
+    int snapshots = 0;
+    std::size_t frames = 0;
+    bool hello_first = false;
+    std::span<const std::byte> rest(stream);
+    while (!rest.empty()) {
+      auto next = protocol::next_frame(rest);
+      REQUIRE(next.has_value());
+      if (!next->has_value()) break;  // a frame still on its way
+      const protocol::Frame frame = **next;
+      REQUIRE(protocol::decode(frame).has_value());
+      if (frame.type == protocol::MessageType::snapshot_end) ++snapshots;
+      if (frames == 0) hello_first = frame.type == protocol::MessageType::hello;
+      ++frames;
+      rest = rest.subspan(frame.frame_size);
+    }
+    CHECK(hello_first);
+    CHECK(frames > 10);
+    CHECK(snapshots >= 2);
+    client->shutdown();
+    ::close(session);
+    ::close(listener);
   }
 }

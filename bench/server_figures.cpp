@@ -1,0 +1,227 @@
+// What the server keeps up with: events per second from 8 processes, nothing lost, memory per
+// live allocation and the monitor's round trip at a million live allocations.
+module;
+#include <algorithm>
+#include <chrono>
+#include <csignal>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <span>
+#include <string>
+#include <thread>
+#include <vector>
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <nlohmann/json.hpp>
+
+module meshrt.bench;
+
+import meshrt.core;
+import meshrt.protocol;
+import meshrt.server;
+import meshrt.testing;
+
+namespace meshrt::bench {
+
+namespace {
+
+using namespace std::chrono_literals;
+
+constexpr std::size_t clients = 8;
+constexpr std::uint64_t events_per_client = 4'000'000;
+constexpr std::uint64_t live_allocations = 1'000'000;
+constexpr std::size_t batch = 2048;
+
+int connect_to(const std::string& socket) {
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::memcpy(address.sun_path, socket.c_str(), socket.size() + 1);
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  if (fd < 0 || ::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) return -1;
+  return fd;
+}
+
+bool send_all(int fd, std::span<const std::byte> bytes) {
+  while (!bytes.empty()) {
+    const ssize_t sent = ::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    if (sent < 0 && errno == EINTR) continue;
+    if (sent <= 0) return false;
+    bytes = bytes.subspan(static_cast<std::size_t>(sent));
+  }
+  return true;
+}
+
+void hello(int fd) {
+  std::vector<std::byte> bytes;
+  protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid()), .process_name = "bench"},
+                   bytes);
+  send_all(fd, bytes);
+}
+
+// Writes a little-endian u64 into an encoded frame (the sequence number of a batch).
+void patch_sequence(std::vector<std::byte>& frame, std::uint64_t sequence) {
+  for (std::size_t i = 0; i < 8; ++i) frame[protocol::header_size + i] = static_cast<std::byte>((sequence >> (8 * i)) & 0xFFU);
+}
+
+nlohmann::json summary(server::Monitor& monitor) {
+  return nlohmann::json::parse(monitor.query(protocol::QueryKind::summary).value());
+}
+
+std::uint64_t resident_kib(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6));
+  }
+  return 0;
+}
+
+testing::ChildProcess start_server(const Context& context, const std::string& socket, const std::string& name) {
+  return testing::ChildProcess({.argv = {context.bin_dir + "/meshrt-alloc-server", "--socket", socket, "--quiet",
+                                         "--summary-interval", "3600"},
+                                .stdout_path = context.scratch + "/" + name + ".log",
+                                .stderr_path = context.scratch + "/" + name + ".err"});
+}
+
+}  // namespace
+
+// Alloc and Free frames of `batch` records each, encoded once; only the sequence numbers change.
+int blast(const std::string& socket, std::uint64_t events) {
+  const int fd = connect_to(socket);
+  if (fd < 0) return 1;
+  hello(fd);
+  std::vector<protocol::AllocRecord> allocs(batch);
+  std::vector<protocol::FreeRecord> frees(batch);
+  for (std::size_t i = 0; i < batch; ++i) {
+    allocs[i] = {.buffer = i + 1, .mesh_buffer = 1, .address = i * 64, .size = 64, .device = static_cast<std::uint32_t>(i % 8)};
+    frees[i] = {.buffer = i + 1, .reason = 1};
+  }
+  std::vector<std::byte> alloc_frame;
+  std::vector<std::byte> free_frame;
+  protocol::encode_alloc_batch(0, allocs, alloc_frame);
+  protocol::encode_free_batch(0, frees, free_frame);
+  std::vector<std::byte> both;
+  std::uint64_t sequence = 0;
+  for (std::uint64_t sent = 0; sent < events; sent += 2 * batch) {
+    patch_sequence(alloc_frame, sequence);
+    patch_sequence(free_frame, sequence + batch);
+    sequence += 2 * batch;
+    both.assign(alloc_frame.begin(), alloc_frame.end());
+    both.insert(both.end(), free_frame.begin(), free_frame.end());
+    if (!send_all(fd, both)) return 1;
+  }
+  std::vector<std::byte> goodbye;
+  protocol::encode(protocol::Goodbye{}, goodbye);
+  send_all(fd, goodbye);
+  ::close(fd);
+  return 0;
+}
+
+// A million live allocations over 64 devices and every buffer type, held until SIGTERM.
+int hold(const std::string& socket, std::uint64_t live) {
+  const int fd = connect_to(socket);
+  if (fd < 0) return 1;
+  hello(fd);
+  std::vector<protocol::AllocRecord> records;
+  std::vector<std::byte> frames;
+  std::uint64_t sequence = 0;
+  for (std::uint64_t id = 1; id <= live; ++id) {
+    records.push_back({.buffer = id,
+                       .mesh_buffer = 1 + id / 64,
+                       .address = (id / 64) * 4096,
+                       .size = 4096,
+                       .time_ns = 1,
+                       .device = static_cast<std::uint32_t>(id % 64),
+                       .type = all_buffer_types[(id / 64) % buffer_type_count]});
+    if (records.size() == protocol::max_alloc_records || id == live) {
+      protocol::encode_alloc_batch(sequence, records, frames);
+      sequence += records.size();
+      records.clear();
+    }
+  }
+  if (!send_all(fd, frames)) return 1;
+  sigset_t set;
+  sigemptyset(&set);
+  sigaddset(&set, SIGTERM);
+  sigprocmask(SIG_BLOCK, &set, nullptr);
+  int signal_number = 0;
+  sigwait(&set, &signal_number);
+  ::close(fd);
+  return 0;
+}
+
+std::vector<Figure> server_figures(const Context& context) {
+  std::vector<Figure> figures;
+  {
+    const std::string socket = context.scratch + "/ingest.sock";
+    auto server = start_server(context, socket, "ingest-server");
+    testing::eventually([&] { return server::Monitor::connect(socket).has_value(); }, 10s);
+    auto monitor = server::Monitor::connect(socket).value();
+    const std::uint64_t expected = clients * events_per_client;
+    std::vector<std::unique_ptr<testing::ChildProcess>> blasters;
+    const auto start = std::chrono::steady_clock::now();
+    for (std::size_t i = 0; i < clients; ++i) {
+      blasters.push_back(std::make_unique<testing::ChildProcess>(testing::ChildProcess::Options{
+          .argv = {context.self, "--blast", socket, std::to_string(events_per_client)},
+          .stdout_path = context.scratch + "/blast-" + std::to_string(i) + ".out",
+          .stderr_path = context.scratch + "/blast-" + std::to_string(i) + ".err"}));
+    }
+    std::uint64_t applied = 0;
+    testing::eventually(
+        [&] {
+          const auto now = summary(monitor);
+          applied = now["total_allocations"].get<std::uint64_t>() + now["total_deallocations"].get<std::uint64_t>();
+          return applied >= expected;
+        },
+        300s);
+    const double seconds = std::chrono::duration<double>(std::chrono::steady_clock::now() - start).count();
+    for (auto& blaster : blasters) (void)blaster->wait_for(60s);
+    const auto final_summary = summary(monitor);
+    applied = final_summary["total_allocations"].get<std::uint64_t>() +
+              final_summary["total_deallocations"].get<std::uint64_t>();
+    figures.push_back(figure("server_ingest_events_per_s", static_cast<double>(expected) / seconds, "events/s",
+                             Bound::at_least, 5'000'000));
+    figures.push_back(figure("events_lost", static_cast<double>(expected) - static_cast<double>(applied), "events",
+                             Bound::at_most, 0));
+  }
+  {
+    const std::string socket = context.scratch + "/memory.sock";
+    auto server = start_server(context, socket, "memory-server");
+    testing::eventually([&] { return server::Monitor::connect(socket).has_value(); }, 10s);
+    auto monitor = server::Monitor::connect(socket).value();
+    (void)summary(monitor);
+    const std::uint64_t before = resident_kib(server.pid());
+    testing::ChildProcess holder({.argv = {context.self, "--hold", socket, std::to_string(live_allocations)},
+                                  .stdout_path = context.scratch + "/hold.out",
+                                  .stderr_path = context.scratch + "/hold.err"});
+    testing::eventually([&] { return summary(monitor)["active_allocations"] == live_allocations; }, 120s);
+    const std::uint64_t after = resident_kib(server.pid());
+    figures.push_back(figure("server_bytes_per_live_allocation",
+                             static_cast<double>(after - before) * 1024.0 / static_cast<double>(live_allocations), "B",
+                             Bound::at_most, 96));
+    // The monitor's question at a million live allocations, as meshrt-smi --json asks it.
+    const double query_ns = median_ns_per_op([&] { (void)monitor.query(protocol::QueryKind::summary).value(); }, 1, 31);
+    figures.push_back(figure("query_ms_1m", query_ns / 1e6, "ms", Bound::at_most, 5));
+    const double smi_ns = median_ns_per_op(
+        [&] {
+          testing::ChildProcess smi({.argv = {context.bin_dir + "/meshrt-smi", "--socket", socket, "--json"},
+                                     .stdout_path = context.scratch + "/smi.out",
+                                     .stderr_path = context.scratch + "/smi.err"});
+          (void)smi.wait_for(30s);
+        },
+        1, 11);
+    figures.push_back(figure("smi_process_ms_1m", smi_ns / 1e6, "ms"));
+    holder.signal(SIGTERM);
+    (void)holder.wait_for(30s);
+  }
+  return figures;
+}
+
+}  // namespace meshrt::bench

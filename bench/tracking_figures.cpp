@@ -1,0 +1,170 @@
+// What tracking costs the application: the overhead on a device buffer's life, the cost of one
+// event, the blocking design it replaced, and how a mesh buffer's cost grows with the mesh.
+module;
+#include <array>
+#include <cerrno>
+#include <chrono>
+#include <cstddef>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <span>
+#include <string>
+#include <string_view>
+#include <vector>
+
+#include <sys/socket.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+module meshrt.bench;
+
+import meshrt;
+import meshrt.protocol;
+import meshrt.server;
+import meshrt.testing;
+
+namespace meshrt::bench {
+
+namespace {
+
+using namespace std::chrono_literals;
+
+// The proof-of-concept's strategy, kept as a benchmark mode: every event is one blocking socket
+// send, under a mutex, on the application thread.
+class BlockingClient final : public EventProcessor {
+ public:
+  explicit BlockingClient(const std::string& socket) {
+    sockaddr_un address{};
+    address.sun_family = AF_UNIX;
+    std::memcpy(address.sun_path, socket.c_str(), socket.size() + 1);
+    fd_ = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    if (::connect(fd_, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) std::abort();
+    std::vector<std::byte> hello;
+    protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid()), .process_name = "blocking"},
+                     hello);
+    send_all(hello);
+  }
+  BlockingClient(const BlockingClient&) = delete;
+  BlockingClient& operator=(const BlockingClient&) = delete;
+  BlockingClient(BlockingClient&&) = delete;
+  BlockingClient& operator=(BlockingClient&&) = delete;
+  ~BlockingClient() override { ::close(fd_); }
+
+  void process(std::span<const AllocationEvent> events) noexcept override {
+    const std::scoped_lock lock(mutex_);
+    for (const AllocationEvent& event : events) {
+      frame_.clear();
+      if (event.kind == EventKind::allocate) {
+        const std::array record{protocol::AllocRecord{.buffer = event.buffer.value(), .size = event.size}};
+        protocol::encode_alloc_batch(sequence_++, record, frame_);
+      } else {
+        const std::array record{protocol::FreeRecord{.buffer = event.buffer.value()}};
+        protocol::encode_free_batch(sequence_++, record, frame_);
+      }
+      send_all(frame_);
+    }
+  }
+
+ private:
+  void send_all(std::span<const std::byte> bytes) const {
+    while (!bytes.empty()) {
+      const ssize_t sent = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+      if (sent < 0 && errno == EINTR) continue;
+      if (sent <= 0) return;
+      bytes = bytes.subspan(static_cast<std::size_t>(sent));
+    }
+  }
+
+  int fd_{-1};
+  std::mutex mutex_;
+  std::vector<std::byte> frame_;
+  std::uint64_t sequence_{};
+};
+
+// Records alternating Alloc/Free events of fresh ids, one event per record() call.
+double ns_per_event(Tracker& tracker, std::uint64_t events, std::uint64_t first_id, int repetitions) {
+  AllocationEvent event{.type = BufferType::dram, .size = 2048, .footprint = 2048};
+  std::uint64_t id = first_id;
+  return median_ns_per_op(
+      [&] {
+        for (std::uint64_t i = 0; i < events; ++i) {
+          event.kind = i % 2 == 0 ? EventKind::allocate : EventKind::free;
+          event.buffer = BufferId{id};
+          id += i % 2;
+          tracker.record(std::span(&event, 1));
+        }
+      },
+      events, repetitions);
+}
+
+}  // namespace
+
+std::vector<Figure> tracking_figures(const Context& context) {
+  const std::string socket = context.scratch + "/tracking.sock";
+  testing::ChildProcess server({.argv = {context.bin_dir + "/meshrt-alloc-server", "--socket", socket, "--quiet",
+                                         "--summary-interval", "3600"},
+                                .stdout_path = context.scratch + "/tracking-server.log",
+                                .stderr_path = context.scratch + "/tracking-server.err"});
+  testing::eventually([&] { return server::Monitor::connect(socket).has_value(); }, 10s);
+
+  auto client = TrackingClient::start({.socket_path = socket});
+  auto tracked = std::make_shared<Tracker>();
+  tracked->add_processor(client);
+  auto untracked = std::make_shared<Tracker>();
+  const DeviceLocalBufferConfig config{.page_size = 2048, .buffer_type = BufferType::dram};
+
+  // DeviceBuffer allocate + deallocate, tracking on (live server) against off, alternately.
+  auto mesh_on = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracked).value();
+  auto mesh_off = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), untracked).value();
+  constexpr std::uint64_t lives = 50'000;
+  const auto life = [&](MeshDevice& mesh) {
+    return [&] {
+      for (std::uint64_t i = 0; i < lives; ++i) {
+        auto buffer = DeviceBuffer::create(mesh, {0, 0}, 2048, config);
+        buffer->deallocate();
+      }
+    };
+  };
+  const auto [on_ns, off_ns] = paired_medians(life(mesh_on), life(mesh_off), lives, 15);
+
+  // One event, recorded in a tight loop while batches flush in the background.
+  const double ours_ns = ns_per_event(*tracked, 1'000'000, std::uint64_t{1} << 62, 9);
+  auto blocking = std::make_shared<Tracker>();
+  blocking->add_processor(std::make_shared<BlockingClient>(socket));
+  const double blocking_ns = ns_per_event(*blocking, 20'000, std::uint64_t{1} << 61, 5);
+
+  // A replicated mesh buffer's create + destroy on 8x8 against 1x1, tracking on.
+  auto mesh_64 = MeshDevice::create({8, 8}, DeviceSpec::wormhole_b0(), tracked).value();
+  constexpr std::uint64_t buffers = 20'000;
+  const auto create_destroy = [&](MeshDevice& mesh) {
+    return [&] {
+      for (std::uint64_t i = 0; i < buffers; ++i) {
+        auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 2048}, config, mesh);
+        buffer->deallocate();
+      }
+    };
+  };
+  const auto [ns_64, ns_1] = paired_medians(create_destroy(mesh_64), create_destroy(mesh_on), buffers, 9);
+  client->flush(10s);
+  if (const char* keep = std::getenv("MESHRT_BENCH_SHOW_LOG"); keep != nullptr) {
+    std::fputs(testing::read_text(context.scratch + "/tracking-server.log").c_str(), stderr);
+  }
+
+  return {
+      figure("tracked_device_buffer_ns", on_ns, "ns"),
+      figure("untracked_device_buffer_ns", off_ns, "ns"),
+      figure("tracking_overhead_ratio", on_ns / off_ns, "x", Bound::at_most, 1.10),
+      figure("tracking_ns_per_event", ours_ns, "ns", Bound::at_most, 20),
+      figure("blocking_ns_per_event", blocking_ns, "ns"),
+      figure("blocking_baseline_ratio", blocking_ns / ours_ns, "x", Bound::at_least, 20),
+      figure("mesh_buffer_ns_1x1", ns_1, "ns"),
+      figure("mesh_buffer_ns_8x8", ns_64, "ns"),
+      figure("mesh_scaling_ratio", ns_64 / ns_1, "x", Bound::at_most, 8),
+  };
+}
+
+}  // namespace meshrt::bench
