@@ -7,24 +7,40 @@ module;
 #include <utility>
 #include <vector>
 
+#include <time.h>
+
 export module meshrt.bench;
 
 export namespace meshrt::bench {
 
 using Clock = std::chrono::steady_clock;
 
+// Which time a measurement counts: wall-clock, or the CPU time of the calling thread only (what
+// the application thread itself pays, without the time other threads and processes take from it
+// on a 2-core machine).
+enum class Timing : std::uint8_t { wall, thread_cpu };
+
+inline double now_ns(Timing timing) {
+  if (timing == Timing::wall) {
+    return std::chrono::duration<double, std::nano>(Clock::now().time_since_epoch()).count();
+  }
+  timespec time{};
+  ::clock_gettime(CLOCK_THREAD_CPUTIME_ID, &time);
+  return static_cast<double>(time.tv_sec) * 1e9 + static_cast<double>(time.tv_nsec);
+}
+
 // Runs `batch` (which performs `operations` operations) `warmups` times unmeasured, then
 // `repetitions` times measured; returns the median nanoseconds per operation.
 template <class Batch>
-double median_ns_per_op(Batch&& batch, std::uint64_t operations, int repetitions = 9, int warmups = 2) {
+double median_ns_per_op(Batch&& batch, std::uint64_t operations, int repetitions = 9, int warmups = 2,
+                        Timing timing = Timing::wall) {
   for (int i = 0; i < warmups; ++i) batch();
   std::vector<double> samples;
   samples.reserve(static_cast<std::size_t>(repetitions));
   for (int i = 0; i < repetitions; ++i) {
-    const auto start = Clock::now();
+    const double start = now_ns(timing);
     batch();
-    samples.push_back(std::chrono::duration<double, std::nano>(Clock::now() - start).count() /
-                      static_cast<double>(operations));
+    samples.push_back((now_ns(timing) - start) / static_cast<double>(operations));
   }
   std::ranges::sort(samples);
   return samples[samples.size() / 2];
@@ -32,18 +48,19 @@ double median_ns_per_op(Batch&& batch, std::uint64_t operations, int repetitions
 
 // Two batches measured alternately, so that a noisy neighbour hits both alike; the median of each.
 template <class A, class B>
-std::pair<double, double> paired_medians(A&& a, B&& b, std::uint64_t operations, int repetitions = 11) {
+std::pair<double, double> paired_medians(A&& a, B&& b, std::uint64_t operations, int repetitions = 11,
+                                         Timing timing = Timing::wall) {
   a();
   b();
   std::vector<double> as;
   std::vector<double> bs;
   for (int i = 0; i < repetitions; ++i) {
-    auto start = Clock::now();
+    double start = now_ns(timing);
     a();
-    as.push_back(std::chrono::duration<double, std::nano>(Clock::now() - start).count() / static_cast<double>(operations));
-    start = Clock::now();
+    as.push_back((now_ns(timing) - start) / static_cast<double>(operations));
+    start = now_ns(timing);
     b();
-    bs.push_back(std::chrono::duration<double, std::nano>(Clock::now() - start).count() / static_cast<double>(operations));
+    bs.push_back((now_ns(timing) - start) / static_cast<double>(operations));
   }
   std::ranges::sort(as);
   std::ranges::sort(bs);

@@ -11,7 +11,6 @@ module;
 #include <span>
 #include <string>
 #include <string_view>
-#include <type_traits>
 #include <variant>
 #include <vector>
 
@@ -33,15 +32,14 @@ enum class MessageType : std::uint16_t {
   hello = 1,             // client -> server: first message of every session
   device_info = 2,       // client -> server: device totals of a mesh it opened
   mesh_buffer_name = 3,  // client -> server: a mesh buffer's name, before its allocations
-  alloc = 4,             // client -> server: allocations, with sequence numbers
-  free = 5,              // client -> server: frees, with reasons and sequence numbers
-  snapshot_begin = 6,    // client -> server: the session's live table follows, replacing it
-  snapshot_chunk = 7,    // client -> server: part of the live table
-  snapshot_end = 8,      // client -> server: end of the live table, and the next sequence
-  goodbye = 9,           // client -> server: clean exit
-  query = 10,            // monitor -> server
-  reply = 11,            // server -> monitor: JSON, in chunks
-  error = 12,            // server -> client: why the session is being closed
+  events = 4,            // client -> server: allocations and frees, in order, with sequence numbers
+  snapshot_begin = 5,    // client -> server: the session's live table follows, replacing it
+  snapshot_chunk = 6,    // client -> server: part of the live table
+  snapshot_end = 7,      // client -> server: end of the live table, and the next sequence
+  goodbye = 8,           // client -> server: clean exit
+  query = 9,             // monitor -> server
+  reply = 10,            // server -> monitor: JSON, in chunks
+  error = 11,            // server -> client: why the session is being closed
 };
 
 [[nodiscard]] std::string_view to_string(MessageType type);
@@ -71,76 +69,81 @@ struct MeshBufferName {
   std::string name;
 };
 
-// One live buffer, as sent in Alloc and SnapshotChunk frames (48 bytes on the wire).
+// Device ids a record may name: a bound, so that no record makes the server size a table by it.
+inline constexpr std::uint32_t max_device_id = 1023;
+// The most device buffers one record covers (a whole 8x8 mesh).
+inline constexpr std::uint16_t max_devices_per_record = 64;
+
+// Live device buffers: ids [buffer, buffer + device_count) on devices [device, device + count).
 struct AllocRecord {
   std::uint64_t buffer{};
   std::uint64_t mesh_buffer{};
   std::uint64_t address{};
-  std::uint64_t size{};
+  std::uint64_t size{};  // per device buffer
   std::int64_t time_ns{};
   std::uint32_t device{};
   BufferType type{};
   bool hooked{};
+  std::uint16_t device_count{1};
   friend bool operator==(const AllocRecord&, const AllocRecord&) = default;
 };
 
-// One free (24 bytes on the wire). The reason is FreeReason's value; the server keeps it opaque.
+// Frees of device buffers [buffer, buffer + device_count). The reason is FreeReason's value; the
+// server keeps it opaque.
 struct FreeRecord {
   std::uint64_t buffer{};
   std::int64_t time_ns{};
   std::uint8_t reason{};
+  std::uint16_t device_count{1};
   friend bool operator==(const FreeRecord&, const FreeRecord&) = default;
 };
 
-inline constexpr std::size_t alloc_record_size = 8 + 8 + 8 + 8 + 8 + 4 + 1 + 1 + 2;
-inline constexpr std::size_t free_record_size = 8 + 8 + 1 + 7;
+// One record of an Events frame: an allocation or a free, in the order they happened. On the
+// wire every record is 48 bytes, so a frame is a plain array:
+//   0 u64 buffer | 8 u64 mesh buffer | 16 u64 address | 24 u64 size | 32 i64 time
+//   40 u32 device | 44 u8 type (alloc) or reason (free) | 45 u8 flags: bit 0 hooked, bit 1 free
+//   46 u16 device count
+struct EventRecord {
+  bool is_free{};
+  AllocRecord alloc;  // when !is_free
+  FreeRecord free;    // when is_free
+
+  static EventRecord of(const AllocRecord& record) { return {false, record, {}}; }
+  static EventRecord of(const FreeRecord& record) { return {true, {}, record}; }
+};
+
+inline constexpr std::size_t record_size = 8 + 8 + 8 + 8 + 8 + 4 + 1 + 1 + 2;
 inline constexpr std::size_t device_totals_size = 4 + 4 + 8 * buffer_type_count;
 inline constexpr std::size_t batch_prefix_size = 8 + 4 + 4;  // first sequence, count, reserved
-static_assert(alloc_record_size == 48 && free_record_size == 24 && device_totals_size == 40);
-inline constexpr std::size_t max_alloc_records = (max_payload_size - batch_prefix_size) / alloc_record_size;
-inline constexpr std::size_t max_free_records = (max_payload_size - batch_prefix_size) / free_record_size;
+static_assert(record_size == 48 && device_totals_size == 40);
+inline constexpr std::size_t max_records = (max_payload_size - batch_prefix_size) / record_size;
 
-// Decode one record from exactly its size in bytes (checked when the frame was decoded).
-[[nodiscard]] AllocRecord decode_alloc_record(std::span<const std::byte> bytes);
-[[nodiscard]] FreeRecord decode_free_record(std::span<const std::byte> bytes);
+// Decodes one record from exactly record_size bytes (checked when the frame was decoded).
+[[nodiscard]] EventRecord decode_record(std::span<const std::byte> bytes);
 
 // Records are decoded on access from the frame's bytes: no copy of a whole batch.
-template <class Record, std::size_t RecordSize>
 class RecordView {
  public:
   RecordView() = default;
   explicit RecordView(std::span<const std::byte> bytes) : bytes_(bytes) {}
-  [[nodiscard]] std::size_t size() const { return bytes_.size() / RecordSize; }
+  [[nodiscard]] std::size_t size() const { return bytes_.size() / record_size; }
   [[nodiscard]] bool empty() const { return bytes_.empty(); }
-  [[nodiscard]] Record operator[](std::size_t index) const {
-    const auto bytes = bytes_.subspan(index * RecordSize, RecordSize);
-    if constexpr (std::is_same_v<Record, AllocRecord>) {
-      return decode_alloc_record(bytes);
-    } else {
-      return decode_free_record(bytes);
-    }
+  [[nodiscard]] EventRecord operator[](std::size_t index) const {
+    return decode_record(bytes_.subspan(index * record_size, record_size));
   }
 
  private:
   std::span<const std::byte> bytes_;
 };
 
-using AllocRecords = RecordView<AllocRecord, alloc_record_size>;
-using FreeRecords = RecordView<FreeRecord, free_record_size>;
-
-struct AllocBatch {
+struct EventBatch {
   std::uint64_t first_sequence{};
-  AllocRecords records;
-};
-
-struct FreeBatch {
-  std::uint64_t first_sequence{};
-  FreeRecords records;
+  RecordView records;
 };
 
 struct SnapshotBegin {};
 struct SnapshotChunk {
-  AllocRecords records;
+  RecordView records;  // allocations only
 };
 struct SnapshotEnd {
   std::uint64_t next_sequence{};  // the sequence number of the first event after the snapshot
@@ -163,8 +166,8 @@ struct ErrorMessage {
   std::string message;
 };
 
-using Message = std::variant<Hello, DeviceInfo, MeshBufferName, AllocBatch, FreeBatch, SnapshotBegin, SnapshotChunk,
-                             SnapshotEnd, Goodbye, Query, Reply, ErrorMessage>;
+using Message = std::variant<Hello, DeviceInfo, MeshBufferName, EventBatch, SnapshotBegin, SnapshotChunk, SnapshotEnd,
+                             Goodbye, Query, Reply, ErrorMessage>;
 
 struct Frame {
   MessageType type{};
@@ -187,10 +190,7 @@ struct Frame {
 void encode(const Hello& message, std::vector<std::byte>& out);
 void encode(const DeviceInfo& message, std::vector<std::byte>& out);
 void encode(const MeshBufferName& message, std::vector<std::byte>& out);
-void encode_alloc_batch(std::uint64_t first_sequence, std::span<const AllocRecord> records,
-                        std::vector<std::byte>& out);
-void encode_free_batch(std::uint64_t first_sequence, std::span<const FreeRecord> records,
-                       std::vector<std::byte>& out);
+void encode_events(std::uint64_t first_sequence, std::span<const EventRecord> records, std::vector<std::byte>& out);
 void encode(const SnapshotBegin& message, std::vector<std::byte>& out);
 void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out);
 void encode(const SnapshotEnd& message, std::vector<std::byte>& out);

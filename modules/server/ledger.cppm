@@ -5,13 +5,13 @@
 module;
 #include <array>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <string>
 #include <string_view>
-#include <unordered_map>
-#include <unordered_set>
 #include <vector>
+
+#include <absl/container/flat_hash_map.h>
+#include <absl/container/flat_hash_set.h>
 
 export module meshrt.server:ledger;
 
@@ -59,7 +59,7 @@ struct ProcessSummary {
   std::uint64_t live_bytes{};
   std::uint64_t allocations{};
   std::uint64_t deallocations{};
-  std::map<std::uint32_t, UsageByType> devices;  // device -> usage by type
+  std::map<std::uint32_t, UsageByType> devices;  // device -> usage by type, devices it ever used
 };
 
 struct DeviceSummary {
@@ -104,12 +104,15 @@ struct Verification {
 
 enum class SessionEnd : std::uint8_t { goodbye, disconnected };
 
-// What a Free did, and to what (for the activity log).
+// What a Free record did: which of its device buffers it freed (bit i: device first_device + i),
+// and how many it named that were not live (double: freed before; unknown: never seen).
 struct FreeOutcome {
-  enum class Kind : std::uint8_t { freed, unknown, double_free } kind{Kind::unknown};
-  std::uint32_t device{};
+  std::uint64_t freed_mask{};
+  std::uint32_t first_device{};
   BufferType type{};
-  std::uint64_t size{};
+  std::uint64_t size{};  // per device buffer
+  std::uint64_t double_frees{};
+  std::uint64_t unknown_frees{};
 };
 
 class Ledger {
@@ -148,41 +151,60 @@ class Ledger {
   [[nodiscard]] Verification verify() const;
 
  private:
-  struct Entry {
+  // One Alloc record's device buffers: ids [first, first + count) on devices
+  // [first_device, first_device + count); bit i of live_mask says whether the i-th is live.
+  struct Group {
     std::uint64_t mesh_buffer;
     std::uint64_t address;
     std::uint64_t size;
     std::int64_t time_ns;
-    std::uint32_t device;
+    std::uint64_t live_mask;
+    std::uint32_t first_device;
+    std::uint16_t count;
     BufferType type;
     bool hooked;
   };
+  // Groups live in a slab; the map from first buffer id to slot is small (12 bytes a slot), so a
+  // million live allocations cost about 80 bytes each (ADR 0012).
+  using Groups = absl::flat_hash_map<std::uint64_t, std::uint32_t>;  // first buffer id -> slab slot
   struct Session {
     SessionIdentity identity;
-    std::unordered_map<std::uint64_t, Entry> live;
-    std::map<std::uint32_t, UsageByType> devices;
+    Groups live;
+    std::vector<Group> slab;
+    std::vector<std::uint32_t> free_slots;
+    std::vector<UsageByType> devices;  // by device id
+    std::uint64_t live_buffers{};
     std::uint64_t live_bytes{};
     std::uint64_t allocations{};
     std::uint64_t deallocations{};
     std::uint64_t next_sequence{};
     struct Name {
       std::string text;
-      std::uint64_t live{};  // live buffers of that mesh buffer: the name goes with the last one
+      std::uint64_t live{};  // live groups of that mesh buffer: the name goes with the last one
     };
-    std::unordered_map<std::uint64_t, Name> names;
-    std::unordered_set<std::uint64_t> recent_frees;
-    std::deque<std::uint64_t> recent_free_order;
+    absl::flat_hash_map<std::uint64_t, Name> names;
+    // First ids of the groups freed lately: a set to ask, a ring to forget the oldest.
+    absl::flat_hash_set<std::uint64_t> recent_frees;
+    std::vector<std::uint64_t> recent_free_ring;
+    std::size_t recent_free_next{};
   };
 
   Session& session(SessionId id);
-  void add(Session& session, std::uint64_t buffer, const Entry& entry);
-  void remove(Session& session, std::unordered_map<std::uint64_t, Entry>::iterator found);
-  void remember_free(Session& session, std::uint64_t buffer);
+  static Groups::iterator find_group(Session& session, std::uint64_t buffer);
+  void add(Session& session, const protocol::AllocRecord& record);
+  // Frees the `mask` bits of a group, adjusting every aggregate; forgets the group when empty.
+  void remove(Session& session, Groups::iterator group, std::uint64_t mask);
+  void remember_free(Session& session, std::uint64_t first_id);
+  static UsageByType& usage_of(std::vector<UsageByType>& devices, std::uint32_t device);
 
   SessionId next_session_{1};
   std::map<SessionId, Session> sessions_;
-  std::map<std::uint32_t, UsageByType> devices_;
-  std::map<std::uint32_t, std::array<std::uint64_t, buffer_type_count>> device_totals_;
+  // Events come in runs from one session: the last one looked up is kept at hand.
+  SessionId cached_id_{0};
+  Session* cached_{nullptr};
+  std::vector<UsageByType> devices_;  // by device id (ids are bounded by the protocol)
+  std::vector<std::array<std::uint64_t, buffer_type_count>> device_totals_;
+  std::vector<bool> device_known_;
   std::uint64_t active_allocations_{};
   Counters counters_;
 };

@@ -4,4 +4,3 @@ export module meshrt.server;
 
 export import :ledger;
 export import :server;
-export import :monitor;

@@ -45,6 +45,7 @@ class TrackingClient final : public EventProcessor {
     std::uint64_t connections{};      // successful connects (1 + reconnects)
     std::uint64_t snapshots{};        // snapshots sent
     std::uint64_t overflows{};        // times pending bytes were dropped for a slow server
+    std::uint64_t frees_waiting{};    // Frees that overtook their Alloc and wait for it
   };
 
   [[nodiscard]] static std::shared_ptr<TrackingClient> start(Options options);

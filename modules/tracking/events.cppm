@@ -31,8 +31,12 @@ enum class FreeReason : std::uint8_t {
 [[nodiscard]] std::string_view to_string(EventKind kind);
 [[nodiscard]] std::string_view to_string(FreeReason reason);
 
-// One per-device buffer's allocate or free. `size` is the buffer's size on that device (what the
-// user asked for); the bank footprint after page rounding is in `footprint`.
+// Allocates or frees `device_count` device buffers at once: buffer ids [buffer, buffer + count)
+// on devices [device, device + count), one each, all alike (one mesh buffer, one address). A
+// replicated buffer on 64 devices is one event, not 64 (ADR 0012); the invariant still holds per
+// device buffer: each id is covered by exactly one allocate event and exactly one free event.
+// `size` is each buffer's size on its device (what the user asked for); `footprint` what the
+// banks reserve after page rounding.
 struct AllocationEvent {
   EventKind kind{EventKind::allocate};
   FreeReason reason{FreeReason::none};
@@ -40,12 +44,25 @@ struct AllocationEvent {
   bool hooked{false};  // a hook intercepted the allocation: reported, but took no device memory
   DeviceId device{};
   BufferId buffer{};
+  std::uint32_t device_count{1};
   MeshBufferId mesh_buffer{};  // the buffer's group: its MeshBuffer, or its own for a lone DeviceBuffer
   std::uint64_t address{};
   std::uint64_t size{};
   std::uint64_t footprint{};
   std::int64_t time_ns{};  // system clock, nanoseconds since the Unix epoch
 };
+
+// The most device buffers one event covers: a whole 8x8 mesh.
+inline constexpr std::uint32_t max_devices_per_event = 64;
+
+// The event narrowed to its i-th device buffer.
+[[nodiscard]] constexpr AllocationEvent device_buffer_event(const AllocationEvent& event, std::uint32_t i) {
+  AllocationEvent one = event;
+  one.device = DeviceId{event.device.value() + i};
+  one.buffer = BufferId{event.buffer.value() + i};
+  one.device_count = 1;
+  return one;
+}
 
 // A device of a mesh that was opened, with the bytes each buffer type offers on it.
 struct DeviceDescription {

@@ -1,10 +1,12 @@
 module;
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <numeric>
 #include <optional>
 #include <span>
 #include <string>
@@ -48,8 +50,10 @@ MeshBufferId next_mesh_buffer_id() {
 }
 
 Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_device,
-                              const DeviceLocalBufferConfig& config, std::vector<std::uint32_t> devices,
-                              MeshBufferId mesh_buffer, std::string name) {
+                              const DeviceLocalBufferConfig& config, std::uint32_t first_device,
+                              std::uint32_t device_count, MeshBufferId mesh_buffer, std::string name) {
+  Expects(device_count >= 1 && device_count <= max_devices_per_event &&
+          first_device + device_count <= mesh.device_count());
   // Checked again under the lock when memory is taken; this catches zero-size buffers too.
   if (!mesh.is_open()) return tl::unexpected(mesh_closed());
   const BankLayout& banks = mesh.spec().layout(config.buffer_type);
@@ -84,20 +88,21 @@ Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_de
       .size_per_device = size_per_device,
       .bytes_per_bank = layout.bytes_per_bank(size_per_device / config.page_size),
       .mesh_buffer = mesh_buffer,
-      .devices = std::move(devices),
+      .first_device = first_device,
+      .device_count = device_count,
       .name = std::move(name),
   };
 }
 
 Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::shared_ptr<MeshMemory>& memory,
                                                                      BufferPlan plan) {
-  Expects(memory != nullptr && !plan.devices.empty() && plan.size_per_device > 0);
+  Expects(memory != nullptr && plan.device_count > 0 && plan.size_per_device > 0);
   const MeshLock lock = memory->lock();
   if (!memory->is_open(lock)) return tl::unexpected(mesh_closed());
   const AllocationRequest request{
       .type = plan.type,
       .mesh_buffer = plan.mesh_buffer,
-      .device_count = static_cast<std::uint32_t>(plan.devices.size()),
+      .device_count = plan.device_count,
       .size_per_device = plan.size_per_device,
       .bytes_per_bank = plan.bytes_per_bank,
   };
@@ -113,13 +118,9 @@ Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::
   if (!plan.name.empty()) memory->tracker().describe_mesh_buffer(plan.mesh_buffer, plan.name);
   auto allocation = std::make_shared<BufferAllocation>(Token{}, memory, std::move(plan), address, intercepted.has_value());
   memory->enroll(lock, *allocation);
-  const std::int64_t time = now_ns();
-  EventBatch batch;
-  batch.reserve(allocation->slot_count());
-  for (std::uint32_t slot = 0; slot < allocation->slot_count(); ++slot) {
-    batch.push_back(allocation->event(slot, EventKind::allocate, FreeReason::none, time));
-  }
-  memory->tracker().record(batch);
+  const AllocationEvent allocated =
+      allocation->event(0, allocation->slot_count(), EventKind::allocate, FreeReason::none, now_ns());
+  memory->tracker().record(std::span(&allocated, 1));
   return allocation;
 }
 
@@ -129,9 +130,9 @@ BufferAllocation::BufferAllocation(Token /*token*/, std::shared_ptr<MeshMemory> 
       plan_(std::move(plan)),
       address_(address),
       hooked_(hooked),
-      first_id_(reserve_buffer_ids(static_cast<std::uint32_t>(plan_.devices.size()))),
-      states_(std::make_unique<std::atomic<DeviceBufferState>[]>(plan_.devices.size())),
-      live_slots_(static_cast<std::uint32_t>(plan_.devices.size())) {
+      first_id_(reserve_buffer_ids(plan_.device_count)),
+      states_(std::make_unique<std::atomic<DeviceBufferState>[]>(plan_.device_count)),
+      live_slots_(plan_.device_count) {
   // make_unique value-initialises each atomic to its first enumerator: allocated.
   static_assert(DeviceBufferState{} == DeviceBufferState::allocated);
 }
@@ -146,21 +147,38 @@ DeviceBufferState BufferAllocation::state(std::uint32_t slot) const {
   return states_[slot].load(std::memory_order_acquire);
 }
 
-AllocationEvent BufferAllocation::event(std::uint32_t slot, EventKind kind, FreeReason reason,
+AllocationEvent BufferAllocation::event(std::uint32_t first, std::uint32_t count, EventKind kind, FreeReason reason,
                                         std::int64_t time_ns) const {
   return AllocationEvent{
       .kind = kind,
       .reason = reason,
       .type = plan_.type,
       .hooked = hooked_,
-      .device = device(slot),
-      .buffer = id(slot),
+      .device = device(first),
+      .buffer = id(first),
+      .device_count = count,
       .mesh_buffer = plan_.mesh_buffer,
       .address = address_,
       .size = plan_.size_per_device,
       .footprint = plan_.bytes_per_bank * plan_.layout.bank_count,
       .time_ns = time_ns,
   };
+}
+
+template <class Transition>
+void BufferAllocation::for_each_allocated_run(std::span<const std::uint32_t> slots, Transition transition) const {
+  for (std::size_t i = 0; i < slots.size();) {
+    if (state(slots[i]) != DeviceBufferState::allocated) {
+      ++i;
+      continue;
+    }
+    std::size_t end = i + 1;
+    while (end < slots.size() && slots[end] == slots[end - 1] + 1 && state(slots[end]) == DeviceBufferState::allocated) {
+      ++end;
+    }
+    transition(slots[i], static_cast<std::uint32_t>(end - i));
+    i = end;
+  }
 }
 
 void BufferAllocation::release_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept {
@@ -170,41 +188,49 @@ void BufferAllocation::release_slots(std::span<const std::uint32_t> slots, FreeR
   });
   if (!any_live) return;
   const MeshLock lock = memory_->lock();
+  const std::int64_t time = now_ns();
   EventBatch batch;
-  batch.reserve(slots.size());
-  for (const std::uint32_t slot : slots) {
-    if (state(slot) == DeviceBufferState::allocated) mark_deallocated(lock, slot, reason, batch);
-  }
+  for_each_allocated_run(slots, [&](std::uint32_t first, std::uint32_t count) {
+    mark_deallocated(lock, first, count, reason, time, batch);
+  });
   memory_->tracker().record(batch);
 }
 
 void BufferAllocation::release_on_close(const MeshLock& lock) noexcept {
+  std::array<std::uint32_t, max_devices_per_event> all{};
+  std::iota(all.begin(), all.end(), 0U);
+  const std::int64_t time = now_ns();
   EventBatch batch;
-  batch.reserve(slot_count());
-  for (std::uint32_t slot = 0; slot < slot_count(); ++slot) {
-    if (state(slot) == DeviceBufferState::allocated) mark_released(lock, slot, batch);
-  }
+  for_each_allocated_run(std::span(all).first(slot_count()), [&](std::uint32_t first, std::uint32_t count) {
+    mark_released(lock, first, count, time, batch);
+  });
   memory_->tracker().record(batch);
 }
 
-void BufferAllocation::mark_deallocated(const MeshLock& lock, std::uint32_t slot, FreeReason reason,
-                                        EventBatch& batch) {
-  Expects(state(slot) == DeviceBufferState::allocated);
-  states_[slot].store(DeviceBufferState::deallocated, std::memory_order_release);
-  batch.push_back(event(slot, EventKind::free, reason, now_ns()));
-  slot_freed(lock);
+void BufferAllocation::mark_deallocated(const MeshLock& lock, std::uint32_t first, std::uint32_t count,
+                                        FreeReason reason, std::int64_t time_ns, EventBatch& batch) {
+  for (std::uint32_t slot = first; slot < first + count; ++slot) {
+    Expects(state(slot) == DeviceBufferState::allocated);
+    states_[slot].store(DeviceBufferState::deallocated, std::memory_order_release);
+  }
+  batch.push_back(event(first, count, EventKind::free, reason, time_ns));
+  slots_freed(lock, count);
 }
 
-void BufferAllocation::mark_released(const MeshLock& lock, std::uint32_t slot, EventBatch& batch) {
-  Expects(state(slot) == DeviceBufferState::allocated);
-  states_[slot].store(DeviceBufferState::released, std::memory_order_release);
-  batch.push_back(event(slot, EventKind::free, FreeReason::device_closed, now_ns()));
-  slot_freed(lock);
+void BufferAllocation::mark_released(const MeshLock& lock, std::uint32_t first, std::uint32_t count,
+                                     std::int64_t time_ns, EventBatch& batch) {
+  for (std::uint32_t slot = first; slot < first + count; ++slot) {
+    Expects(state(slot) == DeviceBufferState::allocated);
+    states_[slot].store(DeviceBufferState::released, std::memory_order_release);
+  }
+  batch.push_back(event(first, count, EventKind::free, FreeReason::device_closed, time_ns));
+  slots_freed(lock, count);
 }
 
-void BufferAllocation::slot_freed(const MeshLock& lock) {
-  Expects(live_slots_ > 0);
-  if (--live_slots_ != 0) return;
+void BufferAllocation::slots_freed(const MeshLock& lock, std::uint32_t count) {
+  Expects(live_slots_ >= count);
+  live_slots_ -= count;
+  if (live_slots_ != 0) return;
   // The last device let go: give the lock-step reservation back (a closed mesh already did, and
   // a hooked buffer never took one) and leave the mesh's registry.
   if (!hooked_) memory_->unreserve(lock, plan_.type, address_, plan_.bytes_per_bank);
@@ -235,7 +261,7 @@ Result<void> BufferAllocation::write(std::uint32_t slot, std::span<const std::by
   Expects(slot < slot_count());
   const MeshLock lock = memory_->lock();
   if (auto ok = check_transfer(lock, slot, bytes.size()); !ok) return ok;
-  memory_->device(lock, plan_.devices[slot]).write_pages(plan_.type, plan_.layout, address_, bytes);
+  memory_->device(lock, plan_.first_device + slot).write_pages(plan_.type, plan_.layout, address_, bytes);
   return {};
 }
 
@@ -243,7 +269,7 @@ Result<void> BufferAllocation::read(std::uint32_t slot, std::span<std::byte> byt
   Expects(slot < slot_count());
   const MeshLock lock = memory_->lock();
   if (auto ok = check_transfer(lock, slot, bytes.size()); !ok) return ok;
-  memory_->device(lock, plan_.devices[slot]).read_pages(plan_.type, plan_.layout, address_, bytes);
+  memory_->device(lock, plan_.first_device + slot).read_pages(plan_.type, plan_.layout, address_, bytes);
   return {};
 }
 

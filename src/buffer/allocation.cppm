@@ -26,7 +26,8 @@ struct BufferPlan {
   std::uint64_t size_per_device{};
   std::uint64_t bytes_per_bank{};
   MeshBufferId mesh_buffer{};
-  std::vector<std::uint32_t> devices;  // slot -> device index in the mesh
+  std::uint32_t first_device{};  // slot s is the device buffer on device first_device + s
+  std::uint32_t device_count{};
   std::string name;
 };
 
@@ -35,9 +36,8 @@ struct BufferPlan {
 // Checks a request against the mesh's device spec and works out its page layout. A size of 0
 // gives a plan with size_per_device 0: such a buffer takes no memory and reports nothing.
 [[nodiscard]] Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_device,
-                                             const DeviceLocalBufferConfig& config,
-                                             std::vector<std::uint32_t> devices, MeshBufferId mesh_buffer,
-                                             std::string name);
+                                             const DeviceLocalBufferConfig& config, std::uint32_t first_device,
+                                             std::uint32_t device_count, MeshBufferId mesh_buffer, std::string name);
 
 class BufferAllocation final : public MeshResident, public std::enable_shared_from_this<BufferAllocation> {
  public:
@@ -53,13 +53,14 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
 
   // Lock-free: a state only ever moves from allocated to a terminal state, never back.
   [[nodiscard]] DeviceBufferState state(std::uint32_t slot) const;
-  [[nodiscard]] std::uint32_t slot_count() const { return static_cast<std::uint32_t>(plan_.devices.size()); }
+  [[nodiscard]] std::uint32_t slot_count() const { return plan_.device_count; }
   [[nodiscard]] BufferId id(std::uint32_t slot) const { return BufferId{first_id_.value() + slot}; }
-  [[nodiscard]] DeviceId device(std::uint32_t slot) const { return DeviceId{plan_.devices[slot]}; }
+  [[nodiscard]] DeviceId device(std::uint32_t slot) const { return DeviceId{plan_.first_device + slot}; }
   [[nodiscard]] const BufferPlan& plan() const { return plan_; }
   [[nodiscard]] std::uint64_t address() const { return address_; }
 
-  // Deallocates those of `slots` still allocated and reports their Frees as one batch.
+  // Deallocates those of `slots` (ascending) still allocated and reports their Frees as one
+  // batch, one event per run of consecutive slots.
   void release_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept;
   [[nodiscard]] Result<void> write(std::uint32_t slot, std::span<const std::byte> bytes);
   [[nodiscard]] Result<void> read(std::uint32_t slot, std::span<std::byte> bytes) const;
@@ -76,12 +77,18 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
 
  private:
   using EventBatch = std::vector<AllocationEvent>;
-  // The transitions. Nothing else writes states_ (the meshrt-state-transition check enforces it).
-  void mark_deallocated(const MeshLock& lock, std::uint32_t slot, FreeReason reason, EventBatch& batch);
-  void mark_released(const MeshLock& lock, std::uint32_t slot, EventBatch& batch);
-  // A slot left `allocated`: the last one gives the reservation back.
-  void slot_freed(const MeshLock& lock);
-  [[nodiscard]] AllocationEvent event(std::uint32_t slot, EventKind kind, FreeReason reason,
+  // The transitions, each for a run of consecutive allocated slots, each emitting the run's one
+  // event. Nothing else writes states_ (the meshrt-state-transition check enforces it).
+  void mark_deallocated(const MeshLock& lock, std::uint32_t first, std::uint32_t count, FreeReason reason,
+                        std::int64_t time_ns, EventBatch& batch);
+  void mark_released(const MeshLock& lock, std::uint32_t first, std::uint32_t count, std::int64_t time_ns,
+                     EventBatch& batch);
+  // `count` slots left `allocated`: the last one gives the reservation back.
+  void slots_freed(const MeshLock& lock, std::uint32_t count);
+  // Calls `transition(first, count)` for each run of consecutive allocated slots among `slots`.
+  template <class Transition>
+  void for_each_allocated_run(std::span<const std::uint32_t> slots, Transition transition) const;
+  [[nodiscard]] AllocationEvent event(std::uint32_t first, std::uint32_t count, EventKind kind, FreeReason reason,
                                       std::int64_t time_ns) const;
   [[nodiscard]] Result<void> check_transfer(const MeshLock& lock, std::uint32_t slot, std::size_t bytes) const;
 

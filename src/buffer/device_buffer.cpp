@@ -36,8 +36,8 @@ Result<DeviceBuffer> DeviceBuffer::create(MeshDevice& mesh, MeshCoordinate coord
     return fail(ErrorCode::invalid_argument, fmt::format("coordinate {} is outside the {} mesh", to_string(coordinate),
                                                          to_string(mesh.shape())));
   }
-  auto plan = detail::plan_buffer(mesh, size, config, {mesh.shape().index_of(coordinate)}, detail::next_mesh_buffer_id(),
-                                  std::move(name));
+  auto plan = detail::plan_buffer(mesh, size, config, mesh.shape().index_of(coordinate), 1,
+                                  detail::next_mesh_buffer_id(), std::move(name));
   if (!plan) return tl::unexpected(std::move(plan.error()));
   if (plan->size_per_device == 0) return DeviceBuffer{};  // zero-size buffers take and report nothing
   auto allocation = detail::BufferAllocation::allocate(mesh.memory(), std::move(*plan));

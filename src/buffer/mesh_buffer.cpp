@@ -98,11 +98,8 @@ Result<MeshBuffer> MeshBuffer::create(const MeshBufferConfig& config, const Devi
     buffer.shard_shape_ = sharded.shard_shape;
   }
   const std::uint32_t devices = buffer.mesh_shape_.device_count();
-  std::vector<std::uint32_t> slots(devices);
-  std::iota(slots.begin(), slots.end(), 0U);
   buffer.id_ = detail::next_mesh_buffer_id();
-  auto plan = detail::plan_buffer(mesh, buffer.size_per_device_, device_config, std::move(slots), buffer.id_,
-                                  buffer.name_);
+  auto plan = detail::plan_buffer(mesh, buffer.size_per_device_, device_config, 0, devices, buffer.id_, buffer.name_);
   if (!plan) return tl::unexpected(std::move(plan.error()));
   buffer.device_buffers_.resize(devices);
   if (buffer.size_per_device_ == 0) return buffer;  // zero-size: no memory, no events

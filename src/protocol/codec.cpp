@@ -1,5 +1,6 @@
 module;
 #include <array>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <cstdlib>
@@ -27,18 +28,27 @@ namespace meshrt::protocol {
 namespace {
 
 constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::error);
+constexpr std::uint8_t hooked_flag = 1U;
+constexpr std::uint8_t free_flag = 2U;
 constexpr std::uint8_t max_free_reason = 4;  // FreeReason::device_closed
 
-// Appends little-endian integers, whatever the host's byte order.
+// Appends little-endian integers, whatever the host's byte order (on little-endian hosts, the
+// usual case, one memcpy each).
 class Writer {
  public:
   explicit Writer(std::vector<std::byte>& out) : out_(out) {}
   template <class T>
   void integer(T value) {
-    auto bits = static_cast<std::make_unsigned_t<T>>(value);
-    for (std::size_t i = 0; i < sizeof(T); ++i) {
-      out_.push_back(static_cast<std::byte>(bits & 0xFFU));
-      if constexpr (sizeof(T) > 1) bits = static_cast<decltype(bits)>(bits >> 8U);
+    const std::size_t at = out_.size();
+    out_.resize(at + sizeof(T));
+    if constexpr (std::endian::native == std::endian::little) {
+      std::memcpy(out_.data() + at, &value, sizeof(T));
+    } else {
+      auto bits = static_cast<std::make_unsigned_t<T>>(value);
+      for (std::size_t i = 0; i < sizeof(T); ++i) {
+        out_[at + i] = static_cast<std::byte>(bits & 0xFFU);
+        if constexpr (sizeof(T) > 1) bits = static_cast<decltype(bits)>(bits >> 8U);
+      }
     }
   }
   void zeros(std::size_t count) { out_.insert(out_.end(), count, std::byte{0}); }
@@ -63,8 +73,12 @@ class Reader {
       return T{};
     }
     std::make_unsigned_t<T> bits = 0;
-    for (std::size_t i = sizeof(T); i-- > 0;) {
-      bits = static_cast<decltype(bits)>((bits << 8U) | std::to_integer<std::uint8_t>(bytes_[i]));
+    if constexpr (std::endian::native == std::endian::little) {
+      std::memcpy(&bits, bytes_.data(), sizeof(T));
+    } else {
+      for (std::size_t i = sizeof(T); i-- > 0;) {
+        bits = static_cast<decltype(bits)>((bits << 8U) | std::to_integer<std::uint8_t>(bytes_[i]));
+      }
     }
     bytes_ = bytes_.subspan(sizeof(T));
     return static_cast<T>(bits);
@@ -121,50 +135,93 @@ Result<std::size_t> batch_count(MessageType type, Reader& reader, std::size_t re
   return std::size_t{count};
 }
 
-Result<AllocRecords> alloc_records(MessageType type, Reader& reader) {
-  auto count = batch_count(type, reader, alloc_record_size);
-  if (!count) return tl::unexpected(std::move(count.error()));
-  const auto bytes = reader.rest();
-  for (std::size_t i = 0; i < *count; ++i) {
-    const auto record = bytes.subspan(i * alloc_record_size, alloc_record_size);
-    const auto type_byte = std::to_integer<std::uint8_t>(record[44]);
-    const auto flags = std::to_integer<std::uint8_t>(record[45]);
-    if (type_byte >= buffer_type_count) return malformed(type, fmt::format("record {}: buffer type {}", i, type_byte));
-    if ((flags & ~1U) != 0 || record[46] != std::byte{0} || record[47] != std::byte{0}) {
-      return malformed(type, fmt::format("record {}: unknown flags or reserved bits set", i));
-    }
-  }
-  return AllocRecords(bytes);
+tl::unexpected<Error> bad_range(MessageType type, std::size_t index, std::uint32_t first, std::uint32_t count) {
+  return malformed(type, fmt::format("record {}: {} devices from device {} (1 to {} devices, ids up to {})", index, count,
+                                     first, max_devices_per_record, max_device_id));
 }
 
-Result<FreeRecords> free_records(Reader& reader) {
-  auto count = batch_count(MessageType::free, reader, free_record_size);
+// Checks every record of an Events or SnapshotChunk frame once, so that views may decode them
+// later without checks; snapshots carry allocations only.
+Result<RecordView> records(MessageType type, Reader& reader) {
+  auto count = batch_count(type, reader, record_size);
   if (!count) return tl::unexpected(std::move(count.error()));
   const auto bytes = reader.rest();
+  const RecordView view(bytes);
   for (std::size_t i = 0; i < *count; ++i) {
-    const auto record = bytes.subspan(i * free_record_size, free_record_size);
-    if (std::to_integer<std::uint8_t>(record[16]) > max_free_reason) {
-      return malformed(MessageType::free, fmt::format("record {}: unknown free reason", i));
+    const auto raw = bytes.subspan(i * record_size, record_size);
+    const auto type_or_reason = std::to_integer<std::uint8_t>(raw[44]);
+    const auto flags = std::to_integer<std::uint8_t>(raw[45]);
+    if ((flags & ~(hooked_flag | free_flag)) != 0) return malformed(type, fmt::format("record {}: unknown flags", i));
+    const bool is_free = (flags & free_flag) != 0;
+    if (is_free && type == MessageType::snapshot_chunk) {
+      return malformed(type, fmt::format("record {}: a snapshot holds allocations only", i));
     }
-    for (std::size_t b = 17; b < free_record_size; ++b) {
-      if (record[b] != std::byte{0}) return malformed(MessageType::free, fmt::format("record {}: reserved bits set", i));
+    if (!is_free && type_or_reason >= buffer_type_count) {
+      return malformed(type, fmt::format("record {}: buffer type {}", i, type_or_reason));
+    }
+    if (is_free && type_or_reason > max_free_reason) {
+      return malformed(type, fmt::format("record {}: unknown free reason {}", i, type_or_reason));
+    }
+    const EventRecord record = view[i];
+    const std::uint32_t device = is_free ? 0 : record.alloc.device;
+    const std::uint16_t devices = is_free ? record.free.device_count : record.alloc.device_count;
+    if (devices == 0 || devices > max_devices_per_record || device + devices > max_device_id + 1) {
+      return bad_range(type, i, device, devices);
     }
   }
-  return FreeRecords(bytes);
+  return view;
 }
 
-void write_alloc_records(Writer& writer, std::span<const AllocRecord> records) {
-  for (const AllocRecord& r : records) {
-    writer.integer(r.buffer);
-    writer.integer(r.mesh_buffer);
-    writer.integer(r.address);
-    writer.integer(r.size);
-    writer.integer(r.time_ns);
-    writer.integer(r.device);
-    writer.integer(static_cast<std::uint8_t>(r.type));
-    writer.integer(static_cast<std::uint8_t>(r.hooked ? 1U : 0U));
-    writer.zeros(2);
+// Writes little-endian integers into memory already sized for them (one resize per frame, not
+// one per field: encoding runs millions of records a second).
+class PlacedWriter {
+ public:
+  explicit PlacedWriter(std::byte* at) : at_(at) {}
+  template <class T>
+  void integer(T value) {
+    if constexpr (std::endian::native == std::endian::little) {
+      std::memcpy(at_, &value, sizeof(T));
+    } else {
+      auto bits = static_cast<std::make_unsigned_t<T>>(value);
+      for (std::size_t i = 0; i < sizeof(T); ++i) {
+        at_[i] = static_cast<std::byte>(bits & 0xFFU);
+        if constexpr (sizeof(T) > 1) bits = static_cast<decltype(bits)>(bits >> 8U);
+      }
+    }
+    at_ += sizeof(T);
   }
+  void zeros(std::size_t count) {
+    std::memset(at_, 0, count);
+    at_ += count;
+  }
+
+ private:
+  std::byte* at_;
+};
+
+template <class W>
+void write_record(W& w, const EventRecord& record) {
+  if (!record.is_free) {
+    const AllocRecord& r = record.alloc;
+    w.integer(r.buffer);
+    w.integer(r.mesh_buffer);
+    w.integer(r.address);
+    w.integer(r.size);
+    w.integer(r.time_ns);
+    w.integer(r.device);
+    w.integer(static_cast<std::uint8_t>(r.type));
+    w.integer(static_cast<std::uint8_t>(r.hooked ? hooked_flag : 0U));
+    w.integer(r.device_count);
+    return;
+  }
+  const FreeRecord& r = record.free;
+  w.integer(r.buffer);
+  w.zeros(24);
+  w.integer(r.time_ns);
+  w.integer(std::uint32_t{0});
+  w.integer(r.reason);
+  w.integer(free_flag);
+  w.integer(r.device_count);
 }
 
 }  // namespace
@@ -182,8 +239,7 @@ std::string_view to_string(MessageType type) {
     case MessageType::hello: return "Hello";
     case MessageType::device_info: return "DeviceInfo";
     case MessageType::mesh_buffer_name: return "MeshBufferName";
-    case MessageType::alloc: return "Alloc";
-    case MessageType::free: return "Free";
+    case MessageType::events: return "Events";
     case MessageType::snapshot_begin: return "SnapshotBegin";
     case MessageType::snapshot_chunk: return "SnapshotChunk";
     case MessageType::snapshot_end: return "SnapshotEnd";
@@ -195,29 +251,21 @@ std::string_view to_string(MessageType type) {
   return "unknown";
 }
 
-AllocRecord decode_alloc_record(std::span<const std::byte> bytes) {
-  Expects(bytes.size() == alloc_record_size);
+EventRecord decode_record(std::span<const std::byte> bytes) {
+  Expects(bytes.size() == record_size);
   Reader reader(bytes);
-  AllocRecord record;
-  record.buffer = reader.integer<std::uint64_t>();
-  record.mesh_buffer = reader.integer<std::uint64_t>();
-  record.address = reader.integer<std::uint64_t>();
-  record.size = reader.integer<std::uint64_t>();
-  record.time_ns = reader.integer<std::int64_t>();
-  record.device = reader.integer<std::uint32_t>();
-  record.type = static_cast<BufferType>(reader.integer<std::uint8_t>());
-  record.hooked = (reader.integer<std::uint8_t>() & 1U) != 0;
-  return record;
-}
-
-FreeRecord decode_free_record(std::span<const std::byte> bytes) {
-  Expects(bytes.size() == free_record_size);
-  Reader reader(bytes);
-  FreeRecord record;
-  record.buffer = reader.integer<std::uint64_t>();
-  record.time_ns = reader.integer<std::int64_t>();
-  record.reason = reader.integer<std::uint8_t>();
-  return record;
+  const auto buffer = reader.integer<std::uint64_t>();
+  const auto mesh_buffer = reader.integer<std::uint64_t>();
+  const auto address = reader.integer<std::uint64_t>();
+  const auto size = reader.integer<std::uint64_t>();
+  const auto time_ns = reader.integer<std::int64_t>();
+  const auto device = reader.integer<std::uint32_t>();
+  const auto type_or_reason = reader.integer<std::uint8_t>();
+  const auto flags = reader.integer<std::uint8_t>();
+  const auto device_count = reader.integer<std::uint16_t>();
+  if ((flags & free_flag) != 0) return EventRecord::of(FreeRecord{buffer, time_ns, type_or_reason, device_count});
+  return EventRecord::of(AllocRecord{buffer, mesh_buffer, address, size, time_ns, device,
+                                     static_cast<BufferType>(type_or_reason), (flags & hooked_flag) != 0, device_count});
 }
 
 Result<std::optional<Frame>> next_frame(std::span<const std::byte> input, std::uint32_t max_payload) {
@@ -268,6 +316,9 @@ Result<Message> decode(const Frame& frame) {
       info.devices.resize(count);
       for (DeviceTotals& device : info.devices) {
         device.device = reader.integer<std::uint32_t>();
+        if (device.device > max_device_id) {
+          return malformed(type, fmt::format("device id {} is over the limit of {}", device.device, max_device_id));
+        }
         if (reader.integer<std::uint32_t>() != 0) return malformed(type, "reserved field is not zero");
         for (std::uint64_t& total : device.total_bytes) total = reader.integer<std::uint64_t>();
       }
@@ -283,22 +334,16 @@ Result<Message> decode(const Frame& frame) {
       }
       return name;
     }
-    case MessageType::alloc:
+    case MessageType::events:
     case MessageType::snapshot_chunk: {
       const auto first_sequence = reader.integer<std::uint64_t>();
       if (type == MessageType::snapshot_chunk && first_sequence != 0) {
         return malformed(type, "snapshot chunks carry no sequence number");
       }
-      auto records = alloc_records(type, reader);
-      if (!records) return tl::unexpected(std::move(records.error()));
-      if (type == MessageType::alloc) return AllocBatch{first_sequence, *records};
-      return SnapshotChunk{*records};
-    }
-    case MessageType::free: {
-      const auto first_sequence = reader.integer<std::uint64_t>();
-      auto records = free_records(reader);
-      if (!records) return tl::unexpected(std::move(records.error()));
-      return FreeBatch{first_sequence, *records};
+      auto checked = records(type, reader);
+      if (!checked) return tl::unexpected(std::move(checked.error()));
+      if (type == MessageType::events) return EventBatch{first_sequence, *checked};
+      return SnapshotChunk{*checked};
     }
     case MessageType::snapshot_begin:
       if (!exact(0)) return malformed(type, "carries a payload");
@@ -375,31 +420,19 @@ void encode(const MeshBufferName& message, std::vector<std::byte>& out) {
   });
 }
 
-void encode_alloc_batch(std::uint64_t first_sequence, std::span<const AllocRecord> records,
-                        std::vector<std::byte>& out) {
-  Expects(records.size() <= max_alloc_records);
-  frame(MessageType::alloc, out, [&](Writer& w) {
-    w.integer(first_sequence);
-    w.integer(static_cast<std::uint32_t>(records.size()));
-    w.integer(std::uint32_t{0});
-    write_alloc_records(w, records);
-  });
-}
-
-void encode_free_batch(std::uint64_t first_sequence, std::span<const FreeRecord> records,
-                       std::vector<std::byte>& out) {
-  Expects(records.size() <= max_free_records);
-  frame(MessageType::free, out, [&](Writer& w) {
-    w.integer(first_sequence);
-    w.integer(static_cast<std::uint32_t>(records.size()));
-    w.integer(std::uint32_t{0});
-    for (const FreeRecord& r : records) {
-      w.integer(r.buffer);
-      w.integer(r.time_ns);
-      w.integer(r.reason);
-      w.zeros(7);
-    }
-  });
+void encode_events(std::uint64_t first_sequence, std::span<const EventRecord> records, std::vector<std::byte>& out) {
+  Expects(records.size() <= max_records);
+  const std::size_t payload = batch_prefix_size + records.size() * record_size;
+  const std::size_t start = out.size();
+  out.resize(start + header_size + payload);
+  PlacedWriter w(out.data() + start);
+  w.integer(static_cast<std::uint32_t>(payload));
+  w.integer(static_cast<std::uint16_t>(MessageType::events));
+  w.integer(std::uint16_t{0});
+  w.integer(first_sequence);
+  w.integer(static_cast<std::uint32_t>(records.size()));
+  w.integer(std::uint32_t{0});
+  for (const EventRecord& record : records) write_record(w, record);
 }
 
 void encode(const SnapshotBegin& /*message*/, std::vector<std::byte>& out) {
@@ -407,12 +440,12 @@ void encode(const SnapshotBegin& /*message*/, std::vector<std::byte>& out) {
 }
 
 void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out) {
-  Expects(records.size() <= max_alloc_records);
+  Expects(records.size() <= max_records);
   frame(MessageType::snapshot_chunk, out, [&](Writer& w) {
     w.integer(std::uint64_t{0});
     w.integer(static_cast<std::uint32_t>(records.size()));
     w.integer(std::uint32_t{0});
-    write_alloc_records(w, records);
+    for (const AllocRecord& record : records) write_record(w, EventRecord::of(record));
   });
 }
 

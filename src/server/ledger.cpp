@@ -1,16 +1,16 @@
 module;
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cstdint>
-#include <deque>
 #include <map>
 #include <string>
 #include <tuple>
-#include <unordered_map>
-#include <unordered_set>
 #include <utility>
 #include <vector>
 
+#include <absl/container/flat_hash_map.h>
+#include <absl/container/flat_hash_set.h>
 #include <fmt/format.h>
 #include <gsl/gsl>
 
@@ -35,7 +35,27 @@ void shrink(Usage& usage, std::uint64_t bytes) {
   --usage.buffers;
 }
 
+// Bits [first, first + count) of a 64-bit mask.
+constexpr std::uint64_t bits(std::uint64_t first, std::uint64_t count) {
+  if (first >= 64) return 0;
+  return (count >= 64 ? ~std::uint64_t{0} : ((std::uint64_t{1} << count) - 1)) << first;
+}
+
+template <class Visit>
+void for_each_bit(std::uint64_t mask, Visit visit) {
+  while (mask != 0) {
+    visit(static_cast<std::uint32_t>(std::countr_zero(mask)));
+    mask &= mask - 1;
+  }
+}
+
 }  // namespace
+
+UsageByType& Ledger::usage_of(std::vector<UsageByType>& devices, std::uint32_t device) {
+  Expects(device <= protocol::max_device_id);
+  if (devices.size() <= device) devices.resize(std::size_t{device} + 1);
+  return devices[device];
+}
 
 SessionId Ledger::open_session(SessionIdentity identity) {
   const SessionId id = next_session_++;
@@ -44,8 +64,11 @@ SessionId Ledger::open_session(SessionIdentity identity) {
 }
 
 Ledger::Session& Ledger::session(SessionId id) {
+  if (id == cached_id_) return *cached_;
   const auto found = sessions_.find(id);
   Expects(found != sessions_.end());
+  cached_id_ = id;
+  cached_ = &found->second;
   return found->second;
 }
 
@@ -57,43 +80,76 @@ const SessionIdentity& Ledger::identity(SessionId session) const {
 
 std::uint64_t Ledger::live_allocations(SessionId session) const {
   const auto found = sessions_.find(session);
-  return found == sessions_.end() ? 0 : found->second.live.size();
+  return found == sessions_.end() ? 0 : found->second.live_buffers;
 }
 
-void Ledger::add(Session& s, std::uint64_t buffer, const Entry& entry) {
-  const auto [it, inserted] = s.live.try_emplace(buffer, entry);
+// A group covers at most 64 buffers, so the one holding `buffer` starts at most 63 ids below it.
+Ledger::Groups::iterator Ledger::find_group(Session& s, std::uint64_t buffer) {
+  for (std::uint64_t back = 0; back < protocol::max_devices_per_record && back <= buffer; ++back) {
+    const auto found = s.live.find(buffer - back);
+    if (found != s.live.end()) return buffer < found->first + s.slab[found->second].count ? found : s.live.end();
+  }
+  return s.live.end();
+}
+
+void Ledger::add(Session& s, const protocol::AllocRecord& record) {
+  const auto [group, inserted] = s.live.try_emplace(record.buffer, 0);
   if (!inserted) {
-    ++counters_.duplicate_allocations;
+    counters_.duplicate_allocations += record.device_count;
     return;
   }
-  const std::size_t type = index_of(entry.type);
-  grow(devices_[entry.device][type], entry.size);
-  grow(s.devices[entry.device][type], entry.size);
-  s.live_bytes += entry.size;
-  ++active_allocations_;
-  if (const auto name = s.names.find(entry.mesh_buffer); name != s.names.end()) ++name->second.live;
+  const Group value{record.mesh_buffer, record.address,  record.size, record.time_ns, bits(0, record.device_count),
+                    record.device,      record.device_count, record.type, record.hooked};
+  if (s.free_slots.empty()) {
+    group->second = static_cast<std::uint32_t>(s.slab.size());
+    s.slab.push_back(value);
+  } else {
+    group->second = s.free_slots.back();
+    s.free_slots.pop_back();
+    s.slab[group->second] = value;
+  }
+  const std::size_t type = index_of(record.type);
+  for (std::uint32_t device = record.device; device < record.device + record.device_count; ++device) {
+    grow(usage_of(devices_, device)[type], record.size);
+    grow(usage_of(s.devices, device)[type], record.size);
+    if (device_known_.size() <= device) device_known_.resize(std::size_t{device} + 1);
+    device_known_[device] = true;
+  }
+  s.live_buffers += record.device_count;
+  s.live_bytes += record.size * record.device_count;
+  active_allocations_ += record.device_count;
+  if (const auto name = s.names.find(record.mesh_buffer); name != s.names.end()) ++name->second.live;
 }
 
-void Ledger::remove(Session& s, std::unordered_map<std::uint64_t, Entry>::iterator found) {
-  const Entry& entry = found->second;
-  const std::size_t type = index_of(entry.type);
-  shrink(devices_[entry.device][type], entry.size);
-  shrink(s.devices[entry.device][type], entry.size);
-  s.live_bytes -= entry.size;
-  --active_allocations_;
-  if (const auto name = s.names.find(entry.mesh_buffer); name != s.names.end() && --name->second.live == 0) {
+void Ledger::remove(Session& s, Groups::iterator group, std::uint64_t mask) {
+  Group& g = s.slab[group->second];
+  const std::size_t type = index_of(g.type);
+  const auto freed = static_cast<std::uint64_t>(std::popcount(mask));
+  for_each_bit(mask, [&](std::uint32_t bit) {
+    shrink(devices_[g.first_device + bit][type], g.size);
+    shrink(s.devices[g.first_device + bit][type], g.size);
+  });
+  s.live_buffers -= freed;
+  s.live_bytes -= g.size * freed;
+  active_allocations_ -= freed;
+  g.live_mask &= ~mask;
+  if (g.live_mask != 0) return;
+  if (const auto name = s.names.find(g.mesh_buffer); name != s.names.end() && --name->second.live == 0) {
     s.names.erase(name);
   }
-  s.live.erase(found);
+  s.free_slots.push_back(group->second);
+  s.live.erase(group);
 }
 
-void Ledger::remember_free(Session& s, std::uint64_t buffer) {
-  if (!s.recent_frees.insert(buffer).second) return;
-  s.recent_free_order.push_back(buffer);
-  if (s.recent_free_order.size() > recent_frees_remembered) {
-    s.recent_frees.erase(s.recent_free_order.front());
-    s.recent_free_order.pop_front();
+void Ledger::remember_free(Session& s, std::uint64_t first_id) {
+  if (!s.recent_frees.insert(first_id).second) return;
+  if (s.recent_free_ring.size() < recent_frees_remembered) {
+    s.recent_free_ring.push_back(first_id);
+    return;
   }
+  s.recent_frees.erase(s.recent_free_ring[s.recent_free_next]);
+  s.recent_free_ring[s.recent_free_next] = first_id;
+  s.recent_free_next = (s.recent_free_next + 1) % recent_frees_remembered;
 }
 
 bool Ledger::check_sequence(SessionId id, std::uint64_t first_sequence, std::uint64_t count) {
@@ -106,54 +162,67 @@ bool Ledger::check_sequence(SessionId id, std::uint64_t first_sequence, std::uin
 
 void Ledger::apply_alloc(SessionId id, const protocol::AllocRecord& record) {
   Session& s = session(id);
-  ++counters_.allocations;
-  ++s.allocations;
-  add(s, record.buffer,
-      Entry{record.mesh_buffer, record.address, record.size, record.time_ns, record.device, record.type, record.hooked});
+  counters_.allocations += record.device_count;
+  s.allocations += record.device_count;
+  add(s, record);
 }
 
 FreeOutcome Ledger::apply_free(SessionId id, const protocol::FreeRecord& record) {
   Session& s = session(id);
-  const auto found = s.live.find(record.buffer);
-  if (found == s.live.end()) {
-    if (s.recent_frees.contains(record.buffer)) {
-      ++counters_.double_deallocations;
-      return {FreeOutcome::Kind::double_free};
-    }
-    ++counters_.unknown_deallocations;
-    return {FreeOutcome::Kind::unknown};
+  const auto group = find_group(s, record.buffer);
+  if (group == s.live.end()) {
+    FreeOutcome outcome;
+    (s.recent_frees.contains(record.buffer) ? outcome.double_frees : outcome.unknown_frees) = record.device_count;
+    counters_.double_deallocations += outcome.double_frees;
+    counters_.unknown_deallocations += outcome.unknown_frees;
+    return outcome;
   }
-  const FreeOutcome outcome{FreeOutcome::Kind::freed, found->second.device, found->second.type, found->second.size};
-  ++counters_.deallocations;
-  ++s.deallocations;
-  remove(s, found);
-  remember_free(s, record.buffer);
+  const Group& g = s.slab[group->second];
+  const std::uint64_t offset = record.buffer - group->first;
+  const std::uint64_t named = bits(offset, record.device_count) & bits(0, g.count);
+  const std::uint64_t freed = named & g.live_mask;
+  FreeOutcome outcome{.freed_mask = freed,
+                      .first_device = g.first_device,
+                      .type = g.type,
+                      .size = g.size,
+                      .double_frees = static_cast<std::uint64_t>(std::popcount(named & ~freed)),
+                      .unknown_frees = record.device_count - static_cast<std::uint64_t>(std::popcount(named))};
+  counters_.double_deallocations += outcome.double_frees;
+  counters_.unknown_deallocations += outcome.unknown_frees;
+  const auto count = static_cast<std::uint64_t>(std::popcount(freed));
+  counters_.deallocations += count;
+  s.deallocations += count;
+  const std::uint64_t first = group->first;
+  const bool last = (g.live_mask & ~freed) == 0;
+  remove(s, group, freed);
+  if (last) remember_free(s, first);
   return outcome;
 }
 
 void Ledger::name_mesh_buffer(SessionId id, std::uint64_t mesh_buffer, std::string name) {
-  Session& s = session(id);
-  auto& entry = s.names[mesh_buffer];
-  entry.text = std::move(name);
+  session(id).names[mesh_buffer].text = std::move(name);
 }
 
 void Ledger::set_device_totals(const protocol::DeviceTotals& totals) {
+  Expects(totals.device <= protocol::max_device_id);
+  if (device_totals_.size() <= totals.device) device_totals_.resize(std::size_t{totals.device} + 1);
   device_totals_[totals.device] = totals.total_bytes;
-  devices_.try_emplace(totals.device);  // a known device shows up even while empty
+  (void)usage_of(devices_, totals.device);
+  if (device_known_.size() <= totals.device) device_known_.resize(std::size_t{totals.device} + 1);
+  device_known_[totals.device] = true;  // a known device shows up even while empty
 }
 
 void Ledger::begin_snapshot(SessionId id) {
   Session& s = session(id);
-  while (!s.live.empty()) remove(s, s.live.begin());
+  while (!s.live.empty()) remove(s, s.live.begin(), s.slab[s.live.begin()->second].live_mask);
+  s.slab.clear();
+  s.free_slots.clear();
   s.recent_frees.clear();
-  s.recent_free_order.clear();
+  s.recent_free_ring.clear();
+  s.recent_free_next = 0;
 }
 
-void Ledger::apply_snapshot_record(SessionId id, const protocol::AllocRecord& record) {
-  Session& s = session(id);
-  add(s, record.buffer,
-      Entry{record.mesh_buffer, record.address, record.size, record.time_ns, record.device, record.type, record.hooked});
-}
+void Ledger::apply_snapshot_record(SessionId id, const protocol::AllocRecord& record) { add(session(id), record); }
 
 void Ledger::end_snapshot(SessionId id, std::uint64_t next_sequence) {
   session(id).next_sequence = next_sequence;
@@ -162,35 +231,43 @@ void Ledger::end_snapshot(SessionId id, std::uint64_t next_sequence) {
 
 Reclaim Ledger::close_session(SessionId id, SessionEnd how) {
   Session& s = session(id);
-  Reclaim reclaim{.identity = s.identity, .buffers = s.live.size(), .bytes = s.live_bytes};
-  for (const auto& [device, usage] : s.devices) {
+  Reclaim reclaim{.identity = s.identity, .buffers = s.live_buffers, .bytes = s.live_bytes};
+  for (std::uint32_t device = 0; device < s.devices.size(); ++device) {
+    const UsageByType& usage = s.devices[device];
     if (std::ranges::any_of(usage, [](const Usage& u) { return u.buffers > 0; })) reclaim.devices[device] = usage;
   }
-  (how == SessionEnd::goodbye ? counters_.leaked_at_exit : counters_.reclaimed_allocations) += s.live.size();
-  while (!s.live.empty()) remove(s, s.live.begin());
+  (how == SessionEnd::goodbye ? counters_.leaked_at_exit : counters_.reclaimed_allocations) += s.live_buffers;
+  while (!s.live.empty()) remove(s, s.live.begin(), s.slab[s.live.begin()->second].live_mask);
+  if (cached_id_ == id) {
+    cached_id_ = 0;
+    cached_ = nullptr;
+  }
   sessions_.erase(id);
   return reclaim;
 }
 
 Summary Ledger::summary() const {
   Summary summary{.active_allocations = active_allocations_, .counters = counters_};
-  summary.devices.reserve(devices_.size());
-  for (const auto& [device, usage] : devices_) {
-    DeviceSummary d{.device = device, .usage = usage};
-    if (const auto totals = device_totals_.find(device); totals != device_totals_.end()) d.total_bytes = totals->second;
+  for (std::uint32_t device = 0; device < device_known_.size(); ++device) {
+    if (!device_known_[device]) continue;
+    DeviceSummary d{.device = device, .usage = device < devices_.size() ? devices_[device] : UsageByType{}};
+    if (device < device_totals_.size()) d.total_bytes = device_totals_[device];
     summary.devices.push_back(d);
   }
   summary.processes.reserve(sessions_.size());
   for (const auto& [id, s] : sessions_) {
-    summary.processes.push_back(ProcessSummary{
-        .session = id,
-        .identity = s.identity,
-        .live_allocations = s.live.size(),
-        .live_bytes = s.live_bytes,
-        .allocations = s.allocations,
-        .deallocations = s.deallocations,
-        .devices = s.devices,
-    });
+    ProcessSummary process{.session = id,
+                           .identity = s.identity,
+                           .live_allocations = s.live_buffers,
+                           .live_bytes = s.live_bytes,
+                           .allocations = s.allocations,
+                           .deallocations = s.deallocations};
+    for (std::uint32_t device = 0; device < s.devices.size(); ++device) {
+      if (std::ranges::any_of(s.devices[device], [](const Usage& u) { return u.peak_bytes > 0; })) {
+        process.devices[device] = s.devices[device];
+      }
+    }
+    summary.processes.push_back(std::move(process));
   }
   return summary;
 }
@@ -199,19 +276,22 @@ std::vector<LiveBuffer> Ledger::live_buffers(std::uint32_t pid) const {
   std::vector<LiveBuffer> buffers;
   for (const auto& [id, s] : sessions_) {
     if (pid != 0 && s.identity.pid != pid) continue;
-    for (const auto& [buffer, e] : s.live) {
-      const auto name = s.names.find(e.mesh_buffer);
-      buffers.push_back(LiveBuffer{
-          .pid = s.identity.pid,
-          .buffer = buffer,
-          .mesh_buffer = e.mesh_buffer,
-          .mesh_buffer_name = name == s.names.end() ? std::string{} : name->second.text,
-          .device = e.device,
-          .type = e.type,
-          .address = e.address,
-          .size = e.size,
-          .time_ns = e.time_ns,
-          .hooked = e.hooked,
+    for (const auto& [first, slot] : s.live) {
+      const Group& g = s.slab[slot];
+      const auto name = s.names.find(g.mesh_buffer);
+      for_each_bit(g.live_mask, [&](std::uint32_t bit) {
+        buffers.push_back(LiveBuffer{
+            .pid = s.identity.pid,
+            .buffer = first + bit,
+            .mesh_buffer = g.mesh_buffer,
+            .mesh_buffer_name = name == s.names.end() ? std::string{} : name->second.text,
+            .device = g.first_device + bit,
+            .type = g.type,
+            .address = g.address,
+            .size = g.size,
+            .time_ns = g.time_ns,
+            .hooked = g.hooked,
+        });
       });
     }
   }
@@ -233,21 +313,27 @@ Verification Ledger::verify() const {
   for (const auto& [id, s] : sessions_) {
     std::map<std::uint32_t, UsageByType> process_from_buffers;
     std::uint64_t bytes = 0;
-    for (const auto& [buffer, e] : s.live) {
-      for (auto* sums : {&process_from_buffers, &device_sums_from_buffers}) {
-        Usage& u = (*sums)[e.device][index_of(e.type)];
-        u.bytes += e.size;
-        ++u.buffers;
-      }
-      bytes += e.size;
+    std::uint64_t buffers = 0;
+    for (const auto& [first, slot] : s.live) {
+      const Group& g = s.slab[slot];
+      for_each_bit(g.live_mask, [&](std::uint32_t bit) {
+        for (auto* sums : {&process_from_buffers, &device_sums_from_buffers}) {
+          Usage& u = (*sums)[g.first_device + bit][index_of(g.type)];
+          u.bytes += g.size;
+          ++u.buffers;
+        }
+        bytes += g.size;
+        ++buffers;
+      });
     }
-    live += s.live.size();
-    if (bytes != s.live_bytes) {
-      differ(fmt::format("pid {}: live bytes {} but its buffers sum to {}", s.identity.pid, s.live_bytes, bytes));
+    live += buffers;
+    if (bytes != s.live_bytes || buffers != s.live_buffers) {
+      differ(fmt::format("pid {}: live {} buffers of {} bytes, but its buffers are {} of {} bytes", s.identity.pid,
+                         s.live_buffers, s.live_bytes, buffers, bytes));
     }
-    for (const auto& [device, usage] : s.devices) {
+    for (std::uint32_t device = 0; device < s.devices.size(); ++device) {
       for (const BufferType type : all_buffer_types) {
-        const Usage& kept = usage[index_of(type)];
+        const Usage& kept = s.devices[device][index_of(type)];
         const Usage& summed = process_from_buffers[device][index_of(type)];
         if (kept.bytes != summed.bytes || kept.buffers != summed.buffers) {
           differ(fmt::format("pid {} device {} {}: process total {} bytes in {} buffers, its buffers sum to {} in {}",
@@ -263,9 +349,9 @@ Verification Ledger::verify() const {
   if (live != active_allocations_) {
     differ(fmt::format("active allocations {} but {} buffers are live", active_allocations_, live));
   }
-  for (const auto& [device, usage] : devices_) {
+  for (std::uint32_t device = 0; device < devices_.size(); ++device) {
     for (const BufferType type : all_buffer_types) {
-      const Usage& kept = usage[index_of(type)];
+      const Usage& kept = devices_[device][index_of(type)];
       const Usage& by_buffers = device_sums_from_buffers[device][index_of(type)];
       const Usage& by_processes = device_sums_from_processes[device][index_of(type)];
       if (kept.bytes != by_buffers.bytes || kept.bytes != by_processes.bytes || kept.buffers != by_buffers.buffers) {

@@ -1,6 +1,7 @@
 module;
 #include <algorithm>
 #include <array>
+#include <bit>
 #include <cerrno>
 #include <chrono>
 #include <csignal>
@@ -450,38 +451,51 @@ struct Server::State {
     }
   }
 
-  void apply(Connection& c, const protocol::AllocBatch& batch) {
-    if (!within_limit(c, batch.records.size())) return;
+  void apply(Connection& c, const protocol::EventBatch& batch) {
+    std::uint64_t allocating = 0;
+    for (std::size_t i = 0; i < batch.records.size(); ++i) {
+      const protocol::EventRecord record = batch.records[i];
+      if (!record.is_free) allocating += record.alloc.device_count;
+    }
+    if (!within_limit(c, allocating)) return;
     sequence(c, batch.first_sequence, batch.records.size());
     for (std::size_t i = 0; i < batch.records.size(); ++i) {
-      const protocol::AllocRecord record = batch.records[i];
-      ledger.apply_alloc(c.session, record);
-      Activity& a = c.activity[record.device];
+      const protocol::EventRecord record = batch.records[i];
+      if (record.is_free) {
+        free(c, record.free);
+      } else {
+        allocate(c, record.alloc);
+      }
+    }
+  }
+
+  void allocate(Connection& c, const protocol::AllocRecord& record) {
+    ledger.apply_alloc(c.session, record);
+    if (!config.log_activity) return;
+    for (std::uint32_t device = record.device; device < record.device + record.device_count; ++device) {
+      Activity& a = c.activity[device];
       ++a.allocated;
       a.allocated_bytes += record.size;
     }
   }
 
-  void apply(Connection& c, const protocol::FreeBatch& batch) {
-    sequence(c, batch.first_sequence, batch.records.size());
-    for (std::size_t i = 0; i < batch.records.size(); ++i) {
-      const protocol::FreeRecord record = batch.records[i];
-      const FreeOutcome outcome = ledger.apply_free(c.session, record);
-      if (outcome.kind == FreeOutcome::Kind::freed) {
-        Activity& a = c.activity[outcome.device];
+  void free(Connection& c, const protocol::FreeRecord& record) {
+    const FreeOutcome outcome = ledger.apply_free(c.session, record);
+    if (config.log_activity) {
+      for (std::uint64_t mask = outcome.freed_mask; mask != 0; mask &= mask - 1) {
+        Activity& a = c.activity[outcome.first_device + static_cast<std::uint32_t>(std::countr_zero(mask))];
         ++a.freed;
         a.freed_bytes += outcome.size;
-        continue;
       }
-      if (c.unknown_frees_logged++ < unknown_frees_logged_per_session) {
-        log(fmt::format("{}: {} for buffer {}{}", who(c),
-                        outcome.kind == FreeOutcome::Kind::double_free ? "Double deallocation" :
-                                                                         "Deallocation for unknown buffer",
-                        record.buffer,
-                        c.unknown_frees_logged == unknown_frees_logged_per_session ? " (further ones are counted, not "
-                                                                                     "logged)" :
-                                                                                     ""));
-      }
+    }
+    if (outcome.unknown_frees + outcome.double_frees == 0) return;
+    if (c.unknown_frees_logged++ < unknown_frees_logged_per_session) {
+      log(fmt::format("{}: {} for buffer {}{}", who(c),
+                      outcome.double_frees > 0 ? "Double deallocation" : "Deallocation for unknown buffer",
+                      record.buffer,
+                      c.unknown_frees_logged == unknown_frees_logged_per_session ? " (further ones are counted, not "
+                                                                                   "logged)" :
+                                                                                   ""));
     }
   }
 
@@ -492,8 +506,10 @@ struct Server::State {
   }
 
   void apply(Connection& c, const protocol::SnapshotChunk& chunk) {
-    if (!within_limit(c, chunk.records.size())) return;
-    for (std::size_t i = 0; i < chunk.records.size(); ++i) ledger.apply_snapshot_record(c.session, chunk.records[i]);
+    std::uint64_t buffers = 0;
+    for (std::size_t i = 0; i < chunk.records.size(); ++i) buffers += chunk.records[i].alloc.device_count;
+    if (!within_limit(c, buffers)) return;
+    for (std::size_t i = 0; i < chunk.records.size(); ++i) ledger.apply_snapshot_record(c.session, chunk.records[i].alloc);
     c.snapshot_records += chunk.records.size();
   }
 

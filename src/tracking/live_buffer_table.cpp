@@ -12,27 +12,30 @@ namespace meshrt {
 
 void LiveBufferTable::process(std::span<const AllocationEvent> events) noexcept {
   const std::scoped_lock lock(mutex_);
-  for (const AllocationEvent& event : events) {
-    if (event.kind == EventKind::allocate) {
-      if (!live_.try_emplace(event.buffer, event).second) {
-        ++duplicate_allocations_;
+  for (const AllocationEvent& range : events) {
+    for (std::uint32_t i = 0; i < range.device_count; ++i) {
+      const AllocationEvent event = device_buffer_event(range, i);
+      if (event.kind == EventKind::allocate) {
+        if (!live_.try_emplace(event.buffer, event).second) {
+          ++duplicate_allocations_;
+          continue;
+        }
+        LiveBufferSummary& summary = summaries_[{event.device.value(), event.type}];
+        ++summary.buffers;
+        summary.bytes += event.size;
         continue;
       }
-      LiveBufferSummary& summary = summaries_[{event.device.value(), event.type}];
-      ++summary.buffers;
-      summary.bytes += event.size;
-      continue;
+      const auto found = live_.find(event.buffer);
+      if (found == live_.end()) {
+        ++unknown_frees_;
+        continue;
+      }
+      // Account the free against what was allocated, whatever the free event claims.
+      LiveBufferSummary& summary = summaries_[{found->second.device.value(), found->second.type}];
+      --summary.buffers;
+      summary.bytes -= found->second.size;
+      live_.erase(found);
     }
-    const auto found = live_.find(event.buffer);
-    if (found == live_.end()) {
-      ++unknown_frees_;
-      continue;
-    }
-    // Account the free against what was allocated, whatever the free event claims.
-    LiveBufferSummary& summary = summaries_[{found->second.device.value(), found->second.type}];
-    --summary.buffers;
-    summary.bytes -= found->second.size;
-    live_.erase(found);
   }
 }
 

@@ -2,6 +2,7 @@ module;
 #include <algorithm>
 #include <array>
 #include <atomic>
+#include <bit>
 #include <cerrno>
 #include <chrono>
 #include <condition_variable>
@@ -10,6 +11,7 @@ module;
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <deque>
 #include <fstream>
 #include <map>
 #include <memory>
@@ -31,6 +33,7 @@ module;
 #include <sys/un.h>
 #include <unistd.h>
 
+#include <absl/container/flat_hash_map.h>
 #include <fmt/format.h>
 #include <gsl/gsl>
 
@@ -46,34 +49,92 @@ namespace {
 using Clock = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
-// Past this many events in its lane an application thread wakes the sender early.
-constexpr std::size_t wake_threshold = 4096;
-// Application threads spread over this many lanes, each with its own tiny lock, so that
-// recording an event never waits on the sender or (usually) on another thread.
-constexpr std::size_t lane_count = 16;
+// Past this many chunks waiting in its lane an application thread wakes the sender early.
+constexpr std::size_t wake_chunks = 4;
 
-std::atomic<std::size_t> next_lane{0};
+// Events travel in fixed chunks, linked one after the other, written by one application thread
+// and read by the sender. Chunks are recycled, never freed while the client lives: after a
+// warm-up, recording writes only into memory that is already mapped (ADR 0012).
+struct Chunk {
+  static constexpr std::size_t capacity = 1024;  // 64 KiB of events
+  std::array<AllocationEvent, capacity> events;
+  std::atomic<std::size_t> published{0};  // events[0, published) are written and visible
+  std::atomic<Chunk*> next{nullptr};      // set once this chunk is full
+};
 
-std::size_t this_thread_lane() {
-  thread_local const std::size_t lane = next_lane.fetch_add(1, std::memory_order_relaxed) % lane_count;
-  return lane;
+// The pool is touched once per chunk (1,024 events), so a plain mutex serves. It is bounded:
+// when application threads record faster than the sender can apply (tens of millions of events
+// a second), take() waits for the sender to give a chunk back rather than grow without end.
+class ChunkPool {
+ public:
+  static constexpr std::size_t max_chunks = 256;  // 16 MiB of queued events
+
+  // nullptr once closed: the client is shutting down.
+  Chunk* take() {
+    std::unique_lock lock(mutex_);
+    if (free_.empty() && owned_.size() < max_chunks) {
+      owned_.push_back(std::make_unique<Chunk>());
+      return owned_.back().get();
+    }
+    returned_.wait(lock, [&] { return !free_.empty() || closed_; });
+    if (free_.empty()) return nullptr;
+    Chunk* chunk = free_.front();  // the longest idle: least likely still in the sender's cache
+    free_.pop_front();
+    return chunk;
+  }
+  void give(Chunk* chunk) {
+    chunk->published.store(0, std::memory_order_relaxed);
+    chunk->next.store(nullptr, std::memory_order_relaxed);
+    {
+      const std::scoped_lock guard(mutex_);
+      free_.push_back(chunk);
+    }
+    returned_.notify_one();
+  }
+  void close() {
+    {
+      const std::scoped_lock guard(mutex_);
+      closed_ = true;
+    }
+    returned_.notify_all();
+  }
+
+ private:
+  std::mutex mutex_;
+  std::condition_variable returned_;
+  std::vector<std::unique_ptr<Chunk>> owned_;
+  std::deque<Chunk*> free_;
+  bool closed_{false};
+};
+
+// One application thread's queue: single producer, single consumer, no lock. The producer
+// writes an event and publishes the new count with a release store (a plain store on x86: it
+// never waits for the write to reach memory); the sender reads the count with acquire.
+struct Lane {
+  explicit Lane(Chunk* first) : tail(first), head(first) {}
+  // Producer side.
+  alignas(64) Chunk* tail;
+  std::atomic<std::uint64_t> queued{0};  // events handed to process() on this lane
+  std::atomic<std::uint64_t> full_chunks{0};
+  // Consumer (sender) side.
+  alignas(64) Chunk* head;
+  std::size_t consumed{0};
+  std::uint64_t chunks_taken{0};
+};
+
+// Which lane this thread writes to, per client: a client id (never reused) and its lane.
+struct LaneBinding {
+  std::uint64_t client{0};
+  Lane* lane{nullptr};
+};
+std::atomic<std::uint64_t> next_client_id{1};
+
+// An Alloc and the Free of exactly its buffers.
+bool cancels(const AllocationEvent& alloc, const AllocationEvent& free) {
+  return alloc.kind == EventKind::allocate && free.kind == EventKind::free && alloc.buffer == free.buffer &&
+         alloc.device_count == free.device_count;
 }
 
-// One application-thread queue. The lock is held only to append or to swap the vector out.
-struct alignas(64) Lane {
-  std::atomic<bool> locked{false};
-  std::vector<AllocationEvent> events;
-  std::uint64_t queued{};
-
-  void lock() {
-    for (int spins = 0; locked.exchange(true, std::memory_order_acquire); ++spins) {
-      while (locked.load(std::memory_order_relaxed)) {
-        if (++spins > 64) std::this_thread::yield();  // the holder may be preempted: 2 cores
-      }
-    }
-  }
-  void unlock() { locked.store(false, std::memory_order_release); }
-};
 // How long a clean exit may wait for a slow server to take the last events.
 constexpr auto final_flush_timeout = 2s;
 
@@ -87,7 +148,13 @@ protocol::AllocRecord to_record(const AllocationEvent& event) {
       .device = event.device.value(),
       .type = event.type,
       .hooked = event.hooked,
+      .device_count = static_cast<std::uint16_t>(event.device_count),
   };
+}
+
+// Bits [first, first + count) of a 64-bit live mask.
+constexpr std::uint64_t bits(std::uint32_t first, std::uint32_t count) {
+  return (count >= 64 ? ~std::uint64_t{0} : ((std::uint64_t{1} << count) - 1)) << first;
 }
 
 std::string own_process_name() {
@@ -109,8 +176,25 @@ bool tracking_enabled_by_environment() {
 struct TrackingClient::State {
   Options options;
 
-  // Written by application threads.
-  std::array<Lane, lane_count> lanes;
+  // One lane per application thread that ever recorded through this client.
+  const std::uint64_t client_id{next_client_id.fetch_add(1, std::memory_order_relaxed)};
+  ChunkPool pool;
+  std::mutex lanes_mutex;
+  std::vector<std::unique_ptr<Lane>> lanes;
+
+  // nullptr only while the client shuts down.
+  Lane* lane_of_this_thread() {
+    thread_local LaneBinding binding;
+    if (binding.client != client_id) {
+      Chunk* first = pool.take();
+      if (first == nullptr) return nullptr;
+      auto lane = std::make_unique<Lane>(first);
+      const std::scoped_lock guard(lanes_mutex);
+      lanes.push_back(std::move(lane));
+      binding = {client_id, lanes.back().get()};
+    }
+    return binding.lane;
+  }
   std::atomic<bool> stopping{false};
 
   // Shared with flush()/status()/describe_*, under `mutex`.
@@ -128,7 +212,14 @@ struct TrackingClient::State {
   std::vector<std::byte> out;
   std::size_t out_start{};
   std::size_t out_keep{};  // out[0, out_keep) starts a session or resynchronises it: never dropped
-  std::unordered_map<std::uint64_t, protocol::AllocRecord> live;
+  // Live device buffers by group (one Alloc event's range), keyed by its first buffer id; the
+  // mask says which of its device buffers are still live.
+  struct Group {
+    protocol::AllocRecord record;
+    std::uint64_t live_mask{};
+  };
+  absl::flat_hash_map<std::uint64_t, Group> live;
+  std::uint64_t live_device_buffers{};
   // A Free can overtake its Alloc when the two were recorded on different threads' lanes: it
   // waits here (keyed by buffer id, never reused) until the Alloc arrives.
   std::unordered_map<std::uint64_t, AllocationEvent> early_frees;
@@ -158,65 +249,85 @@ struct TrackingClient::State {
     if (!name.name.empty()) names[name.mesh_buffer].text = name.name;
   }
 
-  // Applies one event to the live table and appends what the server must hear, in an order it
-  // accepts (each Alloc before its Free), to `ordered`.
-  void apply(const AllocationEvent& event, std::vector<AllocationEvent>& ordered) {
-    const std::uint64_t id = event.buffer.value();
-    if (event.kind == EventKind::allocate) {
-      ordered.push_back(event);
-      if (const auto early = early_frees.find(id); early != early_frees.end()) {
-        ordered.push_back(early->second);  // its whole life fell between two drains
-        early_frees.erase(early);
-        return;
+  // The group holding buffer `id`: its first id is at most 63 below (a group covers up to 64).
+  absl::flat_hash_map<std::uint64_t, Group>::iterator find_group(std::uint64_t id) {
+    for (std::uint64_t back = 0; back < max_devices_per_event && back <= id; ++back) {
+      const auto found = live.find(id - back);
+      if (found != live.end()) {
+        return id < found->first + found->second.record.device_count ? found : live.end();
       }
-      live.insert_or_assign(id, to_record(event));
-      if (const auto name = names.find(event.mesh_buffer.value()); name != names.end()) ++name->second.live;
-      return;
     }
-    const auto found = live.find(id);
-    if (found == live.end()) {
-      early_frees.emplace(id, event);
-      return;
-    }
-    ordered.push_back(event);
-    if (const auto name = names.find(found->second.mesh_buffer); name != names.end() && --name->second.live == 0) {
+    return live.end();
+  }
+
+  void forget_group(absl::flat_hash_map<std::uint64_t, Group>::iterator group) {
+    if (const auto name = names.find(group->second.record.mesh_buffer); name != names.end() && --name->second.live == 0) {
       names.erase(name);
     }
-    live.erase(found);
+    live.erase(group);
   }
 
-  // ---- encoding ----
-
-  void encode_events(std::span<const AllocationEvent> events) {
-    std::vector<protocol::AllocRecord> allocs;
-    std::vector<protocol::FreeRecord> frees;
-    const auto flush_allocs = [&] {
-      if (allocs.empty()) return;
-      protocol::encode_alloc_batch(next_sequence, allocs, out);
-      next_sequence += allocs.size();
-      allocs.clear();
-    };
-    const auto flush_frees = [&] {
-      if (frees.empty()) return;
-      protocol::encode_free_batch(next_sequence, frees, out);
-      next_sequence += frees.size();
-      frees.clear();
-    };
-    // Runs of one kind become one frame; order between kinds is kept.
-    for (const AllocationEvent& event : events) {
-      if (event.kind == EventKind::allocate) {
-        flush_frees();
-        allocs.push_back(to_record(event));
-        if (allocs.size() == protocol::max_alloc_records) flush_allocs();
-      } else {
-        flush_allocs();
-        frees.push_back({event.buffer.value(), event.time_ns, static_cast<std::uint8_t>(event.reason)});
-        if (frees.size() == protocol::max_free_records) flush_frees();
+  // Applies one event to the live table; when `stream` is set, also encodes what the server must
+  // hear, in an order it accepts (each Alloc before its Free).
+  void apply(const AllocationEvent& event, bool stream) {
+    const std::uint64_t id = event.buffer.value();
+    if (event.kind == EventKind::allocate) {
+      if (stream) encode(event);
+      std::uint64_t mask = bits(0, event.device_count);
+      // Frees that overtook this Alloc (recorded on another thread's lane) follow it now.
+      for (auto early = early_frees.begin(); early != early_frees.end();) {
+        const std::uint64_t first = early->first;
+        if (first >= id && first < id + event.device_count) {
+          if (stream) encode(early->second);
+          mask &= ~bits(static_cast<std::uint32_t>(first - id), early->second.device_count);
+          early_frees.erase(early++);
+        } else {
+          ++early;
+        }
       }
+      if (mask == 0) return;
+      live.insert_or_assign(id, Group{to_record(event), mask});
+      live_device_buffers += static_cast<std::uint64_t>(std::popcount(mask));
+      if (!names.empty()) {
+        if (const auto name = names.find(event.mesh_buffer.value()); name != names.end()) ++name->second.live;
+      }
+      return;
     }
-    flush_allocs();
-    flush_frees();
+    const auto group = find_group(id);
+    if (group == live.end()) {
+      early_frees.emplace(id, event);  // not yet: it waits for its Alloc
+      return;
+    }
+    if (stream) encode(event);
+    const std::uint64_t freed = group->second.live_mask & bits(static_cast<std::uint32_t>(id - group->first), event.device_count);
+    group->second.live_mask &= ~freed;
+    live_device_buffers -= static_cast<std::uint64_t>(std::popcount(freed));
+    if (group->second.live_mask == 0) forget_group(group);
   }
+
+  // ---- encoding: runs of one kind become one frame; order between kinds is kept ----
+
+  std::vector<protocol::EventRecord> pending;
+
+  void flush_pending() {
+    if (pending.empty()) return;
+    protocol::encode_events(next_sequence, pending, out);
+    next_sequence += pending.size();
+    pending.clear();
+  }
+
+  void encode(const AllocationEvent& event) {
+    if (event.kind == EventKind::allocate) {
+      pending.push_back(protocol::EventRecord::of(to_record(event)));
+    } else {
+      pending.push_back(protocol::EventRecord::of(
+          protocol::FreeRecord{event.buffer.value(), event.time_ns, static_cast<std::uint8_t>(event.reason),
+                               static_cast<std::uint16_t>(event.device_count)}));
+    }
+    if (pending.size() == protocol::max_records) flush_pending();
+  }
+
+  void finish_encoding() { flush_pending(); }
 
   // Hello, what the server must know, and the whole live table.
   void encode_session_start() {
@@ -240,16 +351,29 @@ struct TrackingClient::State {
     for (const auto& [mesh_buffer, name] : names) protocol::encode(protocol::MeshBufferName{mesh_buffer, name.text}, out);
     protocol::encode(protocol::SnapshotBegin{}, out);
     std::vector<protocol::AllocRecord> chunk;
-    chunk.reserve(std::min(live.size(), protocol::max_alloc_records));
-    for (const auto& [id, record] : live) {
-      chunk.push_back(record);
-      if (chunk.size() == protocol::max_alloc_records) {
-        protocol::encode_snapshot_chunk(chunk, out);
-        chunk.clear();
+    chunk.reserve(std::min(live.size(), protocol::max_records));
+    std::uint64_t records = 0;
+    for (const auto& [id, group] : live) {
+      // One record per run of still-live device buffers of the group.
+      std::uint64_t mask = group.live_mask;
+      while (mask != 0) {
+        const auto start = static_cast<std::uint32_t>(std::countr_zero(mask));
+        const auto length = static_cast<std::uint32_t>(std::countr_one(mask >> start));
+        protocol::AllocRecord run = group.record;
+        run.buffer += start;
+        run.device += start;
+        run.device_count = static_cast<std::uint16_t>(length);
+        chunk.push_back(run);
+        ++records;
+        mask &= ~bits(start, length);
+        if (chunk.size() == protocol::max_records) {
+          protocol::encode_snapshot_chunk(chunk, out);
+          chunk.clear();
+        }
       }
     }
     if (!chunk.empty()) protocol::encode_snapshot_chunk(chunk, out);
-    protocol::encode(protocol::SnapshotEnd{next_sequence, live.size()}, out);
+    protocol::encode(protocol::SnapshotEnd{next_sequence, records}, out);
     out_keep = out.size();
     need_snapshot = false;
     const std::scoped_lock lock(mutex);
@@ -322,7 +446,7 @@ struct TrackingClient::State {
     encode_session_start();
     if (warned) {
       warn(fmt::format("meshrt: tracking: connected to the allocation server at {}; resynchronised {} live buffers",
-                       options.socket_path, live.size()));
+                       options.socket_path, live_device_buffers));
       warned = false;
     }
     const std::scoped_lock lock(mutex);
@@ -394,22 +518,58 @@ struct TrackingClient::State {
 
   // ---- the sender thread ----
 
-  // Takes every lane's events (swapping vectors, so a lane is locked only for the swap).
-  void drain_lanes(std::vector<AllocationEvent>& taken, std::vector<AllocationEvent>& spare) {
-    for (Lane& lane : lanes) {
-      lane.lock();
-      spare.swap(lane.events);
-      lane.unlock();
-      taken.insert(taken.end(), spare.begin(), spare.end());
-      spare.clear();
+  // Applies the events published on every lane since the last round, recycling the chunks it
+  // has finished; returns how many events that was. A round takes at most a few chunks from
+  // each lane, so that sending is never starved by a thread that records without pause.
+  static constexpr std::uint64_t chunks_per_round = 16;
+  bool more_waiting = false;
+
+  std::uint64_t apply_lanes(bool stream) {
+    more_waiting = false;
+    std::vector<Lane*> current;
+    {
+      const std::scoped_lock guard(lanes_mutex);
+      current.reserve(lanes.size());
+      for (const auto& lane : lanes) current.push_back(lane.get());
     }
+    std::uint64_t taken = 0;
+    for (Lane* lane : current) {
+      for (std::uint64_t chunks = 0;; ++chunks) {
+        if (chunks == chunks_per_round) {
+          more_waiting = true;
+          break;
+        }
+        Chunk* chunk = lane->head;
+        const std::size_t published = chunk->published.load(std::memory_order_acquire);
+        for (std::size_t i = lane->consumed; i < published; ++i) {
+          // A buffer whose whole life is two neighbours in one lane (a short-lived buffer) never
+          // needs the live table: only the server hears of it.
+          const AllocationEvent& event = chunk->events[i];
+          if (i + 1 < published && cancels(event, chunk->events[i + 1]) && early_frees.empty()) {
+            if (stream) {
+              encode(event);
+              encode(chunk->events[i + 1]);
+            }
+            ++i;
+            continue;
+          }
+          apply(event, stream);
+        }
+        taken += published - lane->consumed;
+        lane->consumed = published;
+        Chunk* next = chunk->next.load(std::memory_order_acquire);
+        if (published < Chunk::capacity || next == nullptr) break;
+        lane->head = next;  // the producer has moved on: this chunk is done
+        lane->consumed = 0;
+        ++lane->chunks_taken;
+        pool.give(chunk);
+      }
+    }
+    return taken;
   }
 
   void run() {
     try_connect();  // at once: a server that is there sees the first allocations as they happen
-    std::vector<AllocationEvent> taken;
-    std::vector<AllocationEvent> spare;
-    std::vector<AllocationEvent> ordered;
     for (;;) {
       std::vector<protocol::DeviceTotals> new_devices;
       std::vector<protocol::MeshBufferName> new_names;
@@ -417,14 +577,12 @@ struct TrackingClient::State {
       bool stop = false;
       {
         std::unique_lock lock(mutex);
-        wake.wait_for(lock, options.flush_interval);
+        if (!more_waiting) wake.wait_for(lock, options.flush_interval);
         stop = stopping.load(std::memory_order_acquire);
         round = flush_requests;
       }
-      // Lanes before names: a name is queued before its Allocs, so any Alloc taken now has its
-      // name in the queue already.
-      taken.clear();
-      drain_lanes(taken, spare);
+      // Names before the lanes' events: a name is queued before its Allocs are published, so
+      // every Alloc read after this finds its name.
       {
         const std::scoped_lock lock(mutex);
         new_devices.swap(device_queue);
@@ -432,37 +590,40 @@ struct TrackingClient::State {
       }
       for (const protocol::DeviceTotals& device : new_devices) devices[device.device] = device;
       for (const protocol::MeshBufferName& name : new_names) remember(name);
-      ordered.clear();
-      for (const AllocationEvent& event : taken) apply(event, ordered);
+      // Streaming: events go out as they are applied. Otherwise the live table alone takes them
+      // and the snapshot of the next session (or of the resync) carries their effect.
+      const bool stream = connected() && !need_snapshot;
+      if (stream) {
+        if (!new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
+        for (const protocol::MeshBufferName& name : new_names) protocol::encode(name, out);
+      }
+      const std::uint64_t taken = apply_lanes(stream);
+      if (stream) finish_encoding();
 
       if (!connected()) {
         try_connect();  // a new session starts with a snapshot: it covers these events
-      } else if (need_snapshot) {
-        if (out.size() == out_start) encode_snapshot();
-      } else {
-        if (!new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
-        for (const protocol::MeshBufferName& name : new_names) protocol::encode(name, out);
-        encode_events(ordered);
+      } else if (need_snapshot && out.size() == out_start) {
+        encode_snapshot();
       }
       if (connected()) pump(stop ? std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout) : 0ms);
       if (connected() && out.size() - out_start > options.max_pending_bytes) drop_pending();
       {
         const std::scoped_lock lock(mutex);
-        status.events_taken += taken.size();
+        status.events_taken += taken;
         if (connected() && out.size() == out_start && !need_snapshot) {
           status.events_delivered = status.events_taken;
           flushed_through = round;
         }
-        status.live_buffers = live.size();
+        status.live_buffers = live_device_buffers;
+        status.frees_waiting = early_frees.size();
       }
       delivered_changed.notify_all();
       if (stop) break;
     }
     if (connected()) {
       // Frees whose Alloc never came are a runtime bug: the server counts them as unknown.
-      std::vector<AllocationEvent> orphans;
-      for (const auto& [id, event] : early_frees) orphans.push_back(event);
-      encode_events(orphans);
+      for (const auto& [id, event] : early_frees) encode(event);
+      finish_encoding();
       protocol::encode(protocol::Goodbye{}, out);
       pump(std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout));
       if (fd >= 0) ::close(fd);
@@ -493,16 +654,34 @@ void TrackingClient::shutdown() {
   }
   state_->wake.notify_one();
   if (state_->sender.joinable()) state_->sender.join();
+  state_->pool.close();  // no thread may wait for a chunk the sender will never give back
 }
 
 void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
   if (state_->stopping.load(std::memory_order_relaxed)) return;
-  Lane& lane = state_->lanes[this_thread_lane()];
-  lane.lock();
-  lane.events.insert(lane.events.end(), events.begin(), events.end());
-  lane.queued += events.size();
-  const bool kick = lane.events.size() >= wake_threshold && lane.events.size() - events.size() < wake_threshold;
-  lane.unlock();
+  Lane* const found = state_->lane_of_this_thread();
+  if (found == nullptr) return;
+  Lane& lane = *found;
+  bool kick = false;
+  for (const AllocationEvent& event : events) {
+    Chunk* chunk = lane.tail;
+    const std::size_t at = chunk->published.load(std::memory_order_relaxed);  // only we write it
+    if (at == Chunk::capacity) {
+      Chunk* fresh = state_->pool.take();
+      if (fresh == nullptr) return;  // shutting down: the last events go unrecorded
+      chunk->next.store(fresh, std::memory_order_release);
+      lane.tail = fresh;
+      const std::uint64_t waiting = lane.full_chunks.load(std::memory_order_relaxed) + 1;
+      lane.full_chunks.store(waiting, std::memory_order_relaxed);
+      kick = kick || waiting % wake_chunks == 0;
+      fresh->events[0] = event;
+      fresh->published.store(1, std::memory_order_release);
+      continue;
+    }
+    chunk->events[at] = event;
+    chunk->published.store(at + 1, std::memory_order_release);
+  }
+  lane.queued.store(lane.queued.load(std::memory_order_relaxed) + events.size(), std::memory_order_relaxed);
   if (kick) state_->wake.notify_one();  // a missed wake-up costs one flush interval, no more
 }
 
@@ -532,11 +711,8 @@ TrackingClient::Status TrackingClient::status() const {
     status = state_->status;
   }
   status.events_queued = 0;
-  for (Lane& lane : state_->lanes) {
-    lane.lock();
-    status.events_queued += lane.queued;
-    lane.unlock();
-  }
+  const std::scoped_lock guard(state_->lanes_mutex);
+  for (const auto& lane : state_->lanes) status.events_queued += lane->queued.load(std::memory_order_relaxed);
   return status;
 }
 

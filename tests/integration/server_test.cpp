@@ -263,7 +263,7 @@ TEST_SUITE("integration") {
     bytes.clear();
     protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(demo->pid()), .process_name = "liar"},
                      bytes);
-    protocol::encode_free_batch(0, std::vector{protocol::FreeRecord{.buffer = 1}}, bytes);
+    protocol::encode_events(0, std::vector{protocol::EventRecord::of(protocol::FreeRecord{.buffer = 1})}, bytes);
     const auto liar_error = raw_session(bytes);
     CHECK(liar_error.code == ErrorCode::permission_denied);
     CHECK(liar_error.message.find("claims pid " + std::to_string(demo->pid())) != std::string::npos);

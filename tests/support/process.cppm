@@ -2,6 +2,7 @@
 // files, wait with a deadline, signal, and never leave one running.
 module;
 #include <cerrno>
+#include <algorithm>
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -34,13 +35,16 @@ std::string read_text(const std::string& path) {
   return text.str();
 }
 
-// Polls `condition` every 20 ms until it holds or `timeout` passes.
+// Polls `condition` until it holds or `timeout` passes: every 0.1 ms at first, backing off to
+// every 20 ms, so quick things are seen quickly and slow ones cost little.
 template <class Condition>
 bool eventually(Condition condition, std::chrono::milliseconds timeout = std::chrono::seconds(60)) {
   const auto deadline = std::chrono::steady_clock::now() + timeout;
+  std::chrono::microseconds pause{100};
   while (!condition()) {
     if (std::chrono::steady_clock::now() >= deadline) return false;
-    std::this_thread::sleep_for(std::chrono::milliseconds(20));
+    std::this_thread::sleep_for(pause);
+    pause = std::min(pause * 2, std::chrono::microseconds{20'000});
   }
   return true;
 }

@@ -16,13 +16,28 @@ import meshrt;
 
 export namespace meshrt::testing {
 
-// Records every event a tracker reports, and checks the invariant of DESIGN.md over them:
-// each buffer id has exactly one Alloc followed by exactly one Free.
+// Records every event a tracker reports, one per device buffer (range events are split), and
+// checks the invariant of DESIGN.md over them: each buffer id has exactly one Alloc followed by
+// exactly one Free.
 class EventLog final : public EventProcessor {
  public:
   void process(std::span<const AllocationEvent> events) noexcept override {
     const std::scoped_lock lock(mutex_);
-    events_.insert(events_.end(), events.begin(), events.end());
+    ++batches_;
+    for (const AllocationEvent& range : events) {
+      ++ranges_;
+      for (std::uint32_t i = 0; i < range.device_count; ++i) events_.push_back(device_buffer_event(range, i));
+    }
+  }
+
+  // How many record() calls, and how many events before splitting, reached this log.
+  [[nodiscard]] std::uint64_t batches() const {
+    const std::scoped_lock lock(mutex_);
+    return batches_;
+  }
+  [[nodiscard]] std::uint64_t ranges() const {
+    const std::scoped_lock lock(mutex_);
+    return ranges_;
   }
 
   [[nodiscard]] std::vector<AllocationEvent> events() const {
@@ -49,6 +64,8 @@ class EventLog final : public EventProcessor {
   void clear() {
     const std::scoped_lock lock(mutex_);
     events_.clear();
+    batches_ = 0;
+    ranges_ = 0;
   }
 
   struct Audit {
@@ -86,6 +103,8 @@ class EventLog final : public EventProcessor {
  private:
   mutable std::mutex mutex_;
   std::vector<AllocationEvent> events_;
+  std::uint64_t batches_{};
+  std::uint64_t ranges_{};
 };
 
 // A private directory under /tmp, removed with everything in it.

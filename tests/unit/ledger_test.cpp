@@ -1,4 +1,5 @@
 // The server's ledger: O(1) events, aggregates that always agree with the buffers behind them.
+#include <bit>
 #include <cstdint>
 #include <string>
 
@@ -48,10 +49,38 @@ TEST_SUITE("ledger") {
     CHECK(summary.processes[0].live_bytes == 110);
     CHECK(summary.processes[1].live_allocations == 1);
 
-    CHECK(ledger.apply_free(a, free_of(1)).kind == FreeOutcome::Kind::freed);
+    CHECK(ledger.apply_free(a, free_of(1)).freed_mask == 1);
     summary = ledger.summary();
     CHECK(usage_of(summary, 0, BufferType::dram) == Usage{50, 1, 150});  // the peak stays
     CHECK(summary.counters.deallocations == 1);
+    CHECK(ledger.verify().consistent);
+  }
+
+  TEST_CASE("one record covers a range of device buffers; frees may take all or part of it") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    // Buffers 100..107 on devices 0..7, 1000 bytes each: one replicated mesh buffer.
+    ledger.apply_alloc(a, AllocRecord{.buffer = 100, .mesh_buffer = 1, .size = 1000, .device = 0, .type = BufferType::dram,
+                                      .device_count = 8});
+    CHECK(ledger.active_allocations() == 8);
+    CHECK(usage_of(ledger.summary(), 7, BufferType::dram) == Usage{1000, 1, 1000});
+    CHECK(ledger.live_buffers().size() == 8);
+    const FreeOutcome part = ledger.apply_free(a, FreeRecord{.buffer = 102, .device_count = 3});
+    CHECK(part.freed_mask == 0b11100);
+    CHECK(part.first_device == 0);
+    CHECK(ledger.active_allocations() == 5);
+    CHECK(usage_of(ledger.summary(), 3, BufferType::dram) == Usage{0, 0, 1000});
+    const FreeOutcome again = ledger.apply_free(a, FreeRecord{.buffer = 103, .device_count = 2});
+    CHECK(again.freed_mask == 0);
+    CHECK(again.double_frees == 2);
+    CHECK(ledger.verify().consistent);
+    const FreeOutcome rest = ledger.apply_free(a, FreeRecord{.buffer = 100, .device_count = 8});
+    CHECK(std::popcount(rest.freed_mask) == 5);
+    CHECK(rest.double_frees == 3);
+    CHECK(ledger.active_allocations() == 0);
+    CHECK(ledger.counters().allocations == 8);
+    CHECK(ledger.counters().deallocations == 8);
+    CHECK(ledger.apply_free(a, FreeRecord{.buffer = 100, .device_count = 8}).double_frees == 8);
     CHECK(ledger.verify().consistent);
   }
 
@@ -60,10 +89,10 @@ TEST_SUITE("ledger") {
     const SessionId a = ledger.open_session({.pid = 10});
     const SessionId b = ledger.open_session({.pid = 11});
     ledger.apply_alloc(a, alloc(1, 0, BufferType::dram, 100));
-    CHECK(ledger.apply_free(b, free_of(1)).kind == FreeOutcome::Kind::unknown);  // another process's buffer
-    CHECK(ledger.apply_free(a, free_of(99)).kind == FreeOutcome::Kind::unknown);
-    CHECK(ledger.apply_free(a, free_of(1)).kind == FreeOutcome::Kind::freed);
-    CHECK(ledger.apply_free(a, free_of(1)).kind == FreeOutcome::Kind::double_free);
+    CHECK(ledger.apply_free(b, free_of(1)).unknown_frees == 1);  // another process's buffer
+    CHECK(ledger.apply_free(a, free_of(99)).unknown_frees == 1);
+    CHECK(ledger.apply_free(a, free_of(1)).freed_mask == 1);
+    CHECK(ledger.apply_free(a, free_of(1)).double_frees == 1);
     CHECK(ledger.counters().unknown_deallocations == 2);
     CHECK(ledger.counters().double_deallocations == 1);
     CHECK(ledger.active_allocations() == 0);

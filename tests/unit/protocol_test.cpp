@@ -60,18 +60,18 @@ TEST_SUITE("protocol") {
     CHECK(hello.process_name == "demo");
 
     bytes.clear();
-    encode_alloc_batch(17, std::vector{sample_alloc, AllocRecord{.buffer = 2}}, bytes);
-    const auto allocs = std::get<AllocBatch>(round_trip(bytes));
-    CHECK(allocs.first_sequence == 17);
-    REQUIRE(allocs.records.size() == 2);
-    CHECK(allocs.records[0] == sample_alloc);
-    CHECK(allocs.records[1].buffer == 2);
-
-    bytes.clear();
-    encode_free_batch(19, std::vector{FreeRecord{.buffer = 9, .time_ns = 123, .reason = 4}}, bytes);
-    const auto frees = std::get<FreeBatch>(round_trip(bytes));
-    CHECK(frees.first_sequence == 19);
-    CHECK(frees.records[0] == FreeRecord{9, 123, 4});
+    const FreeRecord sample_free{.buffer = 9, .time_ns = 123, .reason = 4, .device_count = 8};
+    encode_events(17, std::vector{EventRecord::of(sample_alloc), EventRecord::of(sample_free),
+                                  EventRecord::of(AllocRecord{.buffer = 2})},
+                  bytes);
+    const auto events = std::get<EventBatch>(round_trip(bytes));
+    CHECK(events.first_sequence == 17);
+    REQUIRE(events.records.size() == 3);
+    CHECK_FALSE(events.records[0].is_free);
+    CHECK(events.records[0].alloc == sample_alloc);
+    CHECK(events.records[1].is_free);
+    CHECK(events.records[1].free == sample_free);
+    CHECK(events.records[2].alloc.buffer == 2);
 
     bytes.clear();
     encode(DeviceInfo{{{3, {1, 2, 3, 4}}}}, bytes);
@@ -89,7 +89,7 @@ TEST_SUITE("protocol") {
     CHECK(std::holds_alternative<SnapshotBegin>(decode(first).value()));
     std::span<const std::byte> rest = std::span(bytes).subspan(first.frame_size);
     auto second = next_frame(rest).value().value();
-    CHECK(std::get<SnapshotChunk>(decode(second).value()).records[0] == sample_alloc);
+    CHECK(std::get<SnapshotChunk>(decode(second).value()).records[0].alloc == sample_alloc);
     rest = rest.subspan(second.frame_size);
     CHECK(std::get<SnapshotEnd>(decode(next_frame(rest).value().value()).value()).next_sequence == 100);
 
@@ -109,10 +109,10 @@ TEST_SUITE("protocol") {
 
   TEST_CASE("integers are little-endian on the wire with the documented sizes") {
     std::vector<std::byte> bytes;
-    encode_alloc_batch(1, std::vector{sample_alloc}, bytes);
-    REQUIRE(bytes.size() == header_size + batch_prefix_size + alloc_record_size);
+    encode_events(1, std::vector{EventRecord::of(sample_alloc)}, bytes);
+    REQUIRE(bytes.size() == header_size + batch_prefix_size + record_size);
     CHECK(bytes[0] == std::byte{64});  // payload size 16 + 48, low byte first
-    CHECK(bytes[4] == std::byte{4});   // type: alloc
+    CHECK(bytes[4] == std::byte{4});   // type: events
     CHECK(bytes[header_size + batch_prefix_size] == std::byte{0x88});  // buffer id, low byte first
   }
 
@@ -148,19 +148,34 @@ TEST_SUITE("protocol") {
     CHECK(contains(decode_error(bytes), "name length"));
 
     bytes.clear();
-    encode_alloc_batch(0, std::vector{sample_alloc}, bytes);
+    encode_events(0, std::vector{EventRecord::of(sample_alloc)}, bytes);
     bytes[header_size + 8] = std::byte{2};  // claims two records, carries one
     CHECK(contains(decode_error(bytes), "says 2 records"));
 
+    const auto record_byte = header_size + batch_prefix_size;
     bytes.clear();
-    encode_alloc_batch(0, std::vector{sample_alloc}, bytes);
-    bytes[header_size + batch_prefix_size + 44] = std::byte{9};  // buffer type 9
+    encode_events(0, std::vector{EventRecord::of(sample_alloc)}, bytes);
+    bytes[record_byte + 44] = std::byte{9};  // buffer type 9
     CHECK(contains(decode_error(bytes), "buffer type 9"));
 
     bytes.clear();
-    encode_free_batch(0, std::vector{FreeRecord{1, 1, 1}}, bytes);
-    bytes[header_size + batch_prefix_size + 16] = std::byte{77};
+    encode_events(0, std::vector{EventRecord::of(FreeRecord{1, 1, 1})}, bytes);
+    bytes[record_byte + 44] = std::byte{77};
     CHECK(contains(decode_error(bytes), "free reason"));
+
+    bytes.clear();
+    encode_events(0, std::vector{EventRecord::of(sample_alloc)}, bytes);
+    bytes[record_byte + 46] = std::byte{65};  // 65 devices in one record
+    CHECK(contains(decode_error(bytes), "65 devices"));
+
+    bytes.clear();
+    encode_events(0, std::vector{EventRecord::of(AllocRecord{.device = 1020, .device_count = 8})}, bytes);
+    CHECK(contains(decode_error(bytes), "from device 1020"));
+
+    bytes.clear();
+    encode_events(0, std::vector{EventRecord::of(sample_alloc)}, bytes);
+    bytes[record_byte + 45] = std::byte{0x80};
+    CHECK(contains(decode_error(bytes), "unknown flags"));
 
     bytes.clear();
     encode(Query{}, bytes);
@@ -177,6 +192,11 @@ TEST_SUITE("protocol") {
     encode_snapshot_chunk(std::vector{sample_alloc}, bytes);
     bytes[header_size] = std::byte{1};
     CHECK(contains(decode_error(bytes), "no sequence number"));
+
+    bytes.clear();
+    encode_snapshot_chunk(std::vector{sample_alloc}, bytes);
+    bytes[header_size + batch_prefix_size + 45] = std::byte{2};  // a free inside a snapshot
+    CHECK(contains(decode_error(bytes), "allocations only"));
   }
 
   TEST_CASE("random bytes never crash the decoder: they decode or fail with an error") {
@@ -193,7 +213,7 @@ TEST_SUITE("protocol") {
       bytes[0] = static_cast<std::byte>(bytes.size() - 8);  // often a plausible length
       for (const std::size_t i : {1U, 2U, 3U, 5U, 6U, 7U}) bytes[i] = std::byte{0};
       // Half the rounds get a known type, so payload decoding is exercised too.
-      if (round % 2 == 0) bytes[4] = static_cast<std::byte>(1 + std::to_integer<int>(bytes[4]) % 12);
+      if (round % 2 == 0) bytes[4] = static_cast<std::byte>(1 + std::to_integer<int>(bytes[4]) % 11);
       auto frame = next_frame(bytes);
       if (!frame) {
         ++header_errors;

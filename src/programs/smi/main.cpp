@@ -17,7 +17,7 @@
 
 import meshrt.core;
 import meshrt.protocol;
-import meshrt.server;
+import meshrt.monitor;
 
 using nlohmann::json;
 

@@ -18,7 +18,7 @@ module;
 #include <fmt/format.h>
 #include <tl/expected.hpp>
 
-module meshrt.server;
+module meshrt.monitor;
 
 import meshrt.core;
 import meshrt.protocol;

@@ -1,4 +1,5 @@
-// A monitor's side of the server's query protocol: what meshrt-smi and tests use to ask.
+// meshrt.monitor — a monitor's side of the server's query protocol: what meshrt-smi and tests
+// use to ask. Small on purpose: it needs neither the ledger nor the runtime.
 module;
 #include <cstddef>
 #include <cstdint>
@@ -6,7 +7,7 @@ module;
 #include <string>
 #include <vector>
 
-export module meshrt.server:monitor;
+export module meshrt.monitor;
 
 import meshrt.core;
 import meshrt.protocol;
