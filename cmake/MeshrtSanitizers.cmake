@@ -1,11 +1,11 @@
 # Sanitizers apply to everything the build compiles and links (our code and tests alike), so a
 # report from any frame fails the run. The clang-tidy plugin opts out: clang-tidy loads it into an
 # uninstrumented process.
-if(MESHRT_SANITIZER STREQUAL "address")
+if("${MESHRT_SANITIZER}" STREQUAL "address")
   set(_meshrt_sanitizer_flags -fsanitize=address,undefined -fno-sanitize-recover=all -fno-omit-frame-pointer)
-elseif(MESHRT_SANITIZER STREQUAL "thread")
+elseif("${MESHRT_SANITIZER}" STREQUAL "thread")
   set(_meshrt_sanitizer_flags -fsanitize=thread -fno-omit-frame-pointer)
-elseif(NOT MESHRT_SANITIZER STREQUAL "")
+elseif(NOT "${MESHRT_SANITIZER}" STREQUAL "")
   message(FATAL_ERROR "MESHRT_SANITIZER must be '', 'address' or 'thread', not '${MESHRT_SANITIZER}'")
 endif()
 
