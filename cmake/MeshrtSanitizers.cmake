@@ -14,3 +14,8 @@ if(_meshrt_sanitizer_flags)
   target_compile_options(meshrt_sanitizers INTERFACE ${_meshrt_sanitizer_flags})
   target_link_options(meshrt_sanitizers INTERFACE ${_meshrt_sanitizer_flags})
 endif()
+# The asan build is also the fuzzing build: coverage instrumentation everywhere (cheap), and the
+# libFuzzer driver linked only into the fuzz targets (tests/fuzz).
+if("${MESHRT_SANITIZER}" STREQUAL "address")
+  target_compile_options(meshrt_sanitizers INTERFACE -fsanitize=fuzzer-no-link)
+endif()

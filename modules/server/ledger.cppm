@@ -144,6 +144,7 @@ class Ledger {
   [[nodiscard]] std::uint64_t active_allocations() const { return active_allocations_; }
   [[nodiscard]] const Counters& counters() const { return counters_; }
   [[nodiscard]] std::uint64_t live_allocations(SessionId session) const;
+  [[nodiscard]] std::uint64_t names(SessionId session) const;
   [[nodiscard]] Summary summary() const;
   // Every live buffer (of one pid, or all when pid is 0). O(live buffers).
   [[nodiscard]] std::vector<LiveBuffer> live_buffers(std::uint32_t pid = 0) const;

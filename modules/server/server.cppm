@@ -26,8 +26,13 @@ struct ServerConfig {
   std::chrono::milliseconds activity_interval{1000};  // how often allocation activity is logged
   std::chrono::milliseconds summary_interval{10000};  // periodic summary (only when something changed)
   bool log_activity{true};
-  std::size_t max_sessions{1024};
+  // Limits, so that no client can exhaust the server (ADR 0013). Each is an option of the program.
+  std::size_t max_sessions{1024};             // connections at once, all processes together
+  std::size_t max_sessions_per_process{16};   // connections at once from one pid
+  std::chrono::milliseconds hello_timeout{10'000};  // a connection must say Hello within this
   std::uint64_t max_live_per_session{std::uint64_t{1} << 24U};
+  std::uint64_t max_names_per_session{std::uint64_t{1} << 20U};
+  std::uint64_t max_messages_per_second{200'000};  // frames per second per session (with a 1 s burst)
   std::uint32_t max_payload{protocol::max_payload_size};
   std::size_t max_pending_output{std::size_t{64} << 20U};  // a monitor that stops reading is dropped
   std::function<void(std::string_view)> log;  // one line at a time; stdout when empty
@@ -36,10 +41,11 @@ struct ServerConfig {
 // Server-level counters: what went wrong at the connection level.
 struct ConnectionCounters {
   std::uint64_t sessions_opened{};
-  std::uint64_t malformed_messages{};   // sessions closed for bad frames or out-of-order messages
-  std::uint64_t rejected_sessions{};    // wrong version, claimed another pid, not allowed, over a limit
+  std::uint64_t malformed_messages{};    // sessions closed for bad, truncated or out-of-order frames
+  std::uint64_t rejected_sessions{};     // wrong version, claimed another pid, not allowed, over a limit
+  std::uint64_t timed_out_sessions{};    // connections that never said Hello
   std::uint64_t dropped_slow_readers{};  // monitors that stopped reading replies
-  std::uint64_t monitors{};             // monitor sessions served
+  std::uint64_t monitors{};              // monitor sessions served
 };
 
 class Server {

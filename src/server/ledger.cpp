@@ -78,6 +78,11 @@ const SessionIdentity& Ledger::identity(SessionId session) const {
   return found->second.identity;
 }
 
+std::uint64_t Ledger::names(SessionId session) const {
+  const auto found = sessions_.find(session);
+  return found == sessions_.end() ? 0 : found->second.names.size();
+}
+
 std::uint64_t Ledger::live_allocations(SessionId session) const {
   const auto found = sessions_.find(session);
   return found == sessions_.end() ? 0 : found->second.live_buffers;

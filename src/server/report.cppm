@@ -87,6 +87,7 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
       {"total_deallocations", c.deallocations},
       {"malformed_messages", connections.malformed_messages},
       {"rejected_sessions", connections.rejected_sessions},
+      {"timed_out_sessions", connections.timed_out_sessions},
       {"dropped_slow_readers", connections.dropped_slow_readers},
       {"sessions_opened", connections.sessions_opened},
       {"devices", std::move(devices)},

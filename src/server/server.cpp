@@ -26,6 +26,7 @@ module;
 #include <fcntl.h>
 #include <grp.h>
 #include <sys/epoll.h>
+#include <sys/resource.h>
 #include <sys/eventfd.h>
 #include <sys/signalfd.h>
 #include <sys/socket.h>
@@ -224,6 +225,10 @@ constexpr int unknown_frees_logged_per_session = 5;
 struct Connection {
   FileDescriptor fd;
   ucred peer{};
+  std::chrono::steady_clock::time_point accepted{std::chrono::steady_clock::now()};
+  // Token bucket for the message rate: refilled at the limit per second, at most one second's worth.
+  double message_tokens{0};
+  std::chrono::steady_clock::time_point tokens_at{std::chrono::steady_clock::now()};
   std::uint64_t start_time{};
   std::string name;
   bool greeted{false};
@@ -284,38 +289,102 @@ struct Server::State {
     if (auto watched = watch(c.fd.get(), events, EPOLL_CTL_MOD); !watched) log(watched.error().message);
   }
 
+  // When the process runs out of descriptors, the waiting connection is accepted and closed with
+  // this spare one, so the listener does not stay readable forever (a busy loop).
+  FileDescriptor spare{::open("/dev/null", O_RDONLY | O_CLOEXEC)};
+  std::uint64_t descriptor_shortages{};
+
+  void shed_one_connection() {
+    ++descriptor_shortages;
+    ++counters.rejected_sessions;
+    if (descriptor_shortages == 1 || descriptor_shortages % 1000 == 0) {
+      log(fmt::format("out of file descriptors: refusing connections ({} so far)", descriptor_shortages));
+    }
+    spare.reset();
+    const FileDescriptor refused(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    spare = FileDescriptor(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+  }
+
+  std::map<pid_t, std::size_t> per_process;  // open connections by peer pid
+
+  // Refuses a connection at the door: one Error frame, written without waiting, then closed. It
+  // never takes a slot, so a flood of refusals cannot crowd out other clients.
+  void refuse(FileDescriptor fd, const ucred& peer, const std::string& name, ErrorCode code,
+              const std::string& message) {
+    ++counters.rejected_sessions;
+    if (counters.rejected_sessions <= 5 || counters.rejected_sessions % 1000 == 0) {
+      log(fmt::format("pid {} ({}): refused: {} ({} refused so far)", peer.pid, name, message,
+                      counters.rejected_sessions));
+    }
+    std::vector<std::byte> bytes;
+    protocol::encode(protocol::ErrorMessage{code, message}, bytes);
+    (void)::send(fd.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL | MSG_DONTWAIT);
+  }
+
   void accept_all() {
     for (;;) {
       FileDescriptor fd(::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
       if (!fd.valid()) {
+        if (errno == EMFILE || errno == ENFILE) {
+          shed_one_connection();
+          continue;
+        }
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) log(fmt::format("accept: {}", describe_errno(errno)));
         return;
       }
-      auto connection = std::make_unique<Connection>();
-      socklen_t length = sizeof(connection->peer);
-      if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &connection->peer, &length) != 0) {
+      ucred peer{};
+      socklen_t length = sizeof(peer);
+      if (::getsockopt(fd.get(), SOL_SOCKET, SO_PEERCRED, &peer, &length) != 0) {
         log(fmt::format("SO_PEERCRED: {}", describe_errno(errno)));
         continue;
       }
-      const auto pid = static_cast<std::uint32_t>(connection->peer.pid);
+      const auto pid = static_cast<std::uint32_t>(peer.pid);
+      const std::string name = process_name(pid);
+      if (peer.uid != ::getuid() && peer.uid != 0 && !gid) {
+        refuse(std::move(fd), peer, name, ErrorCode::permission_denied,
+               fmt::format("uid {} may not use this server (it serves uid {}; start it with --group)", peer.uid,
+                           ::getuid()));
+        continue;
+      }
+      if (connections.size() >= config.max_sessions) {
+        refuse(std::move(fd), peer, name, ErrorCode::limit_exceeded,
+               fmt::format("the server already has {} sessions, its limit", config.max_sessions));
+        continue;
+      }
+      if (per_process[peer.pid] >= config.max_sessions_per_process) {
+        refuse(std::move(fd), peer, name, ErrorCode::limit_exceeded,
+               fmt::format("pid {} already has {} connections, the limit for one process", peer.pid,
+                           config.max_sessions_per_process));
+        continue;
+      }
+      auto connection = std::make_unique<Connection>();
+      connection->peer = peer;
       connection->start_time = process_start_time(pid);
-      connection->name = process_name(pid);
+      connection->name = name;
       connection->fd = std::move(fd);
+      connection->message_tokens = static_cast<double>(config.max_messages_per_second);
       const int key = connection->fd.get();
       if (!watch(key, EPOLLIN)) continue;
-      Connection& c = *connection;
+      ++per_process[peer.pid];
       connections.emplace(key, std::move(connection));
-      if (c.peer.uid != ::getuid() && c.peer.uid != 0 && !gid) {
-        reject(c, ErrorCode::permission_denied,
-               fmt::format("uid {} may not use this server (it serves uid {}; start it with --group)", c.peer.uid,
-                           ::getuid()),
-               counters.rejected_sessions);
-      } else if (connections.size() > config.max_sessions) {
-        reject(c, ErrorCode::limit_exceeded,
-               fmt::format("the server already has {} sessions, its limit", config.max_sessions),
-               counters.rejected_sessions);
-      }
     }
+  }
+
+  // False when the session sends faster than max_messages_per_second (it is closed).
+  bool within_rate(Connection& c) {
+    const auto now = std::chrono::steady_clock::now();
+    const double limit = static_cast<double>(config.max_messages_per_second);
+    c.message_tokens = std::min(limit, c.message_tokens + limit * std::chrono::duration<double>(now - c.tokens_at).count());
+    c.tokens_at = now;
+    if (c.message_tokens >= 1) {
+      c.message_tokens -= 1;
+      return true;
+    }
+    reject(c, ErrorCode::limit_exceeded,
+           fmt::format("more than {} messages a second from one session, the server's limit",
+                       config.max_messages_per_second),
+           counters.rejected_sessions);
+    return false;
   }
 
   // Tells the client why, then closes its session once the message is out.
@@ -368,6 +437,7 @@ struct Server::State {
 
   // Applies one frame; an Error closes the session (counted as malformed or rejected).
   void handle(Connection& c, const protocol::Frame& frame) {
+    if (!within_rate(c)) return;
     auto decoded = protocol::decode(frame);
     if (!decoded) {
       reject(c, decoded.error().code, decoded.error().message, counters.malformed_messages);
@@ -433,6 +503,13 @@ struct Server::State {
   }
 
   void apply(Connection& c, const protocol::MeshBufferName& name) {
+    if (ledger.names(c.session) >= config.max_names_per_session) {
+      reject(c, ErrorCode::limit_exceeded,
+             fmt::format("more than {} mesh buffer names in one process, the server's limit",
+                         config.max_names_per_session),
+             counters.rejected_sessions);
+      return;
+    }
     ledger.name_mesh_buffer(c.session, name.mesh_buffer, name.name);
   }
 
@@ -548,7 +625,15 @@ struct Server::State {
       c.input.resize(old_size + read_chunk);
       const ssize_t got = ::recv(c.fd.get(), c.input.data() + old_size, read_chunk, 0);
       c.input.resize(old_size + static_cast<std::size_t>(std::max<ssize_t>(got, 0)));
-      if (got == 0) return false;  // orderly close
+      if (got == 0) {
+        // An orderly close; in the middle of a frame, it is a truncated message.
+        if (c.input.size() > c.input_start) {
+          ++counters.malformed_messages;
+          log(fmt::format("{}: closed the connection in the middle of a frame ({} bytes of it)", who(c),
+                          c.input.size() - c.input_start));
+        }
+        return false;
+      }
       if (got < 0) {
         if (errno == EINTR) continue;
         if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -648,12 +733,31 @@ struct Server::State {
       }
     }
     (void)::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fd, nullptr);
+    if (const auto count = per_process.find(c.peer.pid); count != per_process.end() && --count->second == 0) {
+      per_process.erase(count);
+    }
     connections.erase(found);
+  }
+
+  // Connections that never said Hello are closed: they would hold a slot for nothing.
+  void close_silent_connections() {
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<int> silent;
+    for (const auto& [fd, c] : connections) {
+      if (!c->greeted && !c->closing && now - c->accepted > config.hello_timeout) silent.push_back(fd);
+    }
+    for (const int fd : silent) {
+      ++counters.timed_out_sessions;
+      Connection& c = *connections.at(fd);
+      log(fmt::format("{}: said nothing for {} ms: closed", who(c), config.hello_timeout.count()));
+      close_connection(fd);
+    }
   }
 
   void tick() {
     std::uint64_t expirations = 0;
     (void)::read(timer.get(), &expirations, sizeof(expirations));
+    close_silent_connections();
     if (config.log_activity) {
       for (auto& [fd, connection] : connections) log_activity(*connection);
     }
@@ -699,6 +803,11 @@ struct Server::State {
 };
 
 Result<std::unique_ptr<Server>> Server::start(ServerConfig config) {
+  // Every session is a descriptor: take all the kernel allows us, not the default soft limit.
+  if (rlimit limit{}; ::getrlimit(RLIMIT_NOFILE, &limit) == 0 && limit.rlim_cur < limit.rlim_max) {
+    limit.rlim_cur = limit.rlim_max;
+    (void)::setrlimit(RLIMIT_NOFILE, &limit);
+  }
   auto state = std::make_unique<State>();
   if (config.group) {
     auto gid = group_id(*config.group);

@@ -20,6 +20,7 @@
 import meshrt.core;
 import meshrt.protocol;
 import meshrt.testing;
+import meshrt.testing.fixture;
 
 using namespace meshrt;
 using namespace meshrt::testing;
@@ -28,88 +29,15 @@ using nlohmann::json;
 
 namespace {
 
-const std::string bin = MESHRT_BIN_DIR;
+const std::string programs = MESHRT_BIN_DIR;
 
-// A private server and everything a test needs around it.
-class Fixture {
+// The tests below grew up with this name.
+class Fixture : public ServerFixture {
  public:
-  Fixture() { start_server(); }
-
-  void start_server() {
-    ++servers_started_;
-    server_.reset();  // never two servers on one socket
-    server_ = std::make_unique<ChildProcess>(ChildProcess::Options{
-        .argv = {bin + "/meshrt-alloc-server", "--socket", socket(), "--summary-interval", "0.5"},
-        .stdout_path = dir_.file(fmt_name("server", servers_started_, "out")),
-        .stderr_path = dir_.file(fmt_name("server", servers_started_, "err")),
-    });
-    REQUIRE(eventually([&] { return smi_json().has_value(); }));
-  }
-
-  ChildProcess& server() { return *server_; }
-  [[nodiscard]] std::string socket() const { return dir_.file("alloc.sock"); }
-  [[nodiscard]] std::string server_log() const { return read_text(dir_.file(fmt_name("server", servers_started_, "out"))); }
-
-  // Runs meshrt-smi with `arguments`; its exit code and output.
-  std::pair<int, std::string> smi(std::vector<std::string> arguments) {
-    arguments.insert(arguments.begin(), {bin + "/meshrt-smi", "--socket", socket()});
-    const std::string name = fmt_name("smi", ++smi_runs_, "out");
-    ChildProcess smi({.argv = arguments, .stdout_path = dir_.file(name), .stderr_path = dir_.file(name + ".err")});
-    const auto code = smi.wait_for(60s);
-    REQUIRE(code.has_value());
-    return {*code, smi.standard_output() + smi.standard_error()};
-  }
-
-  std::optional<json> smi_json() {
-    auto [code, output] = smi({"--json"});
-    if (code != 0) return std::nullopt;
-    return json::parse(output);
-  }
-
-  json summary() {
-    auto result = smi_json();
-    REQUIRE(result.has_value());
-    return *result;
-  }
-
-  // A tracked client process; its output goes to files named after it.
-  std::unique_ptr<ChildProcess> client(std::vector<std::string> argv) {
-    const std::string name = fmt_name("client", ++clients_, "out");
-    return std::make_unique<ChildProcess>(ChildProcess::Options{
-        .argv = std::move(argv),
-        .environment = {{"MESHRT_ALLOC_TRACKING", "1"}, {"MESHRT_ALLOC_SERVER", socket()}},
-        .stdout_path = dir_.file(name),
-        .stderr_path = dir_.file(name + ".err"),
-    });
-  }
-
-  std::unique_ptr<ChildProcess> demo(std::vector<std::string> flags) {
-    flags.insert(flags.begin(), bin + "/meshrt-demo");
-    return client(std::move(flags));
-  }
-
-  [[nodiscard]] std::string file(const std::string& name) const { return dir_.file(name); }
-
- private:
-  static std::string fmt_name(const std::string& what, int number, const std::string& extension) {
-    return what + "-" + std::to_string(number) + "." + extension;
-  }
-
-  TempDirectory dir_;
-  std::unique_ptr<ChildProcess> server_;
-  int servers_started_{};
-  int smi_runs_{};
-  int clients_{};
+  Fixture() : ServerFixture(programs) {}
 };
 
-std::uint64_t used(const json& summary, std::uint32_t device, const char* type) {
-  for (const json& d : summary["devices"]) {
-    if (d["id"] == device) return d[type]["used_bytes"];
-  }
-  return 0;
-}
-
-std::uint64_t active(Fixture& fixture) { return fixture.summary()["active_allocations"]; }
+std::uint64_t active(Fixture& fixture) { return fixture.active(); }
 
 }  // namespace
 
@@ -150,7 +78,7 @@ TEST_SUITE("integration") {
     Fixture fixture;
     std::vector<std::unique_ptr<ChildProcess>> clients;
     for (int i = 0; i < 8; ++i) {
-      clients.push_back(fixture.client({bin + "/meshrt-loadgen", "--threads", "4", "--operations", "300", "--seed",
+      clients.push_back(fixture.client({programs + "/meshrt-loadgen", "--threads", "4", "--operations", "300", "--seed",
                                         std::to_string(100 + i)}));
     }
     std::uint64_t allocated = 0;
@@ -195,7 +123,7 @@ TEST_SUITE("integration") {
     Fixture fixture;
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
     const std::string report = fixture.file("loadgen.json");
-    auto loadgen = fixture.client({bin + "/meshrt-loadgen", "--threads", "3", "--operations", "200", "--keep", "20",
+    auto loadgen = fixture.client({programs + "/meshrt-loadgen", "--threads", "3", "--operations", "200", "--keep", "20",
                                    "--hold", "300", "--seed", "7", "--mesh", "2x2", "--report", report});
     REQUIRE(eventually([&] { return !read_text(report).empty(); }));
     const json account = json::parse(read_text(report));

@@ -34,9 +34,25 @@ int run(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(0.01, 3600.0));
   app.add_flag("--quiet", quiet, "log sessions and summaries only, not allocation activity");
-  app.add_option("--max-sessions", config.max_sessions, "most client sessions at once")->capture_default_str();
+  double hello_timeout_seconds = 10;
+  std::uint64_t max_pending_mib = config.max_pending_output >> 20U;
+  app.add_option("--max-sessions", config.max_sessions, "most connections at once")->capture_default_str();
+  app.add_option("--max-sessions-per-process", config.max_sessions_per_process, "most connections from one process")
+      ->capture_default_str();
+  app.add_option("--hello-timeout", hello_timeout_seconds, "seconds a connection may stay silent before Hello")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 3600.0));
   app.add_option("--max-live-per-process", config.max_live_per_session, "most live allocations one process may hold")
       ->capture_default_str();
+  app.add_option("--max-names-per-process", config.max_names_per_session, "most mesh buffer names one process may hold")
+      ->capture_default_str();
+  app.add_option("--max-messages-per-second", config.max_messages_per_second, "most frames a second from one session")
+      ->capture_default_str()
+      ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40U));
+  app.add_option("--max-pending-output-mib", max_pending_mib,
+                 "MiB of replies a monitor may leave unread before it is dropped")
+      ->capture_default_str()
+      ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 20U));
   app.set_version_flag("--version", "meshrt-alloc-server 0.1.0 (protocol version 1)");
   app.footer("Exit codes: 0 stopped cleanly (SIGINT/SIGTERM), 1 could not start or failed, 2 bad usage.");
   try {
@@ -53,6 +69,8 @@ int run(int argc, char** argv) {
   config.summary_interval = std::chrono::milliseconds(static_cast<std::int64_t>(summary_seconds * 1000));
   config.activity_interval = std::chrono::milliseconds(static_cast<std::int64_t>(activity_seconds * 1000));
   config.log_activity = !quiet;
+  config.hello_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(hello_timeout_seconds * 1000));
+  config.max_pending_output = static_cast<std::size_t>(max_pending_mib) << 20U;
 
   auto server = meshrt::server::Server::start(config);
   if (!server) {

@@ -1,0 +1,246 @@
+// The server against hostile and broken peers: garbage, truncated frames, absurd lengths,
+// thousands of silent connections, a monitor that never reads, a flood of messages, a stranger's
+// uid. Each gets a clear error or is dropped, is counted, and well-behaved clients never notice.
+#include <array>
+#include <chrono>
+#include <csignal>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <fstream>
+#include <memory>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <poll.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/stat.h>
+#include <sys/un.h>
+#include <unistd.h>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+import meshrt.core;
+import meshrt.protocol;
+import meshrt.testing;
+import meshrt.testing.fixture;
+
+using namespace meshrt;
+using namespace meshrt::testing;
+using namespace std::chrono_literals;
+using nlohmann::json;
+
+namespace {
+
+const std::string bin = MESHRT_BIN_DIR;
+
+int connect_to(const std::string& path) {
+  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_un address{};
+  address.sun_family = AF_UNIX;
+  std::memcpy(address.sun_path, path.c_str(), path.size() + 1);
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
+    ::close(fd);
+    return -1;
+  }
+  return fd;
+}
+
+void send_bytes(int fd, const std::vector<std::byte>& bytes) {
+  (void)::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+}
+
+// Reads until the server closes the connection (or `timeout`); the first frame, decoded.
+std::optional<protocol::Message> first_reply(int fd, std::chrono::milliseconds timeout = 10s) {
+  std::vector<std::byte> reply;
+  std::array<std::byte, 4096> chunk{};
+  const auto deadline = std::chrono::steady_clock::now() + timeout;
+  while (std::chrono::steady_clock::now() < deadline) {
+    pollfd poller{fd, POLLIN, 0};
+    if (::poll(&poller, 1, 100) <= 0) continue;
+    const ssize_t got = ::recv(fd, chunk.data(), chunk.size(), 0);
+    if (got <= 0) break;
+    reply.insert(reply.end(), chunk.begin(), chunk.begin() + got);
+  }
+  auto frame = protocol::next_frame(reply);
+  if (!frame || !frame->has_value()) return std::nullopt;
+  auto message = protocol::decode(**frame);
+  if (!message) return std::nullopt;
+  return *message;
+}
+
+std::vector<std::byte> bytes_of(std::string_view text) {
+  std::vector<std::byte> bytes;
+  for (const char c : text) bytes.push_back(static_cast<std::byte>(c));
+  return bytes;
+}
+
+std::uint64_t resident_kib(pid_t pid) {
+  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
+  std::string line;
+  while (std::getline(status, line)) {
+    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6));
+  }
+  return 0;
+}
+
+}  // namespace
+
+TEST_SUITE("hostile") {
+  TEST_CASE("garbage, a truncated frame and a 2 GiB length prefix: an error each, counted, others unaffected") {
+    ServerFixture fixture(bin);
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+
+    int fd = connect_to(fixture.socket());
+    send_bytes(fd, bytes_of("\x16\x03\x01 this is a TLS hello, not meshrt"));
+    const auto garbage = first_reply(fd);
+    ::close(fd);
+    REQUIRE(garbage.has_value());
+    CHECK(std::get<protocol::ErrorMessage>(*garbage).code == ErrorCode::protocol_error);
+
+    fd = connect_to(fixture.socket());
+    std::vector<std::byte> huge(8, std::byte{0});
+    huge[3] = std::byte{0x80};  // payload size 2^31
+    huge[4] = std::byte{4};     // an Events frame
+    send_bytes(fd, huge);
+    const auto oversized = first_reply(fd);
+    ::close(fd);
+    REQUIRE(oversized.has_value());
+    CHECK(std::get<protocol::ErrorMessage>(*oversized).message.find("over the limit") != std::string::npos);
+
+    fd = connect_to(fixture.socket());
+    std::vector<std::byte> hello;
+    protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid())}, hello);
+    hello.resize(hello.size() - 3);  // cut short, then hang up
+    send_bytes(fd, hello);
+    ::close(fd);
+
+    REQUIRE(eventually([&] { return fixture.summary()["malformed_messages"] == 3; }));
+    const json after = fixture.summary();
+    CHECK(after["active_allocations"] == 128);
+    CHECK(used(after, 0, "dram") == 104'857'600);
+    CHECK(fixture.server_log().find("in the middle of a frame") != std::string::npos);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
+    REQUIRE(eventually([&] { return fixture.active() == 0; }));
+  }
+
+  TEST_CASE("thousands of silent connections: refused past the per-process limit, timed out, memory bounded") {
+    rlimit limit{};
+    ::getrlimit(RLIMIT_NOFILE, &limit);
+    limit.rlim_cur = std::min<rlim_t>(limit.rlim_max, 8192);
+    ::setrlimit(RLIMIT_NOFILE, &limit);
+    ServerFixture fixture(bin, {"--hello-timeout", "2", "--max-sessions-per-process", "16"});
+    const std::uint64_t rss_before = resident_kib(fixture.server().pid());
+    std::vector<int> silent;
+    for (int i = 0; i < 2000; ++i) {
+      const int fd = connect_to(fixture.socket());
+      if (fd >= 0) silent.push_back(fd);
+    }
+    CHECK(silent.size() > 1500);
+    // A well-behaved client is another process: it is served while the flood sits there.
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    const json during = fixture.summary();
+    CHECK(during["rejected_sessions"].get<std::uint64_t>() >= silent.size() - 16);
+    CHECK(resident_kib(fixture.server().pid()) - rss_before < 64 * 1024);
+    REQUIRE(eventually([&] { return fixture.summary()["timed_out_sessions"] == 16; }, 30s));
+    for (const int fd : silent) ::close(fd);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
+    REQUIRE(eventually([&] { return fixture.active() == 0; }));
+    CHECK(fixture.summary()["unknown_deallocations"] == 0);
+  }
+
+  TEST_CASE("a monitor that stops reading its replies is dropped; the server answers others") {
+    ServerFixture fixture(bin, {"--max-pending-output-mib", "1"});
+    auto demo = fixture.demo({"--hold", "300", "--no-verify", "--buffers", "64"});
+    REQUIRE(eventually([&] { return fixture.active() == 64 * 8; }));
+    const int fd = connect_to(fixture.socket());
+    std::vector<std::byte> requests;
+    protocol::encode(protocol::Hello{.role = protocol::ClientRole::monitor,
+                                     .claimed_pid = static_cast<std::uint32_t>(::getpid())},
+                     requests);
+    // Each buffer list is ~80 KiB of JSON: a hundred of them, never read, pass the 1 MiB limit.
+    for (int i = 0; i < 100; ++i) protocol::encode(protocol::Query{protocol::QueryKind::buffers}, requests);
+    send_bytes(fd, requests);
+    REQUIRE(eventually([&] { return fixture.summary()["dropped_slow_readers"] == 1; }, 30s));
+    ::close(fd);
+    CHECK(fixture.smi({"--buffers"}).first == 0);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
+  }
+
+  TEST_CASE("a session that floods messages past the rate limit is refused with the reason") {
+    ServerFixture fixture(bin, {"--max-messages-per-second", "50"});
+    const int fd = connect_to(fixture.socket());
+    std::vector<std::byte> flood;
+    protocol::encode(protocol::Hello{.role = protocol::ClientRole::monitor,
+                                     .claimed_pid = static_cast<std::uint32_t>(::getpid())},
+                     flood);
+    for (int i = 0; i < 500; ++i) protocol::encode(protocol::Query{}, flood);
+    send_bytes(fd, flood);
+    // Replies come first (the first 50 are answered), then the refusal; read until the close.
+    std::vector<std::byte> stream;
+    std::array<std::byte, 65536> chunk{};
+    for (;;) {
+      pollfd poller{fd, POLLIN, 0};
+      if (::poll(&poller, 1, 5000) <= 0) break;
+      const ssize_t got = ::recv(fd, chunk.data(), chunk.size(), 0);
+      if (got <= 0) break;
+      stream.insert(stream.end(), chunk.begin(), chunk.begin() + got);
+    }
+    ::close(fd);
+    std::span<const std::byte> rest(stream);
+    std::size_t replies = 0;
+    std::string refusal;
+    while (!rest.empty()) {
+      auto frame = protocol::next_frame(rest);
+      REQUIRE(frame.has_value());
+      if (!frame->has_value()) break;
+      auto message = protocol::decode(**frame);
+      REQUIRE(message.has_value());
+      if (std::holds_alternative<protocol::Reply>(*message)) ++replies;
+      if (const auto* error = std::get_if<protocol::ErrorMessage>(&*message)) refusal = error->message;
+      rest = rest.subspan((*frame)->frame_size);
+    }
+    CHECK(replies >= 49);
+    CHECK(replies <= 60);
+    CHECK(refusal.find("more than 50 messages a second") != std::string::npos);
+    CHECK(fixture.summary()["rejected_sessions"].get<std::uint64_t>() >= 1);
+  }
+
+  TEST_CASE("another uid is refused by the socket's permissions unless the server lets its group in") {
+    if (::geteuid() != 0 || ::access("/usr/bin/setpriv", X_OK) != 0) {
+      MESSAGE("skipped: needs root and setpriv to run a client as another uid");
+      return;
+    }
+    const auto as_nobody = [](ServerFixture& fixture) {
+      const std::string out = fixture.file("nobody.out");
+      ChildProcess smi({.argv = {"/usr/bin/setpriv", "--reuid", "65534", "--regid", "65534", "--clear-groups",
+                                 fixture.bin() + "/meshrt-smi", "--socket", fixture.socket()},
+                        .stdout_path = out,
+                        .stderr_path = out + ".err"});
+      const auto code = smi.wait_for(60s);
+      return std::pair{code.value_or(-1), smi.standard_output() + smi.standard_error()};
+    };
+    {
+      ServerFixture fixture(bin);
+      ::chmod(fixture.directory().path().c_str(), 0711);  // only the socket's own modes decide
+      const auto [code, output] = as_nobody(fixture);
+      CHECK(code == 1);
+      CHECK(output.find("Permission denied") != std::string::npos);
+    }
+    {
+      ServerFixture fixture(bin, {"--group", "nogroup"});
+      ::chmod(fixture.directory().path().c_str(), 0711);
+      const auto [code, output] = as_nobody(fixture);
+      CHECK(code == 0);
+      CHECK(output.find("Active allocations:") != std::string::npos);
+    }
+  }
+}

@@ -1,0 +1,114 @@
+// meshrt.testing.fixture — a private allocation server for integration tests, and the client
+// processes and meshrt-smi runs they need around it.
+module;
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <optional>
+#include <string>
+#include <utility>
+#include <vector>
+
+#include <doctest/doctest.h>
+#include <nlohmann/json.hpp>
+
+export module meshrt.testing.fixture;
+
+import meshrt.testing;
+
+export namespace meshrt::testing {
+
+class ServerFixture {
+ public:
+  // `bin` holds the programs; `server_flags` go to every server this fixture starts.
+  explicit ServerFixture(std::string bin, std::vector<std::string> server_flags = {})
+      : bin_(std::move(bin)), server_flags_(std::move(server_flags)) {
+    start_server();
+  }
+
+  void start_server() {
+    ++servers_started_;
+    server_.reset();  // never two servers on one socket
+    std::vector<std::string> argv{bin_ + "/meshrt-alloc-server", "--socket", socket(), "--summary-interval", "0.5"};
+    argv.insert(argv.end(), server_flags_.begin(), server_flags_.end());
+    server_ = std::make_unique<ChildProcess>(ChildProcess::Options{
+        .argv = std::move(argv),
+        .stdout_path = dir_.file(name("server", servers_started_, "out")),
+        .stderr_path = dir_.file(name("server", servers_started_, "err")),
+    });
+    REQUIRE(eventually([&] { return smi_json().has_value(); }));
+  }
+
+  ChildProcess& server() { return *server_; }
+  [[nodiscard]] const std::string& bin() const { return bin_; }
+  [[nodiscard]] std::string socket() const { return dir_.file("alloc.sock"); }
+  [[nodiscard]] std::string server_log() const { return read_text(dir_.file(name("server", servers_started_, "out"))); }
+  [[nodiscard]] std::string file(const std::string& base) const { return dir_.file(base); }
+  [[nodiscard]] const TempDirectory& directory() const { return dir_; }
+
+  // Runs meshrt-smi with `arguments`; its exit code and output.
+  std::pair<int, std::string> smi(std::vector<std::string> arguments) {
+    arguments.insert(arguments.begin(), {bin_ + "/meshrt-smi", "--socket", socket()});
+    const std::string out = name("smi", ++smi_runs_, "out");
+    ChildProcess smi({.argv = arguments, .stdout_path = dir_.file(out), .stderr_path = dir_.file(out + ".err")});
+    const auto code = smi.wait_for(std::chrono::seconds(60));
+    REQUIRE(code.has_value());
+    return {*code, smi.standard_output() + smi.standard_error()};
+  }
+
+  std::optional<nlohmann::json> smi_json() {
+    auto [code, output] = smi({"--json"});
+    if (code != 0) return std::nullopt;
+    return nlohmann::json::parse(output);
+  }
+
+  nlohmann::json summary() {
+    auto result = smi_json();
+    REQUIRE(result.has_value());
+    return *result;
+  }
+
+  std::uint64_t active() { return summary()["active_allocations"].get<std::uint64_t>(); }
+
+  // A tracked client process; its output goes to files named after it.
+  std::unique_ptr<ChildProcess> client(std::vector<std::string> argv,
+                                       std::vector<std::pair<std::string, std::string>> environment = {}) {
+    const std::string out = name("client", ++clients_, "out");
+    environment.emplace_back("MESHRT_ALLOC_TRACKING", "1");
+    environment.emplace_back("MESHRT_ALLOC_SERVER", socket());
+    return std::make_unique<ChildProcess>(ChildProcess::Options{
+        .argv = std::move(argv),
+        .environment = std::move(environment),
+        .stdout_path = dir_.file(out),
+        .stderr_path = dir_.file(out + ".err"),
+    });
+  }
+
+  std::unique_ptr<ChildProcess> demo(std::vector<std::string> flags) {
+    flags.insert(flags.begin(), bin_ + "/meshrt-demo");
+    return client(std::move(flags));
+  }
+
+ private:
+  static std::string name(const std::string& what, int number, const std::string& extension) {
+    return what + "-" + std::to_string(number) + "." + extension;
+  }
+
+  std::string bin_;
+  std::vector<std::string> server_flags_;
+  TempDirectory dir_;
+  std::unique_ptr<ChildProcess> server_;
+  int servers_started_{};
+  int smi_runs_{};
+  int clients_{};
+};
+
+// Bytes of device `device`'s memory of `type` in use, as a summary says.
+std::uint64_t used(const nlohmann::json& summary, std::uint32_t device, const char* type) {
+  for (const nlohmann::json& d : summary["devices"]) {
+    if (d["id"] == device) return d[type]["used_bytes"].get<std::uint64_t>();
+  }
+  return 0;
+}
+
+}  // namespace meshrt::testing
