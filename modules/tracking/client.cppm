@@ -32,6 +32,8 @@ class TrackingClient final : public EventProcessor {
     // Encoded bytes waiting for a slow server beyond this are dropped; the client is then out
     // of sync and sends a snapshot of its live table as soon as the server reads again.
     std::size_t max_pending_bytes{std::size_t{16} << 20U};
+    // How long shutdown (and so a clean exit) waits for a slow server to take the last events.
+    std::chrono::milliseconds shutdown_timeout{2000};
     // Where the client's few messages go (server absent, lost, back). stderr when empty.
     std::function<void(std::string_view)> warn;
   };
@@ -46,6 +48,8 @@ class TrackingClient final : public EventProcessor {
     std::uint64_t snapshots{};        // snapshots sent
     std::uint64_t overflows{};        // times pending bytes were dropped for a slow server
     std::uint64_t frees_waiting{};    // Frees that overtook their Alloc and wait for it
+    std::uint64_t pending_bytes{};      // encoded, waiting for the server to read them
+    std::uint64_t peak_pending_bytes{};  // the most that ever waited: max_pending_bytes + one round
   };
 
   [[nodiscard]] static std::shared_ptr<TrackingClient> start(Options options);

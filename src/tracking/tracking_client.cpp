@@ -136,7 +136,6 @@ bool cancels(const AllocationEvent& alloc, const AllocationEvent& free) {
 }
 
 // How long a clean exit may wait for a slow server to take the last events.
-constexpr auto final_flush_timeout = 2s;
 
 protocol::AllocRecord to_record(const AllocationEvent& event) {
   return protocol::AllocRecord{
@@ -484,9 +483,12 @@ struct TrackingClient::State {
   bool pump(std::chrono::milliseconds wait) {
     const auto deadline = Clock::now() + wait;
     while (connected()) {
-      pollfd poller{fd, static_cast<short>(POLLIN | (out.size() > out_start ? POLLOUT : 0)), 0};
+      // Waits only while there is something to send: with nothing pending, a wait for replies
+      // the server never sends would hold every clean exit for the whole shutdown timeout.
+      const bool sending = out.size() > out_start;
+      pollfd poller{fd, static_cast<short>(POLLIN | (sending ? POLLOUT : 0)), 0};
       const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
-      const int ready = ::poll(&poller, 1, static_cast<int>(std::max<std::int64_t>(remaining.count(), 0)));
+      const int ready = ::poll(&poller, 1, sending ? static_cast<int>(std::max<std::int64_t>(remaining.count(), 0)) : 0);
       if (ready < 0 && errno != EINTR) {
         disconnect(std::system_category().message(errno));
         return false;
@@ -523,6 +525,7 @@ struct TrackingClient::State {
   // each lane, so that sending is never starved by a thread that records without pause.
   static constexpr std::uint64_t chunks_per_round = 16;
   bool more_waiting = false;
+  std::uint64_t peak_pending_bytes = 0;  // the most encoded bytes ever waiting for the server
 
   std::uint64_t apply_lanes(bool stream) {
     more_waiting = false;
@@ -605,7 +608,8 @@ struct TrackingClient::State {
       } else if (need_snapshot && out.size() == out_start) {
         encode_snapshot();
       }
-      if (connected()) pump(stop ? std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout) : 0ms);
+      if (connected()) pump(stop ? options.shutdown_timeout : 0ms);
+      if (connected()) peak_pending_bytes = std::max<std::uint64_t>(peak_pending_bytes, out.size() - out_start);
       if (connected() && out.size() - out_start > options.max_pending_bytes) drop_pending();
       {
         const std::scoped_lock lock(mutex);
@@ -615,6 +619,8 @@ struct TrackingClient::State {
           flushed_through = round;
         }
         status.live_buffers = live_device_buffers;
+        status.pending_bytes = connected() ? out.size() - out_start : 0;
+        status.peak_pending_bytes = peak_pending_bytes;
         status.frees_waiting = early_frees.size();
       }
       delivered_changed.notify_all();
@@ -625,7 +631,7 @@ struct TrackingClient::State {
       for (const auto& [id, event] : early_frees) encode(event);
       finish_encoding();
       protocol::encode(protocol::Goodbye{}, out);
-      pump(std::chrono::duration_cast<std::chrono::milliseconds>(final_flush_timeout));
+      pump(options.shutdown_timeout);
       if (fd >= 0) ::close(fd);
       fd = -1;
     }

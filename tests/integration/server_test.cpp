@@ -125,8 +125,8 @@ TEST_SUITE("integration") {
     const std::string report = fixture.file("loadgen.json");
     auto loadgen = fixture.client({programs + "/meshrt-loadgen", "--threads", "3", "--operations", "200", "--keep", "20",
                                    "--hold", "300", "--seed", "7", "--mesh", "2x2", "--report", report});
-    REQUIRE(eventually([&] { return !read_text(report).empty(); }));
-    const json account = json::parse(read_text(report));
+    REQUIRE(eventually([&] { return loadgen_report(report, "hold").has_value(); }));
+    const json account = *loadgen_report(report, "hold");
     const std::uint64_t expected = 128 + account["live_buffers"].get<std::uint64_t>();
     REQUIRE(eventually([&] { return active(fixture) == expected; }));
 

@@ -1,15 +1,21 @@
 // meshrt-loadgen — a test client: several threads allocating and freeing random mesh buffers on
 // one random mesh, with tracking on when the environment says so. It reports what it believes,
 // so tests and the soak can compare the server's ledger with the client's own account.
+//
+// Life of a run: work (--operations per thread, or for --duration seconds), then free all but
+// --keep buffers per thread, flush the tracking client, write the report with "phase": "hold",
+// and hold until SIGUSR1 or --hold seconds pass; then free everything and write "phase": "done".
+// While working, the report is rewritten every --report-interval seconds ("phase": "working").
+#include <algorithm>
 #include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
 #include <exception>
 #include <fstream>
 #include <memory>
-#include <mutex>
 #include <random>
 #include <string>
 #include <thread>
@@ -25,6 +31,7 @@
 import meshrt;
 
 using namespace meshrt;
+using namespace std::chrono_literals;
 
 namespace {
 
@@ -34,31 +41,93 @@ extern "C" void release(int /*signal*/) { released = 1; }
 struct Options {
   std::uint32_t threads = 4;
   std::uint32_t operations = 500;
+  double duration_seconds = 0;
   std::uint64_t seed = 1;
   std::string mesh;  // random when empty
   std::uint32_t keep = 0;
   double hold_seconds = 0;
   std::string report;
+  double report_interval = 0.5;
+  std::uint64_t max_pending_bytes = 0;  // the tracking client's default when 0
 };
 
-// Writes what this process believes is live, per device and type, as JSON.
-void write_report(const std::string& path, const LiveBufferTable& live, std::uint64_t allocated, MeshShape shape) {
+struct Counters {
+  std::atomic<std::uint64_t> allocated{0};      // device buffers allocated
+  std::atomic<std::uint64_t> freed{0};          // device buffers freed
+  std::atomic<std::uint64_t> failures{0};       // errors other than a full memory: bugs
+  std::atomic<std::uint64_t> out_of_memory{0};  // expected under pressure (small carve-outs)
+};
+
+// What the process believes, per device and type, plus what its tracking client says of itself.
+void write_report(const Options& options, const char* phase, const LiveBufferTable& live, const Counters& counters,
+                  MeshShape shape, const TrackingClient* client, bool flushed) {
   nlohmann::json devices = nlohmann::json::array();
+  std::uint64_t live_bytes = 0;
   for (std::uint32_t device = 0; device < shape.device_count(); ++device) {
     nlohmann::json entry{{"id", device}};
     for (const BufferType type : all_buffer_types) {
       const LiveBufferSummary s = live.summary(DeviceId{device}, type);
       entry[std::string(to_string(type))] = {{"bytes", s.bytes}, {"buffers", s.buffers}};
+      live_bytes += s.bytes;
     }
     devices.push_back(std::move(entry));
   }
-  const nlohmann::json report{{"pid", ::getpid()},
-                              {"live_buffers", live.active_allocations()},
-                              {"device_buffers_allocated", allocated},
-                              {"devices", std::move(devices)}};
-  const std::string temporary = path + ".tmp";
+  nlohmann::json report{{"pid", ::getpid()},
+                        {"phase", phase},
+                        {"live_buffers", live.active_allocations()},
+                        {"live_bytes", live_bytes},
+                        {"device_buffers_allocated", counters.allocated.load()},
+                        {"device_buffers_freed", counters.freed.load()},
+                        {"failures", counters.failures.load()},
+                        {"flushed", flushed},
+                        {"devices", std::move(devices)}};
+  if (client != nullptr) {
+    const TrackingClient::Status s = client->status();
+    report["tracking"] = {{"connected", s.connected},     {"events_queued", s.events_queued},
+                          {"connections", s.connections}, {"snapshots", s.snapshots},
+                          {"overflows", s.overflows}};
+  }
+  const std::string temporary = options.report + ".tmp";
   std::ofstream(temporary) << report.dump() << '\n';
-  std::rename(temporary.c_str(), path.c_str());  // readers never see half a report
+  std::rename(temporary.c_str(), options.report.c_str());  // readers never see half a report
+}
+
+void work(const Options& options, std::uint32_t thread, MeshDevice& mesh, MeshShape shape, Counters& counters,
+          std::vector<MeshBuffer>& kept) {
+  std::mt19937_64 rng(options.seed * 1000 + thread);
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(options.duration_seconds);
+  const auto more = [&](std::uint32_t done) {
+    return options.duration_seconds > 0 ? std::chrono::steady_clock::now() < deadline : done < options.operations;
+  };
+  std::vector<MeshBuffer> held;
+  for (std::uint32_t op = 0; more(op); ++op) {
+    if (held.empty() || rng() % 3 != 0) {
+      const BufferType type = all_buffer_types[rng() % all_buffer_types.size()];
+      const std::uint64_t page = std::uint64_t{64} << (rng() % 6);
+      auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = page * (1 + rng() % 16)},
+                                       {.page_size = page, .buffer_type = type}, mesh);
+      if (!buffer) {
+        if (buffer.error().code == ErrorCode::out_of_memory) {
+          counters.out_of_memory.fetch_add(1);
+        } else if (counters.failures.fetch_add(1) == 0) {
+          fmt::print(stderr, "meshrt-loadgen: {}\n", buffer.error().message);
+        }
+        continue;
+      }
+      counters.allocated.fetch_add(shape.device_count());
+      held.push_back(std::move(*buffer));
+    } else {
+      const auto at = static_cast<std::ptrdiff_t>(rng() % held.size());
+      if (rng() % 2 == 0) held[static_cast<std::size_t>(at)].deallocate();
+      held.erase(held.begin() + at);
+      counters.freed.fetch_add(shape.device_count());
+    }
+  }
+  while (held.size() > options.keep) {
+    held.pop_back();
+    counters.freed.fetch_add(shape.device_count());
+  }
+  kept = std::move(held);
 }
 
 int run(int argc, char** argv) {
@@ -66,11 +135,17 @@ int run(int argc, char** argv) {
   CLI::App app{"meshrt-loadgen: random allocation load for tests"};
   app.add_option("--threads", options.threads)->check(CLI::Range(1U, 64U));
   app.add_option("--operations", options.operations, "operations per thread");
+  app.add_option("--duration", options.duration_seconds, "work for this many seconds instead of --operations")
+      ->check(CLI::NonNegativeNumber);
   app.add_option("--seed", options.seed);
   app.add_option("--mesh", options.mesh, "RxC or preset; random when absent");
   app.add_option("--keep", options.keep, "buffers per thread left live for the hold");
   app.add_option("--hold", options.hold_seconds, "seconds to hold the kept buffers (SIGUSR1 ends it)");
   app.add_option("--report", options.report, "write the process's own account of live buffers here");
+  app.add_option("--report-interval", options.report_interval, "seconds between reports while working")
+      ->check(CLI::PositiveNumber);
+  app.add_option("--max-pending-bytes", options.max_pending_bytes,
+                 "the tracking client's bound on queued bytes for a slow server");
   CLI11_PARSE(app, argc, argv);
 
   std::signal(SIGUSR1, release);
@@ -84,7 +159,15 @@ int run(int argc, char** argv) {
     }
     shape = *parsed;
   }
-  auto tracker = Tracker::process_default();
+  // Our own tracker and client (not the process default) so the report can flush and show status.
+  auto tracker = std::make_shared<Tracker>();
+  std::shared_ptr<TrackingClient> client;
+  if (tracking_enabled_by_environment()) {
+    TrackingClient::Options client_options{.process_name = "meshrt-loadgen"};
+    if (options.max_pending_bytes > 0) client_options.max_pending_bytes = options.max_pending_bytes;
+    client = TrackingClient::start(std::move(client_options));
+    tracker->add_processor(client);
+  }
   auto live = std::make_shared<LiveBufferTable>();
   tracker->add_processor(live);
   auto mesh = MeshDevice::create(shape, DeviceSpec::wormhole_b0(), tracker);
@@ -92,58 +175,49 @@ int run(int argc, char** argv) {
     fmt::print(stderr, "meshrt-loadgen: {}\n", mesh.error().message);
     return 1;
   }
-  std::atomic<std::uint64_t> allocated{0};
-  std::atomic<std::uint64_t> failures{0};      // errors other than a full memory: bugs
-  std::atomic<std::uint64_t> out_of_memory{0};  // expected under pressure (small carve-outs)
+  Counters counters;
   std::vector<std::vector<MeshBuffer>> kept(options.threads);
+  std::atomic<std::uint32_t> working{options.threads};
   std::vector<std::thread> threads;
   threads.reserve(options.threads);
   for (std::uint32_t t = 0; t < options.threads; ++t) {
     threads.emplace_back([&, t] {
-      std::mt19937_64 rng(options.seed * 1000 + t);
-      std::vector<MeshBuffer> held;
-      for (std::uint32_t op = 0; op < options.operations; ++op) {
-        if (held.empty() || rng() % 3 != 0) {
-          const BufferType type = all_buffer_types[rng() % all_buffer_types.size()];
-          const std::uint64_t page = std::uint64_t{64} << (rng() % 6);
-          auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = page * (1 + rng() % 16)},
-                                           {.page_size = page, .buffer_type = type}, *mesh);
-          if (!buffer) {
-            if (buffer.error().code == ErrorCode::out_of_memory) {
-              out_of_memory.fetch_add(1);
-            } else if (failures.fetch_add(1) == 0) {
-              fmt::print(stderr, "meshrt-loadgen: {}\n", buffer.error().message);
-            }
-            continue;
-          }
-          allocated.fetch_add(shape.device_count());
-          held.push_back(std::move(*buffer));
-        } else {
-          const auto at = static_cast<std::ptrdiff_t>(rng() % held.size());
-          if (rng() % 2 == 0) held[static_cast<std::size_t>(at)].deallocate();
-          held.erase(held.begin() + at);
-        }
-      }
-      while (held.size() > options.keep) held.pop_back();
-      kept[t] = std::move(held);
+      work(options, t, *mesh, shape, counters, kept[t]);
+      working.fetch_sub(1);
     });
   }
+  const auto report = [&](const char* phase) {
+    if (options.report.empty()) return;
+    const bool flushed = client == nullptr || client->flush(30s);
+    write_report(options, phase, *live, counters, shape, client.get(), flushed);
+  };
+  if (!options.report.empty()) {
+    auto next = std::chrono::steady_clock::now();
+    while (working.load() > 0) {
+      if (std::chrono::steady_clock::now() >= next) {
+        write_report(options, "working", *live, counters, shape, client.get(), false);
+        next += std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+            std::chrono::duration<double>(options.report_interval));
+      }
+      std::this_thread::sleep_for(5ms);
+    }
+  }
   for (std::thread& thread : threads) thread.join();
-  if (!options.report.empty()) write_report(options.report, *live, allocated.load(), shape);
+  report("hold");
   if (options.hold_seconds > 0) {
     fmt::print("holding {} live buffers (pid {})\n", live->active_allocations(), ::getpid());
     std::fflush(stdout);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(options.hold_seconds);
-    while (released == 0 && std::chrono::steady_clock::now() < deadline) {
-      std::this_thread::sleep_for(std::chrono::milliseconds(20));
-    }
+    while (released == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
   }
+  for (const auto& buffers : kept) counters.freed.fetch_add(buffers.size() * shape.device_count());
   kept.clear();
-  if (!options.report.empty()) write_report(options.report, *live, allocated.load(), shape);
+  report("done");
   fmt::print("device buffers allocated: {}\nrefused for lack of memory: {}\nfailed allocations: {}\n"
              "Active allocations: {}\n",
-             allocated.load(), out_of_memory.load(), failures.load(), live->active_allocations());
-  const bool exact = live->active_allocations() == 0 && live->unknown_frees() == 0 && failures.load() == 0;
+             counters.allocated.load(), counters.out_of_memory.load(), counters.failures.load(),
+             live->active_allocations());
+  const bool exact = live->active_allocations() == 0 && live->unknown_frees() == 0 && counters.failures.load() == 0;
   return exact ? 0 : 1;
 }
 

@@ -103,6 +103,15 @@ class ServerFixture {
   int clients_{};
 };
 
+// meshrt-loadgen's report at `path` once it has reached `phase` ("working", "hold", "done").
+std::optional<nlohmann::json> loadgen_report(const std::string& path, const std::string& phase) {
+  const std::string text = read_text(path);
+  if (text.empty()) return std::nullopt;
+  nlohmann::json report = nlohmann::json::parse(text);
+  if (report["phase"] != phase) return std::nullopt;
+  return report;
+}
+
 // Bytes of device `device`'s memory of `type` in use, as a summary says.
 std::uint64_t used(const nlohmann::json& summary, std::uint32_t device, const char* type) {
   for (const nlohmann::json& d : summary["devices"]) {

@@ -220,6 +220,30 @@ TEST_SUITE("client and server") {
     CHECK(after["active_allocations"] == 0);
   }
 
+  TEST_CASE("a clean exit with everything already flushed does not wait for the shutdown timeout") {
+    // Regression: with nothing left to send, shutdown waited for replies the server never sends,
+    // so every tracked application's exit took the whole timeout (2 s by default).
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    RunningServer server(socket);
+    auto client = TrackingClient::start({.socket_path = socket, .shutdown_timeout = 600s});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    (void)replicated(mesh, 4096);
+    REQUIRE(client->flush(60s));
+    const auto started = std::chrono::steady_clock::now();
+    client->shutdown();
+    CHECK(std::chrono::steady_clock::now() - started < 300s);  // the bug waits the whole 600 s
+    for (int attempt = 0; attempt < 500 && !summary(socket)["processes"].empty(); ++attempt) {
+      std::this_thread::sleep_for(10ms);
+    }
+    const auto after = summary(socket);
+    CHECK(after["processes"].empty());  // left with Goodbye, not reclaimed as crashed
+    CHECK(after["reclaimed_allocations"] == 0);
+    CHECK(after["total_deallocations"] == 2);
+  }
+
   TEST_CASE("names given to mesh buffers reach the server's buffer list") {
     testing::TempDirectory dir;
     const std::string socket = dir.file("alloc.sock");
