@@ -348,12 +348,12 @@ struct Server::State {
       }
       if (connections.size() >= config.max_sessions) {
         refuse(std::move(fd), peer, name, ErrorCode::limit_exceeded,
-               fmt::format("the server already has {} sessions, its limit", config.max_sessions));
+               fmt::format("the server already has {} sessions, its limit (raise it with --max-sessions)", config.max_sessions));
         continue;
       }
       if (per_process[peer.pid] >= config.max_sessions_per_process) {
         refuse(std::move(fd), peer, name, ErrorCode::limit_exceeded,
-               fmt::format("pid {} already has {} connections, the limit for one process", peer.pid,
+               fmt::format("pid {} already has {} connections, the limit for one process (raise it with --max-sessions-per-process)", peer.pid,
                            config.max_sessions_per_process));
         continue;
       }
@@ -381,7 +381,7 @@ struct Server::State {
       return true;
     }
     reject(c, ErrorCode::limit_exceeded,
-           fmt::format("more than {} messages a second from one session, the server's limit",
+           fmt::format("more than {} messages a second from one session, the server's limit (raise it with --max-messages-per-second)",
                        config.max_messages_per_second),
            counters.rejected_sessions);
     return false;
@@ -505,7 +505,7 @@ struct Server::State {
   void apply(Connection& c, const protocol::MeshBufferName& name) {
     if (ledger.names(c.session) >= config.max_names_per_session) {
       reject(c, ErrorCode::limit_exceeded,
-             fmt::format("more than {} mesh buffer names in one process, the server's limit",
+             fmt::format("more than {} mesh buffer names in one process, the server's limit (raise it with --max-names-per-process)",
                          config.max_names_per_session),
              counters.rejected_sessions);
       return;
@@ -516,7 +516,7 @@ struct Server::State {
   bool within_limit(Connection& c, std::size_t adding) {
     if (ledger.live_allocations(c.session) + adding <= config.max_live_per_session) return true;
     reject(c, ErrorCode::limit_exceeded,
-           fmt::format("more than {} live allocations in one process, the server's limit", config.max_live_per_session),
+           fmt::format("more than {} live allocations in one process, the server's limit (raise it with --max-live-per-process)", config.max_live_per_session),
            counters.rejected_sessions);
     return false;
   }

@@ -211,6 +211,7 @@ TEST_SUITE("hostile") {
     CHECK(replies >= 49);
     CHECK(replies <= 60);
     CHECK(refusal.find("more than 50 messages a second") != std::string::npos);
+    CHECK(refusal.find("--max-messages-per-second") != std::string::npos);  // says how to raise it
     CHECK(fixture.summary()["rejected_sessions"].get<std::uint64_t>() >= 1);
   }
 
