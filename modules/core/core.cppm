@@ -48,6 +48,9 @@ enum class ErrorCode : std::uint8_t {
 
 [[nodiscard]] std::string_view to_string(ErrorCode code);
 
+// meshrt's release; CMakeLists.txt checks it equals the project's VERSION.
+inline constexpr std::string_view runtime_version = "0.1.0";
+
 struct Error {
   ErrorCode code{ErrorCode::invalid_argument};
   std::string message;

@@ -35,6 +35,9 @@ struct ServerConfig {
   std::uint64_t max_messages_per_second{200'000};  // frames per second per session (with a 1 s burst)
   std::uint32_t max_payload{protocol::max_payload_size};
   std::size_t max_pending_output{std::size_t{64} << 20U};  // a monitor that stops reading is dropped
+  // Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics ("127.0.0.1:9464"; port 0
+  // picks a free one). Loopback unless the address says otherwise (ADR 0014).
+  std::optional<std::string> metrics_address;
   std::function<void(std::string_view)> log;  // one line at a time; stdout when empty
 };
 
@@ -65,6 +68,8 @@ class Server {
   // Thread-safe; run() returns soon after.
   void stop();
   [[nodiscard]] const std::string& socket_path() const;
+  // The TCP port /metrics is served on, once started with a metrics_address.
+  [[nodiscard]] std::optional<std::uint16_t> metrics_port() const;
 
  private:
   struct State;

@@ -24,7 +24,9 @@ module;
 #include <vector>
 
 #include <fcntl.h>
+#include <arpa/inet.h>
 #include <grp.h>
+#include <netinet/in.h>
 #include <sys/epoll.h>
 #include <sys/resource.h>
 #include <sys/eventfd.h>
@@ -44,6 +46,7 @@ module meshrt.server;
 import meshrt.core;
 import meshrt.protocol;
 import :report;
+import :metrics;
 
 namespace meshrt::server {
 
@@ -246,6 +249,38 @@ struct Connection {
   int unknown_frees_logged{};
 };
 
+// A scraper's connection to /metrics: one request, one response, then close.
+struct HttpConnection {
+  FileDescriptor fd;
+  std::chrono::steady_clock::time_point accepted{std::chrono::steady_clock::now()};
+  std::string input;
+  std::string output;
+  std::size_t output_start{};
+};
+
+constexpr std::size_t max_http_connections = 64;
+
+Result<FileDescriptor> listen_tcp(const std::string& text) {
+  auto address = metrics::parse_listen_address(text);
+  if (!address) return tl::unexpected(std::move(address.error()));
+  sockaddr_in in{};
+  in.sin_family = AF_INET;
+  in.sin_port = htons(address->port);
+  if (::inet_pton(AF_INET, address->host.c_str(), &in.sin_addr) != 1) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("bad metrics address '{}': '{}' is not an IPv4 address", text, address->host));
+  }
+  FileDescriptor fd(::socket(AF_INET, SOCK_STREAM | SOCK_NONBLOCK | SOCK_CLOEXEC, 0));
+  if (!fd.valid()) return io_failure("socket", errno);
+  const int one = 1;
+  (void)::setsockopt(fd.get(), SOL_SOCKET, SO_REUSEADDR, &one, sizeof(one));
+  if (::bind(fd.get(), reinterpret_cast<const sockaddr*>(&in), sizeof(in)) != 0) {
+    return fail(ErrorCode::io_error, fmt::format("cannot serve metrics on {}: {}", text, describe_errno(errno)));
+  }
+  if (::listen(fd.get(), 64) != 0) return io_failure("listen", errno);
+  return fd;
+}
+
 struct Server::State {
   ServerConfig config;
   std::optional<gid_t> gid;
@@ -254,6 +289,10 @@ struct Server::State {
   FileDescriptor wake;
   FileDescriptor timer;
   FileDescriptor signals;
+  FileDescriptor metrics_listener;
+  std::uint16_t metrics_port{};
+  std::map<int, std::unique_ptr<HttpConnection>> http;
+  std::int64_t start_time_seconds{now_ns() / 1'000'000'000};
   Ledger ledger;
   ConnectionCounters counters;
   std::map<int, std::unique_ptr<Connection>> connections;
@@ -758,6 +797,7 @@ struct Server::State {
     std::uint64_t expirations = 0;
     (void)::read(timer.get(), &expirations, sizeof(expirations));
     close_silent_connections();
+    close_silent_http();
     if (config.log_activity) {
       for (auto& [fd, connection] : connections) log_activity(*connection);
     }
@@ -771,6 +811,85 @@ struct Server::State {
 
   void log_summary() const {
     for (const std::string& line : report::summary_lines(ledger.summary(), counters)) log(line);
+  }
+
+  // ---- /metrics over HTTP ----
+
+  void accept_http() {
+    for (;;) {
+      FileDescriptor fd(::accept4(metrics_listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
+      if (!fd.valid()) {
+        if (errno == EMFILE || errno == ENFILE) {
+          spare.reset();  // accept and drop it with the spare descriptor, as for sessions
+          FileDescriptor dropped(::accept4(metrics_listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+          spare = FileDescriptor(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+          continue;
+        }
+        return;
+      }
+      if (http.size() >= max_http_connections) continue;  // closed at once: scrapers retry
+      const int key = fd.get();
+      if (!watch(key, EPOLLIN)) continue;
+      auto connection = std::make_unique<HttpConnection>();
+      connection->fd = std::move(fd);
+      http.emplace(key, std::move(connection));
+    }
+  }
+
+  // False when the connection is done (answered, or broken).
+  bool on_http(HttpConnection& h, std::uint32_t events) {
+    if (h.output.empty() && (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0U) {
+      std::array<char, 4096> chunk{};
+      for (;;) {
+        const ssize_t got = ::recv(h.fd.get(), chunk.data(), chunk.size(), 0);
+        if (got == 0) return false;
+        if (got < 0) {
+          if (errno == EINTR) continue;
+          if (errno == EAGAIN || errno == EWOULDBLOCK) break;
+          return false;
+        }
+        h.input.append(chunk.data(), static_cast<std::size_t>(got));
+        if (h.input.size() > metrics::max_request_bytes) break;
+      }
+      const auto head_end = h.input.find("\r\n\r\n");
+      if (head_end == std::string::npos && h.input.size() <= metrics::max_request_bytes) return true;
+      const metrics::Response response =
+          head_end == std::string::npos
+              ? metrics::Response{431, "Request Header Fields Too Large", "text/plain; charset=utf-8", "too long\n"}
+              : metrics::respond(std::string_view(h.input).substr(0, head_end + 2), [&] {
+                  return metrics::exposition(ledger.summary(), counters,
+                                             {.version = meshrt::runtime_version,
+                                              .protocol_version = protocol::version,
+                                              .start_time_seconds = start_time_seconds});
+                });
+      h.output = metrics::serialize(response);
+      if (!watch(h.fd.get(), EPOLLOUT, EPOLL_CTL_MOD)) return false;
+    }
+    while (h.output_start < h.output.size()) {
+      const ssize_t sent =
+          ::send(h.fd.get(), h.output.data() + h.output_start, h.output.size() - h.output_start, MSG_NOSIGNAL);
+      if (sent < 0) {
+        if (errno == EINTR) continue;
+        return errno == EAGAIN || errno == EWOULDBLOCK;
+      }
+      h.output_start += static_cast<std::size_t>(sent);
+    }
+    return h.output.empty();  // answered in full: close
+  }
+
+  void close_http(int fd) {
+    (void)::epoll_ctl(epoll.get(), EPOLL_CTL_DEL, fd, nullptr);
+    http.erase(fd);
+  }
+
+  // Scrapers that never finish their request are closed like silent sessions.
+  void close_silent_http() {
+    const auto now = std::chrono::steady_clock::now();
+    std::vector<int> silent;
+    for (const auto& [fd, h] : http) {
+      if (now - h->accepted > config.hello_timeout) silent.push_back(fd);
+    }
+    for (const int fd : silent) close_http(fd);
   }
 
   Result<void> loop() {
@@ -789,6 +908,10 @@ struct Server::State {
           running = false;
         } else if (fd == timer.get()) {
           tick();
+        } else if (metrics_listener.valid() && fd == metrics_listener.get()) {
+          accept_http();
+        } else if (const auto scraper = http.find(fd); scraper != http.end()) {
+          if (!on_http(*scraper->second, event.events)) close_http(fd);
         } else if (const auto found = connections.find(fd); found != connections.end()) {
           Connection& c = *found->second;
           bool alive = true;
@@ -834,6 +957,21 @@ Result<std::unique_ptr<Server>> Server::start(ServerConfig config) {
   for (const int fd : {state->listener.get(), state->wake.get(), state->timer.get()}) {
     if (auto watched = state->watch(fd, EPOLLIN); !watched) return tl::unexpected(std::move(watched.error()));
   }
+  if (state->config.metrics_address) {
+    auto metrics = listen_tcp(*state->config.metrics_address);
+    if (!metrics) {
+      ::unlink(state->config.socket_path.c_str());
+      return tl::unexpected(std::move(metrics.error()));
+    }
+    state->metrics_listener = std::move(*metrics);
+    sockaddr_in bound{};
+    socklen_t length = sizeof(bound);
+    (void)::getsockname(state->metrics_listener.get(), reinterpret_cast<sockaddr*>(&bound), &length);
+    state->metrics_port = ntohs(bound.sin_port);
+    if (auto watched = state->watch(state->metrics_listener.get(), EPOLLIN); !watched) {
+      return tl::unexpected(std::move(watched.error()));
+    }
+  }
   return std::unique_ptr<Server>(new Server(std::move(state)));
 }
 
@@ -845,6 +983,11 @@ Server::~Server() {
 }
 
 const std::string& Server::socket_path() const { return state_->config.socket_path; }
+
+std::optional<std::uint16_t> Server::metrics_port() const {
+  if (!state_->metrics_listener.valid()) return std::nullopt;
+  return state_->metrics_port;
+}
 
 void Server::stop() {
   const std::uint64_t one = 1;
@@ -865,6 +1008,11 @@ Result<void> Server::run(bool handle_signals) {
   }
   s.log(fmt::format("meshrt-alloc-server: listening on {} (pid {}, protocol version {})", s.config.socket_path,
                     ::getpid(), protocol::version));
+  if (s.metrics_listener.valid()) {
+    const auto host = metrics::parse_listen_address(*s.config.metrics_address);
+    s.log(fmt::format("meshrt-alloc-server: Prometheus metrics at http://{}:{}/metrics", host ? host->host : "?",
+                      s.metrics_port));
+  }
   auto result = s.loop();
   // Stop accepting first: a client must not connect to a server that is going away.
   (void)::epoll_ctl(s.epoll.get(), EPOLL_CTL_DEL, s.listener.get(), nullptr);

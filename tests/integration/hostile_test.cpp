@@ -7,12 +7,17 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <fstream>
 #include <memory>
+#include <set>
+#include <sstream>
 #include <string>
 #include <variant>
 #include <vector>
 
+#include <arpa/inet.h>
+#include <netinet/in.h>
 #include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
@@ -21,6 +26,7 @@
 #include <unistd.h>
 
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 import meshrt.core;
@@ -243,5 +249,102 @@ TEST_SUITE("hostile") {
       CHECK(code == 0);
       CHECK(output.find("Active allocations:") != std::string::npos);
     }
+  }
+}
+
+namespace {
+
+// One HTTP exchange with the metrics endpoint: the raw response, or "" if none came.
+std::string http_exchange(std::uint16_t port, const std::string& request) {
+  const int fd = ::socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+  sockaddr_in address{};
+  address.sin_family = AF_INET;
+  address.sin_port = htons(port);
+  address.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+  if (::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
+    ::close(fd);
+    return "";
+  }
+  (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
+  std::string response;
+  std::array<char, 65536> chunk{};
+  for (;;) {
+    pollfd poller{fd, POLLIN, 0};
+    if (::poll(&poller, 1, 10'000) <= 0) break;
+    const ssize_t got = ::recv(fd, chunk.data(), chunk.size(), 0);
+    if (got <= 0) break;
+    response.append(chunk.data(), static_cast<std::size_t>(got));
+  }
+  ::close(fd);
+  return response;
+}
+
+std::uint16_t metrics_port(ServerFixture& fixture) {
+  const std::string log = fixture.server_log();
+  const std::string marker = "http://127.0.0.1:";
+  const auto at = log.find(marker);
+  REQUIRE(at != std::string::npos);
+  return static_cast<std::uint16_t>(std::stoul(log.substr(at + marker.size())));
+}
+
+}  // namespace
+
+TEST_SUITE("metrics endpoint") {
+  TEST_CASE("GET /metrics: the ledger in the Prometheus text format, matching meshrt-smi") {
+    ServerFixture fixture(bin, {"--metrics", "127.0.0.1:0"});
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    const std::string response = http_exchange(metrics_port(fixture), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
+    CHECK(response.starts_with("HTTP/1.1 200 OK\r\n"));
+    CHECK(response.find("Content-Type: text/plain; version=0.0.4") != std::string::npos);
+    CHECK(response.find("# TYPE meshrt_device_memory_used_bytes gauge\n") != std::string::npos);
+    CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"0\",type=\"dram\"} 104857600\n") != std::string::npos);
+    CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"7\",type=\"l1\"} 12582912\n") != std::string::npos);
+    CHECK(response.find("\nmeshrt_active_allocations 128\n") != std::string::npos);
+    CHECK(response.find(fmt::format("\nmeshrt_process_live_bytes{{pid=\"{}\",process=\"meshrt-demo\"}} {}\n",
+                                    demo->pid(), 8 * (104'857'600 + 12'582'912))) != std::string::npos);
+    CHECK(response.find("# TYPE meshrt_allocations_total counter\n") != std::string::npos);
+    CHECK(response.find("\nmeshrt_rejected_messages_total{reason=\"malformed\"} 0\n") != std::string::npos);
+    // Every sample line is NAME{LABELS} VALUE or NAME VALUE, and each family is typed before use.
+    const std::string body = response.substr(response.find("\r\n\r\n") + 4);
+    std::istringstream lines(body);
+    std::string line;
+    std::set<std::string> typed;
+    std::size_t samples = 0;
+    while (std::getline(lines, line)) {
+      if (line.starts_with("# TYPE ")) {
+        typed.insert(line.substr(7, line.find(' ', 7) - 7));
+      } else if (!line.starts_with("# HELP ")) {
+        const std::string name = line.substr(0, line.find_first_of("{ "));
+        CHECK_MESSAGE(typed.contains(name), line);
+        ++samples;
+      }
+    }
+    CHECK(samples > 8 * 4 * 4);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
+  }
+
+  TEST_CASE("anything but GET /metrics gets a clear HTTP error, and the server runs on") {
+    ServerFixture fixture(bin, {"--metrics", "127.0.0.1:0"});
+    const std::uint16_t port = metrics_port(fixture);
+    CHECK(http_exchange(port, "GET / HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 404 Not Found"));
+    CHECK(http_exchange(port, "POST /metrics HTTP/1.1\r\n\r\n").starts_with("HTTP/1.1 405 Method Not Allowed"));
+    CHECK(http_exchange(port, "\x16\x03\x01 garbage\r\n\r\n").starts_with("HTTP/1.1 400 Bad Request"));
+    CHECK(http_exchange(port, "GET /metrics HTTP/1.1\r\nX: " + std::string(20000, 'a'))
+              .starts_with("HTTP/1.1 431"));
+    CHECK(http_exchange(port, "GET /metrics?x=1 HTTP/1.0\r\n\r\n").starts_with("HTTP/1.1 200 OK"));
+    CHECK(fixture.smi({}).first == 0);
+  }
+
+  TEST_CASE("a bad --metrics address: a clear error and exit 1, before anything listens") {
+    const TempDirectory dir;
+    ChildProcess server({.argv = {bin + "/meshrt-alloc-server", "--socket", dir.file("alloc.sock"), "--metrics",
+                                  "127.0.0.1:99999"},
+                         .stdout_path = dir.file("out"),
+                         .stderr_path = dir.file("err")});
+    CHECK(server.wait_for(30s) == 1);
+    CHECK(server.standard_error().find("bad metrics address '127.0.0.1:99999'") != std::string::npos);
+    CHECK_FALSE(std::filesystem::exists(dir.file("alloc.sock")));
   }
 }

@@ -46,6 +46,9 @@ using Clock = std::chrono::steady_clock;
 
 namespace {
 
+// A client killed in the middle of its work every ~2 s (1 to 3), whatever the run's length.
+constexpr double mid_work_kill_every_seconds = 2.0;
+
 struct Options {
   std::uint32_t clients = 8;
   double seconds = 60;
@@ -85,7 +88,7 @@ class Soak {
     start_server();
     for (std::uint32_t slot = 0; slot < options_.clients; ++slot) clients_.push_back(start_client());
     const auto deadline = started + std::chrono::duration<double>(options_.seconds);
-    // Faults at random times, at least two server restarts and a client kill per few seconds.
+    // Faults at random times: at least two server restarts, and mid-work client kills.
     const double restarts = std::max(2.0, options_.seconds / 30.0);
     const double restart_every = options_.seconds / (restarts + 1);
     // Restarts on a fixed schedule (each within +-25% of its slot), so a short run gets them all.
@@ -96,7 +99,7 @@ class Soak {
                            std::chrono::duration<double>(static_cast<double>(k) * restart_every + spread(random_)));
     };
     auto next_restart = restart_slot(restarts_due);
-    auto next_kill = started + jitter(std::max(1.0, options_.seconds / 12.0));
+    auto next_kill = started + jitter(mid_work_kill_every_seconds);
     std::uint64_t last_progress = 0;
     while (!clients_.empty()) {
       const auto now = Clock::now();
@@ -115,7 +118,7 @@ class Soak {
       }
       if (running && now >= next_kill) {
         kill_working_client();
-        next_kill = Clock::now() + jitter(std::max(1.0, options_.seconds / 12.0));
+        next_kill = Clock::now() + jitter(mid_work_kill_every_seconds);
       }
       if (running && now >= next_restart) {
         restart_server();

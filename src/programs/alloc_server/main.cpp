@@ -10,6 +10,7 @@
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
+import meshrt.core;
 import meshrt.protocol;
 import meshrt.server;
 
@@ -53,7 +54,10 @@ int run(int argc, char** argv) {
                  "MiB of replies a monitor may leave unread before it is dropped")
       ->capture_default_str()
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 20U));
-  app.set_version_flag("--version", "meshrt-alloc-server 0.1.0 (protocol version 1)");
+  std::string metrics;
+  app.add_option("--metrics", metrics,
+                 "serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464; 0.0.0.0 to expose it)");
+  app.set_version_flag("--version", fmt::format("meshrt-alloc-server {} (protocol version {})", meshrt::runtime_version, meshrt::protocol::version));
   app.footer("Exit codes: 0 stopped cleanly (SIGINT/SIGTERM), 1 could not start or failed, 2 bad usage.");
   try {
     app.parse(argc, argv);
@@ -71,6 +75,7 @@ int run(int argc, char** argv) {
   config.log_activity = !quiet;
   config.hello_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(hello_timeout_seconds * 1000));
   config.max_pending_output = static_cast<std::size_t>(max_pending_mib) << 20U;
+  if (!metrics.empty()) config.metrics_address = metrics;
 
   auto server = meshrt::server::Server::start(config);
   if (!server) {

@@ -101,7 +101,7 @@ int run(int argc, char** argv) {
   auto* buffers_flag = app.add_flag("--buffers", buffers, "list live buffers instead of the summary");
   app.add_option("--pid", pid, "with --buffers: only this process's buffers")->needs(buffers_flag);
   app.add_flag("--verify", verify, "check that per-buffer, per-process and per-device totals agree (exit 1 if not)");
-  app.set_version_flag("--version", "meshrt-smi 0.1.0 (protocol version 1)");
+  app.set_version_flag("--version", fmt::format("meshrt-smi {} (protocol version {})", meshrt::runtime_version, meshrt::protocol::version));
   app.footer("Exit codes: 0 ok, 1 server unreachable or --verify found a difference, 2 bad usage.");
   try {
     app.parse(argc, argv);
