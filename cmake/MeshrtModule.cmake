@@ -33,6 +33,8 @@ function(meshrt_add_module name)
   foreach(module IN LISTS ARG_MODULES)
     list(APPEND deps meshrt_${module})
   endforeach()
-  target_link_libraries(${target} PUBLIC ${deps} ${ARG_LIBRARIES} meshrt_sanitizers PRIVATE meshrt_warnings)
+  # Warnings and sanitizer flags are for building meshrt, not for its users: never exported.
+  target_link_libraries(${target} PUBLIC ${deps} ${ARG_LIBRARIES} $<BUILD_INTERFACE:meshrt_sanitizers>
+                                  PRIVATE $<BUILD_INTERFACE:meshrt_warnings>)
   set_target_properties(${target} PROPERTIES EXPORT_NAME ${name} POSITION_INDEPENDENT_CODE ON)
 endfunction()

@@ -1,0 +1,26 @@
+# cmake -DMESHRT_BUILD=<build dir> -DCONSUMER=<this folder> -DWORK=<scratch> -DCXX=<compiler>
+#       -DSCAN_DEPS=<clang-scan-deps> -P check.cmake
+# Installs meshrt from MESHRT_BUILD into WORK/prefix, builds the consumer against that prefix
+# only, runs it, and runs the installed meshrt-smi: what a user of the package does.
+file(REMOVE_RECURSE "${WORK}")
+function(run)
+  execute_process(COMMAND ${ARGV} RESULT_VARIABLE code OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  if(NOT code EQUAL 0)
+    message(FATAL_ERROR "failed (${code}): ${ARGV}\n${out}")
+  endif()
+  set(output "${out}" PARENT_SCOPE)
+endfunction()
+
+run("${CMAKE_COMMAND}" --install "${MESHRT_BUILD}" --prefix "${WORK}/prefix")
+run("${CMAKE_COMMAND}" -S "${CONSUMER}" -B "${WORK}/build" -G Ninja "-DCMAKE_CXX_COMPILER=${CXX}"
+    "-DCMAKE_CXX_COMPILER_CLANG_SCAN_DEPS=${SCAN_DEPS}" "-DCMAKE_PREFIX_PATH=${WORK}/prefix"
+    -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
+run("${CMAKE_COMMAND}" --build "${WORK}/build")
+run("${WORK}/build/consumer")
+if(NOT output MATCHES "meshrt [0-9.]+: 8 device buffers live\nafter the buffer's scope: 0 live")
+  message(FATAL_ERROR "the consumer ran but said:\n${output}")
+endif()
+message(STATUS "consumer: ${output}")
+run("${WORK}/prefix/bin/meshrt-smi" --version)
+message(STATUS "installed: ${output}")
+file(REMOVE_RECURSE "${WORK}")
