@@ -20,7 +20,7 @@ import meshrt.core;
 
 export namespace meshrt::protocol {
 
-inline constexpr std::uint16_t version = 1;
+inline constexpr std::uint16_t version = 2;  // 2: DeviceInfo carries bank counts and base addresses
 inline constexpr std::size_t header_size = 8;
 // Largest payload either side sends or accepts: large enough for ~20,000 events per frame,
 // small enough that a hostile length prefix costs nothing.
@@ -58,6 +58,8 @@ struct Hello {
 struct DeviceTotals {
   std::uint32_t device{};
   std::array<std::uint64_t, buffer_type_count> total_bytes{};  // indexed by BufferType
+  std::array<std::uint32_t, buffer_type_count> bank_count{};   // 0 when unknown
+  std::array<std::uint64_t, buffer_type_count> base_address{};
 };
 
 struct DeviceInfo {
@@ -113,9 +115,9 @@ struct EventRecord {
 };
 
 inline constexpr std::size_t record_size = 8 + 8 + 8 + 8 + 8 + 4 + 1 + 1 + 2;
-inline constexpr std::size_t device_totals_size = 4 + 4 + 8 * buffer_type_count;
+inline constexpr std::size_t device_totals_size = 4 + 4 + (8 + 4 + 8) * buffer_type_count;
 inline constexpr std::size_t batch_prefix_size = 8 + 4 + 4;  // first sequence, count, reserved
-static_assert(record_size == 48 && device_totals_size == 40);
+static_assert(record_size == 48 && device_totals_size == 88);
 inline constexpr std::size_t max_records = (max_payload_size - batch_prefix_size) / record_size;
 
 // Decodes one record from exactly record_size bytes (checked when the frame was decoded).

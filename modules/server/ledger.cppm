@@ -66,6 +66,8 @@ struct DeviceSummary {
   std::uint32_t device{};
   UsageByType usage{};
   std::array<std::uint64_t, buffer_type_count> total_bytes{};  // as reported by clients; 0 if unknown
+  std::array<std::uint32_t, buffer_type_count> bank_count{};   // as reported by clients; 0 if unknown
+  std::array<std::uint64_t, buffer_type_count> base_address{};
 };
 
 struct Summary {
@@ -204,7 +206,7 @@ class Ledger {
   SessionId cached_id_{0};
   Session* cached_{nullptr};
   std::vector<UsageByType> devices_;  // by device id (ids are bounded by the protocol)
-  std::vector<std::array<std::uint64_t, buffer_type_count>> device_totals_;
+  std::vector<protocol::DeviceTotals> device_totals_;
   std::vector<bool> device_known_;
   std::uint64_t active_allocations_{};
   Counters counters_;

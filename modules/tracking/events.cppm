@@ -65,9 +65,12 @@ inline constexpr std::uint32_t max_devices_per_event = 64;
 }
 
 // A device of a mesh that was opened, with the bytes each buffer type offers on it.
+// A device's memory per buffer type: total bytes, and its banks (so a monitor can draw them).
 struct DeviceDescription {
   DeviceId device{};
   std::array<std::uint64_t, buffer_type_count> total_bytes{};
+  std::array<std::uint32_t, buffer_type_count> bank_count{};
+  std::array<std::uint64_t, buffer_type_count> base_address{};  // first address of every bank
 };
 
 // What a hook sees before an allocation takes memory.

@@ -62,7 +62,12 @@ Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSp
   std::vector<DeviceDescription> devices(shape.device_count());
   for (std::uint32_t index = 0; index < shape.device_count(); ++index) {
     devices[index].device = DeviceId{index};
-    for (const BufferType type : all_buffer_types) devices[index].total_bytes[index_of(type)] = spec.layout(type).total_bytes();
+    for (const BufferType type : all_buffer_types) {
+      const BankLayout& banks = spec.layout(type);
+      devices[index].total_bytes[index_of(type)] = banks.total_bytes();
+      devices[index].bank_count[index_of(type)] = banks.bank_count;
+      devices[index].base_address[index_of(type)] = banks.base_address;
+    }
   }
   tracker->describe_devices(devices);
   return std::shared_ptr<MeshMemory>(new MeshMemory(shape, std::move(spec), std::move(tracker), std::move(allocators)));

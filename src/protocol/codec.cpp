@@ -321,6 +321,8 @@ Result<Message> decode(const Frame& frame) {
         }
         if (reader.integer<std::uint32_t>() != 0) return malformed(type, "reserved field is not zero");
         for (std::uint64_t& total : device.total_bytes) total = reader.integer<std::uint64_t>();
+        for (std::uint32_t& banks : device.bank_count) banks = reader.integer<std::uint32_t>();
+        for (std::uint64_t& base : device.base_address) base = reader.integer<std::uint64_t>();
       }
       return info;
     }
@@ -407,6 +409,8 @@ void encode(const DeviceInfo& message, std::vector<std::byte>& out) {
       w.integer(device.device);
       w.integer(std::uint32_t{0});
       for (const std::uint64_t total : device.total_bytes) w.integer(total);
+      for (const std::uint32_t banks : device.bank_count) w.integer(banks);
+      for (const std::uint64_t base : device.base_address) w.integer(base);
     }
   });
 }

@@ -211,7 +211,7 @@ void Ledger::name_mesh_buffer(SessionId id, std::uint64_t mesh_buffer, std::stri
 void Ledger::set_device_totals(const protocol::DeviceTotals& totals) {
   Expects(totals.device <= protocol::max_device_id);
   if (device_totals_.size() <= totals.device) device_totals_.resize(std::size_t{totals.device} + 1);
-  device_totals_[totals.device] = totals.total_bytes;
+  device_totals_[totals.device] = totals;
   (void)usage_of(devices_, totals.device);
   if (device_known_.size() <= totals.device) device_known_.resize(std::size_t{totals.device} + 1);
   device_known_[totals.device] = true;  // a known device shows up even while empty
@@ -256,7 +256,11 @@ Summary Ledger::summary() const {
   for (std::uint32_t device = 0; device < device_known_.size(); ++device) {
     if (!device_known_[device]) continue;
     DeviceSummary d{.device = device, .usage = device < devices_.size() ? devices_[device] : UsageByType{}};
-    if (device < device_totals_.size()) d.total_bytes = device_totals_[device];
+    if (device < device_totals_.size()) {
+      d.total_bytes = device_totals_[device].total_bytes;
+      d.bank_count = device_totals_[device].bank_count;
+      d.base_address = device_totals_[device].base_address;
+    }
     summary.devices.push_back(d);
   }
   summary.processes.reserve(sessions_.size());

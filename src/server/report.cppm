@@ -36,7 +36,10 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
   for (const DeviceSummary& device : summary.devices) {
     nlohmann::json entry{{"id", device.device}};
     for (const BufferType type : all_buffer_types) {
-      entry[std::string(to_string(type))] = usage_json(device.usage[index_of(type)], device.total_bytes[index_of(type)]);
+      nlohmann::json usage = usage_json(device.usage[index_of(type)], device.total_bytes[index_of(type)]);
+      usage["banks"] = device.bank_count[index_of(type)];
+      usage["base_address"] = device.base_address[index_of(type)];
+      entry[std::string(to_string(type))] = std::move(usage);
     }
     nlohmann::json users = nlohmann::json::array();
     for (const ProcessSummary& process : summary.processes) {

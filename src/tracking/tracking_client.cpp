@@ -694,7 +694,7 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
 void TrackingClient::describe_devices(std::span<const DeviceDescription> devices) noexcept {
   const std::scoped_lock lock(state_->mutex);
   for (const DeviceDescription& device : devices) {
-    state_->device_queue.push_back({device.device.value(), device.total_bytes});
+    state_->device_queue.push_back({device.device.value(), device.total_bytes, device.bank_count, device.base_address});
   }
 }
 

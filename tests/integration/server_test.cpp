@@ -15,6 +15,7 @@
 #include <unistd.h>
 
 #include <doctest/doctest.h>
+#include <fmt/format.h>
 #include <nlohmann/json.hpp>
 
 import meshrt.core;
@@ -229,5 +230,32 @@ TEST_SUITE("integration") {
     CHECK(warnings == 1);
     CHECK(errors.find("no allocation server at " + fixture.socket()) != std::string::npos);
     CHECK(demo->standard_output().find("Active allocations: 0") != std::string::npos);
+  }
+
+  TEST_CASE("meshrt-smi --map: an SVG with one block per live device buffer; an unwritable path is a clear error") {
+    Fixture fixture;
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return active(fixture) == 128; }));
+    const std::string svg_path = fixture.file("map.svg");
+    const auto [code, output] = fixture.smi({"--map", svg_path});
+    REQUIRE(code == 0);
+    CHECK(output.find("wrote the memory map of 128 live buffers") != std::string::npos);
+    const std::string svg = read_text(svg_path);
+    CHECK(svg.starts_with("<?xml"));
+    std::size_t blocks = 0;
+    for (auto at = svg.find("<rect class=\"block\""); at != std::string::npos; at = svg.find("<rect class=\"block\"", at + 1)) {
+      ++blocks;
+    }
+    CHECK(blocks == 128);
+    CHECK(svg.find("Device 0 · dram · 12 banks") != std::string::npos);
+    CHECK(svg.find("Device 7 · l1 · 64 banks") != std::string::npos);
+    CHECK(svg.find(fmt::format("pid {} (meshrt-demo)", demo->pid())) != std::string::npos);  // hover text
+    CHECK(svg.find("100.0 MiB used") != std::string::npos);  // device 0's DRAM: the seed's 100 MiB
+
+    const auto [bad_code, bad_output] = fixture.smi({"--map", "/proc/no/such/dir/map.svg"});
+    CHECK(bad_code == 1);
+    CHECK(bad_output.find("cannot write the memory map to /proc/no/such/dir/map.svg") != std::string::npos);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
   }
 }

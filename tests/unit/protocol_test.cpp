@@ -1,4 +1,5 @@
 // The wire format: every message round-trips; every malformed frame is an Error, never UB.
+#include <array>
 #include <cstddef>
 #include <cstdint>
 #include <span>
@@ -74,8 +75,14 @@ TEST_SUITE("protocol") {
     CHECK(events.records[2].alloc.buffer == 2);
 
     bytes.clear();
-    encode(DeviceInfo{{{3, {1, 2, 3, 4}}}}, bytes);
-    CHECK(std::get<DeviceInfo>(round_trip(bytes)).devices[0].total_bytes[3] == 4);
+    encode(DeviceInfo{{{3, {1, 2, 3, 4}, {12, 64, 64, 12}, {0, 0x19000, 0x150000, 0x3e000000}}}}, bytes);
+    CHECK(bytes.size() == header_size + 4 + device_totals_size);
+    const DeviceTotals device = std::get<DeviceInfo>(round_trip(bytes)).devices[0];
+    CHECK(device.device == 3);
+    CHECK(device.total_bytes[3] == 4);
+    CHECK(device.bank_count == std::array<std::uint32_t, 4>{12, 64, 64, 12});
+    CHECK(device.base_address[1] == 0x19000);
+    CHECK(device.base_address[3] == 0x3e000000);
 
     bytes.clear();
     encode(MeshBufferName{99, "kv-cache"}, bytes);

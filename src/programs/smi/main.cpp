@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <fstream>
 #include <string>
 #include <string_view>
 #include <thread>
@@ -18,6 +19,7 @@
 import meshrt.core;
 import meshrt.protocol;
 import meshrt.monitor;
+import meshrt.memory_map;
 
 using nlohmann::json;
 
@@ -87,6 +89,37 @@ void print_buffers(const json& reply) {
   fmt::print("{} live buffers\n", reply["buffers"].size());
 }
 
+// Draws the server's view as an SVG memory map; written beside the target, then renamed into place.
+int write_map(meshrt::server::Monitor& monitor, const std::string& path) {
+  auto summary = monitor.query(meshrt::protocol::QueryKind::summary);
+  if (!summary) {
+    fmt::print(stderr, "meshrt-smi: {}\n", summary.error().message);
+    return 1;
+  }
+  auto buffers = monitor.query(meshrt::protocol::QueryKind::buffers);
+  if (!buffers) {
+    fmt::print(stderr, "meshrt-smi: {}\n", buffers.error().message);
+    return 1;
+  }
+  auto svg = meshrt::render_memory_map(*summary, *buffers);
+  if (!svg) {
+    fmt::print(stderr, "meshrt-smi: {}\n", svg.error().message);
+    return 1;
+  }
+  const std::string temporary = path + ".tmp";
+  std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
+  file << *svg;
+  file.close();
+  if (!file || std::rename(temporary.c_str(), path.c_str()) != 0) {
+    std::remove(temporary.c_str());
+    fmt::print(stderr, "meshrt-smi: cannot write the memory map to {}\n", path);
+    return 1;
+  }
+  const auto live = json::parse(*buffers)["buffers"].size();
+  fmt::print("meshrt-smi: wrote the memory map of {} live buffers to {}\n", live, path);
+  return 0;
+}
+
 int run(int argc, char** argv) {
   std::string socket = meshrt::protocol::default_socket_path();
   bool as_json = false;
@@ -94,12 +127,16 @@ int run(int argc, char** argv) {
   bool verify = false;
   std::uint32_t pid = 0;
   double watch = 0;
+  std::string map;
   CLI::App app{"meshrt-smi: the allocation server's view of device memory, per device, type and process"};
   app.add_option("--socket", socket, "the server's Unix socket ($MESHRT_ALLOC_SERVER)")->capture_default_str();
   app.add_flag("--json", as_json, "print one JSON object (per refresh with --watch)");
   app.add_option("--watch", watch, "refresh every SECONDS until interrupted")->check(CLI::Range(0.1, 86400.0));
   auto* buffers_flag = app.add_flag("--buffers", buffers, "list live buffers instead of the summary");
   app.add_option("--pid", pid, "with --buffers: only this process's buffers")->needs(buffers_flag);
+  app.add_option("--map", map, "draw every device's memory as an SVG memory map into FILE (open it in a browser)")
+      ->excludes("--watch")
+      ->excludes("--json");
   app.add_flag("--verify", verify, "check that per-buffer, per-process and per-device totals agree (exit 1 if not)");
   app.set_version_flag("--version", fmt::format("meshrt-smi {} (protocol version {})", meshrt::runtime_version, meshrt::protocol::version));
   app.footer("Exit codes: 0 ok, 1 server unreachable or --verify found a difference, 2 bad usage.");
@@ -119,6 +156,7 @@ int run(int argc, char** argv) {
     fmt::print(stderr, "meshrt-smi: {}\n", monitor.error().message);
     return 1;
   }
+  if (!map.empty()) return write_map(*monitor, map);
   const auto kind = verify ? meshrt::protocol::QueryKind::verify :
                     buffers ? meshrt::protocol::QueryKind::buffers : meshrt::protocol::QueryKind::summary;
   for (;;) {
