@@ -291,6 +291,7 @@ struct Server::State {
   FileDescriptor signals;
   FileDescriptor metrics_listener;
   std::uint16_t metrics_port{};
+  std::string metrics_host;
   std::map<int, std::unique_ptr<HttpConnection>> http;
   std::int64_t start_time_seconds{now_ns() / 1'000'000'000};
   Ledger ledger;
@@ -957,8 +958,8 @@ Result<std::unique_ptr<Server>> Server::start(ServerConfig config) {
   for (const int fd : {state->listener.get(), state->wake.get(), state->timer.get()}) {
     if (auto watched = state->watch(fd, EPOLLIN); !watched) return tl::unexpected(std::move(watched.error()));
   }
-  if (state->config.metrics_address) {
-    auto metrics = listen_tcp(*state->config.metrics_address);
+  if (const std::optional<std::string>& address = state->config.metrics_address; address.has_value()) {
+    auto metrics = listen_tcp(*address);
     if (!metrics) {
       ::unlink(state->config.socket_path.c_str());
       return tl::unexpected(std::move(metrics.error()));
@@ -968,6 +969,8 @@ Result<std::unique_ptr<Server>> Server::start(ServerConfig config) {
     socklen_t length = sizeof(bound);
     (void)::getsockname(state->metrics_listener.get(), reinterpret_cast<sockaddr*>(&bound), &length);
     state->metrics_port = ntohs(bound.sin_port);
+    std::array<char, INET_ADDRSTRLEN> host{};
+    state->metrics_host = ::inet_ntop(AF_INET, &bound.sin_addr, host.data(), host.size()) != nullptr ? host.data() : "?";
     if (auto watched = state->watch(state->metrics_listener.get(), EPOLLIN); !watched) {
       return tl::unexpected(std::move(watched.error()));
     }
@@ -1009,9 +1012,7 @@ Result<void> Server::run(bool handle_signals) {
   s.log(fmt::format("meshrt-alloc-server: listening on {} (pid {}, protocol version {})", s.config.socket_path,
                     ::getpid(), protocol::version));
   if (s.metrics_listener.valid()) {
-    const auto host = metrics::parse_listen_address(*s.config.metrics_address);
-    s.log(fmt::format("meshrt-alloc-server: Prometheus metrics at http://{}:{}/metrics", host ? host->host : "?",
-                      s.metrics_port));
+    s.log(fmt::format("meshrt-alloc-server: Prometheus metrics at http://{}:{}/metrics", s.metrics_host, s.metrics_port));
   }
   auto result = s.loop();
   // Stop accepting first: a client must not connect to a server that is going away.
