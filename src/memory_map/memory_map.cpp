@@ -4,6 +4,7 @@ module;
 #include <cstdint>
 #include <iterator>
 #include <map>
+#include <optional>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -106,7 +107,8 @@ void merge_neighbours(Panel& panel) {
 
 }  // namespace
 
-Result<std::string> render_memory_map(std::string_view summary_json, std::string_view buffers_json) {
+Result<std::string> render_memory_map(std::string_view summary_json, std::string_view buffers_json,
+                                      std::optional<std::uint32_t> only_device) {
   const json summary = json::parse(summary_json, nullptr, /*allow_exceptions=*/false);
   const json buffers = json::parse(buffers_json, nullptr, /*allow_exceptions=*/false);
   if (summary.is_discarded() || buffers.is_discarded() || !summary.contains("devices") ||
@@ -116,6 +118,7 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
   try {
     std::map<std::pair<std::uint32_t, std::string>, Panel> panels;
     for (const json& device : summary["devices"]) {
+      if (only_device && device["id"].get<std::uint32_t>() != *only_device) continue;
       for (const auto& [type, figures] : device.items()) {
         if (!figures.is_object() || !figures.contains("banks")) continue;
         const auto banks = figures["banks"].get<std::uint32_t>();
@@ -136,7 +139,7 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
     for (const json& b : buffers["buffers"]) {
       const auto found = panels.find({b["device"].get<std::uint32_t>(), b["type"].get<std::string>()});
       if (found == panels.end()) {
-        ++unplaced;
+        if (!only_device || b["device"].get<std::uint32_t>() == *only_device) ++unplaced;
         continue;
       }
       Panel& panel = found->second;
@@ -154,6 +157,11 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
       }
     }
 
+    if (only_device && panels.empty()) {
+      return fail(ErrorCode::not_found, fmt::format("the server knows no device {}", *only_device));
+    }
+    std::uint64_t drawn = 0;
+    for (const auto& [key, panel] : panels) drawn += panel.blocks.size();
     std::string body;
     auto out = std::back_inserter(body);
     double y = 70;
@@ -242,7 +250,7 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
         "<rect width=\"100%\" height=\"100%\" fill=\"#ffffff\"/>\n"
         "<text x=\"{}\" y=\"28\" class=\"heading\">meshrt memory map: {} live buffers{}</text>\n"
         "{}{}</svg>\n",
-        width, y + 10, width, y + 10, left_margin, buffers["buffers"].size(),
+        width, y + 10, width, y + 10, left_margin, drawn + unplaced,
         unplaced > 0 ? fmt::format(" ({} on devices whose layout no client described)", unplaced) : "", legend,
         body);
     return svg;

@@ -5,6 +5,7 @@
 #include <cstdint>
 #include <cstdio>
 #include <exception>
+#include <optional>
 #include <fstream>
 #include <string>
 #include <string_view>
@@ -90,7 +91,7 @@ void print_buffers(const json& reply) {
 }
 
 // Draws the server's view as an SVG memory map; written beside the target, then renamed into place.
-int write_map(meshrt::server::Monitor& monitor, const std::string& path) {
+int write_map(meshrt::server::Monitor& monitor, const std::string& path, std::optional<std::uint32_t> device) {
   auto summary = monitor.query(meshrt::protocol::QueryKind::summary);
   if (!summary) {
     fmt::print(stderr, "meshrt-smi: {}\n", summary.error().message);
@@ -101,7 +102,7 @@ int write_map(meshrt::server::Monitor& monitor, const std::string& path) {
     fmt::print(stderr, "meshrt-smi: {}\n", buffers.error().message);
     return 1;
   }
-  auto svg = meshrt::render_memory_map(*summary, *buffers);
+  auto svg = meshrt::render_memory_map(*summary, *buffers, device);
   if (!svg) {
     fmt::print(stderr, "meshrt-smi: {}\n", svg.error().message);
     return 1;
@@ -116,7 +117,11 @@ int write_map(meshrt::server::Monitor& monitor, const std::string& path) {
     return 1;
   }
   const auto live = json::parse(*buffers)["buffers"].size();
-  fmt::print("meshrt-smi: wrote the memory map of {} live buffers to {}\n", live, path);
+  if (device) {
+    fmt::print("meshrt-smi: wrote the memory map of device {} to {}\n", *device, path);
+  } else {
+    fmt::print("meshrt-smi: wrote the memory map of {} live buffers to {}\n", live, path);
+  }
   return 0;
 }
 
@@ -134,9 +139,12 @@ int run(int argc, char** argv) {
   app.add_option("--watch", watch, "refresh every SECONDS until interrupted")->check(CLI::Range(0.1, 86400.0));
   auto* buffers_flag = app.add_flag("--buffers", buffers, "list live buffers instead of the summary");
   app.add_option("--pid", pid, "with --buffers: only this process's buffers")->needs(buffers_flag);
-  app.add_option("--map", map, "draw every device's memory as an SVG memory map into FILE (open it in a browser)")
-      ->excludes("--watch")
-      ->excludes("--json");
+  auto* map_option =
+      app.add_option("--map", map, "draw every device's memory as an SVG memory map into FILE (open it in a browser)")
+          ->excludes("--watch")
+          ->excludes("--json");
+  std::optional<std::uint32_t> map_device;
+  app.add_option("--device", map_device, "with --map: only this device")->needs(map_option);
   app.add_flag("--verify", verify, "check that per-buffer, per-process and per-device totals agree (exit 1 if not)");
   app.set_version_flag("--version", fmt::format("meshrt-smi {} (protocol version {})", meshrt::runtime_version, meshrt::protocol::version));
   app.footer("Exit codes: 0 ok, 1 server unreachable or --verify found a difference, 2 bad usage.");
@@ -156,7 +164,7 @@ int run(int argc, char** argv) {
     fmt::print(stderr, "meshrt-smi: {}\n", monitor.error().message);
     return 1;
   }
-  if (!map.empty()) return write_map(*monitor, map);
+  if (!map.empty()) return write_map(*monitor, map, map_device);
   const auto kind = verify ? meshrt::protocol::QueryKind::verify :
                     buffers ? meshrt::protocol::QueryKind::buffers : meshrt::protocol::QueryKind::summary;
   for (;;) {
