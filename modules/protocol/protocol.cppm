@@ -22,6 +22,8 @@ export namespace meshrt::protocol {
 
 inline constexpr std::uint16_t version = 2;  // 2: DeviceInfo carries bank counts and base addresses
 inline constexpr std::size_t header_size = 8;
+// Banks of one buffer type on one device that a DeviceInfo may describe (a Wormhole has 64 of L1).
+inline constexpr std::uint32_t max_banks = 1U << 16U;
 // Largest payload either side sends or accepts: large enough for ~20,000 events per frame,
 // small enough that a hostile length prefix costs nothing.
 inline constexpr std::uint32_t max_payload_size = 1U << 20U;

@@ -44,7 +44,8 @@ struct ServerConfig {
 // Server-level counters: what went wrong at the connection level.
 struct ConnectionCounters {
   std::uint64_t sessions_opened{};
-  std::uint64_t malformed_messages{};    // sessions closed for bad, truncated or out-of-order frames
+  std::uint64_t malformed_messages{};    // sessions closed for bad or out-of-order frames
+  std::uint64_t truncated_sessions{};    // connections closed in the middle of a frame (a killed client)
   std::uint64_t rejected_sessions{};     // wrong version, claimed another pid, not allowed, over a limit
   std::uint64_t timed_out_sessions{};    // connections that never said Hello
   std::uint64_t dropped_slow_readers{};  // monitors that stopped reading replies

@@ -40,7 +40,8 @@ std::string escape(std::string_view text) {
       case '<': out += "&lt;"; break;
       case '>': out += "&gt;"; break;
       case '"': out += "&quot;"; break;
-      default: out += c;
+      default:
+        if (static_cast<unsigned char>(c) >= 0x20 || c == '\t') out += c;  // XML forbids other controls
     }
   }
   return out;
@@ -123,7 +124,8 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
         if (!figures.is_object() || !figures.contains("banks")) continue;
         const auto banks = figures["banks"].get<std::uint32_t>();
         const auto total = figures["total_bytes"].get<std::uint64_t>();
-        if (banks == 0 || total == 0) continue;  // unknown layout, or an empty carve-out
+        // Unknown layout, an empty carve-out, or figures no device has: not drawn.
+        if (banks == 0 || total == 0 || banks > 65536 || total / banks == 0) continue;
         panels[{device["id"].get<std::uint32_t>(), type}] =
             Panel{.device = device["id"].get<std::uint32_t>(), .type = type, .banks = banks, .bank_size = total / banks,
                   .base = figures["base_address"].get<std::uint64_t>(), .used = figures["used_bytes"].get<std::uint64_t>()};
@@ -158,7 +160,11 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
     }
 
     if (only_device && panels.empty()) {
-      return fail(ErrorCode::not_found, fmt::format("the server knows no device {}", *only_device));
+      const bool known = std::ranges::any_of(summary["devices"], [&](const json& d) { return d["id"] == *only_device; });
+      return fail(ErrorCode::not_found,
+                  known ? fmt::format("device {}: no client described its memory layout, so there is nothing to draw",
+                                      *only_device)
+                        : fmt::format("the server knows no device {}", *only_device));
     }
     std::uint64_t drawn = 0;
     for (const auto& [key, panel] : panels) drawn += panel.blocks.size();
@@ -185,8 +191,9 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
                      top, map_width, height);
       const double scale = map_width / static_cast<double>(panel.bank_size);
       for (const Block& block : panel.blocks) {
-        const double x = left_margin + static_cast<double>(block.offset) * scale;
-        const double width = std::max(1.0, static_cast<double>(block.width) * scale);
+        // Clamped to the panel: a block past the bank's end (a client's bad figures) stays visible at its edge.
+        const double x = left_margin + std::min(static_cast<double>(block.offset) * scale, map_width - 1);
+        const double width = std::clamp(static_cast<double>(block.width) * scale, 1.0, left_margin + map_width - x);
         const std::string who = fmt::format("pid {} ({})", block.pid,
                                             process_names.contains(block.pid) ? process_names[block.pid] : "gone");
         const std::string label =

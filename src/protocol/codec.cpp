@@ -3,6 +3,7 @@ module;
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <limits>
 #include <cstdlib>
 #include <cstring>
 #include <optional>
@@ -323,6 +324,15 @@ Result<Message> decode(const Frame& frame) {
         for (std::uint64_t& total : device.total_bytes) total = reader.integer<std::uint64_t>();
         for (std::uint32_t& banks : device.bank_count) banks = reader.integer<std::uint32_t>();
         for (std::uint64_t& base : device.base_address) base = reader.integer<std::uint64_t>();
+        for (std::size_t t = 0; t < buffer_type_count; ++t) {
+          if (device.bank_count[t] > max_banks) {
+            return malformed(type, fmt::format("{} banks, over the limit of {}", device.bank_count[t], max_banks));
+          }
+          if (device.bank_count[t] > 0 && device.total_bytes[t] / device.bank_count[t] >
+                                               std::numeric_limits<std::uint64_t>::max() - device.base_address[t]) {
+            return malformed(type, "banks end past the end of the address space");
+          }
+        }
       }
       return info;
     }

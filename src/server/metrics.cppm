@@ -3,6 +3,7 @@
 module;
 #include <array>
 #include <charconv>
+#include <cstddef>
 #include <iterator>
 #include <system_error>
 #include <cstdint>
@@ -97,7 +98,9 @@ inline std::string exposition(const Summary& summary, const ConnectionCounters& 
   const auto per_process = [&](std::string_view name, std::string_view help, auto value) {
     out.family(name, "gauge", help);
     for (const ProcessSummary& p : summary.processes) {
-      out.sample(value(p), fmt::format(R"(pid="{}",process="{}")", p.identity.pid, label_value(p.identity.name)));
+      // One pid may hold several sessions (one per tracker): the session keeps the series apart.
+      out.sample(value(p), fmt::format(R"(pid="{}",process="{}",session="{}")", p.identity.pid,
+                                       label_value(p.identity.name), p.session));
     }
   };
   per_process("meshrt_process_live_bytes", "Bytes of device memory a process holds, all devices and types.",
@@ -121,8 +124,9 @@ inline std::string exposition(const Summary& summary, const ConnectionCounters& 
   counter("meshrt_resyncs_total", "Snapshots of a client's live table applied.", c.resyncs);
   counter("meshrt_sessions_opened_total", "Client and monitor sessions accepted.", connections.sessions_opened);
   out.family("meshrt_rejected_messages_total", "counter",
-             "Sessions closed for what they sent: malformed frames, a limit, silence before Hello, unread replies.")
+             "Sessions closed for what they sent: malformed or cut-off frames, a limit, silence before Hello, unread replies.")
       .sample(connections.malformed_messages, R"(reason="malformed")")
+      .sample(connections.truncated_sessions, R"(reason="truncated")")
       .sample(connections.rejected_sessions, R"(reason="refused")")
       .sample(connections.timed_out_sessions, R"(reason="timeout")")
       .sample(connections.dropped_slow_readers, R"(reason="slow_reader")");
@@ -138,19 +142,32 @@ struct Response {
   std::string_view reason;
   std::string content_type;
   std::string body;
+  bool head_only{false};  // HEAD: the headers of the GET, without its body
 };
 
 inline std::string serialize(const Response& response) {
-  return fmt::format("HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{}",
-                     response.status, response.reason, response.content_type, response.body.size(), response.body);
+  return fmt::format("HTTP/1.1 {} {}\r\nContent-Type: {}\r\nContent-Length: {}\r\n{}Connection: close\r\n\r\n{}",
+                     response.status, response.reason, response.content_type, response.body.size(),
+                     response.status == 405 ? "Allow: GET, HEAD\r\n" : "",
+                     response.head_only ? std::string_view{} : std::string_view(response.body));
+}
+
+// Where the request head ends (just past its blank line), or npos. Lenient, as HTTP asks of
+// servers: lines may end in LF alone.
+inline std::size_t end_of_head(std::string_view input) {
+  const auto crlf = input.find("\r\n\r\n");
+  const auto lf = input.find("\n\n");
+  if (crlf == std::string_view::npos && lf == std::string_view::npos) return std::string_view::npos;
+  if (lf == std::string_view::npos || (crlf != std::string_view::npos && crlf < lf)) return crlf + 4;
+  return lf + 2;
 }
 
 // What to answer a request whose head (through the blank line) is `head`.
 // `metrics` is called only for a GET of /metrics.
 template <class Metrics>
 Response respond(std::string_view head, Metrics metrics) {
-  const auto line_end = head.find("\r\n");
-  const std::string_view line = head.substr(0, line_end);
+  std::string_view line = head.substr(0, head.find('\n'));
+  if (line.ends_with('\r')) line.remove_suffix(1);
   const auto first_space = line.find(' ');
   const auto second_space = line.find(' ', first_space == std::string_view::npos ? line.size() : first_space + 1);
   if (first_space == std::string_view::npos || second_space == std::string_view::npos ||
@@ -167,7 +184,7 @@ Response respond(std::string_view head, Metrics metrics) {
     return {405, "Method Not Allowed", "text/plain; charset=utf-8", "/metrics answers GET only\n"};
   }
   Response response{200, "OK", "text/plain; version=0.0.4; charset=utf-8", metrics()};
-  if (method == "HEAD") response.body.clear();
+  response.head_only = method == "HEAD";
   return response;
 }
 

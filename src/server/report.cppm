@@ -89,6 +89,7 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
       {"total_allocations", c.allocations},
       {"total_deallocations", c.deallocations},
       {"malformed_messages", connections.malformed_messages},
+      {"truncated_sessions", connections.truncated_sessions},
       {"rejected_sessions", connections.rejected_sessions},
       {"timed_out_sessions", connections.timed_out_sessions},
       {"dropped_slow_readers", connections.dropped_slow_readers},
@@ -96,7 +97,7 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
       {"devices", std::move(devices)},
       {"processes", std::move(processes)},
   };
-  return json.dump();
+  return json.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 inline std::string buffers_json(const std::vector<LiveBuffer>& buffers, std::int64_t now_ns) {
@@ -113,11 +114,11 @@ inline std::string buffers_json(const std::vector<LiveBuffer>& buffers, std::int
                     {"age_seconds", static_cast<double>(now_ns - b.time_ns) / 1e9},
                     {"hooked", b.hooked}});
   }
-  return nlohmann::json{{"buffers", std::move(list)}}.dump();
+  return nlohmann::json{{"buffers", std::move(list)}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 inline std::string verification_json(const Verification& verification) {
-  return nlohmann::json{{"consistent", verification.consistent}, {"differences", verification.differences}}.dump();
+  return nlohmann::json{{"consistent", verification.consistent}, {"differences", verification.differences}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 inline std::string type_usage_text(const Usage& usage, std::uint64_t total, BufferType type) {

@@ -108,11 +108,50 @@ std::uint64_t process_start_time(std::uint32_t pid) {
   return 0;
 }
 
+// Names reach JSON, Prometheus labels and SVG: keep them valid UTF-8 without control characters,
+// whatever a client sent or /proc cut (comm is cut at 15 bytes, maybe inside a character).
+std::string printable(std::string_view text) {
+  std::string out;
+  out.reserve(text.size());
+  for (std::size_t i = 0; i < text.size();) {
+    const auto byte = static_cast<unsigned char>(text[i]);
+    std::size_t length = 0;
+    if (byte < 0x80) {
+      length = 1;
+    } else if ((byte & 0xE0U) == 0xC0U && byte >= 0xC2U) {
+      length = 2;
+    } else if ((byte & 0xF0U) == 0xE0U) {
+      length = 3;
+    } else if ((byte & 0xF8U) == 0xF0U && byte <= 0xF4U) {
+      length = 4;
+    }
+    bool valid = length > 0 && i + length <= text.size();
+    for (std::size_t k = 1; valid && k < length; ++k) valid = (static_cast<unsigned char>(text[i + k]) & 0xC0U) == 0x80U;
+    if (valid && length > 2) {  // no overlong forms, surrogates or code points past U+10FFFF
+      const auto second = static_cast<unsigned char>(text[i + 1]);
+      valid = !(byte == 0xE0U && second < 0xA0U) && !(byte == 0xEDU && second > 0x9FU) &&
+              !(byte == 0xF0U && second < 0x90U) && !(byte == 0xF4U && second > 0x8FU);
+    }
+    if (!valid) {
+      out += '?';
+      ++i;
+      continue;
+    }
+    if (length == 1 && (byte < 0x20 || byte == 0x7F)) {
+      out += '?';
+    } else {
+      out.append(text.substr(i, length));
+    }
+    i += length;
+  }
+  return out;
+}
+
 std::string process_name(std::uint32_t pid) {
   std::ifstream file(fmt::format("/proc/{}/comm", pid));
   std::string name;
   std::getline(file, name);
-  return name;
+  return printable(name);
 }
 
 Result<gid_t> group_id(const std::string& name) {
@@ -334,15 +373,22 @@ struct Server::State {
   FileDescriptor spare{::open("/dev/null", O_RDONLY | O_CLOEXEC)};
   std::uint64_t descriptor_shortages{};
 
-  void shed_one_connection() {
+  // False when even the spare is gone (it could not be reopened last time): then the caller stops
+  // accepting until the next wake-up instead of retrying in a loop.
+  bool shed_one_connection(int from) {
     ++descriptor_shortages;
     ++counters.rejected_sessions;
     if (descriptor_shortages == 1 || descriptor_shortages % 1000 == 0) {
       log(fmt::format("out of file descriptors: refusing connections ({} so far)", descriptor_shortages));
     }
+    if (!spare.valid()) spare = FileDescriptor(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    if (!spare.valid()) return false;
     spare.reset();
-    const FileDescriptor refused(::accept4(listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
+    {
+      const FileDescriptor refused(::accept4(from, nullptr, nullptr, SOCK_CLOEXEC));
+    }  // closed here, before the spare is taken back
     spare = FileDescriptor(::open("/dev/null", O_RDONLY | O_CLOEXEC));
+    return true;
   }
 
   std::map<pid_t, std::size_t> per_process;  // open connections by peer pid
@@ -365,10 +411,7 @@ struct Server::State {
     for (;;) {
       FileDescriptor fd(::accept4(listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
       if (!fd.valid()) {
-        if (errno == EMFILE || errno == ENFILE) {
-          shed_one_connection();
-          continue;
-        }
+        if ((errno == EMFILE || errno == ENFILE) && shed_one_connection(listener.get())) continue;
         if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) log(fmt::format("accept: {}", describe_errno(errno)));
         return;
       }
@@ -550,7 +593,7 @@ struct Server::State {
              counters.rejected_sessions);
       return;
     }
-    ledger.name_mesh_buffer(c.session, name.mesh_buffer, name.name);
+    ledger.name_mesh_buffer(c.session, name.mesh_buffer, printable(name.name));
   }
 
   bool within_limit(Connection& c, std::size_t adding) {
@@ -667,8 +710,9 @@ struct Server::State {
       c.input.resize(old_size + static_cast<std::size_t>(std::max<ssize_t>(got, 0)));
       if (got == 0) {
         // An orderly close; in the middle of a frame, it is a truncated message.
+        // Not malformed: a process killed in the middle of a send leaves exactly this.
         if (c.input.size() > c.input_start) {
-          ++counters.malformed_messages;
+          ++counters.truncated_sessions;
           log(fmt::format("{}: closed the connection in the middle of a frame ({} bytes of it)", who(c),
                           c.input.size() - c.input_start));
         }
@@ -820,12 +864,7 @@ struct Server::State {
     for (;;) {
       FileDescriptor fd(::accept4(metrics_listener.get(), nullptr, nullptr, SOCK_NONBLOCK | SOCK_CLOEXEC));
       if (!fd.valid()) {
-        if (errno == EMFILE || errno == ENFILE) {
-          spare.reset();  // accept and drop it with the spare descriptor, as for sessions
-          FileDescriptor dropped(::accept4(metrics_listener.get(), nullptr, nullptr, SOCK_CLOEXEC));
-          spare = FileDescriptor(::open("/dev/null", O_RDONLY | O_CLOEXEC));
-          continue;
-        }
+        if ((errno == EMFILE || errno == ENFILE) && shed_one_connection(metrics_listener.get())) continue;
         return;
       }
       if (http.size() >= max_http_connections) continue;  // closed at once: scrapers retry
@@ -841,9 +880,13 @@ struct Server::State {
   bool on_http(HttpConnection& h, std::uint32_t events) {
     if (h.output.empty() && (events & (EPOLLIN | EPOLLHUP | EPOLLERR)) != 0U) {
       std::array<char, 4096> chunk{};
+      bool peer_done = false;
       for (;;) {
         const ssize_t got = ::recv(h.fd.get(), chunk.data(), chunk.size(), 0);
-        if (got == 0) return false;
+        if (got == 0) {  // the peer shut down its side: answer what it sent, if it is a whole head
+          peer_done = true;
+          break;
+        }
         if (got < 0) {
           if (errno == EINTR) continue;
           if (errno == EAGAIN || errno == EWOULDBLOCK) break;
@@ -852,12 +895,14 @@ struct Server::State {
         h.input.append(chunk.data(), static_cast<std::size_t>(got));
         if (h.input.size() > metrics::max_request_bytes) break;
       }
-      const auto head_end = h.input.find("\r\n\r\n");
-      if (head_end == std::string::npos && h.input.size() <= metrics::max_request_bytes) return true;
+      const auto head_end = metrics::end_of_head(h.input);
+      if (head_end == std::string::npos && h.input.size() <= metrics::max_request_bytes) {
+        return !peer_done;  // wait for the rest, unless no more is coming
+      }
       const metrics::Response response =
           head_end == std::string::npos
               ? metrics::Response{431, "Request Header Fields Too Large", "text/plain; charset=utf-8", "too long\n"}
-              : metrics::respond(std::string_view(h.input).substr(0, head_end + 2), [&] {
+              : metrics::respond(std::string_view(h.input).substr(0, head_end), [&] {
                   return metrics::exposition(ledger.summary(), counters,
                                              {.version = meshrt::runtime_version,
                                               .protocol_version = protocol::version,

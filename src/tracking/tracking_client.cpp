@@ -379,15 +379,29 @@ struct TrackingClient::State {
     ++status.snapshots;
   }
 
+  // Where the whole frame that starts at `at` in `out` ends.
+  [[nodiscard]] std::size_t frame_end(std::size_t at) const {
+    std::uint32_t payload = 0;
+    for (std::size_t i = 0; i < 4; ++i) payload |= std::to_integer<std::uint32_t>(out[at + i]) << (8U * i);
+    return at + protocol::header_size + payload;
+  }
+
+  // Sent bytes stay at the front of `out` until it empties. A server that reads steadily but never
+  // catches up would let them grow without bound, so whole sent frames are cut off now and then.
+  void compact_sent() {
+    if (out_start >= out.size() || out_start < (std::size_t{1} << 20U) || out_start < out.size() / 2) return;
+    std::size_t boundary = 0;
+    for (std::size_t next = frame_end(0); next <= out_start; next = frame_end(next)) boundary = next;
+    out.erase(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(boundary));
+    out_start -= boundary;
+    out_keep = out_keep > boundary ? out_keep - boundary : 0;
+  }
+
   // The server is not reading: drop the frames that wait, resynchronise when it reads again.
   // The frame being written stays whole (out_start may be inside it), or the stream would break.
   void drop_pending() {
     std::size_t boundary = 0;
-    while (boundary < std::max(out_start, out_keep)) {
-      std::uint32_t payload = 0;
-      for (std::size_t i = 0; i < 4; ++i) payload |= std::to_integer<std::uint32_t>(out[boundary + i]) << (8U * i);
-      boundary += protocol::header_size + payload;
-    }
+    while (boundary < std::max(out_start, out_keep)) boundary = frame_end(boundary);
     out.resize(boundary);
     need_snapshot = true;
     const std::scoped_lock lock(mutex);
@@ -608,9 +622,10 @@ struct TrackingClient::State {
       } else if (need_snapshot && out.size() == out_start) {
         encode_snapshot();
       }
-      if (connected()) pump(stop ? options.shutdown_timeout : 0ms);
       if (connected()) peak_pending_bytes = std::max<std::uint64_t>(peak_pending_bytes, out.size() - out_start);
+      if (connected()) pump(stop ? options.shutdown_timeout : 0ms);
       if (connected() && out.size() - out_start > options.max_pending_bytes) drop_pending();
+      if (connected()) compact_sent();
       {
         const std::scoped_lock lock(mutex);
         status.events_taken += taken;

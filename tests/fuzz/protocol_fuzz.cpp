@@ -53,6 +53,16 @@ void round_trip(const Message& message) {
     encode(*end, bytes);
     const auto again = std::get<SnapshotEnd>(decode_one(bytes));
     require(again.next_sequence == end->next_sequence && again.record_count == end->record_count);
+  } else if (const auto* info = std::get_if<DeviceInfo>(&message)) {
+    encode(*info, bytes);
+    const auto again = std::get<DeviceInfo>(decode_one(bytes));
+    require(again.devices.size() == info->devices.size());
+    for (std::size_t i = 0; i < again.devices.size(); ++i) {
+      const DeviceTotals& a = again.devices[i];
+      const DeviceTotals& b = info->devices[i];
+      require(a.device == b.device && a.total_bytes == b.total_bytes && a.bank_count == b.bank_count &&
+              a.base_address == b.base_address);
+    }
   } else if (const auto* name = std::get_if<MeshBufferName>(&message)) {
     encode(*name, bytes);
     const auto again = std::get<MeshBufferName>(decode_one(bytes));
