@@ -1,6 +1,7 @@
 // The server against hostile and broken peers: garbage, truncated frames, absurd lengths,
 // thousands of silent connections, a monitor that never reads, a flood of messages, a stranger's
 // uid. Each gets a clear error or is dropped, is counted, and well-behaved clients never notice.
+#include <algorithm>
 #include <array>
 #include <chrono>
 #include <csignal>
@@ -180,6 +181,34 @@ TEST_SUITE("hostile") {
     CHECK(fixture.smi({"--buffers"}).first == 0);
     demo->signal(SIGUSR1);
     REQUIRE(demo->wait_for(120s) == 0);
+  }
+
+  TEST_CASE("names that are not UTF-8 or hold control characters are stored printable: JSON and the map stay valid") {
+    ServerFixture fixture(bin);
+    const int fd = connect_to(fixture.socket());
+    REQUIRE(fd >= 0);
+    std::vector<std::byte> session;
+    protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid())}, session);
+    protocol::encode(protocol::DeviceInfo{{{.device = 0, .total_bytes = {12ULL << 30U}, .bank_count = {12}}}}, session);
+    protocol::encode(protocol::MeshBufferName{.mesh_buffer = 7, .name = "\xff\xfe" "bad\x01\x1b[31mname\xe2\x82"}, session);
+    protocol::encode_events(0,
+                            std::vector{protocol::EventRecord::of(protocol::AllocRecord{
+                                .buffer = 1, .mesh_buffer = 7, .address = 0, .size = 4096, .device = 0})},
+                            session);
+    send_bytes(fd, session);  // the connection stays open: the buffer stays live
+    REQUIRE(eventually([&] { return fixture.active() == 1; }));
+    const auto [code, listing] = fixture.smi({"--buffers", "--json"});
+    REQUIRE(code == 0);
+    const json buffers = json::parse(listing);  // throws, failing the test, if the reply is not JSON
+    REQUIRE(buffers["buffers"].size() == 1);
+    CHECK(buffers["buffers"][0]["name"] == "??bad??[31mname??");  // each stray byte becomes one '?'
+    const auto [map_code, map_output] = fixture.smi({"--map", fixture.file("map.svg")});
+    CHECK(map_code == 0);
+    const std::string svg = read_text(fixture.file("map.svg"));
+    CHECK(svg.find("mesh buffer 7 '??bad??[31mname?\?'") != std::string::npos);
+    CHECK(std::none_of(svg.begin(), svg.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20 && c != '\n'; }));
+    ::close(fd);
+    REQUIRE(eventually([&] { return fixture.active() == 0; }));  // reclaimed: it never said Goodbye
   }
 
   TEST_CASE("a session that floods messages past the rate limit is refused with the reason") {
