@@ -8,7 +8,6 @@ module;
 #include <cstdint>
 #include <cstdio>
 #include <cstring>
-#include <fstream>
 #include <memory>
 #include <span>
 #include <string>
@@ -75,14 +74,6 @@ nlohmann::json summary(server::Monitor& monitor) {
   return nlohmann::json::parse(monitor.query(protocol::QueryKind::summary).value());
 }
 
-std::uint64_t resident_kib(pid_t pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6));
-  }
-  return 0;
-}
 
 testing::ChildProcess start_server(const Context& context, const std::string& socket, const std::string& name) {
   return testing::ChildProcess({.argv = {context.bin_dir + "/meshrt-alloc-server", "--socket", socket, "--quiet",
@@ -199,12 +190,12 @@ std::vector<Figure> server_figures(const Context& context) {
     testing::eventually([&] { return server::Monitor::connect(socket).has_value(); }, 10s);
     auto monitor = server::Monitor::connect(socket).value();
     (void)summary(monitor);
-    const std::uint64_t before = resident_kib(server.pid());
+    const std::uint64_t before = testing::resident_kib(server.pid());
     testing::ChildProcess holder({.argv = {context.self, "--hold", socket, std::to_string(live_allocations)},
                                   .stdout_path = context.scratch + "/hold.out",
                                   .stderr_path = context.scratch + "/hold.err"});
     testing::eventually([&] { return summary(monitor)["active_allocations"] == live_allocations; }, 120s);
-    const std::uint64_t after = resident_kib(server.pid());
+    const std::uint64_t after = testing::resident_kib(server.pid());
     figures.push_back(figure("server_bytes_per_live_allocation",
                              static_cast<double>(after - before) * 1024.0 / static_cast<double>(live_allocations), "B",
                              Bound::at_most, 96));

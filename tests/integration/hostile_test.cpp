@@ -2,14 +2,12 @@
 // thousands of silent connections, a monitor that never reads, a flood of messages, a stranger's
 // uid. Each gets a clear error or is dropped, is counted, and well-behaved clients never notice.
 #include <algorithm>
-#include <array>
 #include <chrono>
 #include <csignal>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
 #include <filesystem>
-#include <fstream>
 #include <memory>
 #include <set>
 #include <sstream>
@@ -19,7 +17,6 @@
 
 #include <arpa/inet.h>
 #include <netinet/in.h>
-#include <poll.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/stat.h>
@@ -60,18 +57,9 @@ void send_bytes(int fd, const std::vector<std::byte>& bytes) {
   (void)::send(fd, bytes.data(), bytes.size(), MSG_NOSIGNAL);
 }
 
-// Reads until the server closes the connection (or `timeout`); the first frame, decoded.
-std::optional<protocol::Message> first_reply(int fd, std::chrono::milliseconds timeout = 10s) {
-  std::vector<std::byte> reply;
-  std::array<std::byte, 4096> chunk{};
-  const auto deadline = std::chrono::steady_clock::now() + timeout;
-  while (std::chrono::steady_clock::now() < deadline) {
-    pollfd poller{fd, POLLIN, 0};
-    if (::poll(&poller, 1, 100) <= 0) continue;
-    const ssize_t got = ::recv(fd, chunk.data(), chunk.size(), 0);
-    if (got <= 0) break;
-    reply.insert(reply.end(), chunk.begin(), chunk.begin() + got);
-  }
+// Reads until the server closes the connection (or is silent for `quiet`); the first frame, decoded.
+std::optional<protocol::Message> first_reply(int fd, std::chrono::milliseconds quiet = 10s) {
+  const std::vector<std::byte> reply = read_until_closed(fd, quiet);
   auto frame = protocol::next_frame(reply);
   if (!frame || !frame->has_value()) return std::nullopt;
   auto message = protocol::decode(**frame);
@@ -85,14 +73,6 @@ std::vector<std::byte> bytes_of(std::string_view text) {
   return bytes;
 }
 
-std::uint64_t resident_kib(pid_t pid) {
-  std::ifstream status("/proc/" + std::to_string(pid) + "/status");
-  std::string line;
-  while (std::getline(status, line)) {
-    if (line.starts_with("VmRSS:")) return std::stoull(line.substr(6));
-  }
-  return 0;
-}
 
 }  // namespace
 
@@ -221,15 +201,7 @@ TEST_SUITE("hostile") {
     for (int i = 0; i < 500; ++i) protocol::encode(protocol::Query{}, flood);
     send_bytes(fd, flood);
     // Replies come first (the first 50 are answered), then the refusal; read until the close.
-    std::vector<std::byte> stream;
-    std::array<std::byte, 65536> chunk{};
-    for (;;) {
-      pollfd poller{fd, POLLIN, 0};
-      if (::poll(&poller, 1, 5000) <= 0) break;
-      const ssize_t got = ::recv(fd, chunk.data(), chunk.size(), 0);
-      if (got <= 0) break;
-      stream.insert(stream.end(), chunk.begin(), chunk.begin() + got);
-    }
+    const std::vector<std::byte> stream = read_until_closed(fd, 5s);
     ::close(fd);
     std::span<const std::byte> rest(stream);
     std::size_t replies = 0;
@@ -297,16 +269,10 @@ std::string http_exchange(std::uint16_t port, const std::string& request, bool h
   }
   (void)::send(fd, request.data(), request.size(), MSG_NOSIGNAL);
   if (half_close) ::shutdown(fd, SHUT_WR);  // as `nc -N` and some probes do
-  std::string response;
-  std::array<char, 65536> chunk{};
-  for (;;) {
-    pollfd poller{fd, POLLIN, 0};
-    if (::poll(&poller, 1, 10'000) <= 0) break;
-    const ssize_t got = ::recv(fd, chunk.data(), chunk.size(), 0);
-    if (got <= 0) break;
-    response.append(chunk.data(), static_cast<std::size_t>(got));
-  }
+  const std::vector<std::byte> received = read_until_closed(fd, 10s);
   ::close(fd);
+  std::string response;
+  for (const std::byte b : received) response += static_cast<char>(b);
   return response;
 }
 

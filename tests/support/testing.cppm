@@ -12,6 +12,7 @@ module;
 export module meshrt.testing;
 
 export import :process;
+export import :io;
 import meshrt;
 
 export namespace meshrt::testing {

@@ -399,15 +399,7 @@ TEST_SUITE("client and server") {
     REQUIRE(client->status().overflows > 0);
 
     // Now read everything: every frame must decode, and a second snapshot must come.
-    std::vector<std::byte> stream;
-    std::array<std::byte, 65536> chunk{};
-    for (;;) {
-      pollfd poller{session, POLLIN, 0};
-      if (::poll(&poller, 1, 300) <= 0) break;
-      const ssize_t got = ::recv(session, chunk.data(), chunk.size(), 0);
-      if (got <= 0) break;
-      stream.insert(stream.end(), chunk.begin(), chunk.begin() + got);
-    }
+    const std::vector<std::byte> stream = testing::read_until_closed(session, 300ms);
     int snapshots = 0;
     int event_frames = 0;
     std::size_t frames = 0;
