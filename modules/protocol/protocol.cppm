@@ -20,7 +20,9 @@ import meshrt.core;
 
 export namespace meshrt::protocol {
 
-inline constexpr std::uint16_t version = 2;  // 2: DeviceInfo carries bank counts and base addresses
+// 2: DeviceInfo carries bank counts and base addresses. 3: Goodbye says whether the client
+// delivered everything; records with sizes over max_buffer_size or ids that wrap are malformed.
+inline constexpr std::uint16_t version = 3;
 inline constexpr std::size_t header_size = 8;
 // Banks of one buffer type on one device that a DeviceInfo may describe (a Wormhole has 64 of L1).
 inline constexpr std::uint32_t max_banks = 1U << 16U;
@@ -77,6 +79,10 @@ struct MeshBufferName {
 inline constexpr std::uint32_t max_device_id = 1023;
 // The most device buffers one record covers (a whole 8x8 mesh).
 inline constexpr std::uint16_t max_devices_per_record = 64;
+
+// The largest device buffer a record may describe (256 TiB, far above any device's memory): a
+// bound, so that no sum of sizes the server keeps can wrap.
+inline constexpr std::uint64_t max_buffer_size = std::uint64_t{1} << 48U;
 
 // Live device buffers: ids [buffer, buffer + device_count) on devices [device, device + count).
 struct AllocRecord {
@@ -153,7 +159,11 @@ struct SnapshotEnd {
   std::uint64_t next_sequence{};  // the sequence number of the first event after the snapshot
   std::uint64_t record_count{};   // how many records the chunks carried
 };
-struct Goodbye {};
+// A clean exit. `complete` is false when the client gave up on a server too slow for its shutdown
+// timeout: what it still held on the server's books is then "lost at exit", not its leak.
+struct Goodbye {
+  bool complete{true};
+};
 
 struct Query {
   QueryKind kind{QueryKind::summary};

@@ -47,6 +47,9 @@ struct Counters {
   std::uint64_t duplicate_allocations{};  // Alloc for a buffer already live
   std::uint64_t reclaimed_allocations{};  // live buffers of sessions that ended without Goodbye
   std::uint64_t leaked_at_exit{};         // live buffers of sessions that said Goodbye with them
+  std::uint64_t lost_at_exit{};           // live buffers of sessions whose client gave up on a slow server
+  std::uint64_t refused_allocations{};    // Allocs refused because a total would pass 2^64 (session closed)
+  std::uint64_t conflicting_device_info{};  // device totals that disagreed with another live session's
   std::uint64_t sequence_gaps{};          // Alloc/Free batches that did not follow the last one
   std::uint64_t resyncs{};                // snapshots applied
   friend bool operator==(const Counters&, const Counters&) = default;
@@ -104,7 +107,9 @@ struct Verification {
   std::vector<std::string> differences;  // one line per mismatch, with both figures
 };
 
-enum class SessionEnd : std::uint8_t { goodbye, disconnected };
+// How a session ended: Goodbye with everything delivered, Goodbye from a client that gave up on a
+// server too slow for its shutdown timeout, or no Goodbye at all (it crashed, or was cut off).
+enum class SessionEnd : std::uint8_t { goodbye, gave_up, disconnected };
 
 // What a Free record did: which of its device buffers it freed (bit i: device first_device + i),
 // and how many it named that were not live (double: freed before; unknown: never seen).
@@ -132,15 +137,20 @@ class Ledger {
   // Sequence numbers: each Alloc/Free batch must start where the previous one ended. A gap is
   // counted (and returned as false) but the batch is still applied.
   bool check_sequence(SessionId session, std::uint64_t first_sequence, std::uint64_t count);
-  void apply_alloc(SessionId session, const protocol::AllocRecord& record);
+  // False when the record was refused: a total it adds to would pass 2^64 (no well-behaved client
+  // gets near it; the server closes such a session). Nothing was applied then.
+  bool apply_alloc(SessionId session, const protocol::AllocRecord& record);
   FreeOutcome apply_free(SessionId session, const protocol::FreeRecord& record);
   void name_mesh_buffer(SessionId session, std::uint64_t mesh_buffer, std::string name);
-  void set_device_totals(const protocol::DeviceTotals& totals);
+  // A device's totals as one session reports them. The first session to describe a device sets
+  // them; while it (or another that agrees) lives, a session reporting other figures is counted
+  // in conflicting_device_info and ignored, so no peer can rewrite what another reported.
+  void set_device_totals(SessionId session, const protocol::DeviceTotals& totals);
 
   // Snapshots replace a session's live table: begin drops it (no frees counted), the chunks are
   // applied as allocations, end sets the next expected sequence number.
   void begin_snapshot(SessionId session);
-  void apply_snapshot_record(SessionId session, const protocol::AllocRecord& record);
+  bool apply_snapshot_record(SessionId session, const protocol::AllocRecord& record);  // as apply_alloc
   void end_snapshot(SessionId session, std::uint64_t next_sequence);
 
   [[nodiscard]] std::uint64_t active_allocations() const { return active_allocations_; }
@@ -186,6 +196,7 @@ class Ledger {
       std::uint64_t live{};  // live groups of that mesh buffer: the name goes with the last one
     };
     absl::flat_hash_map<std::uint64_t, Name> names;
+    std::vector<std::uint32_t> described_devices;  // devices whose totals this session vouches for
     // First ids of the groups freed lately: a set to ask, a ring to forget the oldest.
     absl::flat_hash_set<std::uint64_t> recent_frees;
     std::vector<std::uint64_t> recent_free_ring;
@@ -194,7 +205,7 @@ class Ledger {
 
   Session& session(SessionId id);
   static Groups::iterator find_group(Session& session, std::uint64_t buffer);
-  void add(Session& session, const protocol::AllocRecord& record);
+  bool add(Session& session, const protocol::AllocRecord& record);
   // Frees the `mask` bits of a group, adjusting every aggregate; forgets the group when empty.
   void remove(Session& session, Groups::iterator group, std::uint64_t mask);
   void remember_free(Session& session, std::uint64_t first_id);
@@ -207,6 +218,7 @@ class Ledger {
   Session* cached_{nullptr};
   std::vector<UsageByType> devices_;  // by device id (ids are bounded by the protocol)
   std::vector<protocol::DeviceTotals> device_totals_;
+  std::vector<std::uint32_t> device_reporters_;  // live sessions vouching for device_totals_[d]
   std::vector<bool> device_known_;
   std::uint64_t active_allocations_{};
   Counters counters_;

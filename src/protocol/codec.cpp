@@ -169,6 +169,14 @@ Result<RecordView> records(MessageType type, Reader& reader) {
     if (devices == 0 || devices > max_devices_per_record || device + devices > max_device_id + 1) {
       return bad_range(type, i, device, devices);
     }
+    const std::uint64_t buffer = is_free ? record.free.buffer : record.alloc.buffer;
+    if (buffer > std::numeric_limits<std::uint64_t>::max() - devices) {
+      return malformed(type, fmt::format("record {}: buffer ids {} + {} wrap around", i, buffer, devices));
+    }
+    if (!is_free && record.alloc.size > max_buffer_size) {
+      return malformed(type, fmt::format("record {}: size {} bytes is over the limit of {} bytes per device buffer",
+                                         i, record.alloc.size, max_buffer_size));
+    }
   }
   return view;
 }
@@ -366,9 +374,15 @@ Result<Message> decode(const Frame& frame) {
       const auto record_count = reader.integer<std::uint64_t>();
       return SnapshotEnd{next_sequence, record_count};
     }
-    case MessageType::goodbye:
-      if (!exact(0)) return malformed(type, "carries a payload");
-      return Goodbye{};
+    case MessageType::goodbye: {
+      if (!exact(8)) return malformed(type, "payload is not 8 bytes");
+      const auto complete = reader.integer<std::uint8_t>();
+      if (complete > 1) return malformed(type, fmt::format("completeness {} is neither 0 nor 1", complete));
+      for (int i = 0; i < 7; ++i) {
+        if (reader.integer<std::uint8_t>() != 0) return malformed(type, "reserved field is not zero");
+      }
+      return Goodbye{complete == 1};
+    }
     case MessageType::query: {
       if (!exact(8)) return malformed(type, "payload is not 8 bytes");
       const auto kind = reader.integer<std::uint8_t>();
@@ -470,8 +484,11 @@ void encode(const SnapshotEnd& message, std::vector<std::byte>& out) {
   });
 }
 
-void encode(const Goodbye& /*message*/, std::vector<std::byte>& out) {
-  frame(MessageType::goodbye, out, [](Writer&) {});
+void encode(const Goodbye& message, std::vector<std::byte>& out) {
+  frame(MessageType::goodbye, out, [&](Writer& w) {
+    w.integer(static_cast<std::uint8_t>(message.complete ? 1 : 0));
+    for (int i = 0; i < 7; ++i) w.integer(std::uint8_t{0});
+  });
 }
 
 void encode(const Query& message, std::vector<std::byte>& out) {

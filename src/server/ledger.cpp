@@ -3,6 +3,7 @@ module;
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <limits>
 #include <map>
 #include <string>
 #include <tuple>
@@ -97,11 +98,32 @@ Ledger::Groups::iterator Ledger::find_group(Session& s, std::uint64_t buffer) {
   return s.live.end();
 }
 
-void Ledger::add(Session& s, const protocol::AllocRecord& record) {
+namespace {
+
+// a + b * n without passing 2^64.
+bool fits(std::uint64_t a, std::uint64_t b, std::uint64_t n = 1) {
+  std::uint64_t product = 0;
+  return !__builtin_mul_overflow(b, n, &product) && a <= std::numeric_limits<std::uint64_t>::max() - product;
+}
+
+}  // namespace
+
+bool Ledger::add(Session& s, const protocol::AllocRecord& record) {
+  // Every total the record adds to must stay below 2^64: checked before anything changes.
+  bool fit = fits(s.live_bytes, record.size, record.device_count);
+  const std::size_t type = index_of(record.type);
+  for (std::uint32_t device = record.device; fit && device < record.device + record.device_count; ++device) {
+    fit = (device >= devices_.size() || fits(devices_[device][type].bytes, record.size)) &&
+          (device >= s.devices.size() || fits(s.devices[device][type].bytes, record.size));
+  }
+  if (!fit) {
+    counters_.refused_allocations += record.device_count;
+    return false;
+  }
   const auto [group, inserted] = s.live.try_emplace(record.buffer, 0);
   if (!inserted) {
     counters_.duplicate_allocations += record.device_count;
-    return;
+    return true;
   }
   const Group value{record.mesh_buffer, record.address,  record.size, record.time_ns, bits(0, record.device_count),
                     record.device,      record.device_count, record.type, record.hooked};
@@ -113,7 +135,6 @@ void Ledger::add(Session& s, const protocol::AllocRecord& record) {
     s.free_slots.pop_back();
     s.slab[group->second] = value;
   }
-  const std::size_t type = index_of(record.type);
   for (std::uint32_t device = record.device; device < record.device + record.device_count; ++device) {
     grow(usage_of(devices_, device)[type], record.size);
     grow(usage_of(s.devices, device)[type], record.size);
@@ -124,6 +145,7 @@ void Ledger::add(Session& s, const protocol::AllocRecord& record) {
   s.live_bytes += record.size * record.device_count;
   active_allocations_ += record.device_count;
   if (const auto name = s.names.find(record.mesh_buffer); name != s.names.end()) ++name->second.live;
+  return true;
 }
 
 void Ledger::remove(Session& s, Groups::iterator group, std::uint64_t mask) {
@@ -165,11 +187,12 @@ bool Ledger::check_sequence(SessionId id, std::uint64_t first_sequence, std::uin
   return in_order;
 }
 
-void Ledger::apply_alloc(SessionId id, const protocol::AllocRecord& record) {
+bool Ledger::apply_alloc(SessionId id, const protocol::AllocRecord& record) {
   Session& s = session(id);
+  if (!add(s, record)) return false;
   counters_.allocations += record.device_count;
   s.allocations += record.device_count;
-  add(s, record);
+  return true;
 }
 
 FreeOutcome Ledger::apply_free(SessionId id, const protocol::FreeRecord& record) {
@@ -208,10 +231,31 @@ void Ledger::name_mesh_buffer(SessionId id, std::uint64_t mesh_buffer, std::stri
   session(id).names[mesh_buffer].text = std::move(name);
 }
 
-void Ledger::set_device_totals(const protocol::DeviceTotals& totals) {
+void Ledger::set_device_totals(SessionId id, const protocol::DeviceTotals& totals) {
   Expects(totals.device <= protocol::max_device_id);
-  if (device_totals_.size() <= totals.device) device_totals_.resize(std::size_t{totals.device} + 1);
-  device_totals_[totals.device] = totals;
+  Session& s = session(id);
+  if (device_totals_.size() <= totals.device) {
+    device_totals_.resize(std::size_t{totals.device} + 1);
+    device_reporters_.resize(std::size_t{totals.device} + 1);
+  }
+  const bool vouched = std::ranges::find(s.described_devices, totals.device) != s.described_devices.end();
+  protocol::DeviceTotals& kept = device_totals_[totals.device];
+  const bool agrees = kept.total_bytes == totals.total_bytes && kept.bank_count == totals.bank_count &&
+                      kept.base_address == totals.base_address;
+  std::uint32_t& reporters = device_reporters_[totals.device];
+  if (vouched && reporters == 1) {
+    kept = totals;  // the only voice for this device may correct itself (a new mesh of another spec)
+  } else if (vouched) {
+    if (!agrees) ++counters_.conflicting_device_info;
+    return;
+  } else if (reporters == 0 || agrees) {
+    kept = totals;
+    ++reporters;
+    s.described_devices.push_back(totals.device);
+  } else {
+    ++counters_.conflicting_device_info;
+    return;
+  }
   (void)usage_of(devices_, totals.device);
   if (device_known_.size() <= totals.device) device_known_.resize(std::size_t{totals.device} + 1);
   device_known_[totals.device] = true;  // a known device shows up even while empty
@@ -227,7 +271,7 @@ void Ledger::begin_snapshot(SessionId id) {
   s.recent_free_next = 0;
 }
 
-void Ledger::apply_snapshot_record(SessionId id, const protocol::AllocRecord& record) { add(session(id), record); }
+bool Ledger::apply_snapshot_record(SessionId id, const protocol::AllocRecord& record) { return add(session(id), record); }
 
 void Ledger::end_snapshot(SessionId id, std::uint64_t next_sequence) {
   session(id).next_sequence = next_sequence;
@@ -241,7 +285,12 @@ Reclaim Ledger::close_session(SessionId id, SessionEnd how) {
     const UsageByType& usage = s.devices[device];
     if (std::ranges::any_of(usage, [](const Usage& u) { return u.buffers > 0; })) reclaim.devices[device] = usage;
   }
-  (how == SessionEnd::goodbye ? counters_.leaked_at_exit : counters_.reclaimed_allocations) += s.live_buffers;
+  switch (how) {
+    case SessionEnd::goodbye: counters_.leaked_at_exit += s.live_buffers; break;
+    case SessionEnd::gave_up: counters_.lost_at_exit += s.live_buffers; break;
+    case SessionEnd::disconnected: counters_.reclaimed_allocations += s.live_buffers; break;
+  }
+  for (const std::uint32_t device : s.described_devices) --device_reporters_[device];
   while (!s.live.empty()) remove(s, s.live.begin(), s.slab[s.live.begin()->second].live_mask);
   if (cached_id_ == id) {
     cached_id_ = 0;

@@ -120,6 +120,11 @@ inline std::string exposition(const Summary& summary, const ConnectionCounters& 
           c.reclaimed_allocations);
   counter("meshrt_leaked_at_exit_total", "Live buffers of processes that said Goodbye still holding them.",
           c.leaked_at_exit);
+  counter("meshrt_lost_at_exit_total",
+          "Live buffers of processes whose client gave up on a server too slow for its shutdown timeout.",
+          c.lost_at_exit);
+  counter("meshrt_conflicting_device_info_total",
+          "Device totals a process reported that disagreed with another live process's.", c.conflicting_device_info);
   counter("meshrt_sequence_gaps_total", "Event batches that did not follow the previous one.", c.sequence_gaps);
   counter("meshrt_resyncs_total", "Snapshots of a client's live table applied.", c.resyncs);
   counter("meshrt_sessions_opened_total", "Client and monitor sessions accepted.", connections.sessions_opened);

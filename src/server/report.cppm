@@ -84,6 +84,9 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
       {"duplicate_allocations", c.duplicate_allocations},
       {"reclaimed_allocations", c.reclaimed_allocations},
       {"leaked_at_exit", c.leaked_at_exit},
+      {"lost_at_exit", c.lost_at_exit},
+      {"refused_allocations", c.refused_allocations},
+      {"conflicting_device_info", c.conflicting_device_info},
       {"sequence_gaps", c.sequence_gaps},
       {"resyncs", c.resyncs},
       {"total_allocations", c.allocations},
@@ -147,9 +150,10 @@ inline std::vector<std::string> summary_lines(const Summary& summary, const Conn
   }
   const Counters& c = summary.counters;
   lines.push_back(fmt::format("  Unknown deallocations: {}, double deallocations: {}, reclaimed from crashed "
-                              "processes: {}, leaked at exit: {}, sequence gaps: {}, malformed: {}, rejected: {}",
+                              "processes: {}, leaked at exit: {}, lost at exit (client gave up): {}, sequence gaps: {}, "
+                              "malformed: {}, rejected: {}",
                               c.unknown_deallocations, c.double_deallocations, c.reclaimed_allocations,
-                              c.leaked_at_exit, c.sequence_gaps, connections.malformed_messages,
+                              c.leaked_at_exit, c.lost_at_exit, c.sequence_gaps, connections.malformed_messages,
                               connections.rejected_sessions));
   lines.push_back(fmt::format("Active allocations: {}", summary.active_allocations));
   return lines;

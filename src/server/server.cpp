@@ -279,6 +279,7 @@ struct Connection {
   bool in_snapshot{false};
   std::uint64_t snapshot_records{};
   bool said_goodbye{false};
+  bool gave_up{false};  // its Goodbye said events were left undelivered (the server was too slow)
   bool closing{false};  // flush the output, then close
   std::vector<std::byte> input;
   std::size_t input_start{};
@@ -581,8 +582,7 @@ struct Server::State {
   }
 
   void apply(Connection& c, const protocol::DeviceInfo& info) {
-    for (const protocol::DeviceTotals& device : info.devices) ledger.set_device_totals(device);
-    (void)c;
+    for (const protocol::DeviceTotals& device : info.devices) ledger.set_device_totals(c.session, device);
   }
 
   void apply(Connection& c, const protocol::MeshBufferName& name) {
@@ -619,7 +619,7 @@ struct Server::State {
     }
     if (!within_limit(c, allocating)) return;
     sequence(c, batch.first_sequence, batch.records.size());
-    for (std::size_t i = 0; i < batch.records.size(); ++i) {
+    for (std::size_t i = 0; i < batch.records.size() && !c.closing; ++i) {
       const protocol::EventRecord record = batch.records[i];
       if (record.is_free) {
         free(c, record.free);
@@ -629,8 +629,16 @@ struct Server::State {
     }
   }
 
+  // No real client comes near 2^64 bytes in use: a record that would pass it is malformed.
+  void refuse_wrapping(Connection& c, const protocol::AllocRecord& record) {
+    reject(c, ErrorCode::protocol_error,
+           fmt::format("malformed allocation: {} buffers of {} bytes from buffer {} would take a total past 2^64 bytes",
+                       record.device_count, record.size, record.buffer),
+           counters.malformed_messages);
+  }
+
   void allocate(Connection& c, const protocol::AllocRecord& record) {
-    ledger.apply_alloc(c.session, record);
+    if (!ledger.apply_alloc(c.session, record)) return refuse_wrapping(c, record);
     if (!config.log_activity) return;
     for (std::uint32_t device = record.device; device < record.device + record.device_count; ++device) {
       Activity& a = c.activity[device];
@@ -669,7 +677,9 @@ struct Server::State {
     std::uint64_t buffers = 0;
     for (std::size_t i = 0; i < chunk.records.size(); ++i) buffers += chunk.records[i].alloc.device_count;
     if (!within_limit(c, buffers)) return;
-    for (std::size_t i = 0; i < chunk.records.size(); ++i) ledger.apply_snapshot_record(c.session, chunk.records[i].alloc);
+    for (std::size_t i = 0; i < chunk.records.size(); ++i) {
+      if (!ledger.apply_snapshot_record(c.session, chunk.records[i].alloc)) return refuse_wrapping(c, chunk.records[i].alloc);
+    }
     c.snapshot_records += chunk.records.size();
   }
 
@@ -686,7 +696,10 @@ struct Server::State {
     if (c.snapshot_records > 0) log(fmt::format("{}: resynchronised: {} live buffers", who(c), c.snapshot_records));
   }
 
-  void apply(Connection& c, const protocol::Goodbye& /*goodbye*/) { c.said_goodbye = true; }
+  void apply(Connection& c, const protocol::Goodbye& goodbye) {
+    c.said_goodbye = true;
+    c.gave_up = !goodbye.complete;
+  }
 
   void apply(Connection& c, const protocol::Query& query) { answer(c, query); }
 
@@ -803,11 +816,17 @@ struct Server::State {
     Connection& c = *found->second;
     if (config.log_activity) log_activity(c);
     if (c.session != 0) {
-      const SessionEnd how = c.said_goodbye ? SessionEnd::goodbye : SessionEnd::disconnected;
+      const SessionEnd how = !c.said_goodbye ? SessionEnd::disconnected
+                             : c.gave_up     ? SessionEnd::gave_up
+                                             : SessionEnd::goodbye;
       const Reclaim reclaim = ledger.close_session(c.session, how);
       ++changes;
       if (reclaim.buffers == 0) {
-        log(fmt::format("{}: {}", who(c), how == SessionEnd::goodbye ? "said goodbye" : "disconnected"));
+        log(fmt::format("{}: {}", who(c), how == SessionEnd::disconnected ? "disconnected" : "said goodbye"));
+      } else if (how == SessionEnd::gave_up) {
+        log(fmt::format("{}: exited before the server took all its events (it gave up on a slow server): {} buffers "
+                        "({} bytes) lost at exit, not leaked: {}",
+                        who(c), reclaim.buffers, reclaim.bytes, report::reclaim_text(reclaim)));
       } else if (how == SessionEnd::goodbye) {
         log(fmt::format("{}: exited with {} live buffers ({} bytes), leaked: {}", who(c), reclaim.buffers,
                         reclaim.bytes, report::reclaim_text(reclaim)));

@@ -180,9 +180,59 @@ TEST_SUITE("ledger") {
 
   TEST_CASE("device totals reported by clients appear in the summary") {
     Ledger ledger;
-    ledger.set_device_totals({.device = 3, .total_bytes = {1000, 100, 10, 1}});
+    const SessionId a = ledger.open_session({.pid = 10});
+    ledger.set_device_totals(a, {.device = 3, .total_bytes = {1000, 100, 10, 1}});
     const Summary summary = ledger.summary();
     REQUIRE(summary.devices.size() == 1);
     CHECK(summary.devices[0].total_bytes[index_of(BufferType::l1)] == 100);
+  }
+
+  TEST_CASE("one session's device totals cannot overwrite what another live session reported") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    const SessionId b = ledger.open_session({.pid = 11});
+    ledger.set_device_totals(a, {.device = 0, .total_bytes = {1000, 100, 10, 1}});
+    ledger.set_device_totals(b, {.device = 0, .total_bytes = {1, 1, 1, 1}});
+    CHECK(ledger.summary().devices[0].total_bytes[0] == 1000);
+    CHECK(ledger.counters().conflicting_device_info == 1);
+    ledger.set_device_totals(b, {.device = 0, .total_bytes = {1000, 100, 10, 1}});  // agreeing is fine
+    CHECK(ledger.counters().conflicting_device_info == 1);
+    ledger.set_device_totals(a, {.device = 0, .total_bytes = {3, 3, 3, 3}});  // a may not change it under b
+    CHECK(ledger.summary().devices[0].total_bytes[0] == 1000);
+    CHECK(ledger.counters().conflicting_device_info == 2);
+    (void)ledger.close_session(a, SessionEnd::goodbye);
+    ledger.set_device_totals(b, {.device = 0, .total_bytes = {5, 5, 5, 5}});  // the only voice left may
+    CHECK(ledger.summary().devices[0].total_bytes[0] == 5);
+    (void)ledger.close_session(b, SessionEnd::goodbye);
+    const SessionId c = ledger.open_session({.pid = 12});
+    ledger.set_device_totals(c, {.device = 0, .total_bytes = {2000, 200, 20, 2}});  // nobody left to disagree
+    CHECK(ledger.summary().devices[0].total_bytes[0] == 2000);
+  }
+
+  TEST_CASE("an allocation whose totals would pass 2^64 is refused and changes nothing") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    const std::uint64_t huge = std::uint64_t{1} << 63U;
+    CHECK(ledger.apply_alloc(a, alloc(1, 0, BufferType::dram, huge)));
+    CHECK_FALSE(ledger.apply_alloc(a, alloc(2, 0, BufferType::dram, huge)));  // the device total would wrap
+    CHECK(ledger.counters().refused_allocations == 1);
+    CHECK(ledger.active_allocations() == 1);
+    const FreeOutcome freed = ledger.apply_free(a, FreeRecord{.buffer = 1});
+    CHECK(freed.freed_mask == 1);
+    CHECK(ledger.active_allocations() == 0);
+    CHECK(ledger.verify().consistent);
+    // Many devices of one record: the session's total wraps even where no device's does.
+    CHECK_FALSE(ledger.apply_alloc(a, AllocRecord{.buffer = 10, .size = huge, .device = 0, .device_count = 2}));
+    CHECK(ledger.active_allocations() == 0);
+  }
+
+  TEST_CASE("a session whose client gave up at exit counts its buffers as lost, not leaked") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    ledger.apply_alloc(a, alloc(1, 0, BufferType::l1, 8));
+    (void)ledger.close_session(a, SessionEnd::gave_up);
+    CHECK(ledger.counters().lost_at_exit == 1);
+    CHECK(ledger.counters().leaked_at_exit == 0);
+    CHECK(ledger.counters().reclaimed_allocations == 0);
   }
 }

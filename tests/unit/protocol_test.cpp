@@ -111,7 +111,10 @@ TEST_SUITE("protocol") {
     CHECK(std::get<ErrorMessage>(round_trip(bytes)).message == "too many");
     bytes.clear();
     encode(Goodbye{}, bytes);
-    CHECK(std::holds_alternative<Goodbye>(round_trip(bytes)));
+    CHECK(std::get<Goodbye>(round_trip(bytes)).complete);
+    bytes.clear();
+    encode(Goodbye{.complete = false}, bytes);
+    CHECK_FALSE(std::get<Goodbye>(round_trip(bytes)).complete);
   }
 
   TEST_CASE("integers are little-endian on the wire with the documented sizes") {
@@ -179,6 +182,19 @@ TEST_SUITE("protocol") {
     encode_events(0, std::vector{EventRecord::of(AllocRecord{.device = 1020, .device_count = 8})}, bytes);
     CHECK(contains(decode_error(bytes), "from device 1020"));
 
+    // Sizes no device has, and ids that wrap, are malformed: no sum the server keeps can wrap.
+    for (const std::uint64_t size : {max_buffer_size + 1, std::uint64_t{1} << 63U, ~std::uint64_t{0}}) {
+      bytes.clear();
+      encode_events(0, std::vector{EventRecord::of(AllocRecord{.size = size})}, bytes);
+      CHECK(contains(decode_error(bytes), "over the limit"));
+    }
+    bytes.clear();
+    encode_events(0, std::vector{EventRecord::of(AllocRecord{.size = max_buffer_size})}, bytes);
+    CHECK(decode(*next_frame(bytes).value()).has_value());
+    bytes.clear();
+    encode_events(0, std::vector{EventRecord::of(FreeRecord{.buffer = ~std::uint64_t{0} - 1, .device_count = 2})}, bytes);
+    CHECK(contains(decode_error(bytes), "wrap around"));
+
     bytes.clear();
     encode_events(0, std::vector{EventRecord::of(sample_alloc)}, bytes);
     bytes[record_byte + 45] = std::byte{0x80};
@@ -191,9 +207,17 @@ TEST_SUITE("protocol") {
 
     bytes.clear();
     encode(Goodbye{}, bytes);
-    bytes[0] = std::byte{1};
+    bytes[0] = std::byte{9};
     bytes.push_back(std::byte{0});
-    CHECK(contains(decode_error(bytes), "carries a payload"));
+    CHECK(contains(decode_error(bytes), "payload is not 8 bytes"));
+    bytes.clear();
+    encode(Goodbye{}, bytes);
+    bytes[header_size] = std::byte{2};
+    CHECK(contains(decode_error(bytes), "neither 0 nor 1"));
+    bytes.clear();
+    encode(Goodbye{}, bytes);
+    bytes[header_size + 7] = std::byte{1};
+    CHECK(contains(decode_error(bytes), "reserved field"));
 
     bytes.clear();
     encode_snapshot_chunk(std::vector{sample_alloc}, bytes);
