@@ -18,6 +18,8 @@ module;
 #include <variant>
 #include <vector>
 
+#include <gsl/gsl>
+
 export module meshrt.buffer;
 
 import meshrt.core;
@@ -132,8 +134,9 @@ class MeshBuffer {
   // One handle per device, in row-major mesh order; empty once moved from.
   [[nodiscard]] std::span<DeviceBuffer> device_buffers() { return device_buffers_; }
   [[nodiscard]] std::span<const DeviceBuffer> device_buffers() const { return device_buffers_; }
-  [[nodiscard]] DeviceBuffer& device_buffer(MeshCoordinate coordinate);
-  [[nodiscard]] const DeviceBuffer& device_buffer(MeshCoordinate coordinate) const;
+  // The handle at `coordinate`; an Error for a coordinate outside the mesh, or once moved from.
+  [[nodiscard]] Result<gsl::not_null<DeviceBuffer*>> device_buffer(MeshCoordinate coordinate);
+  [[nodiscard]] Result<gsl::not_null<const DeviceBuffer*>> device_buffer(MeshCoordinate coordinate) const;
 
   // Whole-buffer transfers of size() bytes: replicated buffers write the same bytes to every
   // device; sharded buffers give each device its shard (row-major global layout).
@@ -144,6 +147,7 @@ class MeshBuffer {
   MeshBuffer() = default;
   void release(FreeReason reason) noexcept;
   [[nodiscard]] Result<void> check_readable(std::uint64_t bytes) const;
+  [[nodiscard]] Result<std::uint32_t> slot_of(MeshCoordinate coordinate) const;
 
   MeshBufferId id_{};
   std::string name_;

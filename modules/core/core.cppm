@@ -94,6 +94,13 @@ struct MeshShape {
 
 inline constexpr std::uint32_t max_mesh_dimension = 8;
 
+// a * b, or nullopt where it would pass 2^64: every product of user-given sizes goes through it.
+[[nodiscard]] constexpr std::optional<std::uint64_t> checked_multiply(std::uint64_t a, std::uint64_t b) {
+  std::uint64_t product = 0;
+  if (__builtin_mul_overflow(a, b, &product)) return std::nullopt;
+  return product;
+}
+
 // Parses "RxC" (e.g. "2x4"); rejects zero and anything above max_mesh_dimension per side.
 [[nodiscard]] Result<MeshShape> parse_mesh_shape(std::string_view text);
 [[nodiscard]] std::string to_string(MeshShape shape);

@@ -149,14 +149,15 @@ class MeshDevice {
   [[nodiscard]] bool is_open() const;
   [[nodiscard]] MeshShape shape() const;
   [[nodiscard]] std::uint32_t device_count() const { return shape().device_count(); }
-  [[nodiscard]] DeviceId device_id(MeshCoordinate coordinate) const;
+  // An Error for a coordinate outside the mesh.
+  [[nodiscard]] Result<DeviceId> device_id(MeshCoordinate coordinate) const;
   [[nodiscard]] const DeviceSpec& spec() const;
   [[nodiscard]] Tracker& tracker() const;
   // Allocator figures are per device; lock-step makes them the same on every device of the mesh.
   [[nodiscard]] AllocatorStatistics allocator_statistics(BufferType type) const;
   [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
-  // Bytes of simulated memory actually held by one device.
-  [[nodiscard]] std::uint64_t resident_bytes(MeshCoordinate coordinate) const;
+  // Bytes of simulated memory actually held by one device; an Error for a coordinate outside the mesh.
+  [[nodiscard]] Result<std::uint64_t> resident_bytes(MeshCoordinate coordinate) const;
   [[nodiscard]] const std::shared_ptr<detail::MeshMemory>& memory() const { return memory_; }
 
  private:

@@ -66,10 +66,10 @@ Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_de
     return fail(ErrorCode::invalid_argument, "page size 0: a buffer is made of pages of at least one byte");
   }
   if (size_per_device % config.page_size != 0) {
+    const std::optional<std::uint64_t> padded = checked_multiply(size_per_device / config.page_size + 1, config.page_size);
     return fail(ErrorCode::invalid_argument,
-                fmt::format("size {} bytes per device is not a whole number of {}-byte pages: pad it to {} bytes",
-                            size_per_device, config.page_size,
-                            (size_per_device / config.page_size + 1) * config.page_size));
+                fmt::format("size {} bytes per device is not a whole number of {}-byte pages{}", size_per_device,
+                            config.page_size, padded ? fmt::format(": pad it to {} bytes", *padded) : std::string{}));
   }
   if (config.page_size > banks.bank_size) {
     return fail(ErrorCode::invalid_argument,

@@ -5,6 +5,7 @@ module;
 #include <cstdint>
 #include <memory>
 #include <numeric>
+#include <optional>
 #include <span>
 #include <string>
 #include <utility>
@@ -53,13 +54,20 @@ Result<ShardGeometry> shard_geometry(const ShardedBufferConfig& config, MeshShap
                             global.height, global.width, shard.height, shard.width, grid_rows, grid_cols,
                             to_string(mesh)));
   }
-  const std::uint64_t elements = global.height * global.width;
-  if (config.global_size % elements != 0) {
+  const std::optional<std::uint64_t> elements = checked_multiply(global.height, global.width);
+  if (!elements || *elements > config.global_size) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("global shape {}x{} has more elements than the global size of {} bytes (each element "
+                            "takes at least one byte)",
+                            global.height, global.width, config.global_size));
+  }
+  if (config.global_size % *elements != 0) {
     return fail(ErrorCode::invalid_argument,
                 fmt::format("global size {} bytes is not a whole number of bytes per element for {}x{} elements",
                             config.global_size, global.height, global.width));
   }
-  const std::uint64_t element_size = config.global_size / elements;
+  const std::uint64_t element_size = config.global_size / *elements;
+  // A shard is a 1/(grid cells) part of the global shape, so this is at most global_size.
   return ShardGeometry{element_size, shard.height * shard.width * element_size};
 }
 
@@ -161,14 +169,26 @@ bool MeshBuffer::is_allocated() const {
 
 std::uint64_t MeshBuffer::address() const { return allocation_ ? allocation_->address() : 0; }
 
-DeviceBuffer& MeshBuffer::device_buffer(MeshCoordinate coordinate) {
-  Expects(mesh_shape_.contains(coordinate) && !device_buffers_.empty());
-  return device_buffers_[mesh_shape_.index_of(coordinate)];
+Result<std::uint32_t> MeshBuffer::slot_of(MeshCoordinate coordinate) const {
+  if (device_buffers_.empty()) {
+    return fail(ErrorCode::not_found,
+                fmt::format("mesh buffer {} was moved from: it has no device buffers", id_.value()));
+  }
+  if (!mesh_shape_.contains(coordinate)) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("coordinate {} is outside the {} mesh of buffer {}: rows 0 to {}, columns 0 to {}",
+                            to_string(coordinate), to_string(mesh_shape_), id_.value(), mesh_shape_.rows - 1,
+                            mesh_shape_.cols - 1));
+  }
+  return mesh_shape_.index_of(coordinate);
 }
 
-const DeviceBuffer& MeshBuffer::device_buffer(MeshCoordinate coordinate) const {
-  Expects(mesh_shape_.contains(coordinate) && !device_buffers_.empty());
-  return device_buffers_[mesh_shape_.index_of(coordinate)];
+Result<gsl::not_null<DeviceBuffer*>> MeshBuffer::device_buffer(MeshCoordinate coordinate) {
+  return slot_of(coordinate).map([this](std::uint32_t slot) { return gsl::not_null(&device_buffers_[slot]); });
+}
+
+Result<gsl::not_null<const DeviceBuffer*>> MeshBuffer::device_buffer(MeshCoordinate coordinate) const {
+  return slot_of(coordinate).map([this](std::uint32_t slot) { return gsl::not_null(&device_buffers_[slot]); });
 }
 
 Result<void> MeshBuffer::check_readable(std::uint64_t bytes) const {

@@ -203,9 +203,21 @@ MeshShape MeshDevice::shape() const {
   return memory_->shape();
 }
 
-DeviceId MeshDevice::device_id(MeshCoordinate coordinate) const {
-  Expects(shape().contains(coordinate));
-  return DeviceId{shape().index_of(coordinate)};
+namespace {
+
+Result<std::uint32_t> index_in(MeshShape shape, MeshCoordinate coordinate) {
+  if (!shape.contains(coordinate)) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("coordinate {} is outside the {} mesh: rows 0 to {}, columns 0 to {}", to_string(coordinate),
+                            to_string(shape), shape.rows - 1, shape.cols - 1));
+  }
+  return shape.index_of(coordinate);
+}
+
+}  // namespace
+
+Result<DeviceId> MeshDevice::device_id(MeshCoordinate coordinate) const {
+  return index_in(shape(), coordinate).map([](std::uint32_t index) { return DeviceId{index}; });
 }
 
 const DeviceSpec& MeshDevice::spec() const {
@@ -228,9 +240,8 @@ std::vector<Block> MeshDevice::block_table(BufferType type) const {
   return memory_->block_table(type);
 }
 
-std::uint64_t MeshDevice::resident_bytes(MeshCoordinate coordinate) const {
-  Expects(shape().contains(coordinate));
-  return memory_->resident_bytes(shape().index_of(coordinate));
+Result<std::uint64_t> MeshDevice::resident_bytes(MeshCoordinate coordinate) const {
+  return index_in(shape(), coordinate).map([this](std::uint32_t index) { return memory_->resident_bytes(index); });
 }
 
 }  // namespace meshrt

@@ -78,7 +78,7 @@ TEST_SUITE("buffer lifecycle") {
     CHECK(devices.size() == 8);
     CHECK(ids.size() == 8);
     CHECK(buffer.is_allocated());
-    CHECK(buffer.device_buffer({1, 3}).state() == DeviceBufferState::allocated);
+    CHECK(buffer.device_buffer({1, 3}).value()->state() == DeviceBufferState::allocated);
     CHECK(m.log->of_kind(EventKind::free).empty());
   }
 
@@ -160,7 +160,7 @@ TEST_SUITE("buffer lifecycle") {
       m.mesh.close();
       CHECK(count_frees(*m.log, FreeReason::device_closed) == 9);
       CHECK(lone.state() == DeviceBufferState::released);
-      CHECK(mesh_buffer.device_buffer({0, 0}).state() == DeviceBufferState::released);
+      CHECK(mesh_buffer.device_buffer({0, 0}).value()->state() == DeviceBufferState::released);
       CHECK_FALSE(mesh_buffer.is_allocated());
       lone.deallocate();
       mesh_buffer.deallocate();
@@ -180,7 +180,7 @@ TEST_SUITE("buffer lifecycle") {
     MeshBuffer buffer = replicated(*mesh, 4 * 2048);
     mesh.reset();
     CHECK(log->of_kind(EventKind::free).size() == 8);
-    CHECK(buffer.device_buffer({0, 2}).state() == DeviceBufferState::released);
+    CHECK(buffer.device_buffer({0, 2}).value()->state() == DeviceBufferState::released);
     std::vector<std::byte> bytes(4 * 2048);
     const auto write = buffer.write(bytes);
     REQUIRE_FALSE(write.has_value());
@@ -209,7 +209,7 @@ TEST_SUITE("buffer lifecycle") {
     for (std::uint32_t device = 0; device < 8; ++device) {
       CAPTURE(device);
       CHECK(m.live->summary(DeviceId{device}, BufferType::dram) == LiveBufferSummary{});
-      CHECK(buffer.device_buffer(m.mesh.shape().coordinate_of(device)).state() == DeviceBufferState::deallocated);
+      CHECK(buffer.device_buffer(m.mesh.shape().coordinate_of(device)).value()->state() == DeviceBufferState::deallocated);
     }
     CHECK(count_frees(*m.log, FreeReason::mesh_deallocate) == 8);
     CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
@@ -240,7 +240,7 @@ TEST_SUITE("buffer lifecycle") {
     MeshBuffer buffer = replicated(m.mesh, 2048);
     const std::uint64_t reserved = m.mesh.allocator_statistics(BufferType::dram).allocated_bytes;
     CHECK(reserved > 0);
-    buffer.device_buffer({0, 0}).deallocate();
+    buffer.device_buffer({0, 0}).value()->deallocate();
     CHECK(m.live->live_buffers_of(buffer.id()).size() == 7);
     CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == reserved);
     CHECK_FALSE(buffer.is_allocated());
@@ -257,7 +257,7 @@ TEST_SUITE("buffer lifecycle") {
     BufferId taken_id{};
     {
       MeshBuffer buffer = replicated(m.mesh, 2048);
-      taken = std::move(buffer.device_buffer({1, 0}));
+      taken = std::move(*buffer.device_buffer({1, 0}).value());
       taken_id = taken.id();
       const auto read = buffer.read();
       REQUIRE_FALSE(read.has_value());
@@ -292,7 +292,7 @@ TEST_SUITE("buffer lifecycle") {
       CHECK(empty.size() == 0);
       CHECK(empty.read().value().empty());
       CHECK(empty.write({}).has_value());
-      CHECK_FALSE(empty.device_buffer({0, 0}).owns_buffer());
+      CHECK_FALSE(empty.device_buffer({0, 0}).value()->owns_buffer());
       auto lone = DeviceBuffer::create(m.mesh, {0, 0}, 0, dram_pages);
       REQUIRE(lone.has_value());
       CHECK_FALSE(lone->owns_buffer());

@@ -95,7 +95,9 @@ TEST_SUITE("device") {
         auto mesh = MeshDevice::create({rows, cols}, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>());
         REQUIRE(mesh.has_value());
         CHECK(mesh->device_count() == rows * cols);
-        CHECK(mesh->device_id({rows - 1, cols - 1}) == DeviceId{rows * cols - 1});
+        CHECK(mesh->device_id({rows - 1, cols - 1}).value() == DeviceId{rows * cols - 1});
+        CHECK(mesh->device_id({rows, 0}).error().code == ErrorCode::invalid_argument);
+        CHECK(mesh->resident_bytes({0, cols}).error().code == ErrorCode::invalid_argument);
         CHECK(mesh->is_open());
       }
     }
