@@ -18,10 +18,16 @@ export namespace meshrt {
 
 // A processor that forwards events to the allocation server (meshrt-alloc-server).
 //
-// The allocation path never waits on the socket: process() appends to a queue; a background
-// thread keeps the client's own table of live buffers and sends batches. When the server is
+// The allocation path never waits on the socket: process() appends to the calling thread's lane;
+// a background thread keeps the client's own table of live buffers and sends batches. Connecting
+// never blocks either (a server with a full backlog is tried again later). When the server is
 // absent, or restarts, the client connects when it can and sends a snapshot of its live table,
-// so nothing is lost. On destruction it flushes everything and says Goodbye.
+// so nothing is lost. On destruction it sends everything and says Goodbye, within
+// shutdown_timeout; a server too slow for that hears that the client gave up.
+//
+// Threads may come and go freely: a thread's lane is returned when it exits. In the child of a
+// fork() the inherited client is inert (ADR 0017): it records and sends nothing, and its
+// destruction neither waits nor says Goodbye for the parent.
 class TrackingClient final : public EventProcessor {
  public:
   struct Options {
@@ -50,6 +56,12 @@ class TrackingClient final : public EventProcessor {
     std::uint64_t frees_waiting{};    // Frees that overtook their Alloc and wait for it
     std::uint64_t pending_bytes{};      // encoded, waiting for the server to read them
     std::uint64_t peak_pending_bytes{};  // the most that ever waited: max_pending_bytes + one round
+    std::uint64_t names{};               // mesh buffer names held: those of live (or about to be) buffers
+    std::uint64_t lanes{};               // per-thread event lanes: one per thread alive that recorded
+    std::uint64_t chunks{};              // event chunks allocated (64 KiB each): recording's memory
+    std::uint64_t connect_attempts_refused{};  // connects that failed at once (absent, or backlog full)
+    bool gave_up{};                      // shutdown gave up on a server too slow for shutdown_timeout
+    bool said_goodbye{};                 // shutdown's Goodbye was written to the server
   };
 
   [[nodiscard]] static std::shared_ptr<TrackingClient> start(Options options);
@@ -64,7 +76,7 @@ class TrackingClient final : public EventProcessor {
   void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept override;
 
   // Waits until every event queued before the call has been written to a connected server.
-  // False when that did not happen within `timeout` (server absent or slow).
+  // False when that did not happen within `timeout` (server absent or slow), or after shutdown.
   bool flush(std::chrono::milliseconds timeout);
   // Flushes, says Goodbye and stops the background thread. Idempotent; the destructor calls it.
   void shutdown();

@@ -28,6 +28,7 @@ module;
 #include <vector>
 
 #include <fcntl.h>
+#include <pthread.h>
 #include <poll.h>
 #include <sys/socket.h>
 #include <sys/un.h>
@@ -41,6 +42,7 @@ module meshrt.tracking;
 
 import meshrt.core;
 import meshrt.protocol;
+import :event_lanes;
 
 namespace meshrt {
 
@@ -52,90 +54,18 @@ using namespace std::chrono_literals;
 // Past this many chunks waiting in its lane an application thread wakes the sender early.
 constexpr std::size_t wake_chunks = 4;
 
-// Events travel in fixed chunks, linked one after the other, written by one application thread
-// and read by the sender. Chunks are recycled, never freed while the client lives: after a
-// warm-up, recording writes only into memory that is already mapped (ADR 0012).
-struct Chunk {
-  static constexpr std::size_t capacity = 1024;  // 64 KiB of events
-  std::array<AllocationEvent, capacity> events;
-  std::atomic<std::size_t> published{0};  // events[0, published) are written and visible
-  std::atomic<Chunk*> next{nullptr};      // set once this chunk is full
-};
-
-// The pool is touched once per chunk (1,024 events), so a plain mutex serves. It is bounded:
-// when application threads record faster than the sender can apply (tens of millions of events
-// a second), take() waits for the sender to give a chunk back rather than grow without end.
-class ChunkPool {
- public:
-  static constexpr std::size_t max_chunks = 256;  // 16 MiB of queued events
-
-  // nullptr once closed: the client is shutting down.
-  Chunk* take() {
-    std::unique_lock lock(mutex_);
-    if (free_.empty() && owned_.size() < max_chunks) {
-      owned_.push_back(std::make_unique<Chunk>());
-      return owned_.back().get();
-    }
-    returned_.wait(lock, [&] { return !free_.empty() || closed_; });
-    if (free_.empty()) return nullptr;
-    Chunk* chunk = free_.front();  // the longest idle: least likely still in the sender's cache
-    free_.pop_front();
-    return chunk;
-  }
-  void give(Chunk* chunk) {
-    chunk->published.store(0, std::memory_order_relaxed);
-    chunk->next.store(nullptr, std::memory_order_relaxed);
-    {
-      const std::scoped_lock guard(mutex_);
-      free_.push_back(chunk);
-    }
-    returned_.notify_one();
-  }
-  void close() {
-    {
-      const std::scoped_lock guard(mutex_);
-      closed_ = true;
-    }
-    returned_.notify_all();
-  }
-
- private:
-  std::mutex mutex_;
-  std::condition_variable returned_;
-  std::vector<std::unique_ptr<Chunk>> owned_;
-  std::deque<Chunk*> free_;
-  bool closed_{false};
-};
-
-// One application thread's queue: single producer, single consumer, no lock. The producer
-// writes an event and publishes the new count with a release store (a plain store on x86: it
-// never waits for the write to reach memory); the sender reads the count with acquire.
-struct Lane {
-  explicit Lane(Chunk* first) : tail(first), head(first) {}
-  // Producer side.
-  alignas(64) Chunk* tail;
-  std::atomic<std::uint64_t> queued{0};  // events handed to process() on this lane
-  std::atomic<std::uint64_t> full_chunks{0};
-  // Consumer (sender) side.
-  alignas(64) Chunk* head;
-  std::size_t consumed{0};
-  std::uint64_t chunks_taken{0};
-};
-
-// Which lane this thread writes to, per client: a client id (never reused) and its lane.
-struct LaneBinding {
-  std::uint64_t client{0};
-  Lane* lane{nullptr};
-};
-std::atomic<std::uint64_t> next_client_id{1};
+// Bumped in every child of fork(): a client started in an earlier generation belongs to the
+// parent. In the child it records nothing, sends nothing and its exit neither waits nor says
+// Goodbye (ADR 0017): the child's copy of the parent's session must not speak for the parent.
+std::atomic<std::uint64_t> fork_generation{0};
+void count_fork_in_child() { fork_generation.fetch_add(1, std::memory_order_relaxed); }
+std::once_flag fork_handler_installed;
 
 // An Alloc and the Free of exactly its buffers.
 bool cancels(const AllocationEvent& alloc, const AllocationEvent& free) {
   return alloc.kind == EventKind::allocate && free.kind == EventKind::free && alloc.buffer == free.buffer &&
          alloc.device_count == free.device_count;
 }
-
-// How long a clean exit may wait for a slow server to take the last events.
 
 protocol::AllocRecord to_record(const AllocationEvent& event) {
   return protocol::AllocRecord{
@@ -174,26 +104,11 @@ bool tracking_enabled_by_environment() {
 
 struct TrackingClient::State {
   Options options;
+  // The fork generation this client was started in: in any later one it is a parent's copy.
+  const std::uint64_t generation{fork_generation.load(std::memory_order_relaxed)};
+  [[nodiscard]] bool forked_away() const { return fork_generation.load(std::memory_order_relaxed) != generation; }
 
-  // One lane per application thread that ever recorded through this client.
-  const std::uint64_t client_id{next_client_id.fetch_add(1, std::memory_order_relaxed)};
-  ChunkPool pool;
-  std::mutex lanes_mutex;
-  std::vector<std::unique_ptr<Lane>> lanes;
-
-  // nullptr only while the client shuts down.
-  Lane* lane_of_this_thread() {
-    thread_local LaneBinding binding;
-    if (binding.client != client_id) {
-      Chunk* first = pool.take();
-      if (first == nullptr) return nullptr;
-      auto lane = std::make_unique<Lane>(first);
-      const std::scoped_lock guard(lanes_mutex);
-      lanes.push_back(std::move(lane));
-      binding = {client_id, lanes.back().get()};
-    }
-    return binding.lane;
-  }
+  detail::EventLanes lanes;
   std::atomic<bool> stopping{false};
 
   // Shared with flush()/status()/describe_*, under `mutex`.
@@ -201,8 +116,12 @@ struct TrackingClient::State {
   std::condition_variable wake;
   std::condition_variable delivered_changed;
   std::vector<protocol::DeviceTotals> device_queue;
-  std::vector<protocol::MeshBufferName> name_queue;
-  std::uint64_t flush_requests{};  // flush() calls so far
+  // Names wait here until the sender applies their mesh buffer's Alloc (they are described just
+  // before it is recorded), so a name lives exactly as long as its buffer, in the client and on
+  // the server.
+  std::unordered_map<std::uint64_t, std::string> name_queue;
+  std::atomic<std::size_t> names_queued{0};
+  std::uint64_t flush_requests{};   // flush() calls so far
   std::uint64_t flushed_through{};  // the last request whose events were all delivered
   Status status;
 
@@ -223,16 +142,15 @@ struct TrackingClient::State {
   // waits here (keyed by buffer id, never reused) until the Alloc arrives.
   std::unordered_map<std::uint64_t, AllocationEvent> early_frees;
   std::map<std::uint32_t, protocol::DeviceTotals> devices;
-  struct Name {
-    std::string text;
-    std::uint64_t live{};
-  };
-  std::unordered_map<std::uint64_t, Name> names;
+  // Names taken from name_queue whose Alloc has not been applied yet.
+  std::unordered_map<std::uint64_t, std::string> arrived_names;
+  // Names of live groups (a mesh buffer is one group: one Alloc event).
+  std::unordered_map<std::uint64_t, std::string> names;
   std::uint64_t next_sequence{};
   bool need_snapshot{true};
   bool warned{false};  // a warning is out; the next connect says so
   Clock::time_point next_connect{};
-  std::thread sender;
+  std::unique_ptr<std::thread> sender;
 
   void warn(const std::string& line) const {
     if (options.warn) {
@@ -244,8 +162,22 @@ struct TrackingClient::State {
 
   // ---- the live table, names and devices: updated for every event, connected or not ----
 
-  void remember(const protocol::MeshBufferName& name) {
-    if (!name.name.empty()) names[name.mesh_buffer].text = name.name;
+  // The name of mesh buffer `id` if it has one, taken out of the queues. A name is queued before
+  // its Alloc is published, so once the Alloc is read the name is in name_queue or arrived_names.
+  std::optional<std::string> take_name(std::uint64_t id) {
+    if (arrived_names.empty() && names_queued.load(std::memory_order_acquire) == 0) return std::nullopt;
+    auto found = arrived_names.find(id);
+    if (found == arrived_names.end() && names_queued.load(std::memory_order_acquire) > 0) {
+      const std::scoped_lock lock(mutex);
+      arrived_names.merge(name_queue);
+      name_queue.clear();  // a second name for one id replaces the first
+      names_queued.store(0, std::memory_order_release);
+      found = arrived_names.find(id);
+    }
+    if (found == arrived_names.end()) return std::nullopt;
+    std::string name = std::move(found->second);
+    arrived_names.erase(found);
+    return name;
   }
 
   // The group holding buffer `id`: its first id is at most 63 below (a group covers up to 64).
@@ -260,10 +192,21 @@ struct TrackingClient::State {
   }
 
   void forget_group(absl::flat_hash_map<std::uint64_t, Group>::iterator group) {
-    if (const auto name = names.find(group->second.record.mesh_buffer); name != names.end() && --name->second.live == 0) {
-      names.erase(name);
-    }
+    names.erase(group->second.record.mesh_buffer);
     live.erase(group);
+  }
+
+  // An Alloc: its name (if any) goes out first, then the Alloc.
+  void allocated(const AllocationEvent& event, bool stream, bool stays_live) {
+    std::optional<std::string> name = take_name(event.mesh_buffer.value());
+    if (stream) {
+      if (name) {
+        flush_pending();  // the name frame goes between the events before and this Alloc
+        protocol::encode(protocol::MeshBufferName{event.mesh_buffer.value(), *name}, out);
+      }
+      encode(event);
+    }
+    if (name && stays_live) names.insert_or_assign(event.mesh_buffer.value(), std::move(*name));
   }
 
   // Applies one event to the live table; when `stream` is set, also encodes what the server must
@@ -271,25 +214,26 @@ struct TrackingClient::State {
   void apply(const AllocationEvent& event, bool stream) {
     const std::uint64_t id = event.buffer.value();
     if (event.kind == EventKind::allocate) {
-      if (stream) encode(event);
       std::uint64_t mask = bits(0, event.device_count);
       // Frees that overtook this Alloc (recorded on another thread's lane) follow it now.
+      std::vector<AllocationEvent> overtaken;
       for (auto early = early_frees.begin(); early != early_frees.end();) {
         const std::uint64_t first = early->first;
         if (first >= id && first < id + event.device_count) {
-          if (stream) encode(early->second);
           mask &= ~bits(static_cast<std::uint32_t>(first - id), early->second.device_count);
+          overtaken.push_back(early->second);
           early_frees.erase(early++);
         } else {
           ++early;
         }
       }
+      allocated(event, stream, mask != 0);
+      if (stream) {
+        for (const AllocationEvent& free : overtaken) encode(free);
+      }
       if (mask == 0) return;
       live.insert_or_assign(id, Group{to_record(event), mask});
       live_device_buffers += static_cast<std::uint64_t>(std::popcount(mask));
-      if (!names.empty()) {
-        if (const auto name = names.find(event.mesh_buffer.value()); name != names.end()) ++name->second.live;
-      }
       return;
     }
     const auto group = find_group(id);
@@ -304,7 +248,7 @@ struct TrackingClient::State {
     if (group->second.live_mask == 0) forget_group(group);
   }
 
-  // ---- encoding: runs of one kind become one frame; order between kinds is kept ----
+  // ---- encoding: runs of events become one frame; order between kinds is kept ----
 
   std::vector<protocol::EventRecord> pending;
 
@@ -326,8 +270,6 @@ struct TrackingClient::State {
     if (pending.size() == protocol::max_records) flush_pending();
   }
 
-  void finish_encoding() { flush_pending(); }
-
   // Hello, what the server must know, and the whole live table.
   void encode_session_start() {
     out.clear();
@@ -347,7 +289,8 @@ struct TrackingClient::State {
       for (const auto& [id, totals] : devices) info.devices.push_back(totals);
       protocol::encode(info, out);
     }
-    for (const auto& [mesh_buffer, name] : names) protocol::encode(protocol::MeshBufferName{mesh_buffer, name.text}, out);
+    // Only live groups have names here: the snapshot carries exactly the names still in use.
+    for (const auto& [mesh_buffer, name] : names) protocol::encode(protocol::MeshBufferName{mesh_buffer, name}, out);
     protocol::encode(protocol::SnapshotBegin{}, out);
     std::vector<protocol::AllocRecord> chunk;
     chunk.reserve(std::min(live.size(), protocol::max_records));
@@ -397,12 +340,19 @@ struct TrackingClient::State {
     out_keep = out_keep > boundary ? out_keep - boundary : 0;
   }
 
-  // The server is not reading: drop the frames that wait, resynchronise when it reads again.
-  // The frame being written stays whole (out_start may be inside it), or the stream would break.
-  void drop_pending() {
+  // Cuts every frame after the one being written (out_start may be inside it: it stays whole,
+  // or the stream would break) and after the session start; true when something was cut.
+  bool cut_unsent_frames() {
     std::size_t boundary = 0;
     while (boundary < std::max(out_start, out_keep)) boundary = frame_end(boundary);
+    const bool cut = boundary < out.size();
     out.resize(boundary);
+    return cut;
+  }
+
+  // The server is not reading: drop the frames that wait, resynchronise when it reads again.
+  void drop_pending() {
+    (void)cut_unsent_frames();
     need_snapshot = true;
     const std::scoped_lock lock(mutex);
     ++status.overflows;
@@ -430,6 +380,8 @@ struct TrackingClient::State {
     status.connected = false;
   }
 
+  // Never waits: a server whose listen backlog is full (stopped, or swamped) refuses at once with
+  // EAGAIN, and the client tries again after reconnect_interval.
   void try_connect() {
     if (Clock::now() < next_connect) return;
     next_connect = Clock::now() + options.reconnect_interval;
@@ -441,20 +393,24 @@ struct TrackingClient::State {
       return;
     }
     std::memcpy(address.sun_path, options.socket_path.c_str(), options.socket_path.size() + 1);
-    const int candidate = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    const int candidate = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
     if (candidate < 0) return;
     if (::connect(candidate, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
       const int error = errno;
       ::close(candidate);
+      {
+        const std::scoped_lock lock(mutex);
+        ++status.connect_attempts_refused;
+      }
       if (!warned) {
         warn(fmt::format("meshrt: tracking: no allocation server at {} ({}); the application runs on with "
-                         "in-process tracking and will connect when the server appears",
-                         options.socket_path, std::system_category().message(error)));
+                         "in-process tracking and will connect when the server {}",
+                         options.socket_path, std::system_category().message(error),
+                         error == EAGAIN ? "accepts connections again" : "appears"));
         warned = true;
       }
       return;
     }
-    ::fcntl(candidate, F_SETFL, ::fcntl(candidate, F_GETFL) | O_NONBLOCK);
     fd = candidate;
     encode_session_start();
     if (warned) {
@@ -493,15 +449,14 @@ struct TrackingClient::State {
     }
   }
 
-  // Writes what it can without blocking; false when the connection broke.
-  bool pump(std::chrono::milliseconds wait) {
-    const auto deadline = Clock::now() + wait;
+  // Writes what it can until `deadline`, waiting for the socket only while there is something to
+  // send (a wait for replies the server never sends would hold every clean exit for the whole
+  // timeout); stops early once at most `leave` bytes wait. False when the connection broke.
+  bool pump_until(Clock::time_point deadline, std::size_t leave = 0) {
     while (connected()) {
-      // Waits only while there is something to send: with nothing pending, a wait for replies
-      // the server never sends would hold every clean exit for the whole shutdown timeout.
       const bool sending = out.size() > out_start;
       pollfd poller{fd, static_cast<short>(POLLIN | (sending ? POLLOUT : 0)), 0};
-      const auto remaining = std::chrono::duration_cast<std::chrono::milliseconds>(deadline - Clock::now());
+      const auto remaining = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
       const int ready = ::poll(&poller, 1, sending ? static_cast<int>(std::max<std::int64_t>(remaining.count(), 0)) : 0);
       if (ready < 0 && errno != EINTR) {
         disconnect(std::system_category().message(errno));
@@ -527,7 +482,7 @@ struct TrackingClient::State {
         out_keep = 0;
         return true;
       }
-      if (Clock::now() >= deadline) return true;
+      if (out.size() - out_start <= leave || Clock::now() >= deadline) return true;
     }
     return false;
   }
@@ -535,38 +490,34 @@ struct TrackingClient::State {
   // ---- the sender thread ----
 
   // Applies the events published on every lane since the last round, recycling the chunks it
-  // has finished; returns how many events that was. A round takes at most a few chunks from
-  // each lane, so that sending is never starved by a thread that records without pause.
+  // has finished and reaping lanes whose thread has exited; returns how many events that was. A
+  // round takes at most a few chunks from each lane, so that sending is never starved by a
+  // thread that records without pause.
   static constexpr std::uint64_t chunks_per_round = 16;
   bool more_waiting = false;
   std::uint64_t peak_pending_bytes = 0;  // the most encoded bytes ever waiting for the server
 
   std::uint64_t apply_lanes(bool stream) {
     more_waiting = false;
-    std::vector<Lane*> current;
-    {
-      const std::scoped_lock guard(lanes_mutex);
-      current.reserve(lanes.size());
-      for (const auto& lane : lanes) current.push_back(lane.get());
-    }
     std::uint64_t taken = 0;
-    for (Lane* lane : current) {
+    for (detail::Lane* lane : lanes.current()) {
+      // Read before the lane's events: once retired, what is published now is all there will be.
+      const bool retired = lane->retired.load(std::memory_order_acquire);
+      bool drained = false;
       for (std::uint64_t chunks = 0;; ++chunks) {
         if (chunks == chunks_per_round) {
           more_waiting = true;
           break;
         }
-        Chunk* chunk = lane->head;
+        detail::Chunk* chunk = lane->head;
         const std::size_t published = chunk->published.load(std::memory_order_acquire);
         for (std::size_t i = lane->consumed; i < published; ++i) {
           // A buffer whose whole life is two neighbours in one lane (a short-lived buffer) never
           // needs the live table: only the server hears of it.
           const AllocationEvent& event = chunk->events[i];
           if (i + 1 < published && cancels(event, chunk->events[i + 1]) && early_frees.empty()) {
-            if (stream) {
-              encode(event);
-              encode(chunk->events[i + 1]);
-            }
+            allocated(event, stream, false);
+            if (stream) encode(chunk->events[i + 1]);
             ++i;
             continue;
           }
@@ -574,93 +525,146 @@ struct TrackingClient::State {
         }
         taken += published - lane->consumed;
         lane->consumed = published;
-        Chunk* next = chunk->next.load(std::memory_order_acquire);
-        if (published < Chunk::capacity || next == nullptr) break;
+        detail::Chunk* next = chunk->next.load(std::memory_order_acquire);
+        if (published < detail::Chunk::capacity || next == nullptr) {
+          drained = true;
+          break;
+        }
         lane->head = next;  // the producer has moved on: this chunk is done
         lane->consumed = 0;
-        ++lane->chunks_taken;
-        pool.give(chunk);
+        lanes.give(chunk);
       }
+      if (retired && drained) lanes.reap(lane);
     }
     return taken;
+  }
+
+  // One round: what came in since the last, applied and (when connected) sent without waiting.
+  // Returns the events taken.
+  std::uint64_t round() {
+    std::vector<protocol::DeviceTotals> new_devices;
+    {
+      const std::scoped_lock lock(mutex);
+      new_devices.swap(device_queue);
+    }
+    for (const protocol::DeviceTotals& device : new_devices) devices[device.device] = device;
+    // Streaming: events go out as they are applied. Otherwise the live table alone takes them
+    // and the snapshot of the next session (or of the resync) carries their effect.
+    const bool stream = connected() && !need_snapshot;
+    if (stream && !new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
+    const std::uint64_t taken = apply_lanes(stream);
+    if (stream) flush_pending();
+    if (!connected()) {
+      try_connect();  // a new session starts with a snapshot: it covers these events
+    } else if (need_snapshot && out.size() == out_start) {
+      encode_snapshot();
+    }
+    if (connected()) peak_pending_bytes = std::max<std::uint64_t>(peak_pending_bytes, out.size() - out_start);
+    return taken;
+  }
+
+  void publish_status(std::uint64_t taken, std::uint64_t flush_round) {
+    {
+      const std::scoped_lock lock(mutex);
+      status.events_taken += taken;
+      // Every event queued before flush request `flush_round` was taken (no lane has more) and
+      // written: the request is met.
+      if (connected() && out.size() == out_start && !need_snapshot && !more_waiting) {
+        status.events_delivered = status.events_taken;
+        flushed_through = flush_round;
+      }
+      status.live_buffers = live_device_buffers;
+      status.names = names.size() + arrived_names.size();
+      status.pending_bytes = connected() ? out.size() - out_start : 0;
+      status.peak_pending_bytes = peak_pending_bytes;
+      status.frees_waiting = early_frees.size();
+      status.lanes = lanes.lane_count();
+      status.chunks = lanes.chunks_allocated();
+    }
+    delivered_changed.notify_all();
   }
 
   void run() {
     try_connect();  // at once: a server that is there sees the first allocations as they happen
     for (;;) {
-      std::vector<protocol::DeviceTotals> new_devices;
-      std::vector<protocol::MeshBufferName> new_names;
-      std::uint64_t round{};
-      bool stop = false;
+      std::uint64_t flush_round{};
       {
         std::unique_lock lock(mutex);
         if (!more_waiting) wake.wait_for(lock, options.flush_interval);
-        stop = stopping.load(std::memory_order_acquire);
-        round = flush_requests;
+        flush_round = flush_requests;
       }
-      // Names before the lanes' events: a name is queued before its Allocs are published, so
-      // every Alloc read after this finds its name.
-      {
-        const std::scoped_lock lock(mutex);
-        new_devices.swap(device_queue);
-        new_names.swap(name_queue);
-      }
-      for (const protocol::DeviceTotals& device : new_devices) devices[device.device] = device;
-      for (const protocol::MeshBufferName& name : new_names) remember(name);
-      // Streaming: events go out as they are applied. Otherwise the live table alone takes them
-      // and the snapshot of the next session (or of the resync) carries their effect.
-      const bool stream = connected() && !need_snapshot;
-      if (stream) {
-        if (!new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
-        for (const protocol::MeshBufferName& name : new_names) protocol::encode(name, out);
-      }
-      const std::uint64_t taken = apply_lanes(stream);
-      if (stream) finish_encoding();
-
-      if (!connected()) {
-        try_connect();  // a new session starts with a snapshot: it covers these events
-      } else if (need_snapshot && out.size() == out_start) {
-        encode_snapshot();
-      }
-      if (connected()) peak_pending_bytes = std::max<std::uint64_t>(peak_pending_bytes, out.size() - out_start);
-      if (connected()) pump(stop ? options.shutdown_timeout : 0ms);
+      if (stopping.load(std::memory_order_acquire)) break;
+      const std::uint64_t taken = round();
+      if (connected()) pump_until(Clock::now());
       if (connected() && out.size() - out_start > options.max_pending_bytes) drop_pending();
       if (connected()) compact_sent();
-      {
-        const std::scoped_lock lock(mutex);
-        status.events_taken += taken;
-        if (connected() && out.size() == out_start && !need_snapshot) {
-          status.events_delivered = status.events_taken;
-          flushed_through = round;
-        }
-        status.live_buffers = live_device_buffers;
-        status.pending_bytes = connected() ? out.size() - out_start : 0;
-        status.peak_pending_bytes = peak_pending_bytes;
-        status.frees_waiting = early_frees.size();
+      publish_status(taken, flush_round);
+    }
+    finish();
+  }
+
+  // A clean exit, within shutdown_timeout: every lane drained and sent, then Goodbye. A server
+  // too slow for that gets what fits, then a Goodbye that says the client gave up, so the
+  // server reports what it still holds of this process as lost at exit, not leaked.
+  void finish() {
+    const auto start = Clock::now();
+    const auto deadline = start + options.shutdown_timeout;
+    // The last fifth of the time is kept for the Goodbye after a give-up.
+    const auto give_up_at = start + options.shutdown_timeout * 4 / 5;
+    std::uint64_t flush_round{};
+    {
+      const std::scoped_lock lock(mutex);
+      flush_round = flush_requests;
+    }
+    bool complete = true;
+    for (;;) {
+      const std::uint64_t taken = round();
+      if (connected()) {
+        // Keep the queue short while draining: the socket paces the drain, nothing is dropped.
+        pump_until(more_waiting ? give_up_at : Clock::now(), options.max_pending_bytes / 2);
+        compact_sent();
       }
-      delivered_changed.notify_all();
-      if (stop) break;
+      publish_status(taken, flush_round);
+      if (!connected()) return;  // nobody to tell: the next session (there is none) would resync
+      if (!more_waiting) break;
+      if (Clock::now() >= give_up_at) {
+        complete = false;
+        break;
+      }
     }
-    if (connected()) {
-      // Frees whose Alloc never came are a runtime bug: the server counts them as unknown.
+    // Frees whose Alloc never came are a runtime bug: the server counts them as unknown.
+    if (complete && !need_snapshot) {
       for (const auto& [id, event] : early_frees) encode(event);
-      finish_encoding();
-      protocol::encode(protocol::Goodbye{}, out);
-      pump(options.shutdown_timeout);
-      if (fd >= 0) ::close(fd);
-      fd = -1;
+      flush_pending();
     }
+    if (need_snapshot && out.size() == out_start) encode_snapshot();  // the last word on what is live
+    complete = complete && !need_snapshot && pump_until(give_up_at);
+    if (!connected()) return;
+    if (!complete || out.size() > out_start) {
+      complete = false;
+      (void)cut_unsent_frames();
+    }
+    protocol::encode(protocol::Goodbye{.complete = complete}, out);
+    pump_until(deadline);
+    {
+      const std::scoped_lock lock(mutex);
+      status.gave_up = !complete;
+      if (out.size() == out_start) status.said_goodbye = true;
+    }
+    if (fd >= 0) ::close(fd);
+    fd = -1;
   }
 };
 
 std::shared_ptr<TrackingClient> TrackingClient::start(Options options) {
+  std::call_once(fork_handler_installed, [] { ::pthread_atfork(nullptr, nullptr, count_fork_in_child); });
   if (options.socket_path.empty()) options.socket_path = protocol::default_socket_path();
   if (options.process_name.empty()) options.process_name = own_process_name();
   auto state = std::make_unique<State>();
   state->options = std::move(options);
   State& s = *state;
   auto client = std::shared_ptr<TrackingClient>(new TrackingClient(std::move(state)));
-  s.sender = std::thread([&s] { s.run(); });
+  s.sender = std::make_unique<std::thread>([&s] { s.run(); });
   return client;
 }
 
@@ -669,31 +673,40 @@ TrackingClient::TrackingClient(std::unique_ptr<State> state) : state_(std::move(
 TrackingClient::~TrackingClient() { shutdown(); }
 
 void TrackingClient::shutdown() {
+  if (!state_) return;
+  if (state_->forked_away()) {
+    // A fork's child: the sender thread is the parent's, and any lock may have been held by one
+    // of the parent's threads at the fork. Touch nothing; the child's copy is left as it is.
+    (void)state_.release();  // NOLINT(bugprone-unused-return-value): deliberately never freed
+    return;
+  }
   {
     const std::scoped_lock lock(state_->mutex);
     state_->stopping.store(true, std::memory_order_release);
   }
   state_->wake.notify_one();
-  if (state_->sender.joinable()) state_->sender.join();
-  state_->pool.close();  // no thread may wait for a chunk the sender will never give back
+  if (state_->sender && state_->sender->joinable()) state_->sender->join();
+  state_->lanes.close();  // no thread may wait for a chunk the sender will never give back
 }
 
 void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
-  if (state_->stopping.load(std::memory_order_relaxed)) return;
-  Lane* const found = state_->lane_of_this_thread();
+  if (!state_ || state_->stopping.load(std::memory_order_relaxed) || state_->forked_away()) return;
+  detail::Lane* const found = state_->lanes.for_this_thread();
   if (found == nullptr) return;
-  Lane& lane = *found;
+  detail::Lane& lane = *found;
+  const auto retire_one_shot = gsl::finally([&lane] {
+    if (lane.one_shot) lane.retired.store(true, std::memory_order_release);
+  });
   bool kick = false;
   for (const AllocationEvent& event : events) {
-    Chunk* chunk = lane.tail;
+    detail::Chunk* chunk = lane.tail;
     const std::size_t at = chunk->published.load(std::memory_order_relaxed);  // only we write it
-    if (at == Chunk::capacity) {
-      Chunk* fresh = state_->pool.take();
+    if (at == detail::Chunk::capacity) {
+      detail::Chunk* fresh = state_->lanes.take_next();
       if (fresh == nullptr) return;  // shutting down: the last events go unrecorded
       chunk->next.store(fresh, std::memory_order_release);
       lane.tail = fresh;
-      const std::uint64_t waiting = lane.full_chunks.load(std::memory_order_relaxed) + 1;
-      lane.full_chunks.store(waiting, std::memory_order_relaxed);
+      const std::uint64_t waiting = ++lane.full_chunks;
       kick = kick || waiting % wake_chunks == 0;
       fresh->events[0] = event;
       fresh->published.store(1, std::memory_order_release);
@@ -707,6 +720,7 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
 }
 
 void TrackingClient::describe_devices(std::span<const DeviceDescription> devices) noexcept {
+  if (!state_ || state_->forked_away()) return;
   const std::scoped_lock lock(state_->mutex);
   for (const DeviceDescription& device : devices) {
     state_->device_queue.push_back({device.device.value(), device.total_bytes, device.bank_count, device.base_address});
@@ -714,26 +728,29 @@ void TrackingClient::describe_devices(std::span<const DeviceDescription> devices
 }
 
 void TrackingClient::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept {
+  if (!state_ || state_->forked_away()) return;
   const std::scoped_lock lock(state_->mutex);
-  state_->name_queue.push_back({mesh_buffer.value(), std::string(name.substr(0, protocol::max_name_size))});
+  state_->name_queue.insert_or_assign(mesh_buffer.value(), std::string(name.substr(0, protocol::max_name_size)));
+  state_->names_queued.store(state_->name_queue.size(), std::memory_order_release);
 }
 
 bool TrackingClient::flush(std::chrono::milliseconds timeout) {
+  if (!state_ || state_->forked_away()) return false;
   std::unique_lock lock(state_->mutex);
+  if (state_->stopping.load(std::memory_order_relaxed)) return false;
   const std::uint64_t request = ++state_->flush_requests;
   state_->wake.notify_one();
   return state_->delivered_changed.wait_for(lock, timeout, [&] { return state_->flushed_through >= request; });
 }
 
 TrackingClient::Status TrackingClient::status() const {
+  if (!state_ || state_->forked_away()) return Status{};
   Status status;
   {
     const std::scoped_lock lock(state_->mutex);
     status = state_->status;
   }
-  status.events_queued = 0;
-  const std::scoped_lock guard(state_->lanes_mutex);
-  for (const auto& lane : state_->lanes) status.events_queued += lane->queued.load(std::memory_order_relaxed);
+  status.events_queued = state_->lanes.events_queued();
   return status;
 }
 
