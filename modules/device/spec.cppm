@@ -50,6 +50,9 @@ struct DeviceSpec {
   [[nodiscard]] static Result<DeviceSpec> named(std::string_view name, DeviceRegions regions = {});
 };
 
+// The most banks one buffer type may have on a device (a Wormhole has 64 of L1).
+inline constexpr std::uint32_t max_banks_per_type = 1U << 16U;
+
 // Checks that every layout is usable: banks, aligned non-empty ranges, regions that fit.
 [[nodiscard]] Result<void> validate(const DeviceSpec& spec);
 

@@ -42,6 +42,10 @@ Result<BankAllocator> BankAllocator::create(std::uint64_t base, std::uint64_t si
   if (base > std::numeric_limits<std::uint64_t>::max() - size) {
     return fail(ErrorCode::invalid_argument, fmt::format("allocator range [{:#x}, +{}) overflows", base, size));
   }
+  if (base > std::numeric_limits<std::uint64_t>::max() - size) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("allocator range [{:#x}, +{}) passes the end of a 64-bit address space", base, size));
+  }
   return BankAllocator(base, size, alignment);
 }
 

@@ -56,6 +56,11 @@ Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_de
           first_device + device_count <= mesh.device_count());
   // Checked again under the lock when memory is taken; this catches zero-size buffers too.
   if (!mesh.is_open()) return tl::unexpected(mesh_closed());
+  if (index_of(config.buffer_type) >= buffer_type_count) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("buffer type {} is not one of dram, l1, l1_small, trace",
+                            static_cast<unsigned>(config.buffer_type)));
+  }
   const BankLayout& banks = mesh.spec().layout(config.buffer_type);
   if (banks.bank_size == 0) {
     return fail(ErrorCode::invalid_argument,

@@ -2,6 +2,7 @@ module;
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <limits>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -76,6 +77,17 @@ Result<void> validate(const DeviceSpec& spec) {
       return fail(ErrorCode::invalid_argument,
                   fmt::format("device spec '{}': {} has no memory ({} banks of {} bytes)", spec.name,
                               to_string(type), banks.bank_count, banks.bank_size));
+    }
+    if (banks.bank_count > max_banks_per_type) {
+      return fail(ErrorCode::invalid_argument,
+                  fmt::format("device spec '{}': {} has {} banks, more than the {} a device may have", spec.name,
+                              to_string(type), banks.bank_count, max_banks_per_type));
+    }
+    if (!checked_multiply(banks.bank_count, banks.bank_size) ||
+        banks.base_address > std::numeric_limits<std::uint64_t>::max() - banks.bank_size) {
+      return fail(ErrorCode::invalid_argument,
+                  fmt::format("device spec '{}': {} banks [{:#x}, +{}) x {} pass the end of a 64-bit address space",
+                              spec.name, to_string(type), banks.base_address, banks.bank_size, banks.bank_count));
     }
     if (!std::has_single_bit(banks.alignment) || banks.bank_size % banks.alignment != 0 ||
         banks.base_address % banks.alignment != 0) {

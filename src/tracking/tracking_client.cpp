@@ -251,6 +251,9 @@ struct TrackingClient::State {
   // ---- encoding: runs of events become one frame; order between kinds is kept ----
 
   std::vector<protocol::EventRecord> pending;
+  // Records per Events frame. At exit frames are small, so that after a give-up the frame in
+  // progress, which must be finished, is short and the Goodbye gets through.
+  std::size_t frame_records = protocol::max_records;
 
   void flush_pending() {
     if (pending.empty()) return;
@@ -267,7 +270,7 @@ struct TrackingClient::State {
           protocol::FreeRecord{event.buffer.value(), event.time_ns, static_cast<std::uint8_t>(event.reason),
                                static_cast<std::uint16_t>(event.device_count)}));
     }
-    if (pending.size() == protocol::max_records) flush_pending();
+    if (pending.size() >= frame_records) flush_pending();
   }
 
   // Hello, what the server must know, and the whole live table.
@@ -617,6 +620,7 @@ struct TrackingClient::State {
       flush_round = flush_requests;
     }
     bool complete = true;
+    frame_records = 1024;  // 48 KiB frames
     for (;;) {
       const std::uint64_t taken = round();
       if (connected()) {

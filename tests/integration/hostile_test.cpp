@@ -10,6 +10,7 @@
 #include <filesystem>
 #include <memory>
 #include <set>
+#include <span>
 #include <sstream>
 #include <string>
 #include <variant>
@@ -115,6 +116,75 @@ TEST_SUITE("hostile") {
     demo->signal(SIGUSR1);
     REQUIRE(demo->wait_for(120s) == 0);
     REQUIRE(eventually([&] { return fixture.active() == 0; }));
+  }
+
+  TEST_CASE("allocations whose totals would wrap, and absurd sizes, close only that session; the server runs on") {
+    ServerFixture fixture(bin);
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    const auto hello = [] {
+      std::vector<std::byte> bytes;
+      protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid())}, bytes);
+      return bytes;
+    };
+    const std::uint64_t half = std::uint64_t{1} << 63U;
+    const auto alloc = [](std::uint64_t buffer, std::uint64_t size, std::uint16_t devices = 1) {
+      return protocol::EventRecord::of(protocol::AllocRecord{.buffer = buffer, .size = size, .device_count = devices});
+    };
+    // Issue 11's peer: two Allocs of 2^63 bytes on device 0 and a Free of the first. It aborted
+    // the server; now the record is malformed, the session closed, the others untouched.
+    int fd = connect_to(fixture.socket());
+    std::vector<std::byte> bytes = hello();
+    protocol::encode_events(0, std::vector{alloc(1, half), alloc(2, half),
+                                           protocol::EventRecord::of(protocol::FreeRecord{.buffer = 1})},
+                            bytes);
+    send_bytes(fd, bytes);
+    auto reply = first_reply(fd);
+    ::close(fd);
+    REQUIRE(reply.has_value());
+    CHECK(std::get<protocol::ErrorMessage>(*reply).message.find("over the limit") != std::string::npos);
+
+    // Sizes each within the limit whose sum passes 2^64 on one device: refused as they would wrap.
+    fd = connect_to(fixture.socket());
+    bytes = hello();
+    std::vector<protocol::EventRecord> records;
+    for (std::uint64_t id = 1; id <= 70'000; ++id) records.push_back(alloc(id, protocol::max_buffer_size));
+    for (std::size_t first = 0; first < records.size(); first += protocol::max_records) {
+      const std::size_t count = std::min(protocol::max_records, records.size() - first);
+      protocol::encode_events(first, std::span(records).subspan(first, count), bytes);
+    }
+    send_bytes(fd, bytes);
+    reply = first_reply(fd);
+    ::close(fd);
+    REQUIRE(reply.has_value());
+    CHECK(std::get<protocol::ErrorMessage>(*reply).message.find("past 2^64") != std::string::npos);
+
+    REQUIRE(eventually([&] { return fixture.summary()["malformed_messages"] == 2; }));
+    const json after = fixture.summary();
+    CHECK(after["refused_allocations"] == 1);
+    CHECK(after["active_allocations"] == 128);  // the demo's, and nothing of the two peers
+    CHECK(used(after, 0, "dram") == 104'857'600);
+    CHECK(fixture.smi({"--verify"}).first == 0);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
+    REQUIRE(eventually([&] { return fixture.active() == 0; }));
+  }
+
+  TEST_CASE("one process's device totals cannot overwrite what another reported") {
+    ServerFixture fixture(bin);
+    auto demo = fixture.demo({"--hold", "300", "--no-verify"});
+    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    const std::uint64_t dram_total = fixture.summary()["devices"][0]["dram"]["total_bytes"].get<std::uint64_t>();
+    const int fd = connect_to(fixture.socket());
+    std::vector<std::byte> bytes;
+    protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid())}, bytes);
+    protocol::encode(protocol::DeviceInfo{{protocol::DeviceTotals{.device = 0, .total_bytes = {1, 1, 1, 1}}}}, bytes);
+    send_bytes(fd, bytes);
+    REQUIRE(eventually([&] { return fixture.summary()["conflicting_device_info"] == 1; }));
+    CHECK(fixture.summary()["devices"][0]["dram"]["total_bytes"] == dram_total);
+    ::close(fd);
+    demo->signal(SIGUSR1);
+    REQUIRE(demo->wait_for(120s) == 0);
   }
 
   TEST_CASE("thousands of silent connections: refused past the per-process limit, timed out, memory bounded") {

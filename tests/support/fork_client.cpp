@@ -1,0 +1,97 @@
+// meshrt-fork-client — a tracked process that forks while it holds buffers, for the fork tests.
+//
+//   meshrt-fork-client allocate          the child opens its own mesh, allocates, frees, drops its
+//                                        copies of the parent's buffers and returns from main
+//   meshrt-fork-client exec PROGRAM ...  the child execs PROGRAM (a tracked process of its own)
+//
+// The parent holds 3 buffers on a 1x2 mesh (6 device buffers), waits for the child (at most
+// 30 s: a child that hangs at exit fails the run with exit 3), prints "child PID exited CODE",
+// then "holding" and waits for SIGUSR1 (at most 60 s) before it frees everything and exits 0.
+#include <chrono>
+#include <csignal>
+#include <cstdio>
+#include <cstring>
+#include <string>
+#include <string_view>
+#include <thread>
+#include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
+
+import meshrt;
+
+using namespace meshrt;
+using namespace std::chrono_literals;
+
+namespace {
+
+volatile std::sig_atomic_t released = 0;
+extern "C" void release(int /*signal*/) { released = 1; }
+
+MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, std::string name) {
+  return MeshBuffer::create(ReplicatedBufferConfig{.size = size, .name = std::move(name)},
+                            {.page_size = 1024, .buffer_type = BufferType::dram}, mesh)
+      .value();
+}
+
+// The child's life in "allocate" mode: everything it does goes through the inherited tracker.
+int child_allocates(std::vector<MeshBuffer>& inherited) {
+  auto mesh = MeshDevice::create({1, 1}).value();
+  std::vector<MeshBuffer> own;
+  own.push_back(replicated(mesh, 4096, "child"));
+  own.push_back(replicated(mesh, 8192, "child"));
+  own.pop_back();
+  inherited.clear();  // its copies of the parent's buffers: their Frees must not reach the parent's session
+  return 0;
+}
+
+}  // namespace
+
+int main(int argc, char** argv) {
+  const std::vector<std::string> args(argv + 1, argv + argc);
+  if (args.empty() || (args[0] != "allocate" && (args[0] != "exec" || args.size() < 2))) {
+    std::fprintf(stderr, "usage: meshrt-fork-client allocate | exec PROGRAM [ARGS...]\n");
+    return 2;
+  }
+  std::signal(SIGUSR1, release);
+  auto mesh = MeshDevice::create({1, 2}).value();
+  std::vector<MeshBuffer> buffers;
+  for (int i = 0; i < 3; ++i) buffers.push_back(replicated(mesh, 1 << 20, "parent " + std::to_string(i)));
+
+  const pid_t child = ::fork();
+  if (child < 0) {
+    std::perror("fork");
+    return 1;
+  }
+  if (child == 0) {
+    if (args[0] == "exec") {
+      std::vector<char*> exec_argv;
+      for (std::size_t i = 1; i < args.size(); ++i) exec_argv.push_back(argv[i + 1]);
+      exec_argv.push_back(nullptr);
+      ::execv(exec_argv[0], exec_argv.data());
+      std::perror("execv");
+      ::_exit(127);
+    }
+    return child_allocates(buffers);  // a normal exit: static destructors and all
+  }
+
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (::waitpid(child, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      std::printf("child %d hung at exit\n", child);
+      ::kill(child, SIGKILL);
+      return 3;
+    }
+    std::this_thread::sleep_for(10ms);
+  }
+  std::printf("child %d exited %d\n", child, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+  // The parent goes on allocating after the fork: its session must be intact.
+  buffers.push_back(replicated(mesh, 2048, "after fork"));
+  buffers.pop_back();
+  std::printf("holding\n");
+  std::fflush(stdout);
+  for (int i = 0; i < 6000 && released == 0; ++i) std::this_thread::sleep_for(10ms);
+  return 0;
+}
