@@ -5,6 +5,9 @@
 // a buffer that outlives its MeshDevice stays valid: it was released when the mesh closed.
 module;
 #include <array>
+#include <atomic>
+#include <functional>
+#include <thread>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -50,16 +53,25 @@ namespace detail {
 
 class MeshMemory;
 
-// Proof that the caller holds a mesh's lock: functions that need it take one.
+// Proof that the caller holds a mesh's lock: functions that need it take one. A lock asked for
+// by the thread that already holds it (a tracker processor or hook calling back into its mesh)
+// is borrowed: it proves the same and unlocks nothing.
 class MeshLock {
  public:
-  [[nodiscard]] bool holds(const MeshMemory& memory) const { return owner_ == &memory && lock_.owns_lock(); }
+  MeshLock(const MeshLock&) = delete;
+  MeshLock& operator=(const MeshLock&) = delete;
+  MeshLock(MeshLock&&) = delete;
+  MeshLock& operator=(MeshLock&&) = delete;
+  ~MeshLock();
+  [[nodiscard]] bool holds(const MeshMemory& memory) const { return owner_ == &memory && (borrowed_ || lock_.owns_lock()); }
+  [[nodiscard]] bool borrowed() const { return borrowed_; }
 
  private:
   friend class MeshMemory;
-  MeshLock(const MeshMemory& owner, std::mutex& mutex) : owner_(&owner), lock_(mutex) {}
+  MeshLock(const MeshMemory& owner, std::mutex& mutex, bool borrowed);
   const MeshMemory* owner_;
   std::unique_lock<std::mutex> lock_;
+  bool borrowed_;
 };
 
 // Anything holding memory on a mesh that MeshDevice::close() must release. Enrolled while it
@@ -95,7 +107,14 @@ class MeshMemory {
   MeshMemory& operator=(const MeshMemory&) = delete;
   ~MeshMemory() = default;
 
-  [[nodiscard]] MeshLock lock() const { return MeshLock(*this, mutex_); }
+  [[nodiscard]] MeshLock lock() const { return MeshLock(*this, mutex_, held_by_this_thread()); }
+  // True while this thread holds the lock: a processor or hook has called back into the mesh.
+  [[nodiscard]] bool held_by_this_thread() const {
+    return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id();
+  }
+  // Runs `work` on this thread once the operation that holds the lock lets it go: how a release
+  // asked for from inside a callback happens, in order, without deadlock.
+  void defer(std::function<void()> work) const;
   [[nodiscard]] bool is_open(const MeshLock& lock) const;
   [[nodiscard]] MeshShape shape() const { return shape_; }
   [[nodiscard]] const DeviceSpec& spec() const { return spec_; }
@@ -120,7 +139,12 @@ class MeshMemory {
   MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker,
              std::array<std::optional<BankAllocator>, buffer_type_count> allocators);
 
+  friend class MeshLock;
+  void unlock(std::unique_lock<std::mutex>& lock) const;
+
   mutable std::mutex mutex_;
+  mutable std::atomic<std::thread::id> owner_{};  // the thread holding mutex_, if any
+  mutable std::vector<std::function<void()>> deferred_;  // under mutex_
   MeshShape shape_;
   DeviceSpec spec_;
   std::shared_ptr<Tracker> tracker_;

@@ -113,9 +113,15 @@ class AllocationHook {
   virtual std::optional<std::uint64_t> intercept(const AllocationRequest& request) noexcept = 0;
 };
 
-// Hands events to processors and asks hooks. record() and intercept() take no lock: they read
-// an immutable list published by add/remove (earlier lists are kept until the Tracker dies, so a
-// record() that started before a removal may still reach the removed processor).
+// Hands events to processors and asks hooks. record() and intercept() take no lock: they read an
+// immutable list published by add/remove inside a read section (ADR 0012).
+//
+// - remove_processor() and remove_hook() return once no record() still uses the old list, and
+//   the removed listener is destroyed then (unless its owner holds it too). Called from inside a
+//   callback, they do not wait: the old list goes at the next change or with the Tracker.
+// - A processor added while buffers are live sees the devices described so far (replayed to it
+//   first), and the events of buffers allocated after it joined: never a Free without its Alloc.
+//   Buffers that were already live when it joined stay invisible to it, Alloc and Free alike.
 class Tracker {
  public:
   Tracker();
@@ -140,18 +146,39 @@ class Tracker {
   void describe_devices(std::span<const DeviceDescription> devices) const noexcept;
   void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept;
 
+  // Listener lists replaced but not yet freed (called from inside callbacks): for tests.
+  [[nodiscard]] std::size_t lists_waiting() const;
+
  private:
+  struct Member {
+    std::shared_ptr<EventProcessor> processor;
+    // It sees events of buffers from this id up (it joined after the others were allocated);
+    // joining while add_processor works the id out: readers wait the moment it takes.
+    std::atomic<std::uint64_t> first_buffer;
+  };
+  static constexpr std::uint64_t joining = ~std::uint64_t{0};
   struct Listeners {
-    std::vector<std::shared_ptr<EventProcessor>> processors;
+    std::vector<std::shared_ptr<Member>> processors;
     std::vector<std::shared_ptr<AllocationHook>> hooks;
   };
-  // Under mutex_: copies the current list, lets `change` edit it, publishes the result.
+  // Under mutex_: copies the current list, lets `change` edit it, publishes the result; then
+  // `published()` runs, and the lists replaced are freed once no read uses them.
+  template <class Change, class Published>
+  void publish(Change change, Published published);
   template <class Change>
-  void publish(Change change);
+  void publish(Change change) {
+    publish(change, [] {});
+  }
+  static void deliver(Member& member, std::span<const AllocationEvent> events) noexcept;
 
-  std::mutex mutex_;
-  std::vector<std::unique_ptr<const Listeners>> published_;
+  mutable std::mutex mutex_;
+  std::unique_ptr<const Listeners> owned_;  // the current list
+  std::vector<std::unique_ptr<const Listeners>> retired_;
   std::atomic<const Listeners*> current_{nullptr};
+  // Set (seq_cst) before the first Alloc is recorded: until then a new processor sees everything.
+  mutable std::atomic<bool> recorded_allocations_{false};
+  // Every device described through this tracker, latest first: what a late processor is told.
+  mutable std::vector<DeviceDescription> described_;
 };
 
 struct LiveBufferSummary {

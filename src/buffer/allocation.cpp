@@ -10,6 +10,7 @@ module;
 #include <optional>
 #include <span>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -34,6 +35,15 @@ std::atomic<std::uint64_t> next_mesh_buffer_id_value{1};
 
 BufferId reserve_buffer_ids(std::uint32_t count) {
   return BufferId{next_buffer_id_value.fetch_add(count, std::memory_order_relaxed)};
+}
+
+// A processor or hook called back into the mesh whose operation called it.
+Error reentered(std::string_view what) {
+  return Error{ErrorCode::invalid_argument,
+               fmt::format("cannot {} from a tracker processor or hook of the same mesh while it reports an "
+                           "operation: do it after the callback returns (releases asked for there are deferred "
+                           "until then)",
+                           what)};
 }
 
 Error mesh_closed() { return Error{ErrorCode::device_closed, "cannot allocate: the mesh device is closed"}; }
@@ -102,6 +112,7 @@ Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_de
 Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::shared_ptr<MeshMemory>& memory,
                                                                      BufferPlan plan) {
   Expects(memory != nullptr && plan.device_count > 0 && plan.size_per_device > 0);
+  if (memory->held_by_this_thread()) return tl::unexpected(reentered("allocate"));
   const MeshLock lock = memory->lock();
   if (!memory->is_open(lock)) return tl::unexpected(mesh_closed());
   const AllocationRequest request{
@@ -192,6 +203,13 @@ void BufferAllocation::release_slots(std::span<const std::uint32_t> slots, FreeR
     return state(s) == DeviceBufferState::allocated;
   });
   if (!any_live) return;
+  if (memory_->held_by_this_thread()) {
+    // From a callback of this mesh: the release happens, in full, as soon as it returns.
+    memory_->defer([self = shared_from_this(), owned = std::vector(slots.begin(), slots.end()), reason] {
+      self->release_slots(owned, reason);
+    });
+    return;
+  }
   const MeshLock lock = memory_->lock();
   const std::int64_t time = now_ns();
   EventBatch batch;
@@ -264,6 +282,7 @@ Result<void> BufferAllocation::check_transfer(const MeshLock& lock, std::uint32_
 
 Result<void> BufferAllocation::write(std::uint32_t slot, std::span<const std::byte> bytes) {
   Expects(slot < slot_count());
+  if (memory_->held_by_this_thread()) return tl::unexpected(reentered("write a buffer"));
   const MeshLock lock = memory_->lock();
   if (auto ok = check_transfer(lock, slot, bytes.size()); !ok) return ok;
   memory_->device(lock, plan_.first_device + slot).write_pages(plan_.type, plan_.layout, address_, bytes);
@@ -272,6 +291,7 @@ Result<void> BufferAllocation::write(std::uint32_t slot, std::span<const std::by
 
 Result<void> BufferAllocation::read(std::uint32_t slot, std::span<std::byte> bytes) const {
   Expects(slot < slot_count());
+  if (memory_->held_by_this_thread()) return tl::unexpected(reentered("read a buffer"));
   const MeshLock lock = memory_->lock();
   if (auto ok = check_transfer(lock, slot, bytes.size()); !ok) return ok;
   memory_->device(lock, plan_.first_device + slot).read_pages(plan_.type, plan_.layout, address_, bytes);

@@ -1,5 +1,7 @@
 module;
 #include <array>
+#include <functional>
+#include <thread>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -42,6 +44,32 @@ void Device::read_pages(BufferType type, const InterleavedLayout& layout, std::u
 }
 
 namespace detail {
+
+MeshLock::MeshLock(const MeshMemory& owner, std::mutex& mutex, bool borrowed)
+    : owner_(&owner), lock_(mutex, std::defer_lock), borrowed_(borrowed) {
+  if (borrowed_) return;
+  lock_.lock();
+  owner.owner_.store(std::this_thread::get_id(), std::memory_order_relaxed);
+}
+
+MeshLock::~MeshLock() {
+  if (lock_.owns_lock()) owner_->unlock(lock_);
+}
+
+void MeshMemory::defer(std::function<void()> work) const {
+  Expects(held_by_this_thread());
+  deferred_.push_back(std::move(work));
+}
+
+// The outermost lock goes: then what callbacks deferred runs, each taking the lock anew (and
+// perhaps deferring more, which runs in turn).
+void MeshMemory::unlock(std::unique_lock<std::mutex>& lock) const {
+  std::vector<std::function<void()>> work;
+  work.swap(deferred_);
+  owner_.store(std::thread::id{}, std::memory_order_relaxed);
+  lock.unlock();
+  for (const auto& item : work) item();
+}
 
 Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSpec spec,
                                                        std::shared_ptr<Tracker> tracker) {
@@ -193,7 +221,13 @@ MeshDevice& MeshDevice::operator=(MeshDevice&& other) noexcept {
 MeshDevice::~MeshDevice() { close(); }
 
 void MeshDevice::close() {
-  if (memory_) memory_->close();
+  if (!memory_) return;
+  if (memory_->held_by_this_thread()) {
+    // Called from a callback of this mesh (a processor, a hook): it closes when that returns.
+    memory_->defer([memory = memory_] { memory->close(); });
+    return;
+  }
+  memory_->close();
 }
 
 bool MeshDevice::is_open() const { return memory_ && memory_->is_open(memory_->lock()); }

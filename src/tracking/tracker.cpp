@@ -1,6 +1,8 @@
 module;
 #include <algorithm>
 #include <atomic>
+#include <iterator>
+#include <thread>
 #include <cstdint>
 #include <memory>
 #include <mutex>
@@ -15,6 +17,7 @@ module;
 module meshrt.tracking;
 
 import meshrt.core;
+import :read_sections;
 
 namespace meshrt {
 
@@ -40,28 +43,56 @@ std::shared_ptr<Tracker> Tracker::process_default() {
   return tracker;
 }
 
-Tracker::Tracker() {
-  published_.push_back(std::make_unique<const Listeners>());
-  current_.store(published_.back().get(), std::memory_order_release);
+Tracker::Tracker() : owned_(std::make_unique<const Listeners>()) {
+  current_.store(owned_.get(), std::memory_order_seq_cst);
 }
 
-template <class Change>
-void Tracker::publish(Change change) {
+template <class Change, class Published>
+void Tracker::publish(Change change, Published published) {
+  std::vector<std::unique_ptr<const Listeners>> replaced;
+  {
+    const std::scoped_lock lock(mutex_);
+    auto next = std::make_unique<Listeners>(*owned_);
+    change(*next);
+    // seq_cst: a reader that announced its read after this store sees the new list.
+    current_.store(next.get(), std::memory_order_seq_cst);
+    retired_.push_back(std::move(owned_));
+    owned_ = std::move(next);
+    // From inside a callback this thread's own read would never end: the old lists wait.
+    if (!detail::inside_read_section()) replaced.swap(retired_);
+  }
+  published();
+  if (replaced.empty()) return;
+  detail::wait_for_read_sections();
+  replaced.clear();  // the removed listeners go here, outside the lock (a client may take a while)
+}
+
+std::size_t Tracker::lists_waiting() const {
   const std::scoped_lock lock(mutex_);
-  auto next = std::make_unique<Listeners>(*current_.load(std::memory_order_relaxed));
-  change(*next);
-  published_.push_back(std::move(next));
-  current_.store(published_.back().get(), std::memory_order_release);
+  return retired_.size();
 }
 
 void Tracker::add_processor(std::shared_ptr<EventProcessor> processor) {
   Expects(processor != nullptr);
-  publish([&](Listeners& listeners) { listeners.processors.push_back(std::move(processor)); });
+  auto member = std::make_shared<Member>(std::move(processor), joining);
+  std::vector<DeviceDescription> devices;
+  publish(
+      [&](Listeners& listeners) {
+        listeners.processors.push_back(member);
+        devices = described_;
+      },
+      [&] {
+        // Readers that reach the new member wait until it knows where its view starts.
+        if (!devices.empty()) member->processor->describe_devices(devices);
+        // Until this tracker recorded an Alloc there is nothing to hide (ids may be anyone's then).
+        const bool recorded = recorded_allocations_.load(std::memory_order_seq_cst);
+        member->first_buffer.store(recorded ? detail::announced_high_water() : 0, std::memory_order_release);
+      });
 }
 
 void Tracker::remove_processor(const EventProcessor& processor) {
   publish([&](Listeners& listeners) {
-    std::erase_if(listeners.processors, [&](const auto& p) { return p.get() == &processor; });
+    std::erase_if(listeners.processors, [&](const auto& m) { return m->processor.get() == &processor; });
   });
 }
 
@@ -75,24 +106,63 @@ void Tracker::remove_hook(const AllocationHook& hook) {
 }
 
 std::optional<std::uint64_t> Tracker::intercept(const AllocationRequest& request) const {
-  for (const auto& hook : current_.load(std::memory_order_acquire)->hooks) {
+  const detail::ReadSection read;
+  for (const auto& hook : current_.load(std::memory_order_seq_cst)->hooks) {
     if (auto address = hook->intercept(request)) return address;
   }
   return std::nullopt;
 }
 
+void Tracker::deliver(Member& member, std::span<const AllocationEvent> events) noexcept {
+  std::uint64_t first = member.first_buffer.load(std::memory_order_acquire);
+  while (first == joining) {
+    std::this_thread::yield();
+    first = member.first_buffer.load(std::memory_order_acquire);
+  }
+  const auto visible = [first](const AllocationEvent& event) { return event.buffer.value() >= first; };
+  if (first == 0 || std::ranges::all_of(events, visible)) {
+    member.processor->process(events);
+    return;
+  }
+  // Events of buffers allocated before it joined are not its to see (rare: only while those live).
+  std::vector<AllocationEvent> seen;
+  std::ranges::copy_if(events, std::back_inserter(seen), visible);
+  if (!seen.empty()) member.processor->process(seen);
+}
+
 void Tracker::record(std::span<const AllocationEvent> events) const noexcept {
   if (events.empty()) return;
-  for (const auto& processor : current_.load(std::memory_order_acquire)->processors) processor->process(events);
+  std::uint64_t allocated_end = 0;
+  for (const AllocationEvent& event : events) {
+    if (event.kind == EventKind::allocate) {
+      allocated_end = std::max(allocated_end, event.buffer.value() + event.device_count);
+    }
+  }
+  if (allocated_end > 0 && !recorded_allocations_.load(std::memory_order_relaxed)) {
+    recorded_allocations_.store(true, std::memory_order_seq_cst);  // before the read announces itself
+  }
+  const detail::ReadSection read(allocated_end);
+  for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) deliver(*member, events);
 }
 
 void Tracker::describe_devices(std::span<const DeviceDescription> devices) const noexcept {
-  for (const auto& processor : current_.load(std::memory_order_acquire)->processors) processor->describe_devices(devices);
+  {
+    const std::scoped_lock lock(mutex_);
+    for (const DeviceDescription& device : devices) {
+      std::erase_if(described_, [&](const DeviceDescription& d) { return d.device == device.device; });
+      described_.push_back(device);
+    }
+  }
+  const detail::ReadSection read;
+  for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) {
+    member->processor->describe_devices(devices);
+  }
 }
 
 void Tracker::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept {
-  for (const auto& processor : current_.load(std::memory_order_acquire)->processors) {
-    processor->describe_mesh_buffer(mesh_buffer, name);
+  const detail::ReadSection read;
+  for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) {
+    member->processor->describe_mesh_buffer(mesh_buffer, name);
   }
 }
 

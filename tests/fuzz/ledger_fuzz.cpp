@@ -85,11 +85,11 @@ extern "C" int LLVMFuzzerTestOneInput(const std::uint8_t* data, std::size_t size
         const auto count = static_cast<std::uint16_t>(1 + input.byte() % protocol::max_devices_per_record);
         const bool far_device = input.byte() % 4 == 0;
         const std::uint32_t device = far_device ? protocol::max_device_id + 1 - count : input.byte() % 16U;
-        const std::uint64_t size = input.byte() % 2 == 0 ? std::uint64_t{input.byte()} * 64 : input.wide();
+        const std::uint64_t bytes = input.byte() % 2 == 0 ? std::uint64_t{input.byte()} * 64 : input.wide();
         const std::uint64_t buffer = std::min(input.wide(), ~std::uint64_t{0} - count);
         const protocol::AllocRecord record{.buffer = buffer,
                                            .mesh_buffer = input.byte() % 4U,
-                                           .size = size,
+                                           .size = bytes,
                                            .device = device,
                                            .type = all_buffer_types[input.byte() % buffer_type_count],
                                            .device_count = count};

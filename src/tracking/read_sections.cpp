@@ -1,0 +1,128 @@
+module;
+#include <algorithm>
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <utility>
+#include <vector>
+
+#include <gsl/gsl>
+
+module meshrt.tracking;
+
+import :read_sections;
+
+namespace meshrt::detail {
+
+namespace {
+
+// Every live thread's slot; a thread that exits folds its high water into exited_high_water.
+struct Registry {
+  std::mutex mutex;
+  std::vector<std::shared_ptr<ReaderSlot>> slots;
+  std::atomic<std::uint64_t> exited_high_water{0};
+};
+
+Registry& registry() {
+  static Registry* const instance = new Registry();  // NOLINT(cppcoreguidelines-owning-memory): lives to the end, past every thread's exit
+  return *instance;
+}
+
+void raise(std::atomic<std::uint64_t>& value, std::uint64_t to) {
+  std::uint64_t seen = value.load(std::memory_order_relaxed);
+  while (seen < to && !value.compare_exchange_weak(seen, to, std::memory_order_seq_cst)) {
+  }
+}
+
+std::shared_ptr<ReaderSlot> enroll() {
+  auto slot = std::make_shared<ReaderSlot>();
+  Registry& r = registry();
+  const std::scoped_lock lock(r.mutex);
+  r.slots.push_back(slot);
+  return slot;
+}
+
+void withdraw(const std::shared_ptr<ReaderSlot>& slot) {
+  Registry& r = registry();
+  raise(r.exited_high_water, slot->high_water.load(std::memory_order_acquire));
+  const std::scoped_lock lock(r.mutex);
+  std::erase(r.slots, slot);
+}
+
+struct ThreadSlot {
+  std::shared_ptr<ReaderSlot> slot = enroll();
+  ThreadSlot() = default;
+  ThreadSlot(const ThreadSlot&) = delete;
+  ThreadSlot& operator=(const ThreadSlot&) = delete;
+  ~ThreadSlot();
+};
+thread_local ThreadSlot this_thread_slot;
+// Trivially destructible, so they can be read while (and after) this thread's slot is torn down.
+thread_local bool this_thread_slot_gone = false;
+thread_local int this_thread_read_depth = 0;
+
+ThreadSlot::~ThreadSlot() {
+  this_thread_slot_gone = true;
+  withdraw(slot);
+}
+
+}  // namespace
+
+ReadSection::ReadSection(std::uint64_t allocated_end) {
+  if (this_thread_read_depth++ > 0) {
+    // Already announced; only the high water may need raising (a callback that allocates).
+    if (!this_thread_slot_gone && allocated_end > 0) raise(this_thread_slot.slot->high_water, allocated_end);
+    return;
+  }
+  outermost_ = true;
+  // A thread being torn down gets a slot for this read only.
+  temporary_ = this_thread_slot_gone;
+  slot_ = temporary_ ? enroll() : this_thread_slot.slot;
+  if (allocated_end > slot_->high_water.load(std::memory_order_relaxed)) {
+    slot_->high_water.store(allocated_end, std::memory_order_relaxed);
+  }
+  begun_ = slot_->state.load(std::memory_order_relaxed) + 1U;  // idle is even: begun is odd
+  // seq_cst: ordered before the list load that follows, against a writer's publish-then-scan.
+  slot_->state.exchange(begun_, std::memory_order_seq_cst);
+}
+
+ReadSection::~ReadSection() {
+  --this_thread_read_depth;
+  if (!outermost_) return;
+  slot_->state.store(begun_ + 1U, std::memory_order_release);  // even: not reading
+  if (temporary_) withdraw(slot_);
+}
+
+bool inside_read_section() { return this_thread_read_depth > 0; }
+
+void wait_for_read_sections() {
+  Expects(!inside_read_section());
+  std::vector<std::pair<std::shared_ptr<ReaderSlot>, std::uint64_t>> reading;
+  {
+    Registry& r = registry();
+    const std::scoped_lock lock(r.mutex);
+    for (const auto& slot : r.slots) {
+      const std::uint64_t state = slot->state.load(std::memory_order_seq_cst);
+      if ((state & 1U) != 0) reading.emplace_back(slot, state);
+    }
+  }
+  for (const auto& [slot, state] : reading) {
+    // Reads are short (a processor is quick by contract): yield until this one is over.
+    while (slot->state.load(std::memory_order_acquire) == state) std::this_thread::yield();
+  }
+}
+
+std::uint64_t announced_high_water() {
+  Registry& r = registry();
+  const std::scoped_lock lock(r.mutex);
+  std::uint64_t high = r.exited_high_water.load(std::memory_order_seq_cst);
+  for (const auto& slot : r.slots) {
+    (void)slot->state.load(std::memory_order_seq_cst);  // pairs with the reader's exchange
+    high = std::max(high, slot->high_water.load(std::memory_order_seq_cst));
+  }
+  return high;
+}
+
+}  // namespace meshrt::detail
