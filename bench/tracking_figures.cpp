@@ -14,6 +14,7 @@ module;
 #include <span>
 #include <string>
 #include <string_view>
+#include <thread>
 #include <vector>
 
 #include <sys/socket.h>
@@ -155,6 +156,25 @@ std::vector<Figure> tracking_figures(const Context& context) {
     };
   };
   const auto [ns_64, ns_1] = paired_medians(create_destroy(mesh_64), create_destroy(mesh_on), buffers, 9);
+
+  // Thread churn (issue 11): 10,000 short-lived threads, 8 alive at a time, each allocating and
+  // freeing one buffer; tracked (a lane made and reaped per thread) over untracked, wall time.
+  constexpr std::uint64_t churned_threads = 10'000;
+  const auto churn = [&](MeshDevice& mesh) {
+    return [&] {
+      for (std::uint64_t started = 0; started < churned_threads; started += 8) {
+        std::array<std::thread, 8> batch;
+        for (auto& thread : batch) {
+          thread = std::thread([&] {
+            auto buffer = DeviceBuffer::create(mesh, {0, 0}, 2048, config);
+            buffer->deallocate();
+          });
+        }
+        for (auto& thread : batch) thread.join();
+      }
+    };
+  };
+  const auto [churn_on_ns, churn_off_ns] = paired_medians(churn(mesh_on), churn(mesh_off), churned_threads, 5);
   client->flush(10s);
   if (const char* keep = std::getenv("MESHRT_BENCH_SHOW_LOG"); keep != nullptr) {
     std::fputs(testing::read_text(context.scratch + "/tracking-server.log").c_str(), stderr);
@@ -173,6 +193,8 @@ std::vector<Figure> tracking_figures(const Context& context) {
       figure("mesh_buffer_ns_1x1", ns_1, "ns"),
       figure("mesh_buffer_ns_8x8", ns_64, "ns"),
       figure("mesh_scaling_ratio", ns_64 / ns_1, "x", Bound::at_most, 8),
+      figure("thread_churn_ns_per_thread", churn_on_ns, "ns"),
+      figure("thread_churn_ratio", churn_on_ns / churn_off_ns, "x", Bound::at_most, 2.0),
   };
 }
 

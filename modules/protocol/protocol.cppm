@@ -17,6 +17,7 @@ module;
 export module meshrt.protocol;
 
 import meshrt.core;
+export import :outbound;
 
 export namespace meshrt::protocol {
 

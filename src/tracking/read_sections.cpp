@@ -4,6 +4,7 @@ module;
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <pthread.h>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -25,9 +26,34 @@ struct Registry {
   std::atomic<std::uint64_t> exited_high_water{0};
 };
 
+// The slot of this thread, once it has one; plain, so a fork handler can read it.
+thread_local ReaderSlot* this_thread_slot_address = nullptr;
+
+void lock_for_fork();
+void unlock_in_parent();
+void keep_only_this_thread_in_child();
+
 Registry& registry() {
-  static Registry* const instance = new Registry();  // NOLINT(cppcoreguidelines-owning-memory): lives to the end, past every thread's exit
+  static Registry* const instance = [] {
+    auto* created = new Registry();  // NOLINT(cppcoreguidelines-owning-memory): lives to the end, past every thread's exit
+    ::pthread_atfork(lock_for_fork, unlock_in_parent, keep_only_this_thread_in_child);
+    return created;
+  }();
   return *instance;
+}
+
+void lock_for_fork() { registry().mutex.lock(); }
+void unlock_in_parent() { registry().mutex.unlock(); }
+
+// A fork's child has one thread: the others' slots (some perhaps inside a read at the fork
+// instant) would make a writer wait for reads that will never end.
+void keep_only_this_thread_in_child() {
+  Registry& r = registry();
+  std::uint64_t high = r.exited_high_water.load(std::memory_order_relaxed);
+  for (const auto& slot : r.slots) high = std::max(high, slot->high_water.load(std::memory_order_relaxed));
+  r.exited_high_water.store(high, std::memory_order_relaxed);
+  std::erase_if(r.slots, [](const auto& slot) { return slot.get() != this_thread_slot_address; });
+  r.mutex.unlock();
 }
 
 void raise(std::atomic<std::uint64_t>& value, std::uint64_t to) {
@@ -53,7 +79,7 @@ void withdraw(const std::shared_ptr<ReaderSlot>& slot) {
 
 struct ThreadSlot {
   std::shared_ptr<ReaderSlot> slot = enroll();
-  ThreadSlot() = default;
+  ThreadSlot() { this_thread_slot_address = slot.get(); }
   ThreadSlot(const ThreadSlot&) = delete;
   ThreadSlot& operator=(const ThreadSlot&) = delete;
   ~ThreadSlot();
@@ -65,6 +91,7 @@ thread_local int this_thread_read_depth = 0;
 
 ThreadSlot::~ThreadSlot() {
   this_thread_slot_gone = true;
+  this_thread_slot_address = nullptr;
   withdraw(slot);
 }
 

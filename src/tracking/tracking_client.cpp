@@ -127,9 +127,8 @@ struct TrackingClient::State {
 
   // The sender thread's own world.
   int fd{-1};
-  std::vector<std::byte> out;
-  std::size_t out_start{};
-  std::size_t out_keep{};  // out[0, out_keep) starts a session or resynchronises it: never dropped
+  protocol::OutboundFrames outbound;
+  std::vector<std::byte>& out = outbound.frames();  // where encoders append
   // Live device buffers by group (one Alloc event's range), keyed by its first buffer id; the
   // mask says which of its device buffers are still live.
   struct Group {
@@ -251,9 +250,12 @@ struct TrackingClient::State {
   // ---- encoding: runs of events become one frame; order between kinds is kept ----
 
   std::vector<protocol::EventRecord> pending;
-  // Records per Events frame. At exit frames are small, so that after a give-up the frame in
-  // progress, which must be finished, is short and the Goodbye gets through.
-  std::size_t frame_records = protocol::max_records;
+  // Records per Events frame: 4,096 (192 KiB) while running, 1,024 at exit. A frame in progress
+  // must be finished before anything else is said, so after a give-up a short one lets the
+  // Goodbye through; the server's cost per frame is small against 4,096 records.
+  static constexpr std::size_t running_frame_records = 4096;
+  static constexpr std::size_t exit_frame_records = 1024;
+  std::size_t frame_records = running_frame_records;
 
   void flush_pending() {
     if (pending.empty()) return;
@@ -275,9 +277,7 @@ struct TrackingClient::State {
 
   // Hello, what the server must know, and the whole live table.
   void encode_session_start() {
-    out.clear();
-    out_start = 0;
-    out_keep = 0;
+    outbound.clear();
     protocol::encode(protocol::Hello{.protocol_version = protocol::version,
                                      .role = protocol::ClientRole::tracker,
                                      .claimed_pid = static_cast<std::uint32_t>(::getpid()),
@@ -319,43 +319,15 @@ struct TrackingClient::State {
     }
     if (!chunk.empty()) protocol::encode_snapshot_chunk(chunk, out);
     protocol::encode(protocol::SnapshotEnd{next_sequence, records}, out);
-    out_keep = out.size();
+    outbound.keep_what_is_queued();
     need_snapshot = false;
     const std::scoped_lock lock(mutex);
     ++status.snapshots;
   }
 
-  // Where the whole frame that starts at `at` in `out` ends.
-  [[nodiscard]] std::size_t frame_end(std::size_t at) const {
-    std::uint32_t payload = 0;
-    for (std::size_t i = 0; i < 4; ++i) payload |= std::to_integer<std::uint32_t>(out[at + i]) << (8U * i);
-    return at + protocol::header_size + payload;
-  }
-
-  // Sent bytes stay at the front of `out` until it empties. A server that reads steadily but never
-  // catches up would let them grow without bound, so whole sent frames are cut off now and then.
-  void compact_sent() {
-    if (out_start >= out.size() || out_start < (std::size_t{1} << 20U) || out_start < out.size() / 2) return;
-    std::size_t boundary = 0;
-    for (std::size_t next = frame_end(0); next <= out_start; next = frame_end(next)) boundary = next;
-    out.erase(out.begin(), out.begin() + static_cast<std::ptrdiff_t>(boundary));
-    out_start -= boundary;
-    out_keep = out_keep > boundary ? out_keep - boundary : 0;
-  }
-
-  // Cuts every frame after the one being written (out_start may be inside it: it stays whole,
-  // or the stream would break) and after the session start; true when something was cut.
-  bool cut_unsent_frames() {
-    std::size_t boundary = 0;
-    while (boundary < std::max(out_start, out_keep)) boundary = frame_end(boundary);
-    const bool cut = boundary < out.size();
-    out.resize(boundary);
-    return cut;
-  }
-
   // The server is not reading: drop the frames that wait, resynchronise when it reads again.
   void drop_pending() {
-    (void)cut_unsent_frames();
+    (void)outbound.cut_unsent();
     need_snapshot = true;
     const std::scoped_lock lock(mutex);
     ++status.overflows;
@@ -368,9 +340,7 @@ struct TrackingClient::State {
   void disconnect(const std::string& why) {
     if (fd >= 0) ::close(fd);
     fd = -1;
-    out.clear();
-    out_start = 0;
-    out_keep = 0;
+    outbound.clear();
     need_snapshot = true;
     next_connect = Clock::now() + options.reconnect_interval;
     if (!warned) {
@@ -457,7 +427,7 @@ struct TrackingClient::State {
   // timeout); stops early once at most `leave` bytes wait. False when the connection broke.
   bool pump_until(Clock::time_point deadline, std::size_t leave = 0) {
     while (connected()) {
-      const bool sending = out.size() > out_start;
+      const bool sending = !outbound.all_sent();
       pollfd poller{fd, static_cast<short>(POLLIN | (sending ? POLLOUT : 0)), 0};
       const auto remaining = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
       const int ready = ::poll(&poller, 1, sending ? static_cast<int>(std::max<std::int64_t>(remaining.count(), 0)) : 0);
@@ -469,23 +439,19 @@ struct TrackingClient::State {
         read_server();
         if (!connected()) return false;
       }
-      while (out.size() > out_start) {
-        const ssize_t sent = ::send(fd, out.data() + out_start, out.size() - out_start, MSG_NOSIGNAL);
+      while (!outbound.all_sent()) {
+        const auto unsent = outbound.unsent();
+        const ssize_t sent = ::send(fd, unsent.data(), unsent.size(), MSG_NOSIGNAL);
         if (sent < 0) {
           if (errno == EINTR) continue;
           if (errno == EAGAIN || errno == EWOULDBLOCK) break;
           disconnect(std::system_category().message(errno));
           return false;
         }
-        out_start += static_cast<std::size_t>(sent);
+        outbound.sent(static_cast<std::size_t>(sent));
       }
-      if (out.size() == out_start) {
-        out.clear();
-        out_start = 0;
-        out_keep = 0;
-        return true;
-      }
-      if (out.size() - out_start <= leave || Clock::now() >= deadline) return true;
+      if (outbound.all_sent()) return true;
+      if (outbound.pending() <= leave || Clock::now() >= deadline) return true;
     }
     return false;
   }
@@ -559,10 +525,10 @@ struct TrackingClient::State {
     if (stream) flush_pending();
     if (!connected()) {
       try_connect();  // a new session starts with a snapshot: it covers these events
-    } else if (need_snapshot && out.size() == out_start) {
+    } else if (need_snapshot && outbound.all_sent()) {
       encode_snapshot();
     }
-    if (connected()) peak_pending_bytes = std::max<std::uint64_t>(peak_pending_bytes, out.size() - out_start);
+    if (connected()) peak_pending_bytes = std::max<std::uint64_t>(peak_pending_bytes, outbound.pending());
     return taken;
   }
 
@@ -572,13 +538,13 @@ struct TrackingClient::State {
       status.events_taken += taken;
       // Every event queued before flush request `flush_round` was taken (no lane has more) and
       // written: the request is met.
-      if (connected() && out.size() == out_start && !need_snapshot && !more_waiting) {
+      if (connected() && outbound.all_sent() && !need_snapshot && !more_waiting) {
         status.events_delivered = status.events_taken;
         flushed_through = flush_round;
       }
       status.live_buffers = live_device_buffers;
       status.names = names.size() + arrived_names.size();
-      status.pending_bytes = connected() ? out.size() - out_start : 0;
+      status.pending_bytes = connected() ? outbound.pending() : 0;
       status.peak_pending_bytes = peak_pending_bytes;
       status.frees_waiting = early_frees.size();
       status.lanes = lanes.lane_count();
@@ -599,8 +565,8 @@ struct TrackingClient::State {
       if (stopping.load(std::memory_order_acquire)) break;
       const std::uint64_t taken = round();
       if (connected()) pump_until(Clock::now());
-      if (connected() && out.size() - out_start > options.max_pending_bytes) drop_pending();
-      if (connected()) compact_sent();
+      if (connected() && outbound.pending() > options.max_pending_bytes) drop_pending();
+      if (connected()) outbound.compact();
       publish_status(taken, flush_round);
     }
     finish();
@@ -620,13 +586,13 @@ struct TrackingClient::State {
       flush_round = flush_requests;
     }
     bool complete = true;
-    frame_records = 1024;  // 48 KiB frames
+    frame_records = exit_frame_records;
     for (;;) {
       const std::uint64_t taken = round();
       if (connected()) {
         // Keep the queue short while draining: the socket paces the drain, nothing is dropped.
         pump_until(more_waiting ? give_up_at : Clock::now(), options.max_pending_bytes / 2);
-        compact_sent();
+        outbound.compact();
       }
       publish_status(taken, flush_round);
       if (!connected()) return;  // nobody to tell: the next session (there is none) would resync
@@ -641,19 +607,19 @@ struct TrackingClient::State {
       for (const auto& [id, event] : early_frees) encode(event);
       flush_pending();
     }
-    if (need_snapshot && out.size() == out_start) encode_snapshot();  // the last word on what is live
+    if (need_snapshot && outbound.all_sent()) encode_snapshot();  // the last word on what is live
     complete = complete && !need_snapshot && pump_until(give_up_at);
     if (!connected()) return;
-    if (!complete || out.size() > out_start) {
+    if (!complete || !outbound.all_sent()) {
       complete = false;
-      (void)cut_unsent_frames();
+      (void)outbound.cut_unsent();
     }
     protocol::encode(protocol::Goodbye{.complete = complete}, out);
     pump_until(deadline);
     {
       const std::scoped_lock lock(mutex);
       status.gave_up = !complete;
-      if (out.size() == out_start) status.said_goodbye = true;
+      if (outbound.all_sent()) status.said_goodbye = true;
     }
     if (fd >= 0) ::close(fd);
     fd = -1;

@@ -301,17 +301,19 @@ TEST_SUITE("application patterns") {
   TEST_CASE("a server too slow for the shutdown timeout hears that the client gave up, in whole frames") {
     const TempDirectory dir;
     FakeServer slow(dir.file("slow.sock"), 16);
-    slow.serve_slowly(2 << 20);  // 2 MiB/s: the 10 MB queued below would take 5 s
     auto client = TrackingClient::start({.socket_path = dir.file("slow.sock"),
-                                         .shutdown_timeout = 1000ms,
+                                         .shutdown_timeout = 2000ms,
                                          .warn = [](std::string_view) {}});
     {
       auto tracker = std::make_shared<Tracker>();
       tracker->add_processor(client);
       auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+      // Connected (the backlog took it), then about 10 MB queued while the server reads nothing.
       REQUIRE(eventually([&] { return client->status().connected; }, 10s));
       for (int i = 0; i < 100'000; ++i) (void)replicated(mesh, 32);
-      CHECK(timed([&] { client->shutdown(); }) < 6s);
+      // Reading 1 MiB/s from now on: the queue would take 10 s, the timeout gives 2.
+      slow.serve_slowly(1 << 20);
+      CHECK(timed([&] { client->shutdown(); }) < 7s);
     }
     CHECK(client->status().gave_up);
     CHECK(client->status().said_goodbye);

@@ -48,6 +48,9 @@ namespace {
 
 // A client killed in the middle of its work every ~2 s (1 to 3), whatever the run's length.
 constexpr double mid_work_kill_every_seconds = 2.0;
+// The server stopped (SIGSTOP) for 2 s every ~12 s (6 to 18): clients must neither block nor lose count.
+constexpr double server_stop_every_seconds = 12.0;
+constexpr auto server_stop_length = std::chrono::seconds(2);
 
 struct Options {
   std::uint32_t clients = 8;
@@ -68,6 +71,9 @@ struct Results {
   std::uint64_t clean_exits{};
   std::uint64_t exact_comparisons{};  // a client's account matched the ledger, device by device
   std::uint64_t server_restarts{};
+  std::uint64_t server_stops{};        // SIGSTOPped for 2 s, then SIGCONT
+  std::uint64_t churning_clients{};    // clients whose work ran in short-lived threads
+  std::uint64_t forking_clients{};     // clients that forked children which allocated
   std::uint64_t mismatches{};
   std::uint64_t unknown_deallocations{};
   std::uint64_t double_deallocations{};
@@ -100,6 +106,7 @@ class Soak {
     };
     auto next_restart = restart_slot(restarts_due);
     auto next_kill = started + jitter(mid_work_kill_every_seconds);
+    auto next_stop = started + jitter(server_stop_every_seconds);
     std::uint64_t last_progress = 0;
     while (!clients_.empty()) {
       const auto now = Clock::now();
@@ -119,6 +126,14 @@ class Soak {
       if (running && now >= next_kill) {
         kill_working_client();
         next_kill = Clock::now() + jitter(mid_work_kill_every_seconds);
+      }
+      if (running && now >= next_stop) {
+        // The driver waits it out too: its comparisons need the server.
+        server_->signal(SIGSTOP);
+        std::this_thread::sleep_for(server_stop_length);
+        server_->signal(SIGCONT);
+        ++results_.server_stops;
+        next_stop = Clock::now() + jitter(server_stop_every_seconds);
       }
       if (running && now >= next_restart) {
         restart_server();
@@ -197,11 +212,21 @@ class Soak {
     client->report = path(fmt::format("client-{}.json", client->number));
     std::uniform_real_distribution<double> duration(1.0, 5.0);
     const std::string log = path(fmt::format("client-{}.log", client->number));
+    std::vector<std::string> argv{options_.bin + "/meshrt-loadgen", "--threads", std::to_string(options_.threads),
+                                  "--duration", fmt::format("{:.2f}", duration(random_)), "--keep",
+                                  std::to_string(1 + random_() % 8), "--hold", "600", "--seed",
+                                  std::to_string(random_()), "--report", client->report, "--report-interval", "0.2"};
+    // A third of the clients work in short-lived threads (thousands over a run), a quarter fork.
+    if (random_() % 3 == 0) {
+      argv.insert(argv.end(), {"--thread-churn", "20"});
+      ++results_.churning_clients;
+    }
+    if (random_() % 4 == 0) {
+      argv.insert(argv.end(), {"--fork-every", "0.3"});
+      ++results_.forking_clients;
+    }
     client->process = std::make_unique<ChildProcess>(ChildProcess::Options{
-        .argv = {options_.bin + "/meshrt-loadgen", "--threads", std::to_string(options_.threads), "--duration",
-                 fmt::format("{:.2f}", duration(random_)), "--keep", std::to_string(1 + random_() % 8), "--hold",
-                 "600", "--seed", std::to_string(random_()), "--report", client->report, "--report-interval",
-                 "0.2"},
+        .argv = std::move(argv),
         .environment = {{"MESHRT_ALLOC_TRACKING", "1"}, {"MESHRT_ALLOC_SERVER", socket()}},
         .stdout_path = log,
         .stderr_path = log + ".err",
@@ -428,6 +453,9 @@ json to_json(const Results& r) {
           {"clean_exits", r.clean_exits},
           {"exact_comparisons", r.exact_comparisons},
           {"server_restarts", r.server_restarts},
+          {"server_stops", r.server_stops},
+          {"churning_clients", r.churning_clients},
+          {"forking_clients", r.forking_clients},
           {"mismatches", r.mismatches},
           {"unknown_deallocations", r.unknown_deallocations},
           {"double_deallocations", r.double_deallocations},

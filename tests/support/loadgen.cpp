@@ -22,6 +22,7 @@
 #include <utility>
 #include <vector>
 
+#include <sys/wait.h>
 #include <unistd.h>
 
 #include <CLI/CLI.hpp>
@@ -49,6 +50,8 @@ struct Options {
   std::string report;
   double report_interval = 0.5;
   std::uint64_t max_pending_bytes = 0;  // the tracking client's default when 0
+  std::uint32_t thread_churn = 0;       // operations per short-lived thread (0: one thread per worker)
+  double fork_every_seconds = 0;        // fork a child that allocates and exits this often (0: never)
 };
 
 struct Counters {
@@ -100,7 +103,7 @@ void work(const Options& options, std::uint32_t thread, MeshDevice& mesh, MeshSh
     return options.duration_seconds > 0 ? std::chrono::steady_clock::now() < deadline : done < options.operations;
   };
   std::vector<MeshBuffer> held;
-  for (std::uint32_t op = 0; more(op); ++op) {
+  const auto one_operation = [&] {
     if (held.empty() || rng() % 3 != 0) {
       const BufferType type = all_buffer_types[rng() % all_buffer_types.size()];
       const std::uint64_t page = std::uint64_t{64} << (rng() % 6);
@@ -112,7 +115,7 @@ void work(const Options& options, std::uint32_t thread, MeshDevice& mesh, MeshSh
         } else if (counters.failures.fetch_add(1) == 0) {
           fmt::print(stderr, "meshrt-loadgen: {}\n", buffer.error().message);
         }
-        continue;
+        return;
       }
       counters.allocated.fetch_add(shape.device_count());
       held.push_back(std::move(*buffer));
@@ -121,6 +124,20 @@ void work(const Options& options, std::uint32_t thread, MeshDevice& mesh, MeshSh
       if (rng() % 2 == 0) held[static_cast<std::size_t>(at)].deallocate();
       held.erase(held.begin() + at);
       counters.freed.fetch_add(shape.device_count());
+    }
+  };
+  // With thread churn the worker's operations run in short-lived threads, one after another: a
+  // thread pool that replaces its threads, or a thread per request.
+  for (std::uint32_t op = 0; more(op);) {
+    const auto run_some = [&] {
+      for (std::uint32_t n = 0; more(op) && (options.thread_churn == 0 || n < options.thread_churn); ++n, ++op) {
+        one_operation();
+      }
+    };
+    if (options.thread_churn == 0) {
+      run_some();
+    } else {
+      std::thread(run_some).join();
     }
   }
   while (held.size() > options.keep) {
@@ -146,6 +163,10 @@ int run(int argc, char** argv) {
       ->check(CLI::PositiveNumber);
   app.add_option("--max-pending-bytes", options.max_pending_bytes,
                  "the tracking client's bound on queued bytes for a slow server");
+  app.add_option("--thread-churn", options.thread_churn, "operations per short-lived thread (0: none)");
+  app.add_option("--fork-every", options.fork_every_seconds,
+                 "while working, fork a child that allocates on a mesh of its own and exits, this often")
+      ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
 
   std::signal(SIGUSR1, release);
@@ -191,9 +212,44 @@ int run(int argc, char** argv) {
     const bool flushed = client == nullptr || client->flush(30s);
     write_report(options, phase, *live, counters, shape, client.get(), flushed);
   };
-  if (!options.report.empty()) {
+  std::uint64_t forks = 0;
+  auto next_fork = std::chrono::steady_clock::now();
+  const auto maybe_fork = [&] {
+    if (options.fork_every_seconds <= 0 || std::chrono::steady_clock::now() < next_fork) return;
+    next_fork += std::chrono::duration_cast<std::chrono::steady_clock::duration>(
+        std::chrono::duration<double>(options.fork_every_seconds));
+    // The child inherits this process's tracking client, which is inert there (ADR 0017): what it
+    // allocates must not reach the parent's session. It leaves with _exit: the parent's other
+    // threads may hold locks the child would need to run the parent's exit handlers.
+    const pid_t child = ::fork();
+    if (child == 0) {
+      // A tracker of its own with the inherited client on it (the parent's LiveBufferTable may
+      // have been locked by another thread at the fork).
+      auto own_tracker = std::make_shared<Tracker>();
+      if (client) own_tracker->add_processor(client);
+      auto own = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), own_tracker);
+      if (own) {
+        for (int i = 0; i < 16; ++i) {
+          (void)MeshBuffer::create(ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024}, *own);
+        }
+      }
+      ::_exit(0);
+    }
+    if (child > 0) {
+      int status = 0;
+      ::waitpid(child, &status, 0);
+      if (!WIFEXITED(status) || WEXITSTATUS(status) != 0) counters.failures.fetch_add(1);
+      ++forks;
+    }
+  };
+  if (!options.report.empty() || options.fork_every_seconds > 0) {
     auto next = std::chrono::steady_clock::now();
     while (working.load() > 0) {
+      maybe_fork();
+      if (options.report.empty()) {
+        std::this_thread::sleep_for(5ms);
+        continue;
+      }
       if (std::chrono::steady_clock::now() >= next) {
         write_report(options, "working", *live, counters, shape, client.get(), false);
         next += std::chrono::duration_cast<std::chrono::steady_clock::duration>(
@@ -214,8 +270,8 @@ int run(int argc, char** argv) {
   kept.clear();
   report("done");
   fmt::print("device buffers allocated: {}\nrefused for lack of memory: {}\nfailed allocations: {}\n"
-             "Active allocations: {}\n",
-             counters.allocated.load(), counters.out_of_memory.load(), counters.failures.load(),
+             "children forked: {}\nActive allocations: {}\n",
+             counters.allocated.load(), counters.out_of_memory.load(), counters.failures.load(), forks,
              live->active_allocations());
   const bool exact = live->active_allocations() == 0 && live->unknown_frees() == 0 && counters.failures.load() == 0;
   return exact ? 0 : 1;

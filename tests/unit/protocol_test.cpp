@@ -230,6 +230,53 @@ TEST_SUITE("protocol") {
     CHECK(contains(decode_error(bytes), "allocations only"));
   }
 
+  TEST_CASE("outbound frames: a cut never splits a frame or drops the session start; compacting keeps the unsent bytes") {
+    OutboundFrames queue;
+    encode(Hello{.claimed_pid = 1, .process_name = "p"}, queue.frames());
+    queue.keep_what_is_queued();
+    const std::size_t hello = queue.pending();
+    std::vector<std::byte> frames_only;
+    for (std::uint64_t i = 0; i < 3; ++i) {
+      encode(SnapshotEnd{i, i}, queue.frames());
+      encode(SnapshotEnd{i, i}, frames_only);
+    }
+    const std::size_t one = frames_only.size() / 3;
+    CHECK(queue.pending() == hello + 3 * one);
+
+    // Nothing sent: the cut keeps the session start, drops the rest.
+    OutboundFrames copy = queue;
+    CHECK(copy.cut_unsent());
+    CHECK(copy.pending() == hello);
+
+    // Part of the first frame after the session start sent: it stays whole, the two after it go.
+    queue.sent(hello + 3);
+    CHECK(queue.cut_unsent());
+    CHECK(queue.pending() == one - 3);
+    // What is left decodes once joined to what was sent: the frame is whole.
+    std::vector<std::byte> stream(queue.frames().begin(), queue.frames().end());
+    auto frame = next_frame(std::span(stream).subspan(hello));
+    REQUIRE(frame.has_value());
+    REQUIRE(frame->has_value());
+    CHECK(std::holds_alternative<SnapshotEnd>(decode(**frame).value()));
+    CHECK_FALSE(queue.cut_unsent());  // nothing more to cut
+    queue.sent(queue.pending());
+    CHECK(queue.all_sent());
+    CHECK(queue.frames().empty());  // emptied once everything went
+
+    // A long steady stream: sent frames are compacted away, unsent bytes stay exactly.
+    OutboundFrames steady;
+    std::vector<std::byte> record;
+    encode_events(0, std::vector{EventRecord::of(sample_alloc)}, record);
+    while (steady.frames().size() < (std::size_t{3} << 20U)) {
+      steady.frames().insert(steady.frames().end(), record.begin(), record.end());
+    }
+    steady.sent(steady.pending() - 5);  // all but the last frame's last five bytes
+    const std::vector<std::byte> before(steady.unsent().begin(), steady.unsent().end());
+    steady.compact();
+    CHECK(steady.frames().size() == record.size());  // only the frame in progress is left
+    CHECK(std::vector<std::byte>(steady.unsent().begin(), steady.unsent().end()) == before);
+  }
+
   TEST_CASE("random bytes never crash the decoder: they decode or fail with an error") {
     std::uint64_t state = 12345;
     int header_errors = 0;
