@@ -1,6 +1,7 @@
 // Frames waiting to be written to a peer, and the one rule that keeps a stream decodable: a
 // frame is sent whole or not at all. Pure: the caller does the writing.
 module;
+#include <algorithm>
 #include <cstddef>
 #include <span>
 #include <vector>
@@ -19,6 +20,8 @@ class OutboundFrames {
   [[nodiscard]] std::span<const std::byte> unsent() const { return std::span(bytes_).subspan(sent_); }
   [[nodiscard]] std::size_t pending() const { return bytes_.size() - sent_; }
   [[nodiscard]] bool all_sent() const { return sent_ == bytes_.size(); }
+  // Bytes cut_unsent() may drop: those queued beyond the kept session start and the sent part.
+  [[nodiscard]] std::size_t droppable() const { return bytes_.size() - std::max(sent_, keep_); }
   // `count` bytes of unsent() were written. Once everything is, the queue empties.
   void sent(std::size_t count);
   void clear();

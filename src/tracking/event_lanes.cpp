@@ -131,30 +131,36 @@ EventLanes::~EventLanes() {
   }
 }
 
-Lane* EventLanes::for_this_thread() {
-  if (!this_thread_exiting) {
-    for (const ThreadBinding& binding : this_thread_lanes.bindings) {
-      if (binding.client == id_) return binding.lane.get();
+LaneLease EventLanes::for_this_thread() {
+  if (this_thread_exiting) {
+    // This thread's own lanes are retired: it (and any other thread in teardown) writes to the
+    // client's teardown lane, one at a time.
+    std::unique_lock hold(teardown_mutex_);
+    if (teardown_lane_ == nullptr) {
+      Chunk* first = pool_.take_first();
+      if (first == nullptr) return {};
+      auto lane = std::make_shared<Lane>(first);
+      teardown_lane_ = lane.get();
+      const std::scoped_lock lock(mutex_);
+      lanes_.push_back(std::move(lane));
     }
+    return {teardown_lane_, std::move(hold)};
+  }
+  for (const ThreadBinding& binding : this_thread_lanes.bindings) {
+    if (binding.client == id_) return {binding.lane.get(), {}};
   }
   Chunk* first = pool_.take_first();
-  if (first == nullptr) return nullptr;
+  if (first == nullptr) return {};
   auto lane = std::make_shared<Lane>(first);
   {
     const std::scoped_lock lock(mutex_);
     lanes_.push_back(lane);
   }
-  if (this_thread_exiting) {
-    // No binding can outlive this thread's teardown: the lane takes this call's events and the
-    // caller retires it (the sender drains it like any other).
-    lane->one_shot = true;
-    return lane.get();
-  }
   // Lanes of clients that are gone go now, so a thread that outlives many clients keeps none.
   std::erase_if(this_thread_lanes.bindings,
                 [](const ThreadBinding& binding) { return binding.lane->orphaned.load(std::memory_order_acquire); });
   this_thread_lanes.bindings.push_back({id_, std::move(lane)});
-  return this_thread_lanes.bindings.back().lane.get();
+  return {this_thread_lanes.bindings.back().lane.get(), {}};
 }
 
 std::vector<Lane*> EventLanes::current() const {

@@ -88,12 +88,18 @@ struct Lane {
   std::atomic<bool> retired{false};
   // Set when the client is gone: the thread's binding forgets the lane at its next look-up.
   std::atomic<bool> orphaned{false};
-  // A lane for one call only (its thread is being torn down): the producer retires it itself
-  // once the call has published its events.
-  bool one_shot{false};
+
   // Consumer (sender) side.
   alignas(64) Chunk* head;
   std::size_t consumed{0};
+};
+
+// A lane to write to for the length of one process() call. Threads being torn down (their
+// thread_locals already gone) share one teardown lane per client, one at a time: `hold` keeps
+// it theirs for the call.
+struct LaneLease {
+  Lane* lane{nullptr};
+  std::unique_lock<std::mutex> hold;
 };
 
 // Every lane of one client. Application threads find theirs with for_this_thread(); the sender
@@ -106,8 +112,8 @@ class EventLanes {
   // Only once no thread records into this client and the sender has stopped.
   ~EventLanes();
 
-  // This thread's lane, made on first use; nullptr once closed.
-  [[nodiscard]] Lane* for_this_thread();
+  // This thread's lane, made on first use; no lane once closed.
+  [[nodiscard]] LaneLease for_this_thread();
   // The lanes now; the sender's only. Lanes are freed only by reap(), on the sender's thread.
   [[nodiscard]] std::vector<Lane*> current() const;
   // Frees `lane` (retired and drained by the caller): gives its last chunk back.
@@ -128,6 +134,9 @@ class EventLanes {
   ChunkPool pool_;
   mutable std::mutex mutex_;
   std::vector<std::shared_ptr<Lane>> lanes_;
+  // Shared by threads in teardown (never retired: freed with the client), made on first use.
+  std::mutex teardown_mutex_;
+  Lane* teardown_lane_{nullptr};
   std::uint64_t queued_by_reaped_{0};  // events of lanes already freed, for events_queued()
 };
 

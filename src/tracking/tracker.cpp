@@ -85,8 +85,11 @@ void Tracker::add_processor(std::shared_ptr<EventProcessor> processor) {
         // Readers that reach the new member wait until it knows where its view starts.
         if (!devices.empty()) member->processor->describe_devices(devices);
         // Until this tracker recorded an Alloc there is nothing to hide (ids may be anyone's then).
+        // The high water first: its scan synchronises with every read announced so far, so the
+        // flag read after it is set if any of those reads was an Alloc of this tracker.
+        const std::uint64_t high_water = detail::announced_high_water();
         const bool recorded = recorded_allocations_.load(std::memory_order_seq_cst);
-        member->first_buffer.store(recorded ? detail::announced_high_water() : 0, std::memory_order_release);
+        member->first_buffer.store(recorded ? high_water : 0, std::memory_order_release);
       });
 }
 

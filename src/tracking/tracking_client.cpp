@@ -58,7 +58,30 @@ constexpr std::size_t wake_chunks = 4;
 // parent. In the child it records nothing, sends nothing and its exit neither waits nor says
 // Goodbye (ADR 0017): the child's copy of the parent's session must not speak for the parent.
 std::atomic<std::uint64_t> fork_generation{0};
-void count_fork_in_child() { fork_generation.fetch_add(1, std::memory_order_relaxed); }
+// The sockets of connected clients, so that a fork's child closes its copies: a parent's session
+// must end when the parent does, not when its last child exits.
+// Each slot holds a socket + 1 (0: empty), so that zero-initialisation empties them all.
+constexpr std::size_t max_tracked_sockets = 64;
+std::array<std::atomic<int>, max_tracked_sockets> tracked_sockets{};
+void remember_socket(int fd) {
+  for (auto& slot : tracked_sockets) {
+    int empty = 0;
+    if (slot.compare_exchange_strong(empty, fd + 1)) return;
+  }
+}
+void forget_socket(int fd) {
+  for (auto& slot : tracked_sockets) {
+    int held = fd + 1;
+    if (slot.compare_exchange_strong(held, 0)) return;
+  }
+}
+void count_fork_in_child() {
+  fork_generation.fetch_add(1, std::memory_order_relaxed);
+  for (auto& slot : tracked_sockets) {
+    const int held = slot.exchange(0);
+    if (held > 0) ::close(held - 1);  // async-signal-safe; only the child's copy
+  }
+}
 std::once_flag fork_handler_installed;
 
 // An Alloc and the Free of exactly its buffers.
@@ -168,8 +191,8 @@ struct TrackingClient::State {
     auto found = arrived_names.find(id);
     if (found == arrived_names.end() && names_queued.load(std::memory_order_acquire) > 0) {
       const std::scoped_lock lock(mutex);
-      arrived_names.merge(name_queue);
-      name_queue.clear();  // a second name for one id replaces the first
+      for (auto& [id_queued, text] : name_queue) arrived_names.insert_or_assign(id_queued, std::move(text));
+      name_queue.clear();
       names_queued.store(0, std::memory_order_release);
       found = arrived_names.find(id);
     }
@@ -327,7 +350,7 @@ struct TrackingClient::State {
 
   // The server is not reading: drop the frames that wait, resynchronise when it reads again.
   void drop_pending() {
-    (void)outbound.cut_unsent();
+    if (!outbound.cut_unsent()) return;
     need_snapshot = true;
     const std::scoped_lock lock(mutex);
     ++status.overflows;
@@ -337,9 +360,15 @@ struct TrackingClient::State {
 
   [[nodiscard]] bool connected() const { return fd >= 0; }
 
-  void disconnect(const std::string& why) {
-    if (fd >= 0) ::close(fd);
+  void close_socket() {
+    if (fd < 0) return;
+    forget_socket(fd);
+    ::close(fd);
     fd = -1;
+  }
+
+  void disconnect(const std::string& why) {
+    close_socket();
     outbound.clear();
     need_snapshot = true;
     next_connect = Clock::now() + options.reconnect_interval;
@@ -385,6 +414,7 @@ struct TrackingClient::State {
       return;
     }
     fd = candidate;
+    remember_socket(fd);
     encode_session_start();
     if (warned) {
       warn(fmt::format("meshrt: tracking: connected to the allocation server at {}; resynchronised {} live buffers",
@@ -555,17 +585,24 @@ struct TrackingClient::State {
 
   void run() {
     try_connect();  // at once: a server that is there sees the first allocations as they happen
+    std::uint64_t flush_round{};
     for (;;) {
-      std::uint64_t flush_round{};
       {
         std::unique_lock lock(mutex);
-        if (!more_waiting) wake.wait_for(lock, options.flush_interval);
+        if (!more_waiting) {
+          // A flush or a shutdown asked while the last round ran is not missed.
+          wake.wait_for(lock, options.flush_interval, [&] {
+            return flush_requests != flush_round || stopping.load(std::memory_order_relaxed);
+          });
+        }
         flush_round = flush_requests;
       }
       if (stopping.load(std::memory_order_acquire)) break;
       const std::uint64_t taken = round();
       if (connected()) pump_until(Clock::now());
-      if (connected() && outbound.pending() > options.max_pending_bytes) drop_pending();
+      // Only what can be dropped counts: a session start larger than the limit (a big live
+      // table) is sent whole, never dropped and re-sent for ever.
+      if (connected() && outbound.droppable() > options.max_pending_bytes) drop_pending();
       if (connected()) outbound.compact();
       publish_status(taken, flush_round);
     }
@@ -621,8 +658,7 @@ struct TrackingClient::State {
       status.gave_up = !complete;
       if (outbound.all_sent()) status.said_goodbye = true;
     }
-    if (fd >= 0) ::close(fd);
-    fd = -1;
+    close_socket();
   }
 };
 
@@ -640,16 +676,19 @@ std::shared_ptr<TrackingClient> TrackingClient::start(Options options) {
 
 TrackingClient::TrackingClient(std::unique_ptr<State> state) : state_(std::move(state)) {}
 
-TrackingClient::~TrackingClient() { shutdown(); }
-
-void TrackingClient::shutdown() {
-  if (!state_) return;
+TrackingClient::~TrackingClient() {
   if (state_->forked_away()) {
-    // A fork's child: the sender thread is the parent's, and any lock may have been held by one
-    // of the parent's threads at the fork. Touch nothing; the child's copy is left as it is.
+    // A fork's child: the sender thread is the parent's (its std::thread would terminate the
+    // process if destroyed joinable), and any lock may have been held by one of the parent's
+    // threads at the fork. The child's copy is left as it is, never freed.
     (void)state_.release();  // NOLINT(bugprone-unused-return-value): deliberately never freed
     return;
   }
+  shutdown();
+}
+
+void TrackingClient::shutdown() {
+  if (state_->forked_away()) return;  // the parent's to do
   {
     const std::scoped_lock lock(state_->mutex);
     state_->stopping.store(true, std::memory_order_release);
@@ -660,13 +699,10 @@ void TrackingClient::shutdown() {
 }
 
 void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
-  if (!state_ || state_->stopping.load(std::memory_order_relaxed) || state_->forked_away()) return;
-  detail::Lane* const found = state_->lanes.for_this_thread();
-  if (found == nullptr) return;
-  detail::Lane& lane = *found;
-  const auto retire_one_shot = gsl::finally([&lane] {
-    if (lane.one_shot) lane.retired.store(true, std::memory_order_release);
-  });
+  if (state_->stopping.load(std::memory_order_relaxed) || state_->forked_away()) return;
+  const detail::LaneLease lease = state_->lanes.for_this_thread();
+  if (lease.lane == nullptr) return;
+  detail::Lane& lane = *lease.lane;
   bool kick = false;
   for (const AllocationEvent& event : events) {
     detail::Chunk* chunk = lane.tail;
@@ -690,7 +726,7 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
 }
 
 void TrackingClient::describe_devices(std::span<const DeviceDescription> devices) noexcept {
-  if (!state_ || state_->forked_away()) return;
+  if (state_->forked_away()) return;
   const std::scoped_lock lock(state_->mutex);
   for (const DeviceDescription& device : devices) {
     state_->device_queue.push_back({device.device.value(), device.total_bytes, device.bank_count, device.base_address});
@@ -698,14 +734,14 @@ void TrackingClient::describe_devices(std::span<const DeviceDescription> devices
 }
 
 void TrackingClient::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept {
-  if (!state_ || state_->forked_away()) return;
+  if (state_->forked_away()) return;
   const std::scoped_lock lock(state_->mutex);
   state_->name_queue.insert_or_assign(mesh_buffer.value(), std::string(name.substr(0, protocol::max_name_size)));
   state_->names_queued.store(state_->name_queue.size(), std::memory_order_release);
 }
 
 bool TrackingClient::flush(std::chrono::milliseconds timeout) {
-  if (!state_ || state_->forked_away()) return false;
+  if (state_->forked_away()) return false;
   std::unique_lock lock(state_->mutex);
   if (state_->stopping.load(std::memory_order_relaxed)) return false;
   const std::uint64_t request = ++state_->flush_requests;
@@ -714,7 +750,7 @@ bool TrackingClient::flush(std::chrono::milliseconds timeout) {
 }
 
 TrackingClient::Status TrackingClient::status() const {
-  if (!state_ || state_->forked_away()) return Status{};
+  if (state_->forked_away()) return Status{};
   Status status;
   {
     const std::scoped_lock lock(state_->mutex);

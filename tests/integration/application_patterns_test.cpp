@@ -440,4 +440,62 @@ TEST_SUITE("application patterns") {
     REQUIRE(parent->wait_for(60s) == 0);
     REQUIRE(eventually([&] { return fixture.summary()["active_allocations"] == 0; }));
   }
+
+  TEST_CASE("fork: the parent's session ends when the parent exits, even while its child lives on") {
+    ServerFixture fixture(bin);
+    auto parent = fixture.client({bin + "/meshrt-fork-client", "linger"});
+    REQUIRE(eventually([&] { return parent->standard_output().find("holding") != std::string::npos; }));
+    REQUIRE(eventually([&] {
+      const auto process = process_of(fixture.summary(), parent->pid());
+      return process && (*process)["live_allocations"] == 6;
+    }));
+    const std::string out = parent->standard_output();
+    const int child = std::stoi(out.substr(out.find("child ") + 6));
+    parent->signal(SIGUSR1);
+    REQUIRE(parent->wait_for(60s) == 0);
+    // The child still holds a copy of the socket only if the fork did not close it.
+    REQUIRE(eventually([&] { return fixture.summary()["processes"].empty(); }, 30s));
+    CHECK(::kill(child, 0) == 0);  // the child is still alive: the session ended anyway
+    CHECK(fixture.summary()["reclaimed_allocations"] == 0);
+    ::kill(child, SIGKILL);
+  }
+
+  TEST_CASE("a snapshot larger than max_pending_bytes is sent whole once, not dropped and resent for ever") {
+    ServerFixture fixture(bin);
+    auto client = TrackingClient::start({.socket_path = fixture.socket(),
+                                         .reconnect_interval = 20ms,
+                                         .max_pending_bytes = 64 * 1024,
+                                         .warn = [](std::string_view) {}});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+    std::vector<MeshBuffer> kept;
+    for (int i = 0; i < 5000; ++i) kept.push_back(replicated(mesh, 32));  // a 240 KB snapshot
+    REQUIRE(client->flush(60s));
+    fixture.start_server();  // the resync snapshot is nearly four times the limit
+    REQUIRE(eventually([&] { return client->flush(1s); }, 60s));
+    CHECK(client->status().snapshots <= 3);
+    CHECK(process_of(fixture.summary(), ::getpid()).value()["live_allocations"] == 5000);
+  }
+
+  TEST_CASE("buffers freed by a thread_local's destructor after the thread's lane is gone: all delivered, memory bounded") {
+    ServerFixture fixture(bin);
+    auto client = TrackingClient::start({.socket_path = fixture.socket()});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+    constexpr int buffers = 2000;
+    std::thread worker([&] {
+      // Constructed before the first event, so destroyed after the thread's lanes: each of its
+      // Frees is recorded by a thread in teardown.
+      thread_local std::vector<MeshBuffer> held;
+      for (int i = 0; i < buffers; ++i) held.push_back(replicated(mesh, 32));
+    });
+    worker.join();
+    REQUIRE(client->flush(60s));
+    CHECK(client->status().chunks <= 24);  // one teardown lane, not a chunk per Free
+    REQUIRE(eventually([&] { return fixture.summary()["total_deallocations"] == buffers; }));
+    CHECK(fixture.summary()["active_allocations"] == 0);
+    CHECK(fixture.summary()["unknown_deallocations"] == 0);
+  }
 }

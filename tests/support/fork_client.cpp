@@ -3,6 +3,8 @@
 //   meshrt-fork-client allocate          the child opens its own mesh, allocates, frees, drops its
 //                                        copies of the parent's buffers and returns from main
 //   meshrt-fork-client exec PROGRAM ...  the child execs PROGRAM (a tracked process of its own)
+//   meshrt-fork-client linger            the child sleeps (60 s at most) and the parent does not
+//                                        wait for it: the parent's session must end with the parent
 //
 // The parent holds 3 buffers on a 1x2 mesh (6 device buffers), waits for the child (at most
 // 30 s: a child that hangs at exit fails the run with exit 3), prints "child PID exited CODE",
@@ -50,8 +52,8 @@ int child_allocates(std::vector<MeshBuffer>& inherited) {
 
 int main(int argc, char** argv) {
   const std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || (args[0] != "allocate" && (args[0] != "exec" || args.size() < 2))) {
-    std::fprintf(stderr, "usage: meshrt-fork-client allocate | exec PROGRAM [ARGS...]\n");
+  if (args.empty() || (args[0] != "allocate" && args[0] != "linger" && (args[0] != "exec" || args.size() < 2))) {
+    std::fprintf(stderr, "usage: meshrt-fork-client allocate | linger | exec PROGRAM [ARGS...]\n");
     return 2;
   }
   std::signal(SIGUSR1, release);
@@ -65,6 +67,10 @@ int main(int argc, char** argv) {
     return 1;
   }
   if (child == 0) {
+    if (args[0] == "linger") {
+      for (int i = 0; i < 6000; ++i) std::this_thread::sleep_for(10ms);
+      ::_exit(0);
+    }
     if (args[0] == "exec") {
       std::vector<char*> exec_argv;
       for (std::size_t i = 1; i < args.size(); ++i) exec_argv.push_back(argv[i + 1]);
@@ -76,6 +82,12 @@ int main(int argc, char** argv) {
     return child_allocates(buffers);  // a normal exit: static destructors and all
   }
 
+  if (args[0] == "linger") {
+    std::printf("child %d lingering\nholding\n", child);
+    std::fflush(stdout);
+    for (int i = 0; i < 6000 && released == 0; ++i) std::this_thread::sleep_for(10ms);
+    return 0;
+  }
   int status = 0;
   const auto deadline = std::chrono::steady_clock::now() + 30s;
   while (::waitpid(child, &status, WNOHANG) == 0) {
