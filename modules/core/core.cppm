@@ -105,6 +105,8 @@ inline constexpr std::uint32_t max_mesh_dimension = 8;
 [[nodiscard]] Result<MeshShape> parse_mesh_shape(std::string_view text);
 [[nodiscard]] std::string to_string(MeshShape shape);
 [[nodiscard]] std::string to_string(MeshCoordinate coordinate);
+// The row-major index of `coordinate`, or an Error naming the mesh's bounds when it is outside.
+[[nodiscard]] Result<std::uint32_t> checked_index(MeshShape shape, MeshCoordinate coordinate);
 
 }  // namespace meshrt
 

@@ -177,7 +177,8 @@ class Tracker {
   std::atomic<const Listeners*> current_{nullptr};
   // Set (seq_cst) before the first Alloc is recorded: until then a new processor sees everything.
   mutable std::atomic<bool> recorded_allocations_{false};
-  // Every device described through this tracker, latest first: what a late processor is told.
+  // The latest description of every device described through this tracker: what a late
+  // processor is told.
   mutable std::vector<DeviceDescription> described_;
 };
 

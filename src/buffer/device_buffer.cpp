@@ -32,11 +32,9 @@ std::string_view to_string(DeviceBufferState state) {
 
 Result<DeviceBuffer> DeviceBuffer::create(MeshDevice& mesh, MeshCoordinate coordinate, std::uint64_t size,
                                           const DeviceLocalBufferConfig& config, std::string name) {
-  if (!mesh.shape().contains(coordinate)) {
-    return fail(ErrorCode::invalid_argument, fmt::format("coordinate {} is outside the {} mesh", to_string(coordinate),
-                                                         to_string(mesh.shape())));
-  }
-  auto plan = detail::plan_buffer(mesh, size, config, mesh.shape().index_of(coordinate), 1,
+  const auto index = checked_index(mesh.shape(), coordinate);
+  if (!index) return tl::unexpected(index.error());
+  auto plan = detail::plan_buffer(mesh, size, config, *index, 1,
                                   detail::next_mesh_buffer_id(), std::move(name));
   if (!plan) return tl::unexpected(std::move(plan.error()));
   if (plan->size_per_device == 0) return DeviceBuffer{};  // zero-size buffers take and report nothing

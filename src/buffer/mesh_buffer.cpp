@@ -174,13 +174,7 @@ Result<std::uint32_t> MeshBuffer::slot_of(MeshCoordinate coordinate) const {
     return fail(ErrorCode::not_found,
                 fmt::format("mesh buffer {} was moved from: it has no device buffers", id_.value()));
   }
-  if (!mesh_shape_.contains(coordinate)) {
-    return fail(ErrorCode::invalid_argument,
-                fmt::format("coordinate {} is outside the {} mesh of buffer {}: rows 0 to {}, columns 0 to {}",
-                            to_string(coordinate), to_string(mesh_shape_), id_.value(), mesh_shape_.rows - 1,
-                            mesh_shape_.cols - 1));
-  }
-  return mesh_shape_.index_of(coordinate);
+  return checked_index(mesh_shape_, coordinate);
 }
 
 Result<gsl::not_null<DeviceBuffer*>> MeshBuffer::device_buffer(MeshCoordinate coordinate) {

@@ -79,4 +79,13 @@ std::string to_string(MeshShape shape) { return fmt::format("{}x{}", shape.rows,
 
 std::string to_string(MeshCoordinate coordinate) { return fmt::format("({}, {})", coordinate.row, coordinate.col); }
 
+Result<std::uint32_t> checked_index(MeshShape shape, MeshCoordinate coordinate) {
+  if (!shape.contains(coordinate)) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("coordinate {} is outside the {} mesh: rows 0 to {}, columns 0 to {}", to_string(coordinate),
+                            to_string(shape), shape.rows - 1, shape.cols - 1));
+  }
+  return shape.index_of(coordinate);
+}
+
 }  // namespace meshrt

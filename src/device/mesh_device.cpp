@@ -237,21 +237,8 @@ MeshShape MeshDevice::shape() const {
   return memory_->shape();
 }
 
-namespace {
-
-Result<std::uint32_t> index_in(MeshShape shape, MeshCoordinate coordinate) {
-  if (!shape.contains(coordinate)) {
-    return fail(ErrorCode::invalid_argument,
-                fmt::format("coordinate {} is outside the {} mesh: rows 0 to {}, columns 0 to {}", to_string(coordinate),
-                            to_string(shape), shape.rows - 1, shape.cols - 1));
-  }
-  return shape.index_of(coordinate);
-}
-
-}  // namespace
-
 Result<DeviceId> MeshDevice::device_id(MeshCoordinate coordinate) const {
-  return index_in(shape(), coordinate).map([](std::uint32_t index) { return DeviceId{index}; });
+  return checked_index(shape(), coordinate).map([](std::uint32_t index) { return DeviceId{index}; });
 }
 
 const DeviceSpec& MeshDevice::spec() const {
@@ -275,7 +262,7 @@ std::vector<Block> MeshDevice::block_table(BufferType type) const {
 }
 
 Result<std::uint64_t> MeshDevice::resident_bytes(MeshCoordinate coordinate) const {
-  return index_in(shape(), coordinate).map([this](std::uint32_t index) { return memory_->resident_bytes(index); });
+  return checked_index(shape(), coordinate).map([this](std::uint32_t index) { return memory_->resident_bytes(index); });
 }
 
 }  // namespace meshrt

@@ -5,6 +5,7 @@ module;
 #include <cstdint>
 #include <limits>
 #include <map>
+#include <optional>
 #include <string>
 #include <tuple>
 #include <utility>
@@ -102,8 +103,8 @@ namespace {
 
 // a + b * n without passing 2^64.
 bool fits(std::uint64_t a, std::uint64_t b, std::uint64_t n = 1) {
-  std::uint64_t product = 0;
-  return !__builtin_mul_overflow(b, n, &product) && a <= std::numeric_limits<std::uint64_t>::max() - product;
+  const std::optional<std::uint64_t> product = checked_multiply(b, n);
+  return product && a <= std::numeric_limits<std::uint64_t>::max() - *product;
 }
 
 }  // namespace

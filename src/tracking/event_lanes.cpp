@@ -53,7 +53,6 @@ ChunkPool::~ChunkPool() = default;
 Chunk* ChunkPool::reuse_or_allocate() {
   ++in_use_;
   if (idle_.empty()) {
-    ++allocated_;
     return std::make_unique<Chunk>().release();  // owned by a lane until given back
   }
   // The longest idle sits at the front; the most recent at the back is likelier still cached.
@@ -85,11 +84,8 @@ void ChunkPool::give(Chunk* chunk) {
     const std::scoped_lock lock(mutex_);
     Expects(in_use_ > 0);
     --in_use_;
-    if (idle_.size() < max_idle_) {
-      idle_.push_back(std::move(owned));
-    } else {
-      --allocated_;  // freed below, outside the lock
-    }
+    // Beyond max_idle_ the chunk is freed below, outside the lock.
+    if (idle_.size() < max_idle_) idle_.push_back(std::move(owned));
   }
   returned_.notify_one();
 }
@@ -113,7 +109,7 @@ void ChunkPool::close() {
 
 std::size_t ChunkPool::chunks_allocated() const {
   const std::scoped_lock lock(mutex_);
-  return allocated_;
+  return in_use_ + idle_.size();
 }
 
 // ---- EventLanes ----

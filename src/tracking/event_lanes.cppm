@@ -72,7 +72,6 @@ class ChunkPool {
   std::vector<std::unique_ptr<Chunk>> idle_;
   std::size_t in_use_{0};      // handed out, not given back
   std::size_t lanes_{0};       // live lanes: each holds one chunk that does not count as queued
-  std::size_t allocated_{0};   // in_use_ + idle_.size()
   bool closed_{false};
 };
 

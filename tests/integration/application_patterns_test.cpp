@@ -44,23 +44,6 @@ namespace {
 
 const std::string bin = MESHRT_BIN_DIR;
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-constexpr bool sanitized = true;
-#else
-constexpr bool sanitized = false;
-#endif
-#else
-constexpr bool sanitized = false;
-#endif
-
-std::optional<json> process_of(const json& summary, int pid) {
-  for (const json& process : summary["processes"]) {
-    if (process["pid"] == pid) return process;
-  }
-  return std::nullopt;
-}
-
 MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, std::string name = {}) {
   return MeshBuffer::create(ReplicatedBufferConfig{.size = size, .name = std::move(name)},
                             {.page_size = 32, .buffer_type = BufferType::dram}, mesh)
@@ -338,7 +321,7 @@ TEST_SUITE("application patterns") {
 
   TEST_CASE("a clean exit with a deep queue of Frees delivers every one before Goodbye") {
     ServerFixture fixture(bin);
-    const int buffers = sanitized ? 100'000 : 1'000'000;
+    const int buffers = sanitized_build ? 100'000 : 1'000'000;
     auto client = TrackingClient::start({.socket_path = fixture.socket(), .shutdown_timeout = 60s});
     {
       auto tracker = std::make_shared<Tracker>();
@@ -365,7 +348,7 @@ TEST_SUITE("application patterns") {
   TEST_CASE("names live exactly as long as their buffers, across a server restart") {
     // A low name limit: a client that kept dead names would be refused long before the end.
     ServerFixture fixture(bin, {"--max-names-per-process", "1000"});
-    const int named = sanitized ? 30'000 : 300'000;
+    const int named = sanitized_build ? 30'000 : 300'000;
     auto client = TrackingClient::start(
         {.socket_path = fixture.socket(), .reconnect_interval = 20ms, .warn = [](std::string_view) {}});
     auto tracker = std::make_shared<Tracker>();

@@ -29,13 +29,6 @@ namespace {
 
 const std::string bin = MESHRT_BIN_DIR;
 
-std::optional<json> our_process(const json& summary) {
-  for (const json& process : summary["processes"]) {
-    if (process["pid"] == ::getpid()) return process;
-  }
-  return std::nullopt;
-}
-
 }  // namespace
 
 TEST_SUITE("slow server") {
@@ -74,7 +67,7 @@ TEST_SUITE("slow server") {
     fixture.server().signal(SIGCONT);
     REQUIRE(client->flush(60s));
     REQUIRE(eventually([&] {
-      const auto process = our_process(fixture.summary());
+      const auto process = process_of(fixture.summary(), ::getpid());
       return process && (*process)["live_allocations"] == 100;
     }));
     const json resumed = fixture.summary();

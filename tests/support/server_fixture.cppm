@@ -112,6 +112,14 @@ std::optional<nlohmann::json> loadgen_report(const std::string& path, const std:
   return report;
 }
 
+// The entry of process `pid` in a summary, if it has a session.
+std::optional<nlohmann::json> process_of(const nlohmann::json& summary, std::int64_t pid) {
+  for (const nlohmann::json& process : summary["processes"]) {
+    if (process["pid"] == pid) return process;
+  }
+  return std::nullopt;
+}
+
 // Bytes of device `device`'s memory of `type` in use, as a summary says.
 std::uint64_t used(const nlohmann::json& summary, std::uint32_t device, const char* type) {
   for (const nlohmann::json& d : summary["devices"]) {

@@ -17,6 +17,17 @@ import meshrt;
 
 export namespace meshrt::testing {
 
+// True in the asan and tsan presets: tests scale their counts down there, never their checks.
+#if defined(__has_feature)
+#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
+inline constexpr bool sanitized_build = true;
+#else
+inline constexpr bool sanitized_build = false;
+#endif
+#else
+inline constexpr bool sanitized_build = false;
+#endif
+
 // Records every event a tracker reports, one per device buffer (range events are split), and
 // checks the invariant of DESIGN.md over them: each buffer id has exactly one Alloc followed by
 // exactly one Free.

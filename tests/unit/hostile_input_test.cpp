@@ -13,6 +13,7 @@
 #include <doctest/doctest.h>
 
 import meshrt;
+import meshrt.testing;
 
 using namespace meshrt;
 
@@ -45,15 +46,7 @@ class Extremes {
 
 void require_explained(const Error& error) { CHECK_FALSE(error.message.empty()); }
 
-#if defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-constexpr int rounds = 5'000;
-#else
-constexpr int rounds = 40'000;
-#endif
-#else
-constexpr int rounds = 40'000;
-#endif
+constexpr int rounds = testing::sanitized_build ? 5'000 : 40'000;
 
 }  // namespace
 
