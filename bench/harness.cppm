@@ -100,6 +100,10 @@ struct Context {
 std::vector<Figure> allocator_figures();
 std::vector<Figure> tracking_figures(const Context& context);
 std::vector<Figure> server_figures(const Context& context);
+// Run under callgrind by tracking_figures: `lives` device buffer lives on the main thread,
+// counted (collection on) only around them; tracked through a client of `socket`, or untracked
+// when it is empty.
+int count_lives(const std::string& socket, std::uint64_t lives);
 // The client process of the ingest benchmark: sends `events` as fast as it can, then Goodbye.
 int blast(const std::string& socket, std::uint64_t events);
 // The holder process of the memory benchmark: keeps `live` allocations until stdin closes.

@@ -38,10 +38,14 @@ int run(int argc, char** argv) {
   app.add_option("--git", git, "the commit measured (recorded in the results)");
   auto* blast = app.add_option("--blast", blast_socket, "(internal) be an ingest client on this socket");
   auto* hold = app.add_option("--hold", hold_socket, "(internal) hold live allocations on this socket");
+  std::string count_socket;
+  auto* count_lives = app.add_option("--count-lives", count_socket,
+                                     "(internal) under callgrind: device buffer lives, tracked on this socket ('-': untracked)");
   app.add_option("count", count, "(internal) events to send, or allocations to hold");
   CLI11_PARSE(app, argc, argv);
   if (*blast) return meshrt::bench::blast(blast_socket, count);
   if (*hold) return meshrt::bench::hold(hold_socket, count);
+  if (*count_lives) return meshrt::bench::count_lives(count_socket == "-" ? std::string{} : count_socket, count);
 
   const meshrt::testing::TempDirectory scratch;
   const std::string self = self_path();

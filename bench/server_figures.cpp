@@ -2,6 +2,7 @@
 // live allocation and the monitor's round trip at a million live allocations.
 module;
 #include <algorithm>
+#include <atomic>
 #include <chrono>
 #include <csignal>
 #include <cstddef>
@@ -217,8 +218,42 @@ std::vector<Figure> server_figures(const Context& context) {
         },
         1, 11);
     figures.push_back(figure("smi_process_ms_1m", smi_ns / 1e6, "ms"));
-    holder.signal(SIGTERM);
+
+    // The buffer list at a million live buffers (issue 11, item 8): from the question to the
+    // last byte of the reply; and meanwhile other monitors' summaries, answered between pages.
+    std::atomic<bool> listing{true};
+    double list_ms = 0;
+    std::size_t list_bytes = 0;
+    std::thread lister([&] {
+      auto own = server::Monitor::connect(socket).value();
+      const auto started = std::chrono::steady_clock::now();
+      list_bytes = own.query(protocol::QueryKind::buffers).value().size();
+      list_ms = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count();
+      listing.store(false);
+    });
+    double slowest_summary_ms = 0;
+    std::uint64_t summaries = 0;
+    while (listing.load()) {
+      const auto started = std::chrono::steady_clock::now();
+      (void)summary(monitor);
+      slowest_summary_ms = std::max(
+          slowest_summary_ms, std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - started).count());
+      ++summaries;
+    }
+    lister.join();
+    figures.push_back(figure("buffers_query_ms_1m", list_ms, "ms", Bound::at_most, 2000));
+    figures.push_back(figure("buffers_reply_mib_1m", static_cast<double>(list_bytes) / (1 << 20), "MiB"));
+    figures.push_back(figure("summary_ms_during_buffers_1m", slowest_summary_ms, "ms", Bound::at_most, 500));
+    figures.push_back(figure("summaries_during_buffers_1m", static_cast<double>(summaries), "answers"));
+
+    // A process that dies holding a million buffers: from its death to a ledger without them.
+    const auto killed = std::chrono::steady_clock::now();
+    holder.signal(SIGKILL);
     (void)holder.wait_for(30s);
+    testing::eventually([&] { return summary(monitor)["active_allocations"] == 0; }, 120s);
+    figures.push_back(figure("reclaim_ms_1m",
+                             std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - killed).count(),
+                             "ms", Bound::at_most, 1000));
   }
   return figures;
 }

@@ -9,7 +9,11 @@ module;
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
+#include <filesystem>
+#include <fstream>
+#include <limits>
 #include <memory>
+#include <optional>
 #include <mutex>
 #include <span>
 #include <string>
@@ -17,9 +21,12 @@ module;
 #include <thread>
 #include <vector>
 
+#include <fmt/format.h>
 #include <sys/socket.h>
 #include <sys/un.h>
 #include <unistd.h>
+
+extern "C" void meshrt_bench_toggle_collect();  // callgrind_toggle.cpp
 
 module meshrt.bench;
 
@@ -101,7 +108,50 @@ double ns_per_event(Tracker& tracker, std::uint64_t events, std::uint64_t first_
       events, repetitions, 2, timing);
 }
 
+void device_buffer_lives(MeshDevice& mesh, std::uint64_t lives) {
+  const DeviceLocalBufferConfig config{.page_size = 2048, .buffer_type = BufferType::dram};
+  for (std::uint64_t i = 0; i < lives; ++i) {
+    auto buffer = DeviceBuffer::create(mesh, {0, 0}, 2048, config);
+    buffer->deallocate();
+  }
+}
+
+// Instructions callgrind counted on the main thread of one `--count-lives` run (its file for
+// thread 1), or nothing when valgrind could not run it.
+std::optional<double> counted_instructions(const Context& context, const std::string& socket, std::uint64_t lives,
+                                           const std::string& label) {
+  const std::string prefix = context.scratch + "/callgrind." + label;
+  testing::ChildProcess run({.argv = {"/usr/bin/valgrind", "--tool=callgrind", "--separate-threads=yes",
+                                      "--collect-atstart=no", "--callgrind-out-file=" + prefix + ".%p", context.self,
+                                      "--count-lives", socket.empty() ? "-" : socket, std::to_string(lives)},
+                             .stdout_path = prefix + ".out",
+                             .stderr_path = prefix + ".err"});
+  if (run.wait_for(600s) != 0) return std::nullopt;
+  std::ifstream file(fmt::format("{}.{}-01", prefix, run.pid()));
+  for (std::string line; std::getline(file, line);) {
+    if (line.starts_with("totals: ") || line.starts_with("summary: ")) return std::stod(line.substr(line.find(' ') + 1));
+  }
+  return std::nullopt;
+}
+
 }  // namespace
+
+int count_lives(const std::string& socket, std::uint64_t lives) {
+  std::shared_ptr<TrackingClient> client;
+  auto tracker = std::make_shared<Tracker>();
+  if (!socket.empty()) {
+    client = TrackingClient::start({.socket_path = socket});
+    tracker->add_processor(client);
+  }
+  auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+  device_buffer_lives(mesh, 1000);  // warm: the lane, the allocator's first blocks, the connection
+  if (client) (void)client->flush(10s);
+  meshrt_bench_toggle_collect();
+  device_buffer_lives(mesh, lives);
+  meshrt_bench_toggle_collect();
+  if (client && !client->flush(30s)) return 1;
+  return 0;
+}
 
 std::vector<Figure> tracking_figures(const Context& context) {
   const std::string socket = context.scratch + "/tracking.sock";
@@ -176,6 +226,15 @@ std::vector<Figure> tracking_figures(const Context& context) {
   };
   const auto [churn_on_ns, churn_off_ns] = paired_medians(churn(mesh_on), churn(mesh_off), churned_threads, 5);
   client->flush(10s);
+
+  // The same life counted in instructions of the application thread (callgrind, one thread per
+  // file): repeatable where wall and CPU time on a shared machine are not.
+  constexpr std::uint64_t counted_lives = 20'000;
+  const auto tracked_instructions = counted_instructions(context, socket, counted_lives, "tracked");
+  const auto untracked_instructions = counted_instructions(context, {}, counted_lives, "untracked");
+  const double instructions_ratio = tracked_instructions && untracked_instructions
+                                        ? *tracked_instructions / *untracked_instructions
+                                        : std::numeric_limits<double>::quiet_NaN();  // missed: valgrind did not run
   if (const char* keep = std::getenv("MESHRT_BENCH_SHOW_LOG"); keep != nullptr) {
     std::fputs(testing::read_text(context.scratch + "/tracking-server.log").c_str(), stderr);
   }
@@ -185,6 +244,9 @@ std::vector<Figure> tracking_figures(const Context& context) {
       figure("untracked_device_buffer_ns", off_ns, "ns"),
       figure("tracking_overhead_ratio", on_ns / off_ns, "x", Bound::at_most, 1.10),
       figure("tracking_overhead_ratio_wall", on_wall_ns / off_wall_ns, "x"),
+      figure("tracked_device_buffer_instructions", tracked_instructions.value_or(0) / counted_lives, "instr"),
+      figure("untracked_device_buffer_instructions", untracked_instructions.value_or(0) / counted_lives, "instr"),
+      figure("tracking_overhead_instructions_ratio", instructions_ratio, "x", Bound::at_most, 1.10),
       figure("tracking_ns_per_event", ours_ns, "ns", Bound::at_most, 20),
       figure("tracking_ns_per_event_wall", ours_wall_ns, "ns"),
       figure("tracking_server_overflows", static_cast<double>(overflows), "times"),

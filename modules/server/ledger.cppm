@@ -93,6 +93,46 @@ struct LiveBuffer {
   bool hooked{};
 };
 
+// The live buffers at one instant, ordered as the buffer list shows them (pid, device, buffer
+// id), rendered as the reply's JSON a page at a time. Copying and sorting a million buffers is
+// one short step; rendering and sending them is spread over the event loop, so other clients
+// are served while a large list goes out (issue 11).
+class BufferListing {
+ public:
+  [[nodiscard]] std::size_t size() const { return entries_.size(); }
+  [[nodiscard]] bool done() const { return closed_; }
+  [[nodiscard]] std::size_t sent() const { return next_; }  // buffers rendered so far
+  // Appends the next part of the document {"buffers":[...]} to `out`, at least one buffer (or
+  // the closing bracket) and at most `max_bytes` (at least max_entry_bytes). `now_ns` gives the
+  // ages. Renders nothing once done().
+  void render(std::string& out, std::size_t max_bytes, std::int64_t now_ns);
+  // The longest one buffer's JSON can be (its name escaped at worst).
+  static constexpr std::size_t max_entry_bytes = 512 + 6 * protocol::max_name_size;
+  // The same buffers as values (tests and small answers).
+  [[nodiscard]] std::vector<LiveBuffer> buffers() const;
+
+ private:
+  friend class Ledger;
+  struct Entry {
+    std::uint64_t buffer;
+    std::uint64_t mesh_buffer;
+    std::uint64_t address;
+    std::uint64_t size;
+    std::int64_t time_ns;
+    std::uint32_t pid;
+    std::uint32_t device;
+    std::uint32_t name;  // index into names_; 0: none
+    BufferType type;
+    bool hooked;
+  };
+  std::vector<Entry> entries_;
+  std::vector<std::string> names_{std::string{}};  // as given; [0] is no name
+  std::vector<std::string> quoted_names_;           // the same as JSON strings, made as needed
+  std::size_t next_{0};
+  bool opened_{false};
+  bool closed_{false};
+};
+
 // What a session still held when it ended, per device and type.
 struct Reclaim {
   SessionIdentity identity;
@@ -158,8 +198,9 @@ class Ledger {
   [[nodiscard]] std::uint64_t live_allocations(SessionId session) const;
   [[nodiscard]] std::uint64_t names(SessionId session) const;
   [[nodiscard]] Summary summary() const;
-  // Every live buffer (of one pid, or all when pid is 0). O(live buffers).
-  [[nodiscard]] std::vector<LiveBuffer> live_buffers(std::uint32_t pid = 0) const;
+  // Every live buffer (of one pid, or all when pid is 0). O(live buffers), sorted once.
+  [[nodiscard]] BufferListing list_buffers(std::uint32_t pid = 0) const;
+  [[nodiscard]] std::vector<LiveBuffer> live_buffers(std::uint32_t pid = 0) const { return list_buffers(pid).buffers(); }
   // Recomputes every aggregate from the live buffers and compares. O(live buffers).
   [[nodiscard]] Verification verify() const;
 
@@ -208,6 +249,10 @@ class Ledger {
   bool add(Session& session, const protocol::AllocRecord& record);
   // Frees the `mask` bits of a group, adjusting every aggregate; forgets the group when empty.
   void remove(Session& session, Groups::iterator group, std::uint64_t mask);
+  // Frees every live buffer of a session in one pass. Not remove(begin()) until empty: a flat hash
+  // map's begin() skips the slots erased before it, so that loop is quadratic (a minute of a
+  // stalled server for a crashed process that held 200,000 buffers).
+  void remove_all(Session& session);
   void remember_free(Session& session, std::uint64_t first_id);
   static UsageByType& usage_of(std::vector<UsageByType>& devices, std::uint32_t device);
 

@@ -35,6 +35,8 @@ struct ServerConfig {
   std::uint64_t max_messages_per_second{200'000};  // frames per second per session (with a 1 s burst)
   std::uint32_t max_payload{protocol::max_payload_size};
   std::size_t max_pending_output{std::size_t{64} << 20U};  // a monitor that stops reading is dropped
+  // A buffer list goes out a page at a time; a monitor that takes none of it for this long is dropped.
+  std::chrono::milliseconds reply_stall_timeout{30'000};
   // Serve Prometheus metrics over HTTP at http://HOST:PORT/metrics ("127.0.0.1:9464"; port 0
   // picks a free one). Loopback unless the address says otherwise (ADR 0014).
   std::optional<std::string> metrics_address;

@@ -27,6 +27,7 @@ constexpr double map_width = 960;   // pixels for one bank's address range
 constexpr double left_margin = 90;  // bank labels
 constexpr double panel_gap = 46;    // title and figures above each panel
 constexpr std::size_t merge_above = 4000;  // blocks per panel past which neighbours of one process merge
+constexpr std::string_view mixed_colour = "#7f7f7f";  // a group of tiny blocks of several processes
 
 // Distinct, readable colours; processes take them in order of pid.
 constexpr std::array<std::string_view, 10> palette{"#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
@@ -67,6 +68,7 @@ struct Block {
   std::string name;
   std::uint64_t size{};
   std::uint32_t merged{1};  // buffers this block stands for
+  std::uint32_t processes{1};  // processes among them (more than one: drawn grey)
 };
 
 struct Panel {
@@ -104,6 +106,32 @@ void merge_neighbours(Panel& panel) {
     merged.push_back(std::move(block));
   }
   panel.blocks = std::move(merged);
+}
+
+// Blocks narrower than a pixel cannot be seen one by one: those that start in the same pixel
+// column become one block, so a panel draws at most about two blocks per pixel column however
+// many buffers it holds (a million small buffers give a map a browser can open).
+void group_subpixel_blocks(Panel& panel, double scale) {
+  std::vector<Block> grouped;
+  std::optional<std::uint64_t> column;  // of grouped.back(), while it is a group of tiny blocks
+  std::vector<std::uint32_t> pids;
+  for (Block& block : panel.blocks) {
+    const bool tiny = static_cast<double>(block.width) * scale < 1.0;
+    const auto at = static_cast<std::uint64_t>(static_cast<double>(block.offset) * scale);
+    if (tiny && column == at) {
+      Block& group = grouped.back();
+      group.width = std::max(group.offset + group.width, block.offset + block.width) - group.offset;
+      group.size += block.size;
+      group.merged += block.merged;
+      if (std::ranges::find(pids, block.pid) == pids.end()) pids.push_back(block.pid);
+      group.processes = static_cast<std::uint32_t>(pids.size());
+      continue;
+    }
+    column = tiny ? std::optional(at) : std::nullopt;
+    pids.assign({block.pid});
+    grouped.push_back(std::move(block));
+  }
+  panel.blocks = std::move(grouped);
 }
 
 }  // namespace
@@ -174,10 +202,12 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
     for (auto& [key, panel] : panels) {
       std::ranges::sort(panel.blocks, {}, &Block::offset);
       const std::size_t buffer_count = panel.blocks.size();
+      const std::uint64_t gap = largest_gap(panel);
+      const double scale = map_width / static_cast<double>(panel.bank_size);
       if (panel.blocks.size() > merge_above) merge_neighbours(panel);
+      if (panel.blocks.size() > merge_above) group_subpixel_blocks(panel, scale);
       const double row = std::clamp(160.0 / panel.banks, 2.0, 12.0);
       const double height = row * panel.banks;
-      const std::uint64_t gap = largest_gap(panel);
       fmt::format_to(out,
                      "<text x=\"{}\" y=\"{:.1f}\" class=\"title\">Device {} · {} · {} banks × {}</text>\n"
                      "<text x=\"{}\" y=\"{:.1f}\" class=\"figures\">{} used of {} ({:.1f}%) in {} buffers · largest "
@@ -189,7 +219,6 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
       const double top = y + panel_gap;
       fmt::format_to(out, "<rect class=\"free\" x=\"{}\" y=\"{:.1f}\" width=\"{}\" height=\"{:.1f}\"/>\n", left_margin,
                      top, map_width, height);
-      const double scale = map_width / static_cast<double>(panel.bank_size);
       for (const Block& block : panel.blocks) {
         // Clamped to the panel: a block past the bank's end (a client's bad figures) stays visible at its edge.
         const double x = left_margin + std::min(static_cast<double>(block.offset) * scale, map_width - 1);
@@ -197,16 +226,20 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
         const std::string who = fmt::format("pid {} ({})", block.pid,
                                             process_names.contains(block.pid) ? process_names[block.pid] : "gone");
         const std::string label =
-            block.merged == 1
-                ? fmt::format("buffer {} · mesh buffer {}{} · {} · {} ({} per bank) at 0x{:x}", block.buffer,
-                              block.mesh_buffer, block.name.empty() ? "" : " '" + block.name + "'", who,
+            block.merged == 1 ? fmt::format("buffer {} · mesh buffer {}{} · {} · {} ({} per bank) at 0x{:x}", block.buffer,
+                                            block.mesh_buffer, block.name.empty() ? "" : " '" + block.name + "'", who,
+                                            bytes_text(block.size), bytes_text(block.width), block.offset + panel.base)
+            : block.processes == 1
+                ? fmt::format("{} neighbouring buffers of {} · {} ({} per bank) from 0x{:x}", block.merged, who,
                               bytes_text(block.size), bytes_text(block.width), block.offset + panel.base)
-                : fmt::format("{} neighbouring buffers of {} · {} ({} per bank) from 0x{:x}", block.merged, who,
-                              bytes_text(block.size), bytes_text(block.width), block.offset + panel.base);
+                : fmt::format("{} small buffers of {} processes · {} ({} per bank) from 0x{:x}", block.merged,
+                              block.processes, bytes_text(block.size), bytes_text(block.width),
+                              block.offset + panel.base);
+        const std::string_view fill = block.processes == 1 ? colours[block.pid] : mixed_colour;
         fmt::format_to(out,
                        "<rect class=\"block\" data-pid=\"{}\" x=\"{:.2f}\" y=\"{:.1f}\" width=\"{:.2f}\" "
                        "height=\"{:.1f}\" fill=\"{}\"><title>{}</title></rect>\n",
-                       block.pid, x, top, width, height, colours[block.pid], escape(label));
+                       block.pid, x, top, width, height, fill, escape(label));
       }
       // Bank rows: a line between banks, and a label every few banks.
       const std::uint32_t label_every = std::max<std::uint32_t>(1, static_cast<std::uint32_t>(12.0 / row));

@@ -3,6 +3,7 @@ module;
 #include <array>
 #include <bit>
 #include <cstdint>
+#include <iterator>
 #include <limits>
 #include <map>
 #include <optional>
@@ -169,6 +170,14 @@ void Ledger::remove(Session& s, Groups::iterator group, std::uint64_t mask) {
   s.live.erase(group);
 }
 
+void Ledger::remove_all(Session& s) {
+  for (auto group = s.live.begin(); group != s.live.end();) {
+    const auto next = std::next(group);  // erasing one element leaves the others' iterators valid
+    remove(s, group, s.slab[group->second].live_mask);
+    group = next;
+  }
+}
+
 void Ledger::remember_free(Session& s, std::uint64_t first_id) {
   if (!s.recent_frees.insert(first_id).second) return;
   if (s.recent_free_ring.size() < recent_frees_remembered) {
@@ -264,7 +273,7 @@ void Ledger::set_device_totals(SessionId id, const protocol::DeviceTotals& total
 
 void Ledger::begin_snapshot(SessionId id) {
   Session& s = session(id);
-  while (!s.live.empty()) remove(s, s.live.begin(), s.slab[s.live.begin()->second].live_mask);
+  remove_all(s);
   s.slab.clear();
   s.free_slots.clear();
   s.recent_frees.clear();
@@ -292,7 +301,7 @@ Reclaim Ledger::close_session(SessionId id, SessionEnd how) {
     case SessionEnd::disconnected: counters_.reclaimed_allocations += s.live_buffers; break;
   }
   for (const std::uint32_t device : s.described_devices) --device_reporters_[device];
-  while (!s.live.empty()) remove(s, s.live.begin(), s.slab[s.live.begin()->second].live_mask);
+  remove_all(s);
   if (cached_id_ == id) {
     cached_id_ = 0;
     cached_ = nullptr;
@@ -331,33 +340,43 @@ Summary Ledger::summary() const {
   return summary;
 }
 
-std::vector<LiveBuffer> Ledger::live_buffers(std::uint32_t pid) const {
-  std::vector<LiveBuffer> buffers;
+BufferListing Ledger::list_buffers(std::uint32_t pid) const {
+  BufferListing listing;
+  std::size_t count = 0;
+  for (const auto& [id, s] : sessions_) {
+    if (pid == 0 || s.identity.pid == pid) count += s.live_buffers;
+  }
+  listing.entries_.reserve(count);
+  absl::flat_hash_map<std::uint64_t, std::uint32_t> name_index;  // this session's mesh buffer -> names_
   for (const auto& [id, s] : sessions_) {
     if (pid != 0 && s.identity.pid != pid) continue;
+    name_index.clear();
     for (const auto& [first, slot] : s.live) {
       const Group& g = s.slab[slot];
-      const auto name = s.names.find(g.mesh_buffer);
+      std::uint32_t name = 0;
+      if (const auto known = s.names.find(g.mesh_buffer); known != s.names.end() && !known->second.text.empty()) {
+        const auto [at, added] = name_index.try_emplace(g.mesh_buffer, static_cast<std::uint32_t>(listing.names_.size()));
+        if (added) listing.names_.push_back(known->second.text);
+        name = at->second;
+      }
       for_each_bit(g.live_mask, [&](std::uint32_t bit) {
-        buffers.push_back(LiveBuffer{
-            .pid = s.identity.pid,
-            .buffer = first + bit,
-            .mesh_buffer = g.mesh_buffer,
-            .mesh_buffer_name = name == s.names.end() ? std::string{} : name->second.text,
-            .device = g.first_device + bit,
-            .type = g.type,
-            .address = g.address,
-            .size = g.size,
-            .time_ns = g.time_ns,
-            .hooked = g.hooked,
-        });
+        listing.entries_.push_back(BufferListing::Entry{.buffer = first + bit,
+                                                        .mesh_buffer = g.mesh_buffer,
+                                                        .address = g.address,
+                                                        .size = g.size,
+                                                        .time_ns = g.time_ns,
+                                                        .pid = s.identity.pid,
+                                                        .device = g.first_device + bit,
+                                                        .name = name,
+                                                        .type = g.type,
+                                                        .hooked = g.hooked});
       });
     }
   }
-  std::ranges::sort(buffers, [](const LiveBuffer& a, const LiveBuffer& b) {
+  std::ranges::sort(listing.entries_, [](const BufferListing::Entry& a, const BufferListing::Entry& b) {
     return std::tie(a.pid, a.device, a.buffer) < std::tie(b.pid, b.device, b.buffer);
   });
-  return buffers;
+  return listing;
 }
 
 Verification Ledger::verify() const {

@@ -103,23 +103,6 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
   return json.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
-inline std::string buffers_json(const std::vector<LiveBuffer>& buffers, std::int64_t now_ns) {
-  nlohmann::json list = nlohmann::json::array();
-  for (const LiveBuffer& b : buffers) {
-    list.push_back({{"pid", b.pid},
-                    {"buffer", b.buffer},
-                    {"mesh_buffer", b.mesh_buffer},
-                    {"name", b.mesh_buffer_name},
-                    {"device", b.device},
-                    {"type", to_string(b.type)},
-                    {"address", b.address},
-                    {"size", b.size},
-                    {"age_seconds", static_cast<double>(now_ns - b.time_ns) / 1e9},
-                    {"hooked", b.hooked}});
-  }
-  return nlohmann::json{{"buffers", std::move(list)}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
-}
-
 inline std::string verification_json(const Verification& verification) {
   return nlohmann::json{{"consistent", verification.consistent}, {"differences", verification.differences}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }

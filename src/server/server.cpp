@@ -285,6 +285,11 @@ struct Connection {
   std::size_t input_start{};
   std::vector<std::byte> output;
   std::size_t output_start{};
+  // A buffer list still going out, a page whenever the output runs low; frames that arrive
+  // meanwhile wait in `input` until it is done, so replies stay in the order asked.
+  std::unique_ptr<BufferListing> listing;
+  std::int64_t listing_now_ns{};
+  std::chrono::steady_clock::time_point listing_progress;
   std::map<std::uint32_t, Activity> activity;
   int unknown_frees_logged{};
 };
@@ -500,6 +505,23 @@ struct Server::State {
     update_interest(c);
   }
 
+  // Pages of a buffer list, while the peer keeps less than a window of it unread: memory stays
+  // bounded by the window, and each step of the event loop renders at most one frame per peer.
+  void continue_listing(Connection& c) {
+    constexpr std::size_t window = std::size_t{1} << 20U;
+    constexpr std::size_t page = protocol::max_payload_size - 16;
+    static_assert(page >= BufferListing::max_entry_bytes);
+    std::string text;
+    while (c.listing && !c.closing && c.output.size() - c.output_start < window) {
+      text.clear();
+      c.listing->render(text, page, c.listing_now_ns);
+      protocol::encode(protocol::Reply{c.listing->done(), text}, c.output);
+      c.listing_progress = std::chrono::steady_clock::now();
+      if (c.listing->done()) c.listing.reset();
+    }
+    update_interest(c);
+  }
+
   [[nodiscard]] ServerInfo info() const {
     return ServerInfo{static_cast<std::uint32_t>(::getpid()), config.socket_path,
                       std::chrono::duration<double>(std::chrono::steady_clock::now() - started).count(), now_ns()};
@@ -511,7 +533,9 @@ struct Server::State {
         send(c, report::summary_json(ledger.summary(), counters, info()));
         return;
       case protocol::QueryKind::buffers:
-        send(c, report::buffers_json(ledger.live_buffers(query.pid), now_ns()));
+        c.listing = std::make_unique<BufferListing>(ledger.list_buffers(query.pid));
+        c.listing_now_ns = now_ns();
+        continue_listing(c);
         return;
       case protocol::QueryKind::verify:
         send(c, report::verification_json(ledger.verify()));
@@ -715,6 +739,29 @@ struct Server::State {
 
   // Reads what is there (a bounded amount, for fairness), applies every complete frame.
   // Returns false when the connection is finished.
+  // Handles every whole frame received, in order, until the session closes or a list starts.
+  void handle_frames(Connection& c) {
+    while (!c.closing && !c.listing) {
+      const auto pending = std::span<const std::byte>(c.input).subspan(c.input_start);
+      auto next = protocol::next_frame(pending, config.max_payload);
+      if (!next) {
+        reject(c, next.error().code, next.error().message, counters.malformed_messages);
+        break;
+      }
+      const std::optional<protocol::Frame>& frame = *next;
+      if (!frame) break;  // a partial frame: wait for more bytes
+      handle(c, *frame);
+      c.input_start += frame->frame_size;
+    }
+    if (c.input_start == c.input.size()) {
+      c.input.clear();
+      c.input_start = 0;
+    } else if (c.input_start > read_chunk) {
+      c.input.erase(c.input.begin(), c.input.begin() + static_cast<std::ptrdiff_t>(c.input_start));
+      c.input_start = 0;
+    }
+  }
+
   bool on_readable(Connection& c) {
     for (std::size_t reads = 0; reads < max_reads_per_wakeup && !c.closing; ++reads) {
       const std::size_t old_size = c.input.size();
@@ -736,25 +783,9 @@ struct Server::State {
         if (errno == EAGAIN || errno == EWOULDBLOCK) break;
         return false;
       }
-      while (!c.closing) {
-        const auto pending = std::span<const std::byte>(c.input).subspan(c.input_start);
-        auto next = protocol::next_frame(pending, config.max_payload);
-        if (!next) {
-          reject(c, next.error().code, next.error().message, counters.malformed_messages);
-          break;
-        }
-        const std::optional<protocol::Frame>& frame = *next;
-        if (!frame) break;  // a partial frame: wait for more bytes
-        handle(c, *frame);
-        c.input_start += frame->frame_size;
-      }
-      if (c.input_start == c.input.size()) {
-        c.input.clear();
-        c.input_start = 0;
-      } else if (c.input_start > read_chunk) {
-        c.input.erase(c.input.begin(), c.input.begin() + static_cast<std::ptrdiff_t>(c.input_start));
-        c.input_start = 0;
-      }
+      handle_frames(c);
+      // While a list goes out, what the peer sends waits; past one read chunk it waits unread.
+      if (c.listing && c.input.size() - c.input_start > read_chunk) break;
     }
     return true;
   }
@@ -775,6 +806,10 @@ struct Server::State {
       c.output.clear();
       c.output_start = 0;
       if (c.closing) return false;
+    }
+    if (c.listing) {
+      continue_listing(c);
+      if (!c.listing) handle_frames(c);  // what waited behind the list
     }
     update_interest(c);
     return true;
@@ -853,6 +888,18 @@ struct Server::State {
       ++counters.timed_out_sessions;
       Connection& c = *connections.at(fd);
       log(fmt::format("{}: said nothing for {} ms: closed", who(c), config.hello_timeout.count()));
+      close_connection(fd);
+    }
+    // A monitor that stopped reading in the middle of a buffer list would hold its copy forever.
+    std::vector<int> stalled;
+    for (const auto& [fd, c] : connections) {
+      if (c->listing && now - c->listing_progress > config.reply_stall_timeout) stalled.push_back(fd);
+    }
+    for (const int fd : stalled) {
+      ++counters.dropped_slow_readers;
+      Connection& c = *connections.at(fd);
+      log(fmt::format("{}: dropped: it stopped reading its buffer list ({} of {} buffers sent) for {} ms", who(c),
+                      c.listing->sent(), c.listing->size(), config.reply_stall_timeout.count()));
       close_connection(fd);
     }
   }

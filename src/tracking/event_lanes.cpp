@@ -36,9 +36,17 @@ thread_local ThreadLanes this_thread_lanes;
 // Trivially destructible, so it can be read after this_thread_lanes is gone (a thread_local that
 // frees a buffer in its destructor after ours ran).
 thread_local bool this_thread_exiting = false;
+// The binding found last, so the common case (one client) costs no lookup. Trivially
+// destructible for the same reason; client ids are never reused, so a stale entry never matches.
+struct CachedBinding {
+  std::uint64_t client{};
+  Lane* lane{nullptr};
+};
+thread_local CachedBinding this_thread_last_binding;
 
 ThreadLanes::~ThreadLanes() {
   this_thread_exiting = true;
+  this_thread_last_binding = {};
   for (const ThreadBinding& binding : bindings) binding.lane->retired.store(true, std::memory_order_release);
 }
 
@@ -142,8 +150,12 @@ LaneLease EventLanes::for_this_thread() {
     }
     return {teardown_lane_, std::move(hold)};
   }
+  if (this_thread_last_binding.client == id_) return {this_thread_last_binding.lane, {}};
   for (const ThreadBinding& binding : this_thread_lanes.bindings) {
-    if (binding.client == id_) return {binding.lane.get(), {}};
+    if (binding.client == id_) {
+      this_thread_last_binding = {id_, binding.lane.get()};
+      return {binding.lane.get(), {}};
+    }
   }
   Chunk* first = pool_.take_first();
   if (first == nullptr) return {};
@@ -156,7 +168,9 @@ LaneLease EventLanes::for_this_thread() {
   std::erase_if(this_thread_lanes.bindings,
                 [](const ThreadBinding& binding) { return binding.lane->orphaned.load(std::memory_order_acquire); });
   this_thread_lanes.bindings.push_back({id_, std::move(lane)});
-  return {this_thread_lanes.bindings.back().lane.get(), {}};
+  Lane* const mine = this_thread_lanes.bindings.back().lane.get();
+  this_thread_last_binding = {id_, mine};
+  return {mine, {}};
 }
 
 std::vector<Lane*> EventLanes::current() const {

@@ -4,7 +4,10 @@ module;
 #include <cstdint>
 #include <memory>
 #include <mutex>
+#include <linux/membarrier.h>
 #include <pthread.h>
+#include <sys/syscall.h>
+#include <unistd.h>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -26,8 +29,28 @@ struct Registry {
   std::atomic<std::uint64_t> exited_high_water{0};
 };
 
-// The slot of this thread, once it has one; plain, so a fork handler can read it.
+// The slot of this thread, once it has one; plain, so a fork handler can read it and a read
+// finds it without the guard of a thread_local that has a destructor.
 thread_local ReaderSlot* this_thread_slot_address = nullptr;
+
+// Whether readers announce with a plain store (writers fence with membarrier) or an exchange.
+// Decided once, when the registry is made, before any thread has a slot; a fork's child may
+// turn it off while it is the only thread.
+std::atomic<bool> asymmetric_fence{false};
+
+bool register_membarrier() {
+  return ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
+}
+
+// Every thread of the process passes a full barrier: what a reader stored before it is visible
+// after it, and what a reader loads after it sees what this thread stored before the call.
+bool heavy_fence() {
+  if (!asymmetric_fence.load(std::memory_order_relaxed)) {
+    std::atomic_thread_fence(std::memory_order_seq_cst);  // pairs with the readers' exchange
+    return true;
+  }
+  return ::syscall(SYS_membarrier, MEMBARRIER_CMD_PRIVATE_EXPEDITED, 0, 0) == 0;
+}
 
 void lock_for_fork();
 void unlock_in_parent();
@@ -36,6 +59,7 @@ void keep_only_this_thread_in_child();
 Registry& registry() {
   static Registry* const instance = [] {
     auto* created = new Registry();  // NOLINT(cppcoreguidelines-owning-memory): lives to the end, past every thread's exit
+    asymmetric_fence.store(register_membarrier(), std::memory_order_relaxed);
     ::pthread_atfork(lock_for_fork, unlock_in_parent, keep_only_this_thread_in_child);
     return created;
   }();
@@ -53,6 +77,11 @@ void keep_only_this_thread_in_child() {
   for (const auto& slot : r.slots) high = std::max(high, slot->high_water.load(std::memory_order_relaxed));
   r.exited_high_water.store(high, std::memory_order_relaxed);
   std::erase_if(r.slots, [](const auto& slot) { return slot.get() != this_thread_slot_address; });
+  // The registration is the process's; a child whose kernel does not carry it over falls back
+  // to exchanges, which is safe now that it has one thread and that thread is not reading.
+  if (asymmetric_fence.load(std::memory_order_relaxed) && !register_membarrier()) {
+    asymmetric_fence.store(false, std::memory_order_relaxed);
+  }
   r.mutex.unlock();
 }
 
@@ -100,33 +129,55 @@ ThreadSlot::~ThreadSlot() {
 ReadSection::ReadSection(std::uint64_t allocated_end) {
   if (this_thread_read_depth++ > 0) {
     // Already announced; only the high water may need raising (a callback that allocates).
-    if (!this_thread_slot_gone && allocated_end > 0) raise(this_thread_slot.slot->high_water, allocated_end);
+    if (allocated_end > 0) {
+      if (this_thread_slot_address != nullptr) {
+        raise(this_thread_slot_address->high_water, allocated_end);
+      } else if (!this_thread_slot_gone) {
+        raise(this_thread_slot.slot->high_water, allocated_end);
+      }
+    }
     return;
   }
   outermost_ = true;
-  // A thread being torn down gets a slot for this read only.
-  temporary_ = this_thread_slot_gone;
-  slot_ = temporary_ ? enroll() : this_thread_slot.slot;
+  slot_ = this_thread_slot_address;
+  if (slot_ == nullptr) {
+    // First read of this thread (the slot is made now), or one in its teardown: a thread being
+    // torn down gets a slot for this read only.
+    temporary_ = this_thread_slot_gone;
+    if (temporary_) {
+      temporary_slot_ = enroll();
+      slot_ = temporary_slot_.get();
+    } else {
+      slot_ = this_thread_slot.slot.get();
+    }
+  }
   if (allocated_end > slot_->high_water.load(std::memory_order_relaxed)) {
     slot_->high_water.store(allocated_end, std::memory_order_relaxed);
   }
   begun_ = slot_->state.load(std::memory_order_relaxed) + 1U;  // idle is even: begun is odd
-  // seq_cst: ordered before the list load that follows, against a writer's publish-then-scan.
-  slot_->state.exchange(begun_, std::memory_order_seq_cst);
+  // Ordered before the list load that follows, against a writer's publish-fence-scan: by the
+  // writer's membarrier, or by the exchange where there is none.
+  if (asymmetric_fence.load(std::memory_order_relaxed)) {
+    slot_->state.store(begun_, std::memory_order_relaxed);
+    std::atomic_signal_fence(std::memory_order_seq_cst);  // the compiler keeps the order too
+  } else {
+    slot_->state.exchange(begun_, std::memory_order_seq_cst);
+  }
 }
 
 ReadSection::~ReadSection() {
   --this_thread_read_depth;
   if (!outermost_) return;
   slot_->state.store(begun_ + 1U, std::memory_order_release);  // even: not reading
-  if (temporary_) withdraw(slot_);
+  if (temporary_) withdraw(temporary_slot_);
 }
 
 bool inside_read_section() { return this_thread_read_depth > 0; }
 
-void wait_for_read_sections() {
+bool wait_for_read_sections() {
   Expects(!inside_read_section());
   std::vector<std::pair<std::shared_ptr<ReaderSlot>, std::uint64_t>> reading;
+  if (!heavy_fence()) return false;
   {
     Registry& r = registry();
     const std::scoped_lock lock(r.mutex);
@@ -139,10 +190,14 @@ void wait_for_read_sections() {
     // Reads are short (a processor is quick by contract): yield until this one is over.
     while (slot->state.load(std::memory_order_acquire) == state) std::this_thread::yield();
   }
+  return true;
 }
 
 std::uint64_t announced_high_water() {
   Registry& r = registry();
+  // A failed fence leaves a narrow window (an Alloc recorded at this instant may be missed or
+  // shown): the view's rule bends, nothing is freed early.
+  (void)heavy_fence();
   const std::scoped_lock lock(r.mutex);
   std::uint64_t high = r.exited_high_water.load(std::memory_order_seq_cst);
   for (const auto& slot : r.slots) {

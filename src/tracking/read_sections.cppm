@@ -2,8 +2,10 @@
 // so that a removed processor is destroyed (and its thread stopped) instead of kept forever.
 //
 // Each thread that records has a slot of its own. Entering a read announces it in the slot with
-// one exchange on a line no other thread writes (no contention); a writer that replaced a list
-// waits until every read that had begun is over. The same announcement carries the highest
+// a plain store on a line no other thread writes; a writer that replaced a list makes every
+// thread's stores visible with one membarrier(2) (an asymmetric fence: the rare writer pays, the
+// reader does not) and waits until every read that had begun is over. Where membarrier is not
+// available (a seccomp profile that forbids it), the reader's store is an exchange instead. The same announcement carries the highest
 // buffer id the thread has recorded an Alloc for, which is how a processor that joins late
 // learns where its view starts (ADR 0012).
 module;
@@ -32,7 +34,8 @@ class ReadSection {
   ~ReadSection();
 
  private:
-  std::shared_ptr<ReaderSlot> slot_;
+  ReaderSlot* slot_{nullptr};  // this thread's own, alive while the thread is
+  std::shared_ptr<ReaderSlot> temporary_slot_;
   std::uint64_t begun_{0};
   bool outermost_{false};
   bool temporary_{false};  // a slot for this read only: its thread's own is gone
@@ -40,8 +43,9 @@ class ReadSection {
 
 // True when this thread is inside a read (a processor or hook calling back into the tracker).
 [[nodiscard]] bool inside_read_section();
-// Returns once every read that had begun before the call has ended. Not from inside a read.
-void wait_for_read_sections();
+// Returns true once every read that had begun before the call has ended. Not from inside a read.
+// False (at once) when the fence it needs failed: the caller must then keep what it replaced.
+[[nodiscard]] bool wait_for_read_sections();
 // One past the highest buffer id any thread has announced an Alloc for. Seen by a call made
 // after a list was published: every Alloc of a higher id is recorded with that list or a later one.
 [[nodiscard]] std::uint64_t announced_high_water();

@@ -63,7 +63,12 @@ void Tracker::publish(Change change, Published published) {
   }
   published();
   if (replaced.empty()) return;
-  detail::wait_for_read_sections();
+  if (!detail::wait_for_read_sections()) {
+    // Without the fence no read can be proven over: keeping the old lists is safe, freeing is not.
+    const std::scoped_lock lock(mutex_);
+    std::ranges::move(replaced, std::back_inserter(retired_));
+    return;
+  }
   replaced.clear();  // the removed listeners go here, outside the lock (a client may take a while)
 }
 

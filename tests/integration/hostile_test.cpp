@@ -2,6 +2,7 @@
 // thousands of silent connections, a monitor that never reads, a flood of messages, a stranger's
 // uid. Each gets a clear error or is dropped, is counted, and well-behaved clients never notice.
 #include <algorithm>
+#include <array>
 #include <chrono>
 #include <csignal>
 #include <cstddef>
@@ -215,7 +216,7 @@ TEST_SUITE("hostile") {
   }
 
   TEST_CASE("a monitor that stops reading its replies is dropped; the server answers others") {
-    ServerFixture fixture(bin, {"--max-pending-output-mib", "1"});
+    ServerFixture fixture(bin, {"--max-pending-output-mib", "1", "--reply-stall-timeout", "1"});
     auto demo = fixture.demo({"--hold", "300", "--no-verify", "--buffers", "64"});
     REQUIRE(eventually([&] { return fixture.active() == 64 * 8; }));
     const int fd = connect_to(fixture.socket());
@@ -229,8 +230,80 @@ TEST_SUITE("hostile") {
     REQUIRE(eventually([&] { return fixture.summary()["dropped_slow_readers"] == 1; }, 30s));
     ::close(fd);
     CHECK(fixture.smi({"--buffers"}).first == 0);
+    // Lists go out a page at a time as the peer reads, so it is dropped for not reading them.
+    CHECK(fixture.server_log().find("stopped reading its buffer list") != std::string::npos);
     demo->signal(SIGUSR1);
     REQUIRE(demo->wait_for(120s) == 0);
+  }
+
+  TEST_CASE("a buffer list far over the pending-output limit streams while other monitors are served") {
+    // Issue 11, item 8: the list is a sorted copy rendered a page at a time as the monitor reads,
+    // so its size is bounded by neither the limit nor one step of the event loop. Built whole,
+    // as it was, this list (~30 MB) passed the 4 MiB limit and the monitor was dropped.
+    const std::uint64_t count = sanitized_build ? 100'000 : 200'000;
+    ServerFixture fixture(bin, {"--max-pending-output-mib", "4"});
+    const int tracker = connect_to(fixture.socket());
+    REQUIRE(tracker >= 0);
+    std::vector<std::byte> session;
+    protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid())}, session);
+    std::vector<protocol::EventRecord> records;
+    for (std::uint64_t id = 1; id <= count; ++id) {
+      records.push_back(protocol::EventRecord::of(protocol::AllocRecord{
+          .buffer = id, .address = id * 64, .size = 64, .device = static_cast<std::uint32_t>(id % 8)}));
+    }
+    for (std::size_t first = 0; first < records.size(); first += protocol::max_records) {
+      const std::size_t n = std::min(protocol::max_records, records.size() - first);
+      protocol::encode_events(first, std::span(records).subspan(first, n), session);
+    }
+    send_bytes(tracker, session);
+    REQUIRE(eventually([&] { return fixture.active() == count; }, 60s));
+
+    const int lister = connect_to(fixture.socket());
+    REQUIRE(lister >= 0);
+    std::vector<std::byte> ask;
+    protocol::encode(protocol::Hello{.role = protocol::ClientRole::monitor,
+                                     .claimed_pid = static_cast<std::uint32_t>(::getpid())},
+                     ask);
+    protocol::encode(protocol::Query{protocol::QueryKind::buffers}, ask);
+    protocol::encode(protocol::Query{protocol::QueryKind::summary}, ask);  // answered after the list
+    send_bytes(lister, ask);
+    // While the list waits for its reader, another monitor asks and is answered.
+    for (int i = 0; i < 3; ++i) CHECK(fixture.summary()["active_allocations"] == count);
+
+    // The lister reads: one document in many Reply frames, then the summary it asked after it.
+    std::vector<std::byte> received;
+    std::size_t at = 0;
+    std::vector<std::string> documents(1);
+    std::size_t frames = 0;
+    while (documents.size() < 3) {
+      std::array<std::byte, 1 << 16> chunk{};
+      const ssize_t got = ::recv(lister, chunk.data(), chunk.size(), 0);
+      REQUIRE(got > 0);
+      received.insert(received.end(), chunk.begin(), chunk.begin() + got);
+      for (;;) {
+        auto frame = protocol::next_frame(std::span<const std::byte>(received).subspan(at));
+        REQUIRE(frame.has_value());
+        if (!frame->has_value()) break;
+        auto message = protocol::decode(**frame);
+        REQUIRE(message.has_value());
+        const auto& reply = std::get<protocol::Reply>(*message);
+        documents.back() += reply.json;
+        ++frames;
+        if (reply.last) documents.emplace_back();
+        at += (*frame)->frame_size;
+      }
+    }
+    ::close(lister);
+    CHECK(frames > 3);
+    const json list = json::parse(documents[0]);
+    REQUIRE(list["buffers"].size() == count);
+    CHECK(list["buffers"][0]["device"] == 0);
+    CHECK(list["buffers"][0]["buffer"] == 8);
+    CHECK(list["buffers"][count - 1]["device"] == 7);
+    CHECK(json::parse(documents[1])["active_allocations"] == count);
+    CHECK(fixture.summary()["dropped_slow_readers"] == 0);
+    ::close(tracker);
+    REQUIRE(eventually([&] { return fixture.active() == 0; }, 60s));
   }
 
   TEST_CASE("names that are not UTF-8 or hold control characters are stored printable: JSON and the map stay valid") {

@@ -54,6 +54,11 @@ int run(int argc, char** argv) {
                  "MiB of replies a monitor may leave unread before it is dropped")
       ->capture_default_str()
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 20U));
+  double reply_stall_seconds = 30;
+  app.add_option("--reply-stall-timeout", reply_stall_seconds,
+                 "seconds a monitor may take none of a buffer list before it is dropped")
+      ->capture_default_str()
+      ->check(CLI::Range(0.01, 3600.0));
   std::string metrics;
   app.add_option("--metrics", metrics,
                  "serve Prometheus metrics at http://HOST:PORT/metrics (e.g. 127.0.0.1:9464; 0.0.0.0 to expose it)");
@@ -75,6 +80,7 @@ int run(int argc, char** argv) {
   config.log_activity = !quiet;
   config.hello_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(hello_timeout_seconds * 1000));
   config.max_pending_output = static_cast<std::size_t>(max_pending_mib) << 20U;
+  config.reply_stall_timeout = std::chrono::milliseconds(static_cast<std::int64_t>(reply_stall_seconds * 1000));
   if (!metrics.empty()) config.metrics_address = metrics;
 
   auto server = meshrt::server::Server::start(config);
