@@ -38,19 +38,8 @@ void shrink(Usage& usage, std::uint64_t bytes) {
   --usage.buffers;
 }
 
-// Bits [first, first + count) of a 64-bit mask.
-constexpr std::uint64_t bits(std::uint64_t first, std::uint64_t count) {
-  if (first >= 64) return 0;
-  return (count >= 64 ? ~std::uint64_t{0} : ((std::uint64_t{1} << count) - 1)) << first;
-}
-
-template <class Visit>
-void for_each_bit(std::uint64_t mask, Visit visit) {
-  while (mask != 0) {
-    visit(static_cast<std::uint32_t>(std::countr_zero(mask)));
-    mask &= mask - 1;
-  }
-}
+using protocol::for_each_bit;
+using protocol::group_bits;
 
 }  // namespace
 
@@ -91,13 +80,8 @@ std::uint64_t Ledger::live_allocations(SessionId session) const {
   return found == sessions_.end() ? 0 : found->second.live_buffers;
 }
 
-// A group covers at most 64 buffers, so the one holding `buffer` starts at most 63 ids below it.
 Ledger::Groups::iterator Ledger::find_group(Session& s, std::uint64_t buffer) {
-  for (std::uint64_t back = 0; back < protocol::max_devices_per_record && back <= buffer; ++back) {
-    const auto found = s.live.find(buffer - back);
-    if (found != s.live.end()) return buffer < found->first + s.slab[found->second].count ? found : s.live.end();
-  }
-  return s.live.end();
+  return protocol::find_group(s.live, buffer, [&](std::uint32_t slot) { return s.slab[slot].count; });
 }
 
 namespace {
@@ -127,7 +111,7 @@ bool Ledger::add(Session& s, const protocol::AllocRecord& record) {
     counters_.duplicate_allocations += record.device_count;
     return true;
   }
-  const Group value{record.mesh_buffer, record.address,  record.size, record.time_ns, bits(0, record.device_count),
+  const Group value{record.mesh_buffer, record.address,  record.size, record.time_ns, group_bits(0, record.device_count),
                     record.device,      record.device_count, record.type, record.hooked};
   if (s.free_slots.empty()) {
     group->second = static_cast<std::uint32_t>(s.slab.size());
@@ -217,7 +201,7 @@ FreeOutcome Ledger::apply_free(SessionId id, const protocol::FreeRecord& record)
   }
   const Group& g = s.slab[group->second];
   const std::uint64_t offset = record.buffer - group->first;
-  const std::uint64_t named = bits(offset, record.device_count) & bits(0, g.count);
+  const std::uint64_t named = group_bits(offset, record.device_count) & group_bits(0, g.count);
   const std::uint64_t freed = named & g.live_mask;
   FreeOutcome outcome{.freed_mask = freed,
                       .first_device = g.first_device,

@@ -26,7 +26,13 @@ namespace meshrt::detail {
 // and read by the sender. After a warm-up, recording writes only into memory already mapped.
 struct Chunk {
   static constexpr std::size_t capacity = 1024;  // 64 KiB of events
-  std::array<AllocationEvent, capacity> events;
+  // Left unwritten when a chunk is made (no 64 KiB memset on the recording thread): a slot is
+  // written with record() before `published` covers it, and read only below `published`.
+  Chunk() {}  // NOLINT(modernize-use-equals-default): `= default` is deleted (the union member has initialisers)
+  void record(std::size_t at, const AllocationEvent& event) { std::construct_at(&events[at], event); }
+  union {
+    std::array<AllocationEvent, capacity> events;
+  };
   std::atomic<std::size_t> published{0};  // events[0, published) are written and visible
   std::atomic<Chunk*> next{nullptr};      // set once this chunk is full
 };

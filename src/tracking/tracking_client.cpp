@@ -43,6 +43,7 @@ module meshrt.tracking;
 import meshrt.core;
 import meshrt.protocol;
 import :event_lanes;
+import :server_connection;
 
 namespace meshrt {
 
@@ -58,37 +59,11 @@ constexpr std::size_t wake_chunks = 4;
 // parent. In the child it records nothing, sends nothing and its exit neither waits nor says
 // Goodbye (ADR 0017): the child's copy of the parent's session must not speak for the parent.
 std::atomic<std::uint64_t> fork_generation{0};
-// The sockets of connected clients, so that a fork's child closes its copies: a parent's session
-// must end when the parent does, not when its last child exits.
-// Each slot holds a socket + 1 (0: empty), so that zero-initialisation empties them all.
-constexpr std::size_t max_tracked_sockets = 64;
-std::array<std::atomic<int>, max_tracked_sockets> tracked_sockets{};
-void remember_socket(int fd) {
-  for (auto& slot : tracked_sockets) {
-    int empty = 0;
-    if (slot.compare_exchange_strong(empty, fd + 1)) return;
-  }
-}
-void forget_socket(int fd) {
-  for (auto& slot : tracked_sockets) {
-    int held = fd + 1;
-    if (slot.compare_exchange_strong(held, 0)) return;
-  }
-}
 void count_fork_in_child() {
   fork_generation.fetch_add(1, std::memory_order_relaxed);
-  for (auto& slot : tracked_sockets) {
-    const int held = slot.exchange(0);
-    if (held > 0) ::close(held - 1);  // async-signal-safe; only the child's copy
-  }
+  detail::close_connections_in_child();  // async-signal-safe
 }
 std::once_flag fork_handler_installed;
-
-// An Alloc and the Free of exactly its buffers.
-bool cancels(const AllocationEvent& alloc, const AllocationEvent& free) {
-  return alloc.kind == EventKind::allocate && free.kind == EventKind::free && alloc.buffer == free.buffer &&
-         alloc.device_count == free.device_count;
-}
 
 protocol::AllocRecord to_record(const AllocationEvent& event) {
   return protocol::AllocRecord{
@@ -104,9 +79,15 @@ protocol::AllocRecord to_record(const AllocationEvent& event) {
   };
 }
 
-// Bits [first, first + count) of a 64-bit live mask.
-constexpr std::uint64_t bits(std::uint32_t first, std::uint32_t count) {
-  return (count >= 64 ? ~std::uint64_t{0} : ((std::uint64_t{1} << count) - 1)) << first;
+protocol::FreeRecord to_free_record(const AllocationEvent& event) {
+  return protocol::FreeRecord{event.buffer.value(), event.time_ns, static_cast<std::uint8_t>(event.reason),
+                              static_cast<std::uint16_t>(event.device_count)};
+}
+
+// An Alloc and the Free of exactly its buffers.
+bool cancels(const AllocationEvent& alloc, const AllocationEvent& free) {
+  return alloc.kind == EventKind::allocate && free.kind == EventKind::free && alloc.buffer == free.buffer &&
+         alloc.device_count == free.device_count;
 }
 
 std::string own_process_name() {
@@ -149,25 +130,15 @@ struct TrackingClient::State {
   Status status;
 
   // The sender thread's own world.
-  int fd{-1};
-  protocol::OutboundFrames outbound;
+  detail::ServerConnection connection;
+  protocol::OutboundFrames& outbound = connection.outbound();
   std::vector<std::byte>& out = outbound.frames();  // where encoders append
-  // Live device buffers by group (one Alloc event's range), keyed by its first buffer id; the
-  // mask says which of its device buffers are still live.
-  struct Group {
-    protocol::AllocRecord record;
-    std::uint64_t live_mask{};
-  };
-  absl::flat_hash_map<std::uint64_t, Group> live;
-  std::uint64_t live_device_buffers{};
-  // A Free can overtake its Alloc when the two were recorded on different threads' lanes: it
-  // waits here (keyed by buffer id, never reused) until the Alloc arrives.
-  std::unordered_map<std::uint64_t, AllocationEvent> early_frees;
+  // What is live, connected or not. A Free can overtake its Alloc when the two were recorded on
+  // different threads' lanes: the table keeps it until the Alloc arrives.
+  protocol::LiveGroups table;
   std::map<std::uint32_t, protocol::DeviceTotals> devices;
   // Names taken from name_queue whose Alloc has not been applied yet.
   std::unordered_map<std::uint64_t, std::string> arrived_names;
-  // Names of live groups (a mesh buffer is one group: one Alloc event).
-  std::unordered_map<std::uint64_t, std::string> names;
   std::uint64_t next_sequence{};
   bool need_snapshot{true};
   bool warned{false};  // a warning is out; the next connect says so
@@ -202,72 +173,30 @@ struct TrackingClient::State {
     return name;
   }
 
-  // The group holding buffer `id`: its first id is at most 63 below (a group covers up to 64).
-  absl::flat_hash_map<std::uint64_t, Group>::iterator find_group(std::uint64_t id) {
-    for (std::uint64_t back = 0; back < max_devices_per_event && back <= id; ++back) {
-      const auto found = live.find(id - back);
-      if (found != live.end()) {
-        return id < found->first + found->second.record.device_count ? found : live.end();
-      }
+  // An Alloc goes out after its name (if any): the name frame between the events before it and it.
+  void send_alloc(const protocol::AllocRecord& record, const std::optional<std::string>& name) {
+    if (name) {
+      flush_pending();
+      protocol::encode(protocol::MeshBufferName{record.mesh_buffer, *name}, out);
     }
-    return live.end();
-  }
-
-  void forget_group(absl::flat_hash_map<std::uint64_t, Group>::iterator group) {
-    names.erase(group->second.record.mesh_buffer);
-    live.erase(group);
-  }
-
-  // An Alloc: its name (if any) goes out first, then the Alloc.
-  void allocated(const AllocationEvent& event, bool stream, bool stays_live) {
-    std::optional<std::string> name = take_name(event.mesh_buffer.value());
-    if (stream) {
-      if (name) {
-        flush_pending();  // the name frame goes between the events before and this Alloc
-        protocol::encode(protocol::MeshBufferName{event.mesh_buffer.value(), *name}, out);
-      }
-      encode(event);
-    }
-    if (name && stays_live) names.insert_or_assign(event.mesh_buffer.value(), std::move(*name));
+    encode(protocol::EventRecord::of(record));
   }
 
   // Applies one event to the live table; when `stream` is set, also encodes what the server must
   // hear, in an order it accepts (each Alloc before its Free).
   void apply(const AllocationEvent& event, bool stream) {
-    const std::uint64_t id = event.buffer.value();
     if (event.kind == EventKind::allocate) {
-      std::uint64_t mask = bits(0, event.device_count);
+      const protocol::AllocRecord record = to_record(event);
+      std::optional<std::string> name = take_name(record.mesh_buffer);
+      if (stream) send_alloc(record, name);
       // Frees that overtook this Alloc (recorded on another thread's lane) follow it now.
-      std::vector<AllocationEvent> overtaken;
-      for (auto early = early_frees.begin(); early != early_frees.end();) {
-        const std::uint64_t first = early->first;
-        if (first >= id && first < id + event.device_count) {
-          mask &= ~bits(static_cast<std::uint32_t>(first - id), early->second.device_count);
-          overtaken.push_back(early->second);
-          early_frees.erase(early++);
-        } else {
-          ++early;
-        }
+      for (const protocol::FreeRecord& free : table.allocate(record, std::move(name))) {
+        if (stream) encode(protocol::EventRecord::of(free));
       }
-      allocated(event, stream, mask != 0);
-      if (stream) {
-        for (const AllocationEvent& free : overtaken) encode(free);
-      }
-      if (mask == 0) return;
-      live.insert_or_assign(id, Group{to_record(event), mask});
-      live_device_buffers += static_cast<std::uint64_t>(std::popcount(mask));
       return;
     }
-    const auto group = find_group(id);
-    if (group == live.end()) {
-      early_frees.emplace(id, event);  // not yet: it waits for its Alloc
-      return;
-    }
-    if (stream) encode(event);
-    const std::uint64_t freed = group->second.live_mask & bits(static_cast<std::uint32_t>(id - group->first), event.device_count);
-    group->second.live_mask &= ~freed;
-    live_device_buffers -= static_cast<std::uint64_t>(std::popcount(freed));
-    if (group->second.live_mask == 0) forget_group(group);
+    const protocol::FreeRecord record = to_free_record(event);
+    if (table.free(record) && stream) encode(protocol::EventRecord::of(record));
   }
 
   // ---- encoding: runs of events become one frame; order between kinds is kept ----
@@ -287,14 +216,8 @@ struct TrackingClient::State {
     pending.clear();
   }
 
-  void encode(const AllocationEvent& event) {
-    if (event.kind == EventKind::allocate) {
-      pending.push_back(protocol::EventRecord::of(to_record(event)));
-    } else {
-      pending.push_back(protocol::EventRecord::of(
-          protocol::FreeRecord{event.buffer.value(), event.time_ns, static_cast<std::uint8_t>(event.reason),
-                               static_cast<std::uint16_t>(event.device_count)}));
-    }
+  void encode(const protocol::EventRecord& record) {
+    pending.push_back(record);
     if (pending.size() >= frame_records) flush_pending();
   }
 
@@ -316,30 +239,21 @@ struct TrackingClient::State {
       protocol::encode(info, out);
     }
     // Only live groups have names here: the snapshot carries exactly the names still in use.
-    for (const auto& [mesh_buffer, name] : names) protocol::encode(protocol::MeshBufferName{mesh_buffer, name}, out);
+    for (const auto& [mesh_buffer, name] : table.live_names()) {
+      protocol::encode(protocol::MeshBufferName{mesh_buffer, name}, out);
+    }
     protocol::encode(protocol::SnapshotBegin{}, out);
     std::vector<protocol::AllocRecord> chunk;
-    chunk.reserve(std::min(live.size(), protocol::max_records));
+    chunk.reserve(std::min<std::uint64_t>(table.live_device_buffers(), protocol::max_records));
     std::uint64_t records = 0;
-    for (const auto& [id, group] : live) {
-      // One record per run of still-live device buffers of the group.
-      std::uint64_t mask = group.live_mask;
-      while (mask != 0) {
-        const auto start = static_cast<std::uint32_t>(std::countr_zero(mask));
-        const auto length = static_cast<std::uint32_t>(std::countr_one(mask >> start));
-        protocol::AllocRecord run = group.record;
-        run.buffer += start;
-        run.device += start;
-        run.device_count = static_cast<std::uint16_t>(length);
-        chunk.push_back(run);
-        ++records;
-        mask &= ~bits(start, length);
-        if (chunk.size() == protocol::max_records) {
-          protocol::encode_snapshot_chunk(chunk, out);
-          chunk.clear();
-        }
+    table.for_each_live_record([&](const protocol::AllocRecord& record) {
+      chunk.push_back(record);
+      ++records;
+      if (chunk.size() == protocol::max_records) {
+        protocol::encode_snapshot_chunk(chunk, out);
+        chunk.clear();
       }
-    }
+    });
     if (!chunk.empty()) protocol::encode_snapshot_chunk(chunk, out);
     protocol::encode(protocol::SnapshotEnd{next_sequence, records}, out);
     outbound.keep_what_is_queued();
@@ -358,67 +272,48 @@ struct TrackingClient::State {
 
   // ---- the socket ----
 
-  [[nodiscard]] bool connected() const { return fd >= 0; }
+  [[nodiscard]] bool connected() const { return connection.connected(); }
 
-  void close_socket() {
-    if (fd < 0) return;
-    forget_socket(fd);
-    ::close(fd);
-    fd = -1;
-  }
-
-  void disconnect(const std::string& why) {
-    close_socket();
-    outbound.clear();
+  void disconnect(const Error& why) {
+    connection.close();
     need_snapshot = true;
     next_connect = Clock::now() + options.reconnect_interval;
+    if (why.code == ErrorCode::permission_denied) warned = false;  // a refusal matters more than "lost"
     if (!warned) {
       warn(fmt::format("meshrt: tracking: lost the allocation server at {} ({}); tracking continues in-process and "
                        "will resynchronise when it is back",
-                       options.socket_path, why));
+                       options.socket_path, why.message));
       warned = true;
     }
     const std::scoped_lock lock(mutex);
     status.connected = false;
   }
 
-  // Never waits: a server whose listen backlog is full (stopped, or swamped) refuses at once with
-  // EAGAIN, and the client tries again after reconnect_interval.
+  // Never waits (ServerConnection::connect); a refusal is tried again after reconnect_interval.
   void try_connect() {
     if (Clock::now() < next_connect) return;
     next_connect = Clock::now() + options.reconnect_interval;
-    sockaddr_un address{};
-    address.sun_family = AF_UNIX;
-    if (options.socket_path.size() >= sizeof(address.sun_path)) {
-      if (!warned) warn(fmt::format("meshrt: tracking: socket path {} is too long", options.socket_path));
-      warned = true;
-      return;
-    }
-    std::memcpy(address.sun_path, options.socket_path.c_str(), options.socket_path.size() + 1);
-    const int candidate = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-    if (candidate < 0) return;
-    if (::connect(candidate, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
-      const int error = errno;
-      ::close(candidate);
+    if (auto connected = connection.connect(options.socket_path); !connected) {
       {
         const std::scoped_lock lock(mutex);
         ++status.connect_attempts_refused;
       }
       if (!warned) {
-        warn(fmt::format("meshrt: tracking: no allocation server at {} ({}); the application runs on with "
-                         "in-process tracking and will connect when the server {}",
-                         options.socket_path, std::system_category().message(error),
-                         error == EAGAIN ? "accepts connections again" : "appears"));
+        const Error& error = connected.error();
+        warn(error.code == ErrorCode::invalid_argument
+                 ? fmt::format("meshrt: tracking: {}", error.message)
+                 : fmt::format("meshrt: tracking: no allocation server at {} ({}); the application runs on with "
+                               "in-process tracking and will connect when the server {}",
+                               options.socket_path, error.message,
+                               error.code == ErrorCode::limit_exceeded ? "accepts connections again" : "appears"));
         warned = true;
       }
       return;
     }
-    fd = candidate;
-    remember_socket(fd);
     encode_session_start();
     if (warned) {
       warn(fmt::format("meshrt: tracking: connected to the allocation server at {}; resynchronised {} live buffers",
-                       options.socket_path, live_device_buffers));
+                       options.socket_path, table.live_device_buffers()));
       warned = false;
     }
     const std::scoped_lock lock(mutex);
@@ -426,64 +321,12 @@ struct TrackingClient::State {
     ++status.connections;
   }
 
-  // Reads what the server said: only an Error (before it closes the session) is expected.
-  void read_server() {
-    std::array<std::byte, 4096> buffer{};
-    std::vector<std::byte> input;
-    for (;;) {
-      const ssize_t got = ::recv(fd, buffer.data(), buffer.size(), 0);
-      if (got == 0) return disconnect("the server closed the session");
-      if (got < 0) {
-        if (errno == EINTR) continue;
-        if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-        return disconnect(std::system_category().message(errno));
-      }
-      input.insert(input.end(), buffer.begin(), buffer.begin() + got);
-    }
-    const auto next = protocol::next_frame(input);
-    if (!next) return;
-    if (const std::optional<protocol::Frame>& frame = *next) {
-      if (auto message = protocol::decode(*frame)) {
-        if (const auto* error = std::get_if<protocol::ErrorMessage>(&*message)) {
-          warned = false;  // this reason matters more than "lost"
-          return disconnect(fmt::format("the server refused: {}", error->message));
-        }
-      }
-    }
-  }
-
-  // Writes what it can until `deadline`, waiting for the socket only while there is something to
-  // send (a wait for replies the server never sends would hold every clean exit for the whole
-  // timeout); stops early once at most `leave` bytes wait. False when the connection broke.
+  // Writes until `deadline` (ServerConnection::pump_until); false when the connection broke.
   bool pump_until(Clock::time_point deadline, std::size_t leave = 0) {
-    while (connected()) {
-      const bool sending = !outbound.all_sent();
-      pollfd poller{fd, static_cast<short>(POLLIN | (sending ? POLLOUT : 0)), 0};
-      const auto remaining = std::chrono::ceil<std::chrono::milliseconds>(deadline - Clock::now());
-      const int ready = ::poll(&poller, 1, sending ? static_cast<int>(std::max<std::int64_t>(remaining.count(), 0)) : 0);
-      if (ready < 0 && errno != EINTR) {
-        disconnect(std::system_category().message(errno));
-        return false;
-      }
-      if ((poller.revents & (POLLIN | POLLHUP | POLLERR)) != 0) {
-        read_server();
-        if (!connected()) return false;
-      }
-      while (!outbound.all_sent()) {
-        const auto unsent = outbound.unsent();
-        const ssize_t sent = ::send(fd, unsent.data(), unsent.size(), MSG_NOSIGNAL);
-        if (sent < 0) {
-          if (errno == EINTR) continue;
-          if (errno == EAGAIN || errno == EWOULDBLOCK) break;
-          disconnect(std::system_category().message(errno));
-          return false;
-        }
-        outbound.sent(static_cast<std::size_t>(sent));
-      }
-      if (outbound.all_sent()) return true;
-      if (outbound.pending() <= leave || Clock::now() >= deadline) return true;
-    }
-    return false;
+    if (!connected()) return false;
+    auto pumped = connection.pump_until(deadline, leave);
+    if (!pumped) disconnect(pumped.error());
+    return pumped.has_value();
   }
 
   // ---- the sender thread ----
@@ -514,9 +357,12 @@ struct TrackingClient::State {
           // A buffer whose whole life is two neighbours in one lane (a short-lived buffer) never
           // needs the live table: only the server hears of it.
           const AllocationEvent& event = chunk->events[i];
-          if (i + 1 < published && cancels(event, chunk->events[i + 1]) && early_frees.empty()) {
-            allocated(event, stream, false);
-            if (stream) encode(chunk->events[i + 1]);
+          if (i + 1 < published && cancels(event, chunk->events[i + 1]) && table.frees_waiting() == 0) {
+            const std::optional<std::string> name = take_name(event.mesh_buffer.value());
+            if (stream) {
+              send_alloc(to_record(event), name);
+              encode(protocol::EventRecord::of(to_free_record(chunk->events[i + 1])));
+            }
             ++i;
             continue;
           }
@@ -572,11 +418,11 @@ struct TrackingClient::State {
         status.events_delivered = status.events_taken;
         flushed_through = flush_round;
       }
-      status.live_buffers = live_device_buffers;
-      status.names = names.size() + arrived_names.size();
+      status.live_buffers = table.live_device_buffers();
+      status.names = table.names() + arrived_names.size();
       status.pending_bytes = connected() ? outbound.pending() : 0;
       status.peak_pending_bytes = peak_pending_bytes;
-      status.frees_waiting = early_frees.size();
+      status.frees_waiting = table.frees_waiting();
       status.lanes = lanes.lane_count();
       status.chunks = lanes.chunks_allocated();
     }
@@ -641,7 +487,7 @@ struct TrackingClient::State {
     }
     // Frees whose Alloc never came are a runtime bug: the server counts them as unknown.
     if (complete && !need_snapshot) {
-      for (const auto& [id, event] : early_frees) encode(event);
+      for (const protocol::FreeRecord& free : table.unmatched_frees()) encode(protocol::EventRecord::of(free));
       flush_pending();
     }
     if (need_snapshot && outbound.all_sent()) encode_snapshot();  // the last word on what is live
@@ -658,7 +504,7 @@ struct TrackingClient::State {
       status.gave_up = !complete;
       if (outbound.all_sent()) status.said_goodbye = true;
     }
-    close_socket();
+    connection.close();
   }
 };
 
@@ -714,11 +560,11 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
       lane.tail = fresh;
       const std::uint64_t waiting = ++lane.full_chunks;
       kick = kick || waiting % wake_chunks == 0;
-      fresh->events[0] = event;
+      fresh->record(0, event);
       fresh->published.store(1, std::memory_order_release);
       continue;
     }
-    chunk->events[at] = event;
+    chunk->record(at, event);
     chunk->published.store(at + 1, std::memory_order_release);
   }
   lane.queued.store(lane.queued.load(std::memory_order_relaxed) + events.size(), std::memory_order_relaxed);
