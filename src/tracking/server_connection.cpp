@@ -115,8 +115,10 @@ Result<void> ServerConnection::read_server() {
     input.insert(input.end(), buffer.begin(), buffer.begin() + got);
   }
   const auto next = protocol::next_frame(input);
-  if (!next || !next->has_value()) return {};
-  if (auto message = protocol::decode(**next)) {
+  if (!next) return {};
+  const std::optional<protocol::Frame>& frame = *next;
+  if (!frame) return {};
+  if (auto message = protocol::decode(*frame)) {
     if (const auto* error = std::get_if<protocol::ErrorMessage>(&*message)) {
       Error refused = broken(fmt::format("the server refused: {}", error->message));
       refused.code = ErrorCode::permission_denied;  // a refusal, not a lost connection
