@@ -155,6 +155,7 @@ class Tracker {
     // It sees events of buffers from this id up (it joined after the others were allocated);
     // joining while add_processor works the id out: readers wait the moment it takes.
     std::atomic<std::uint64_t> first_buffer;
+    std::uint64_t forks_at_join{};  // a fork after this: the joining thread is the parent's
   };
   static constexpr std::uint64_t joining = ~std::uint64_t{0};
   struct Listeners {

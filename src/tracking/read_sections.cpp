@@ -37,6 +37,8 @@ thread_local ReaderSlot* this_thread_slot_address = nullptr;
 // Decided once, when the registry is made, before any thread has a slot; a fork's child may
 // turn it off while it is the only thread.
 std::atomic<bool> asymmetric_fence{false};
+// Forks this process has been the child of (counted by the registry's handler).
+std::atomic<std::uint64_t> forks{0};
 
 bool register_membarrier() {
   return ::syscall(SYS_membarrier, MEMBARRIER_CMD_REGISTER_PRIVATE_EXPEDITED, 0, 0) == 0;
@@ -77,6 +79,7 @@ void keep_only_this_thread_in_child() {
   for (const auto& slot : r.slots) high = std::max(high, slot->high_water.load(std::memory_order_relaxed));
   r.exited_high_water.store(high, std::memory_order_relaxed);
   std::erase_if(r.slots, [](const auto& slot) { return slot.get() != this_thread_slot_address; });
+  forks.fetch_add(1, std::memory_order_relaxed);
   // The registration is the process's; a child whose kernel does not carry it over falls back
   // to exchanges, which is safe now that it has one thread and that thread is not reading.
   if (asymmetric_fence.load(std::memory_order_relaxed) && !register_membarrier()) {
@@ -117,6 +120,9 @@ thread_local ThreadSlot this_thread_slot;
 // Trivially destructible, so they can be read while (and after) this thread's slot is torn down.
 thread_local bool this_thread_slot_gone = false;
 thread_local int this_thread_read_depth = 0;
+// The slot the outermost read of this thread announced in (its own, or a temporary one in
+// teardown), for the nested reads inside it.
+thread_local ReaderSlot* this_thread_reading_slot = nullptr;
 
 ThreadSlot::~ThreadSlot() {
   this_thread_slot_gone = true;
@@ -129,13 +135,7 @@ ThreadSlot::~ThreadSlot() {
 ReadSection::ReadSection(std::uint64_t allocated_end) {
   if (this_thread_read_depth++ > 0) {
     // Already announced; only the high water may need raising (a callback that allocates).
-    if (allocated_end > 0) {
-      if (this_thread_slot_address != nullptr) {
-        raise(this_thread_slot_address->high_water, allocated_end);
-      } else if (!this_thread_slot_gone) {
-        raise(this_thread_slot.slot->high_water, allocated_end);
-      }
-    }
+    if (allocated_end > 0 && this_thread_reading_slot != nullptr) raise(this_thread_reading_slot->high_water, allocated_end);
     return;
   }
   outermost_ = true;
@@ -154,6 +154,7 @@ ReadSection::ReadSection(std::uint64_t allocated_end) {
   if (allocated_end > slot_->high_water.load(std::memory_order_relaxed)) {
     slot_->high_water.store(allocated_end, std::memory_order_relaxed);
   }
+  this_thread_reading_slot = slot_;
   begun_ = slot_->state.load(std::memory_order_relaxed) + 1U;  // idle is even: begun is odd
   // Ordered before the list load that follows, against a writer's publish-fence-scan: by the
   // writer's membarrier, or by the exchange where there is none.
@@ -168,11 +169,17 @@ ReadSection::ReadSection(std::uint64_t allocated_end) {
 ReadSection::~ReadSection() {
   --this_thread_read_depth;
   if (!outermost_) return;
+  this_thread_reading_slot = nullptr;
   slot_->state.store(begun_ + 1U, std::memory_order_release);  // even: not reading
   if (temporary_) withdraw(temporary_slot_);
 }
 
 bool inside_read_section() { return this_thread_read_depth > 0; }
+
+std::uint64_t forks_seen() {
+  (void)registry();  // its fork handler counts from now on
+  return forks.load(std::memory_order_relaxed);
+}
 
 bool wait_for_read_sections() {
   Expects(!inside_read_section());

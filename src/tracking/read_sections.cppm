@@ -41,6 +41,9 @@ class ReadSection {
   bool temporary_{false};  // a slot for this read only: its thread's own is gone
 };
 
+// Forks this process is the child of, counted from the first call: a wait for a thread of the
+// parent (one that was joining a processor at the fork) must not go on in the child.
+[[nodiscard]] std::uint64_t forks_seen();
 // True when this thread is inside a read (a processor or hook calling back into the tracker).
 [[nodiscard]] bool inside_read_section();
 // Returns true once every read that had begun before the call has ended. Not from inside a read.

@@ -79,7 +79,7 @@ std::size_t Tracker::lists_waiting() const {
 
 void Tracker::add_processor(std::shared_ptr<EventProcessor> processor) {
   Expects(processor != nullptr);
-  auto member = std::make_shared<Member>(std::move(processor), joining);
+  auto member = std::make_shared<Member>(std::move(processor), joining, detail::forks_seen());
   std::vector<DeviceDescription> devices;
   publish(
       [&](Listeners& listeners) {
@@ -124,6 +124,15 @@ std::optional<std::uint64_t> Tracker::intercept(const AllocationRequest& request
 void Tracker::deliver(Member& member, std::span<const AllocationEvent> events) noexcept {
   std::uint64_t first = member.first_buffer.load(std::memory_order_acquire);
   while (first == joining) {
+    if (detail::forks_seen() != member.forks_at_join) {
+      // A fork's child, forked while the processor joined: the joining thread stayed in the
+      // parent, so the child works out where the view starts itself.
+      std::uint64_t expected = joining;
+      (void)member.first_buffer.compare_exchange_strong(expected, detail::announced_high_water(),
+                                                        std::memory_order_acq_rel);
+      first = member.first_buffer.load(std::memory_order_acquire);
+      break;
+    }
     std::this_thread::yield();
     first = member.first_buffer.load(std::memory_order_acquire);
   }

@@ -2,6 +2,8 @@
 // flight, churn keeps memory bounded, callbacks that call back into their mesh get a defined
 // outcome, and a processor that joins late never sees a Free without its Alloc.
 #include <atomic>
+#include <chrono>
+#include <csignal>
 #include <cstdint>
 #include <functional>
 #include <string_view>
@@ -12,6 +14,9 @@
 #include <string>
 #include <thread>
 #include <vector>
+
+#include <sys/wait.h>
+#include <unistd.h>
 
 #include <doctest/doctest.h>
 
@@ -211,5 +216,49 @@ TEST_SUITE("tracker lifecycle") {
     after.deallocate();
     CHECK(late->table.active_allocations() == 0);
     CHECK(late->table.unknown_frees() == 0);
+  }
+
+  TEST_CASE("a fork while a processor joins: the child records without waiting for the parent's joining thread") {
+    // The processor's describe_devices runs while it joins (readers that reach it wait until
+    // its view's start is known). A fork there leaves a child whose joining thread is gone:
+    // before, every record() in the child waited for it forever.
+    auto tracker = std::make_shared<Tracker>();
+    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+    struct ForksWhileJoining final : EventProcessor {
+      std::shared_ptr<Tracker> tracker;
+      std::atomic<std::uint64_t> seen{0};
+      pid_t child{-1};
+      void process(std::span<const AllocationEvent> events) noexcept override { seen.fetch_add(events.size()); }
+      void describe_devices(std::span<const DeviceDescription> /*described*/) noexcept override {
+        if (child != -1) return;
+        child = ::fork();
+        if (child != 0) return;
+        // The first record completes the join in the child: like any Alloc concurrent with a
+        // join, it may be left out of the view; the next one is in it.
+        const AllocationEvent first{.kind = EventKind::allocate, .buffer = BufferId{1u << 30U}, .size = 64};
+        tracker->record(std::span(&first, 1));
+        const AllocationEvent next{.kind = EventKind::allocate, .buffer = BufferId{(1u << 30U) + 8}, .size = 64};
+        tracker->record(std::span(&next, 1));
+        ::_exit(seen.load() >= 1 ? 0 : 3);
+      }
+    };
+    auto joiner = std::make_shared<ForksWhileJoining>();
+    joiner->tracker = tracker;
+    tracker->add_processor(joiner);
+    REQUIRE(joiner->child > 0);
+    int status = 0;
+    pid_t done = 0;
+    for (int waited = 0; waited < 1000 && done == 0; ++waited) {
+      done = ::waitpid(joiner->child, &status, WNOHANG);
+      if (done == 0) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    }
+    if (done == 0) {
+      ::kill(joiner->child, SIGKILL);
+      (void)::waitpid(joiner->child, &status, 0);
+    }
+    CHECK(done == joiner->child);  // it exited by itself, within 10 s
+    CHECK(WIFEXITED(status));
+    CHECK(WEXITSTATUS(status) == 0);  // and its event reached the processor
+    tracker->remove_processor(*joiner);
   }
 }
