@@ -144,7 +144,9 @@ class Tracker {
   [[nodiscard]] std::optional<std::uint64_t> intercept(const AllocationRequest& request) const;
   void record(std::span<const AllocationEvent> events) const noexcept;
   void describe_devices(std::span<const DeviceDescription> devices) const noexcept;
-  void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept;
+  // One Alloc of a named mesh buffer: each processor that sees the Alloc hears the name just
+  // before it (and one that does not, having joined while it was made, hears neither).
+  void record_named_allocation(const AllocationEvent& allocated, std::string_view name) const noexcept;
 
   // Listener lists replaced but not yet freed (called from inside callbacks): for tests.
   [[nodiscard]] std::size_t lists_waiting() const;
@@ -171,6 +173,8 @@ class Tracker {
     publish(change, [] {});
   }
   static void deliver(Member& member, std::span<const AllocationEvent> events) noexcept;
+  // The first buffer id `member` sees, once its join is complete.
+  static std::uint64_t view_start(Member& member);
 
   mutable std::mutex mutex_;
   std::unique_ptr<const Listeners> owned_;  // the current list

@@ -131,12 +131,15 @@ Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::
     if (!reserved) return tl::unexpected(std::move(reserved.error()));
     address = *reserved;
   }
-  if (!plan.name.empty()) memory->tracker().describe_mesh_buffer(plan.mesh_buffer, plan.name);
   auto allocation = std::make_shared<BufferAllocation>(Token{}, memory, std::move(plan), address, intercepted.has_value());
   memory->enroll(lock, *allocation);
   const AllocationEvent allocated =
       allocation->event(0, allocation->slot_count(), EventKind::allocate, FreeReason::none, now_ns());
-  memory->tracker().record(std::span(&allocated, 1));
+  if (allocation->plan().name.empty()) {
+    memory->tracker().record(std::span(&allocated, 1));
+  } else {
+    memory->tracker().record_named_allocation(allocated, allocation->plan().name);
+  }
   return allocation;
 }
 

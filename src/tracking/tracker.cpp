@@ -121,7 +121,7 @@ std::optional<std::uint64_t> Tracker::intercept(const AllocationRequest& request
   return std::nullopt;
 }
 
-void Tracker::deliver(Member& member, std::span<const AllocationEvent> events) noexcept {
+std::uint64_t Tracker::view_start(Member& member) {
   std::uint64_t first = member.first_buffer.load(std::memory_order_acquire);
   while (first == joining) {
     if (detail::forks_seen() != member.forks_at_join) {
@@ -130,12 +130,16 @@ void Tracker::deliver(Member& member, std::span<const AllocationEvent> events) n
       std::uint64_t expected = joining;
       (void)member.first_buffer.compare_exchange_strong(expected, detail::announced_high_water(),
                                                         std::memory_order_acq_rel);
-      first = member.first_buffer.load(std::memory_order_acquire);
-      break;
+      return member.first_buffer.load(std::memory_order_acquire);
     }
     std::this_thread::yield();
     first = member.first_buffer.load(std::memory_order_acquire);
   }
+  return first;
+}
+
+void Tracker::deliver(Member& member, std::span<const AllocationEvent> events) noexcept {
+  const std::uint64_t first = view_start(member);
   const auto visible = [first](const AllocationEvent& event) { return event.buffer.value() >= first; };
   if (first == 0 || std::ranges::all_of(events, visible)) {
     member.processor->process(events);
@@ -176,10 +180,17 @@ void Tracker::describe_devices(std::span<const DeviceDescription> devices) const
   }
 }
 
-void Tracker::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) const noexcept {
-  const detail::ReadSection read;
+void Tracker::record_named_allocation(const AllocationEvent& allocated, std::string_view name) const noexcept {
+  Expects(allocated.kind == EventKind::allocate);
+  if (!recorded_allocations_.load(std::memory_order_relaxed)) {
+    recorded_allocations_.store(true, std::memory_order_seq_cst);  // before the read announces itself
+  }
+  const detail::ReadSection read(allocated.buffer.value() + allocated.device_count);
   for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) {
-    member->processor->describe_mesh_buffer(mesh_buffer, name);
+    const std::uint64_t first = view_start(*member);
+    if (first != 0 && allocated.buffer.value() < first) continue;  // not its to see, nor the name
+    member->processor->describe_mesh_buffer(allocated.mesh_buffer, name);
+    member->processor->process(std::span(&allocated, 1));
   }
 }
 

@@ -10,6 +10,8 @@
 #include <utility>
 #include <memory>
 #include <optional>
+#include <set>
+#include <mutex>
 #include <span>
 #include <string>
 #include <thread>
@@ -260,5 +262,51 @@ TEST_SUITE("tracker lifecycle") {
     CHECK(WIFEXITED(status));
     CHECK(WEXITSTATUS(status) == 0);  // and its event reached the processor
     tracker->remove_processor(*joiner);
+  }
+
+  TEST_CASE("processors joining while named buffers are made: each hears a name only with its buffer's Alloc") {
+    // A name goes to exactly the processors that see its mesh buffer's Alloc, in the same read:
+    // a processor that joins while a buffer is made, and is not shown its Alloc, must not be
+    // left holding its name (in a TrackingClient, a name that would outlive its buffer).
+    auto tracker = std::make_shared<Tracker>();
+    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    struct NameAudit final : EventProcessor {
+      std::mutex mutex;
+      std::set<std::uint64_t> named;      // mesh buffers whose name came
+      std::set<std::uint64_t> allocated;  // mesh buffers whose Alloc came
+      void describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view /*name*/) noexcept override {
+        const std::scoped_lock lock(mutex);
+        named.insert(mesh_buffer.value());
+      }
+      void process(std::span<const AllocationEvent> events) noexcept override {
+        const std::scoped_lock lock(mutex);
+        for (const AllocationEvent& event : events) {
+          if (event.kind == EventKind::allocate) allocated.insert(event.mesh_buffer.value());
+        }
+      }
+    };
+    std::atomic<bool> done{false};
+    std::thread maker([&] {
+      while (!done) {
+        (void)MeshBuffer::create(ReplicatedBufferConfig{.size = 1024, .name = "named"},
+                                 {.page_size = 1024, .buffer_type = BufferType::dram}, mesh)
+            .value();
+      }
+    });
+    std::uint64_t names_without_alloc = 0;
+    std::uint64_t names_heard = 0;
+    for (int i = 0; i < 2000; ++i) {
+      auto audit = std::make_shared<NameAudit>();
+      tracker->add_processor(audit);
+      std::this_thread::yield();
+      tracker->remove_processor(*audit);
+      const std::scoped_lock lock(audit->mutex);
+      names_heard += audit->named.size();
+      for (const std::uint64_t mesh_buffer : audit->named) names_without_alloc += audit->allocated.contains(mesh_buffer) ? 0 : 1;
+    }
+    done = true;
+    maker.join();
+    CHECK(names_heard > 0);
+    CHECK(names_without_alloc == 0);
   }
 }
