@@ -157,13 +157,16 @@ LaneLease EventLanes::for_this_thread() {
       return {binding.lane.get(), {}};
     }
   }
+  std::unique_lock lock(mutex_);
+  reaped_.wait(lock, [&] {
+    return closed_ || std::ranges::count_if(lanes_, [](const auto& l) { return l->retired.load(std::memory_order_acquire); }) <=
+                          static_cast<std::ptrdiff_t>(max_retired_lanes);
+  });
   Chunk* first = pool_.take_first();
   if (first == nullptr) return {};
   auto lane = std::make_shared<Lane>(first);
-  {
-    const std::scoped_lock lock(mutex_);
-    lanes_.push_back(lane);
-  }
+  lanes_.push_back(lane);
+  lock.unlock();
   // Lanes of clients that are gone go now, so a thread that outlives many clients keeps none.
   std::erase_if(this_thread_lanes.bindings,
                 [](const ThreadBinding& binding) { return binding.lane->orphaned.load(std::memory_order_acquire); });
@@ -192,6 +195,7 @@ void EventLanes::reap(Lane* lane) {
     lanes_.erase(found);
     queued_by_reaped_ += reaped->queued.load(std::memory_order_relaxed);
   }
+  reaped_.notify_all();
   Expects(reaped->head == reaped->tail && reaped->head->next.load(std::memory_order_acquire) == nullptr);
   reaped->orphaned.store(true, std::memory_order_release);
   pool_.give(reaped->head);
@@ -202,8 +206,10 @@ void EventLanes::reap(Lane* lane) {
 void EventLanes::close() {
   {
     const std::scoped_lock lock(mutex_);
+    closed_ = true;
     for (const auto& lane : lanes_) lane->orphaned.store(true, std::memory_order_release);
   }
+  reaped_.notify_all();
   pool_.close();
 }
 

@@ -117,8 +117,11 @@ class EventLanes {
   // Only once no thread records into this client and the sender has stopped.
   ~EventLanes();
 
-  // This thread's lane, made on first use; no lane once closed.
+  // This thread's lane, made on first use; no lane once closed. A new lane waits while more
+  // than max_retired_lanes lanes of exited threads are still to be drained (the sender drains
+  // them every round): so a starved sender bounds recording memory too, not only a busy one.
   [[nodiscard]] LaneLease for_this_thread();
+  static constexpr std::size_t max_retired_lanes = 64;
   // The lanes now; the sender's only. Lanes are freed only by reap(), on the sender's thread.
   [[nodiscard]] std::vector<Lane*> current() const;
   // Frees `lane` (retired and drained by the caller): gives its last chunk back.
@@ -138,6 +141,8 @@ class EventLanes {
   static std::uint64_t next_id();
   ChunkPool pool_;
   mutable std::mutex mutex_;
+  std::condition_variable reaped_;  // a lane was reaped, or the lanes closed
+  bool closed_{false};
   std::vector<std::shared_ptr<Lane>> lanes_;
   // Shared by threads in teardown (never retired: freed with the client), made on first use.
   std::mutex teardown_mutex_;

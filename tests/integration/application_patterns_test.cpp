@@ -178,8 +178,11 @@ TEST_SUITE("application patterns") {
     const TrackingClient::Status status = client->status();
     // Lanes of threads that exited are reaped once drained: memory follows the threads alive.
     CHECK(status.lanes == 0);
-    CHECK(most_lanes.load() <= 3 * alive);  // a few rounds may pass before a batch's lanes are reaped
-    CHECK(most_chunks.load() <= 3 * alive + 16);  // live lanes' chunks and the pool's few idle ones
+    // The live threads' lanes, and at most 64 of exited threads not drained yet (a new thread
+    // waits past that: a sender starved of CPU bounds them too; ADR 0012).
+    constexpr std::uint64_t most_retired = 64;
+    CHECK(most_lanes.load() <= alive + most_retired + 1);
+    CHECK(most_chunks.load() <= alive + most_retired + 1 + 16);  // one chunk a lane, the pool's few idle ones
     CHECK(status.chunks <= 16);
     CHECK(status.events_queued == 2 * threads);
     REQUIRE(eventually([&] { return fixture.summary()["total_deallocations"] == threads; }));
