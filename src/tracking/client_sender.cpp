@@ -186,15 +186,18 @@ void TrackingClient::State::publish_status(std::uint64_t taken, std::uint64_t fl
 void TrackingClient::State::run() {
   try_connect();  // at once: a server that is there sees the first allocations as they happen
   std::uint64_t flush_round{};
+  std::uint64_t kicks_seen{};
   for (;;) {
     {
       std::unique_lock lock(mutex);
       if (!more_waiting) {
         // A flush or a shutdown asked while the last round ran is not missed.
         wake.wait_for(lock, options.flush_interval, [&] {
-          return flush_requests != flush_round || stopping.load(std::memory_order_relaxed);
+          return flush_requests != flush_round || stopping.load(std::memory_order_relaxed) ||
+                 kicks.load(std::memory_order_relaxed) != kicks_seen;
         });
       }
+      kicks_seen = kicks.load(std::memory_order_relaxed);
       flush_round = flush_requests;
     }
     if (stopping.load(std::memory_order_acquire)) break;

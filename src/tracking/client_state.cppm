@@ -42,7 +42,14 @@ struct TrackingClient::State {
   const std::uint64_t generation{detail::fork_generation()};
   [[nodiscard]] bool forked_away() const { return detail::fork_generation() != generation; }
 
-  detail::EventLanes lanes;
+  // An application thread wakes the sender early (without the mutex: a wake-up missed costs one
+  // flush interval, no more) when too many lanes of exited threads wait to be drained.
+  std::atomic<std::uint64_t> kicks{0};
+  void kick() {
+    kicks.fetch_add(1, std::memory_order_relaxed);
+    wake.notify_one();
+  }
+  detail::EventLanes lanes{[this] { kick(); }};
   std::atomic<bool> stopping{false};
 
   // Shared with flush()/status()/describe_*, under `mutex`.

@@ -1,6 +1,7 @@
 module;
 #include <algorithm>
 #include <atomic>
+#include <chrono>
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
@@ -158,10 +159,14 @@ LaneLease EventLanes::for_this_thread() {
     }
   }
   std::unique_lock lock(mutex_);
-  reaped_.wait(lock, [&] {
+  const auto room = [&] {
     return closed_ || std::ranges::count_if(lanes_, [](const auto& l) { return l->retired.load(std::memory_order_acquire); }) <=
                           static_cast<std::ptrdiff_t>(max_retired_lanes);
-  });
+  };
+  while (!room()) {
+    if (wake_sender_) wake_sender_();
+    reaped_.wait_for(lock, std::chrono::milliseconds(1));  // the wake-up may be missed: look again
+  }
   Chunk* first = pool_.take_first();
   if (first == nullptr) return {};
   auto lane = std::make_shared<Lane>(first);

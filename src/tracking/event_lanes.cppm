@@ -11,8 +11,10 @@ module;
 #include <condition_variable>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
+#include <utility>
 #include <vector>
 
 module meshrt.tracking:event_lanes;
@@ -88,7 +90,6 @@ struct Lane {
   // Producer side.
   alignas(64) Chunk* tail;
   std::atomic<std::uint64_t> queued{0};  // events handed to process() on this lane
-  std::uint64_t full_chunks{0};
   // Set by the producer's thread as it exits: nothing more will be published.
   std::atomic<bool> retired{false};
   // Set when the client is gone: the thread's binding forgets the lane at its next look-up.
@@ -111,7 +112,8 @@ struct LaneLease {
 // reads them all and reaps those whose thread has exited.
 class EventLanes {
  public:
-  EventLanes() = default;
+  // `wake_sender` is called when a thread has to wait for the sender to drain lanes.
+  explicit EventLanes(std::function<void()> wake_sender = {}) : wake_sender_(std::move(wake_sender)) {}
   EventLanes(const EventLanes&) = delete;
   EventLanes& operator=(const EventLanes&) = delete;
   // Only once no thread records into this client and the sender has stopped.
@@ -140,6 +142,7 @@ class EventLanes {
   const std::uint64_t id_{next_id()};
   static std::uint64_t next_id();
   ChunkPool pool_;
+  std::function<void()> wake_sender_;
   mutable std::mutex mutex_;
   std::condition_variable reaped_;  // a lane was reaped, or the lanes closed
   bool closed_{false};

@@ -32,9 +32,6 @@ namespace meshrt {
 namespace {
 
 
-// Past this many chunks waiting in its lane an application thread wakes the sender early.
-constexpr std::size_t wake_chunks = 4;
-
 // Bumped in every child of fork(): a client started in an earlier generation belongs to the
 // parent. In the child it records nothing, sends nothing and its exit neither waits nor says
 // Goodbye (ADR 0017): the child's copy of the parent's session must not speak for the parent.
@@ -104,7 +101,8 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
   const detail::LaneLease lease = state_->lanes.for_this_thread();
   if (lease.lane == nullptr) return;
   detail::Lane& lane = *lease.lane;
-  bool kick = false;
+  // No wake-up for the sender here: it runs every flush interval and reads whole chunks; woken
+  // as chunks fill, it reads lines this thread is writing (29 against 19 ns per event).
   for (const AllocationEvent& event : events) {
     detail::Chunk* chunk = lane.tail;
     const std::size_t at = chunk->published.load(std::memory_order_relaxed);  // only we write it
@@ -113,8 +111,6 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
       if (fresh == nullptr) return;  // shutting down: the last events go unrecorded
       chunk->next.store(fresh, std::memory_order_release);
       lane.tail = fresh;
-      const std::uint64_t waiting = ++lane.full_chunks;
-      kick = kick || waiting % wake_chunks == 0;
       fresh->record(0, event);
       fresh->published.store(1, std::memory_order_release);
       continue;
@@ -123,7 +119,6 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
     chunk->published.store(at + 1, std::memory_order_release);
   }
   lane.queued.store(lane.queued.load(std::memory_order_relaxed) + events.size(), std::memory_order_relaxed);
-  if (kick) state_->wake.notify_one();  // a missed wake-up costs one flush interval, no more
 }
 
 void TrackingClient::describe_devices(std::span<const DeviceDescription> devices) noexcept {
