@@ -369,7 +369,8 @@ struct Server::State {
   }
 
   void update_interest(Connection& c) const {
-    std::uint32_t events = c.closing ? 0U : static_cast<std::uint32_t>(EPOLLIN);
+    // While a buffer list goes out, what the peer sends next waits in its socket (read after).
+    std::uint32_t events = c.closing || c.listing ? 0U : static_cast<std::uint32_t>(EPOLLIN);
     if (c.output.size() > c.output_start) events |= EPOLLOUT;
     if (auto watched = watch(c.fd.get(), events, EPOLL_CTL_MOD); !watched) log(watched.error().message);
   }
@@ -737,8 +738,6 @@ struct Server::State {
            counters.malformed_messages);
   }
 
-  // Reads what is there (a bounded amount, for fairness), applies every complete frame.
-  // Returns false when the connection is finished.
   // Handles every whole frame received, in order, until the session closes or a list starts.
   void handle_frames(Connection& c) {
     while (!c.closing && !c.listing) {
@@ -762,8 +761,10 @@ struct Server::State {
     }
   }
 
+  // Reads what is there (a bounded amount, for fairness), applies every complete frame.
+  // Returns false when the connection is finished.
   bool on_readable(Connection& c) {
-    for (std::size_t reads = 0; reads < max_reads_per_wakeup && !c.closing; ++reads) {
+    for (std::size_t reads = 0; reads < max_reads_per_wakeup && !c.closing && !c.listing; ++reads) {
       const std::size_t old_size = c.input.size();
       c.input.resize(old_size + read_chunk);
       const ssize_t got = ::recv(c.fd.get(), c.input.data() + old_size, read_chunk, 0);
@@ -784,8 +785,6 @@ struct Server::State {
         return false;
       }
       handle_frames(c);
-      // While a list goes out, what the peer sends waits; past one read chunk it waits unread.
-      if (c.listing && c.input.size() - c.input_start > read_chunk) break;
     }
     return true;
   }
@@ -890,7 +889,11 @@ struct Server::State {
       log(fmt::format("{}: said nothing for {} ms: closed", who(c), config.hello_timeout.count()));
       close_connection(fd);
     }
-    // A monitor that stopped reading in the middle of a buffer list would hold its copy forever.
+  }
+
+  // A monitor that stopped reading in the middle of a buffer list would hold its copy forever.
+  void drop_stalled_listings() {
+    const auto now = std::chrono::steady_clock::now();
     std::vector<int> stalled;
     for (const auto& [fd, c] : connections) {
       if (c->listing && now - c->listing_progress > config.reply_stall_timeout) stalled.push_back(fd);
@@ -908,6 +911,7 @@ struct Server::State {
     std::uint64_t expirations = 0;
     (void)::read(timer.get(), &expirations, sizeof(expirations));
     close_silent_connections();
+    drop_stalled_listings();
     close_silent_http();
     if (config.log_activity) {
       for (auto& [fd, connection] : connections) log_activity(*connection);
