@@ -37,4 +37,8 @@ function(meshrt_add_module name)
   target_link_libraries(${target} PUBLIC ${deps} ${ARG_LIBRARIES} $<BUILD_INTERFACE:meshrt_sanitizers>
                                   PRIVATE $<BUILD_INTERFACE:meshrt_warnings>)
   set_target_properties(${target} PROPERTIES EXPORT_NAME ${name} POSITION_INDEPENDENT_CODE ON)
+  # The module's files, for white-box test programs that build a private copy of it.
+  list(TRANSFORM ARG_INTERFACES PREPEND "${CMAKE_CURRENT_SOURCE_DIR}/")
+  set_target_properties(${target} PROPERTIES MESHRT_INTERFACES "${ARG_INTERFACES}" MESHRT_INTERNAL "${ARG_INTERNAL}"
+                                             MESHRT_SOURCES "${ARG_SOURCES}")
 endfunction()

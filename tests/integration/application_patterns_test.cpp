@@ -193,7 +193,7 @@ TEST_SUITE("application patterns") {
     CHECK(after["sequence_gaps"] == 0);
   }
 
-  TEST_CASE("a thread recording into two clients in turn keeps one lane in each; a replaced client's lane goes") {
+  TEST_CASE("a thread recording into two clients in turn keeps one lane in each, a replaced client's lane goes") {
     ServerFixture fixture(bin);
     const auto tracked_mesh = [&](const std::shared_ptr<TrackingClient>& client) {
       auto tracker = std::make_shared<Tracker>();
@@ -406,7 +406,7 @@ TEST_SUITE("application patterns") {
     CHECK(after["unknown_deallocations"] == 0);
   }
 
-  TEST_CASE("fork and exec: the new program is tracked as its own process; the parent's session is intact") {
+  TEST_CASE("fork and exec: the new program is tracked as its own process, the parent's session is intact") {
     ServerFixture fixture(bin);
     auto parent = fixture.client({bin + "/meshrt-fork-client", "exec", bin + "/meshrt-demo", "--mesh", "1x1",
                                   "--buffers", "2", "--no-verify"});

@@ -119,7 +119,7 @@ TEST_SUITE("hostile") {
     REQUIRE(eventually([&] { return fixture.active() == 0; }));
   }
 
-  TEST_CASE("allocations whose totals would wrap, and absurd sizes, close only that session; the server runs on") {
+  TEST_CASE("allocations whose totals would wrap, and absurd sizes, close only that session, the server runs on") {
     ServerFixture fixture(bin);
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
     REQUIRE(eventually([&] { return fixture.active() == 128; }));
@@ -215,7 +215,7 @@ TEST_SUITE("hostile") {
     CHECK(fixture.summary()["unknown_deallocations"] == 0);
   }
 
-  TEST_CASE("a monitor that stops reading its replies is dropped; the server answers others") {
+  TEST_CASE("a monitor that stops reading its replies is dropped, the server answers others") {
     ServerFixture fixture(bin, {"--max-pending-output-mib", "1", "--reply-stall-timeout", "1"});
     auto demo = fixture.demo({"--hold", "300", "--no-verify", "--buffers", "64"});
     REQUIRE(eventually([&] { return fixture.active() == 64 * 8; }));

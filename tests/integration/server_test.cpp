@@ -232,7 +232,7 @@ TEST_SUITE("integration") {
     CHECK(demo->standard_output().find("Active allocations: 0") != std::string::npos);
   }
 
-  TEST_CASE("meshrt-smi --map: an SVG with one block per live device buffer; an unwritable path is a clear error") {
+  TEST_CASE("meshrt-smi --map: an SVG with one block per live device buffer, an unwritable path is a clear error") {
     Fixture fixture;
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
     REQUIRE(eventually([&] { return active(fixture) == 128; }));

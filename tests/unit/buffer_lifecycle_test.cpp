@@ -172,7 +172,7 @@ TEST_SUITE("buffer lifecycle") {
     CHECK(m.live->active_allocations() == 0);
   }
 
-  TEST_CASE("a mesh device destroyed before its buffers releases them; the buffers stay safe") {
+  TEST_CASE("a mesh device destroyed before its buffers releases them, the buffers stay safe") {
     auto tracker = std::make_shared<Tracker>();
     auto log = std::make_shared<testing::EventLog>();
     tracker->add_processor(log);

@@ -194,7 +194,7 @@ TEST_SUITE("client and server") {
     CHECK(lines.back().find("resynchronised 16 live buffers") != std::string::npos);
   }
 
-  TEST_CASE("a clean exit flushes everything and says goodbye; live buffers count as leaked at exit") {
+  TEST_CASE("a clean exit flushes everything and says goodbye, live buffers count as leaked at exit") {
     testing::TempDirectory dir;
     const std::string socket = dir.file("alloc.sock");
     RunningServer server(socket);
@@ -320,7 +320,7 @@ TEST_SUITE("client and server") {
 }
 
 TEST_SUITE("server socket") {
-  TEST_CASE("socket 0600 in a 0700 directory by default; 0660 and 0750 with --group") {
+  TEST_CASE("socket 0600 in a 0700 directory by default, 0660 and 0750 with --group") {
     testing::TempDirectory dir;
     {
       const std::string socket = dir.file("private/alloc.sock");
@@ -348,7 +348,7 @@ TEST_SUITE("server socket") {
     CHECK((info.st_mode & 07777) == 0750);
   }
 
-  TEST_CASE("a second server on a live socket is refused; a stale socket file is replaced") {
+  TEST_CASE("a second server on a live socket is refused, a stale socket file is replaced") {
     testing::TempDirectory dir;
     const std::string socket = dir.file("alloc.sock");
     {

@@ -76,7 +76,7 @@ TEST_SUITE("device groups") {
           std::numeric_limits<std::uint64_t>::max() - 1);
   }
 
-  TEST_CASE("live groups: partial frees leave runs; the name goes with the group's last buffer") {
+  TEST_CASE("live groups: partial frees leave runs, the name goes with the group's last buffer") {
     LiveGroups table;
     CHECK(table.allocate(group_of(100, 8, 7), "weights").empty());
     CHECK(table.live_device_buffers() == 8);
@@ -94,7 +94,7 @@ TEST_SUITE("device groups") {
     CHECK(table.frees_waiting() == 1);
   }
 
-  TEST_CASE("live groups: a Free that overtook its Alloc waits, then follows it; a group freed whole never lives") {
+  TEST_CASE("live groups: a Free that overtook its Alloc waits, then follows it, a group freed whole never lives") {
     LiveGroups table;
     CHECK_FALSE(table.free(free_of(11)));
     CHECK_FALSE(table.free(free_of(20, 2)));

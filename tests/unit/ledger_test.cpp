@@ -56,7 +56,7 @@ TEST_SUITE("ledger") {
     CHECK(ledger.verify().consistent);
   }
 
-  TEST_CASE("one record covers a range of device buffers; frees may take all or part of it") {
+  TEST_CASE("one record covers a range of device buffers, frees may take all or part of it") {
     Ledger ledger;
     const SessionId a = ledger.open_session({.pid = 10});
     // Buffers 100..107 on devices 0..7, 1000 bytes each: one replicated mesh buffer.

@@ -230,7 +230,7 @@ TEST_SUITE("protocol") {
     CHECK(contains(decode_error(bytes), "allocations only"));
   }
 
-  TEST_CASE("outbound frames: a cut never splits a frame or drops the session start; compacting keeps the unsent bytes") {
+  TEST_CASE("outbound frames: a cut never splits a frame or drops the session start, compacting keeps the unsent bytes") {
     OutboundFrames queue;
     encode(Hello{.claimed_pid = 1, .process_name = "p"}, queue.frames());
     queue.keep_what_is_queued();
