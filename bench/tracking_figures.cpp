@@ -172,12 +172,7 @@ std::vector<Figure> tracking_figures(const Context& context) {
   auto mesh_off = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), untracked).value();
   constexpr std::uint64_t lives = 50'000;
   const auto life = [&](MeshDevice& mesh) {
-    return [&] {
-      for (std::uint64_t i = 0; i < lives; ++i) {
-        auto buffer = DeviceBuffer::create(mesh, {0, 0}, 2048, config);
-        buffer->deallocate();
-      }
-    };
+    return [&] { device_buffer_lives(mesh, lives); };  // the life --count-lives counts, too
   };
   // What the application thread pays (its CPU time) is the target; wall time, which also counts
   // the sender thread and the server taking the other core, is reported beside it.

@@ -172,7 +172,9 @@ class Tracker {
   void publish(Change change) {
     publish(change, [] {});
   }
-  static void deliver(Member& member, std::span<const AllocationEvent> events) noexcept;
+  // Records `events` (with the name of their mesh buffer when it is one named Alloc).
+  void record_events(std::span<const AllocationEvent> events, std::string_view name) const noexcept;
+  static void deliver(Member& member, std::span<const AllocationEvent> events, std::string_view name) noexcept;
   // The first buffer id `member` sees, once its join is complete.
   static std::uint64_t view_start(Member& member);
 

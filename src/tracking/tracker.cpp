@@ -138,20 +138,30 @@ std::uint64_t Tracker::view_start(Member& member) {
   return first;
 }
 
-void Tracker::deliver(Member& member, std::span<const AllocationEvent> events) noexcept {
+void Tracker::deliver(Member& member, std::span<const AllocationEvent> events, std::string_view name) noexcept {
+  // A name comes with its mesh buffer's Alloc alone (record_named_allocation): it goes to the
+  // processors shown that Alloc, in the same read, and to no other.
+  const auto show = [&](std::span<const AllocationEvent> shown) {
+    if (!name.empty()) member.processor->describe_mesh_buffer(shown.front().mesh_buffer, name);
+    member.processor->process(shown);
+  };
   const std::uint64_t first = view_start(member);
   const auto visible = [first](const AllocationEvent& event) { return event.buffer.value() >= first; };
-  if (first == 0 || std::ranges::all_of(events, visible)) {
-    member.processor->process(events);
-    return;
-  }
+  if (first == 0 || std::ranges::all_of(events, visible)) return show(events);
   // Events of buffers allocated before it joined are not its to see (rare: only while those live).
   std::vector<AllocationEvent> seen;
   std::ranges::copy_if(events, std::back_inserter(seen), visible);
-  if (!seen.empty()) member.processor->process(seen);
+  if (!seen.empty()) show(seen);
 }
 
-void Tracker::record(std::span<const AllocationEvent> events) const noexcept {
+void Tracker::record(std::span<const AllocationEvent> events) const noexcept { record_events(events, {}); }
+
+void Tracker::record_named_allocation(const AllocationEvent& allocated, std::string_view name) const noexcept {
+  Expects(allocated.kind == EventKind::allocate);
+  record_events(std::span(&allocated, 1), name);
+}
+
+void Tracker::record_events(std::span<const AllocationEvent> events, std::string_view name) const noexcept {
   if (events.empty()) return;
   std::uint64_t allocated_end = 0;
   for (const AllocationEvent& event : events) {
@@ -163,7 +173,7 @@ void Tracker::record(std::span<const AllocationEvent> events) const noexcept {
     recorded_allocations_.store(true, std::memory_order_seq_cst);  // before the read announces itself
   }
   const detail::ReadSection read(allocated_end);
-  for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) deliver(*member, events);
+  for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) deliver(*member, events, name);
 }
 
 void Tracker::describe_devices(std::span<const DeviceDescription> devices) const noexcept {
@@ -180,18 +190,5 @@ void Tracker::describe_devices(std::span<const DeviceDescription> devices) const
   }
 }
 
-void Tracker::record_named_allocation(const AllocationEvent& allocated, std::string_view name) const noexcept {
-  Expects(allocated.kind == EventKind::allocate);
-  if (!recorded_allocations_.load(std::memory_order_relaxed)) {
-    recorded_allocations_.store(true, std::memory_order_seq_cst);  // before the read announces itself
-  }
-  const detail::ReadSection read(allocated.buffer.value() + allocated.device_count);
-  for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) {
-    const std::uint64_t first = view_start(*member);
-    if (first != 0 && allocated.buffer.value() < first) continue;  // not its to see, nor the name
-    member->processor->describe_mesh_buffer(allocated.mesh_buffer, name);
-    member->processor->process(std::span(&allocated, 1));
-  }
-}
 
 }  // namespace meshrt
