@@ -108,6 +108,9 @@ inline constexpr std::uint32_t max_mesh_dimension = 8;
 // The row-major index of `coordinate`, or an Error naming the mesh's bounds when it is outside.
 [[nodiscard]] Result<std::uint32_t> checked_index(MeshShape shape, MeshCoordinate coordinate);
 
+// Nanoseconds since the Unix epoch: the time events, records and answers carry.
+[[nodiscard]] std::int64_t wall_clock_ns();
+
 }  // namespace meshrt
 
 export template <class Tag, class Rep>

@@ -5,12 +5,14 @@ module;
 #include <cstdint>
 #include <span>
 #include <string>
+#include <utility>
 #include <vector>
 
 export module meshrt.monitor;
 
 import meshrt.core;
 import meshrt.protocol;
+import meshrt.unix_socket;
 
 export namespace meshrt::server {
 
@@ -18,21 +20,21 @@ class Monitor {
  public:
   // Connects and says Hello as a monitor. Errors name the socket and the reason.
   [[nodiscard]] static Result<Monitor> connect(const std::string& socket_path);
-  Monitor(Monitor&& other) noexcept;
-  Monitor& operator=(Monitor&& other) noexcept;
+  Monitor(Monitor&& other) noexcept = default;
+  Monitor& operator=(Monitor&& other) noexcept = default;
   Monitor(const Monitor&) = delete;
   Monitor& operator=(const Monitor&) = delete;
-  ~Monitor();
+  ~Monitor() = default;
 
   // The server's JSON answer (chunks joined), or its refusal as an Error.
   [[nodiscard]] Result<std::string> query(protocol::QueryKind kind, std::uint32_t pid = 0);
 
  private:
-  explicit Monitor(int fd) : fd_(fd) {}
+  explicit Monitor(FileDescriptor fd) : fd_(std::move(fd)) {}
   [[nodiscard]] Result<void> write(std::span<const std::byte> bytes) const;
   [[nodiscard]] Result<protocol::Message> read_message();
 
-  int fd_{-1};
+  FileDescriptor fd_;
   std::vector<std::byte> buffer_;
   std::size_t start_{};
 };

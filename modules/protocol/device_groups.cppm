@@ -73,8 +73,8 @@ class LiveGroups {
   [[nodiscard]] bool free(const FreeRecord& record);
 
   [[nodiscard]] std::uint64_t live_device_buffers() const { return live_device_buffers_; }
-  [[nodiscard]] std::size_t groups() const { return live_.size(); }
-  [[nodiscard]] std::size_t names() const { return names_.size(); }
+  [[nodiscard]] std::size_t group_count() const { return live_.size(); }
+  [[nodiscard]] std::size_t name_count() const { return names_.size(); }
   [[nodiscard]] std::size_t frees_waiting() const { return early_frees_.size(); }
   // Frees whose Alloc never came (the server counts them as unknown frees), in no set order.
   [[nodiscard]] std::vector<FreeRecord> unmatched_frees() const;
@@ -96,11 +96,11 @@ class LiveGroups {
   }
 
  private:
-  struct Group {
+  struct LiveRecord {
     AllocRecord record;
     std::uint64_t live_mask{};
   };
-  absl::flat_hash_map<std::uint64_t, Group> live_;  // first buffer id -> group
+  absl::flat_hash_map<std::uint64_t, LiveRecord> live_;  // first buffer id -> group
   std::uint64_t live_device_buffers_{};
   std::unordered_map<std::uint64_t, FreeRecord> early_frees_;  // by buffer id, never reused
   std::unordered_map<std::uint64_t, std::string> names_;       // by mesh buffer: one group each

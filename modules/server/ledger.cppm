@@ -196,7 +196,7 @@ class Ledger {
   [[nodiscard]] std::uint64_t active_allocations() const { return active_allocations_; }
   [[nodiscard]] const Counters& counters() const { return counters_; }
   [[nodiscard]] std::uint64_t live_allocations(SessionId session) const;
-  [[nodiscard]] std::uint64_t names(SessionId session) const;
+  [[nodiscard]] std::uint64_t name_count(SessionId session) const;
   [[nodiscard]] Summary summary() const;
   // Every live buffer (of one pid, or all when pid is 0). O(live buffers), sorted once.
   [[nodiscard]] BufferListing list_buffers(std::uint32_t pid = 0) const;
@@ -207,7 +207,7 @@ class Ledger {
  private:
   // One Alloc record's device buffers: ids [first, first + count) on devices
   // [first_device, first_device + count); bit i of live_mask says whether the i-th is live.
-  struct Group {
+  struct AllocationGroup {
     std::uint64_t mesh_buffer;
     std::uint64_t address;
     std::uint64_t size;
@@ -220,11 +220,11 @@ class Ledger {
   };
   // Groups live in a slab; the map from first buffer id to slot is small (12 bytes a slot), so a
   // million live allocations cost about 80 bytes each (ADR 0012).
-  using Groups = absl::flat_hash_map<std::uint64_t, std::uint32_t>;  // first buffer id -> slab slot
-  struct Session {
+  using GroupIndex = absl::flat_hash_map<std::uint64_t, std::uint32_t>;  // first buffer id -> slab slot
+  struct SessionRecord {
     SessionIdentity identity;
-    Groups live;
-    std::vector<Group> slab;
+    GroupIndex live;
+    std::vector<AllocationGroup> slab;
     std::vector<std::uint32_t> free_slots;
     std::vector<UsageByType> devices;  // by device id
     std::uint64_t live_buffers{};
@@ -244,23 +244,23 @@ class Ledger {
     std::size_t recent_free_next{};
   };
 
-  Session& session(SessionId id);
-  static Groups::iterator find_group(Session& session, std::uint64_t buffer);
-  bool add(Session& session, const protocol::AllocRecord& record);
+  SessionRecord& session(SessionId id);
+  static GroupIndex::iterator find_group(SessionRecord& session, std::uint64_t buffer);
+  bool add(SessionRecord& session, const protocol::AllocRecord& record);
   // Frees the `mask` bits of a group, adjusting every aggregate; forgets the group when empty.
-  void remove(Session& session, Groups::iterator group, std::uint64_t mask);
+  void remove(SessionRecord& session, GroupIndex::iterator group, std::uint64_t mask);
   // Frees every live buffer of a session in one pass. Not remove(begin()) until empty: a flat hash
   // map's begin() skips the slots erased before it, so that loop is quadratic (a minute of a
   // stalled server for a crashed process that held 200,000 buffers).
-  void remove_all(Session& session);
-  void remember_free(Session& session, std::uint64_t first_id);
+  void remove_all(SessionRecord& session);
+  void remember_free(SessionRecord& session, std::uint64_t first_id);
   static UsageByType& usage_of(std::vector<UsageByType>& devices, std::uint32_t device);
 
   SessionId next_session_{1};
-  std::map<SessionId, Session> sessions_;
+  std::map<SessionId, SessionRecord> sessions_;
   // Events come in runs from one session: the last one looked up is kept at hand.
   SessionId cached_id_{0};
-  Session* cached_{nullptr};
+  SessionRecord* cached_{nullptr};
   std::vector<UsageByType> devices_;  // by device id (ids are bounded by the protocol)
   std::vector<protocol::DeviceTotals> device_totals_;
   std::vector<std::uint32_t> device_reporters_;  // live sessions vouching for device_totals_[d]

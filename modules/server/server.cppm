@@ -75,9 +75,9 @@ class Server {
   [[nodiscard]] std::optional<std::uint16_t> metrics_port() const;
 
  private:
-  struct State;
-  explicit Server(std::unique_ptr<State> state);
-  std::unique_ptr<State> state_;
+  struct Loop;  // the event loop and all it owns: src/server/server.cpp
+  explicit Server(std::unique_ptr<Loop> loop);
+  std::unique_ptr<Loop> loop_;
 };
 
 }  // namespace meshrt::server

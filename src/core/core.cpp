@@ -1,5 +1,6 @@
 module;
 #include <charconv>
+#include <chrono>
 #include <cstdint>
 #include <string>
 #include <string_view>
@@ -86,6 +87,11 @@ Result<std::uint32_t> checked_index(MeshShape shape, MeshCoordinate coordinate) 
                             to_string(shape), shape.rows - 1, shape.cols - 1));
   }
   return shape.index_of(coordinate);
+}
+
+std::int64_t wall_clock_ns() {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
+      .count();
 }
 
 }  // namespace meshrt

@@ -12,7 +12,6 @@ module;
 #include <vector>
 
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -22,6 +21,7 @@ module meshrt.monitor;
 
 import meshrt.core;
 import meshrt.protocol;
+import meshrt.unix_socket;
 
 namespace meshrt::server {
 
@@ -34,20 +34,9 @@ tl::unexpected<Error> lost(int error) {
 }  // namespace
 
 Result<Monitor> Monitor::connect(const std::string& socket_path) {
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  if (socket_path.empty() || socket_path.size() >= sizeof(address.sun_path)) {
-    return fail(ErrorCode::invalid_argument, fmt::format("socket path '{}' is empty or too long", socket_path));
-  }
-  std::memcpy(address.sun_path, socket_path.c_str(), socket_path.size() + 1);
-  const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
-  if (fd < 0 || ::connect(fd, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
-    const int error = errno;
-    if (fd >= 0) ::close(fd);
-    return fail(ErrorCode::io_error,
-                fmt::format("no allocation server at {} ({})", socket_path, std::system_category().message(error)));
-  }
-  Monitor monitor(fd);
+  auto socket = unix_socket::connect(socket_path, unix_socket::Blocking::yes);
+  if (!socket) return tl::unexpected(std::move(socket.error()));
+  Monitor monitor(std::move(*socket));
   std::vector<std::byte> hello;
   protocol::encode(protocol::Hello{.role = protocol::ClientRole::monitor,
                                    .claimed_pid = static_cast<std::uint32_t>(::getpid()),
@@ -55,23 +44,6 @@ Result<Monitor> Monitor::connect(const std::string& socket_path) {
                    hello);
   if (auto sent = monitor.write(hello); !sent) return tl::unexpected(std::move(sent.error()));
   return monitor;
-}
-
-Monitor::Monitor(Monitor&& other) noexcept
-    : fd_(std::exchange(other.fd_, -1)), buffer_(std::move(other.buffer_)), start_(std::exchange(other.start_, 0)) {}
-
-Monitor& Monitor::operator=(Monitor&& other) noexcept {
-  if (this != &other) {
-    if (fd_ >= 0) ::close(fd_);
-    fd_ = std::exchange(other.fd_, -1);
-    buffer_ = std::move(other.buffer_);
-    start_ = std::exchange(other.start_, 0);
-  }
-  return *this;
-}
-
-Monitor::~Monitor() {
-  if (fd_ >= 0) ::close(fd_);
 }
 
 Result<std::string> Monitor::query(protocol::QueryKind kind, std::uint32_t pid) {
@@ -94,7 +66,7 @@ Result<std::string> Monitor::query(protocol::QueryKind kind, std::uint32_t pid) 
 
 Result<void> Monitor::write(std::span<const std::byte> bytes) const {
   while (!bytes.empty()) {
-    const ssize_t sent = ::send(fd_, bytes.data(), bytes.size(), MSG_NOSIGNAL);
+    const ssize_t sent = ::send(fd_.get(), bytes.data(), bytes.size(), MSG_NOSIGNAL);
     if (sent < 0) {
       if (errno == EINTR) continue;
       return lost(errno);
@@ -118,7 +90,7 @@ Result<protocol::Message> Monitor::read_message() {
       start_ = 0;
     }
     std::array<std::byte, 65536> chunk{};
-    const ssize_t got = ::recv(fd_, chunk.data(), chunk.size(), 0);
+    const ssize_t got = ::recv(fd_.get(), chunk.data(), chunk.size(), 0);
     if (got == 0) return fail(ErrorCode::io_error, "the server closed the connection");
     if (got < 0) {
       if (errno == EINTR) continue;

@@ -28,19 +28,19 @@ std::vector<FreeRecord> LiveGroups::allocate(const AllocRecord& record, std::opt
     }
   }
   if (mask == 0) return overtaken;  // freed before it was seen: never live here
-  live_.insert_or_assign(id, Group{record, mask});
+  live_.insert_or_assign(id, LiveRecord{record, mask});
   live_device_buffers_ += static_cast<std::uint64_t>(std::popcount(mask));
   if (name) names_.insert_or_assign(record.mesh_buffer, std::move(*name));
   return overtaken;
 }
 
 bool LiveGroups::free(const FreeRecord& record) {
-  const auto group = find_group(live_, record.buffer, [](const Group& g) { return g.record.device_count; });
+  const auto group = find_group(live_, record.buffer, [](const LiveRecord& g) { return g.record.device_count; });
   if (group == live_.end()) {
     early_frees_.emplace(record.buffer, record);  // not yet: it waits for its Alloc
     return false;
   }
-  Group& g = group->second;
+  LiveRecord& g = group->second;
   const std::uint64_t freed = g.live_mask & group_bits(record.buffer - group->first, record.device_count);
   g.live_mask &= ~freed;
   live_device_buffers_ -= static_cast<std::uint64_t>(std::popcount(freed));

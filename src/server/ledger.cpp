@@ -55,7 +55,7 @@ SessionId Ledger::open_session(SessionIdentity identity) {
   return id;
 }
 
-Ledger::Session& Ledger::session(SessionId id) {
+Ledger::SessionRecord& Ledger::session(SessionId id) {
   if (id == cached_id_) return *cached_;
   const auto found = sessions_.find(id);
   Expects(found != sessions_.end());
@@ -70,7 +70,7 @@ const SessionIdentity& Ledger::identity(SessionId session) const {
   return found->second.identity;
 }
 
-std::uint64_t Ledger::names(SessionId session) const {
+std::uint64_t Ledger::name_count(SessionId session) const {
   const auto found = sessions_.find(session);
   return found == sessions_.end() ? 0 : found->second.names.size();
 }
@@ -80,7 +80,7 @@ std::uint64_t Ledger::live_allocations(SessionId session) const {
   return found == sessions_.end() ? 0 : found->second.live_buffers;
 }
 
-Ledger::Groups::iterator Ledger::find_group(Session& s, std::uint64_t buffer) {
+Ledger::GroupIndex::iterator Ledger::find_group(SessionRecord& s, std::uint64_t buffer) {
   return protocol::find_group(s.live, buffer, [&](std::uint32_t slot) { return s.slab[slot].count; });
 }
 
@@ -94,7 +94,7 @@ bool fits(std::uint64_t a, std::uint64_t b, std::uint64_t n = 1) {
 
 }  // namespace
 
-bool Ledger::add(Session& s, const protocol::AllocRecord& record) {
+bool Ledger::add(SessionRecord& s, const protocol::AllocRecord& record) {
   // Every total the record adds to must stay below 2^64: checked before anything changes.
   bool fit = fits(s.live_bytes, record.size, record.device_count);
   const std::size_t type = index_of(record.type);
@@ -111,7 +111,7 @@ bool Ledger::add(Session& s, const protocol::AllocRecord& record) {
     counters_.duplicate_allocations += record.device_count;
     return true;
   }
-  const Group value{record.mesh_buffer, record.address,  record.size, record.time_ns, group_bits(0, record.device_count),
+  const AllocationGroup value{record.mesh_buffer, record.address,  record.size, record.time_ns, group_bits(0, record.device_count),
                     record.device,      record.device_count, record.type, record.hooked};
   if (s.free_slots.empty()) {
     group->second = static_cast<std::uint32_t>(s.slab.size());
@@ -134,8 +134,8 @@ bool Ledger::add(Session& s, const protocol::AllocRecord& record) {
   return true;
 }
 
-void Ledger::remove(Session& s, Groups::iterator group, std::uint64_t mask) {
-  Group& g = s.slab[group->second];
+void Ledger::remove(SessionRecord& s, GroupIndex::iterator group, std::uint64_t mask) {
+  AllocationGroup& g = s.slab[group->second];
   const std::size_t type = index_of(g.type);
   const auto freed = static_cast<std::uint64_t>(std::popcount(mask));
   for_each_bit(mask, [&](std::uint32_t bit) {
@@ -154,7 +154,7 @@ void Ledger::remove(Session& s, Groups::iterator group, std::uint64_t mask) {
   s.live.erase(group);
 }
 
-void Ledger::remove_all(Session& s) {
+void Ledger::remove_all(SessionRecord& s) {
   for (auto group = s.live.begin(); group != s.live.end();) {
     const auto next = std::next(group);  // erasing one element leaves the others' iterators valid
     remove(s, group, s.slab[group->second].live_mask);
@@ -162,7 +162,7 @@ void Ledger::remove_all(Session& s) {
   }
 }
 
-void Ledger::remember_free(Session& s, std::uint64_t first_id) {
+void Ledger::remember_free(SessionRecord& s, std::uint64_t first_id) {
   if (!s.recent_frees.insert(first_id).second) return;
   if (s.recent_free_ring.size() < recent_frees_remembered) {
     s.recent_free_ring.push_back(first_id);
@@ -174,7 +174,7 @@ void Ledger::remember_free(Session& s, std::uint64_t first_id) {
 }
 
 bool Ledger::check_sequence(SessionId id, std::uint64_t first_sequence, std::uint64_t count) {
-  Session& s = session(id);
+  SessionRecord& s = session(id);
   const bool in_order = first_sequence == s.next_sequence;
   if (!in_order) ++counters_.sequence_gaps;
   s.next_sequence = first_sequence + count;
@@ -182,7 +182,7 @@ bool Ledger::check_sequence(SessionId id, std::uint64_t first_sequence, std::uin
 }
 
 bool Ledger::apply_alloc(SessionId id, const protocol::AllocRecord& record) {
-  Session& s = session(id);
+  SessionRecord& s = session(id);
   if (!add(s, record)) return false;
   counters_.allocations += record.device_count;
   s.allocations += record.device_count;
@@ -190,7 +190,7 @@ bool Ledger::apply_alloc(SessionId id, const protocol::AllocRecord& record) {
 }
 
 FreeOutcome Ledger::apply_free(SessionId id, const protocol::FreeRecord& record) {
-  Session& s = session(id);
+  SessionRecord& s = session(id);
   const auto group = find_group(s, record.buffer);
   if (group == s.live.end()) {
     FreeOutcome outcome;
@@ -199,7 +199,7 @@ FreeOutcome Ledger::apply_free(SessionId id, const protocol::FreeRecord& record)
     counters_.unknown_deallocations += outcome.unknown_frees;
     return outcome;
   }
-  const Group& g = s.slab[group->second];
+  const AllocationGroup& g = s.slab[group->second];
   const std::uint64_t offset = record.buffer - group->first;
   const std::uint64_t named = group_bits(offset, record.device_count) & group_bits(0, g.count);
   const std::uint64_t freed = named & g.live_mask;
@@ -227,7 +227,7 @@ void Ledger::name_mesh_buffer(SessionId id, std::uint64_t mesh_buffer, std::stri
 
 void Ledger::set_device_totals(SessionId id, const protocol::DeviceTotals& totals) {
   Expects(totals.device <= protocol::max_device_id);
-  Session& s = session(id);
+  SessionRecord& s = session(id);
   if (device_totals_.size() <= totals.device) {
     device_totals_.resize(std::size_t{totals.device} + 1);
     device_reporters_.resize(std::size_t{totals.device} + 1);
@@ -256,7 +256,7 @@ void Ledger::set_device_totals(SessionId id, const protocol::DeviceTotals& total
 }
 
 void Ledger::begin_snapshot(SessionId id) {
-  Session& s = session(id);
+  SessionRecord& s = session(id);
   remove_all(s);
   s.slab.clear();
   s.free_slots.clear();
@@ -273,7 +273,7 @@ void Ledger::end_snapshot(SessionId id, std::uint64_t next_sequence) {
 }
 
 Reclaim Ledger::close_session(SessionId id, SessionEnd how) {
-  Session& s = session(id);
+  SessionRecord& s = session(id);
   Reclaim reclaim{.identity = s.identity, .buffers = s.live_buffers, .bytes = s.live_bytes};
   for (std::uint32_t device = 0; device < s.devices.size(); ++device) {
     const UsageByType& usage = s.devices[device];
@@ -336,7 +336,7 @@ BufferListing Ledger::list_buffers(std::uint32_t pid) const {
     if (pid != 0 && s.identity.pid != pid) continue;
     name_index.clear();
     for (const auto& [first, slot] : s.live) {
-      const Group& g = s.slab[slot];
+      const AllocationGroup& g = s.slab[slot];
       std::uint32_t name = 0;
       if (const auto known = s.names.find(g.mesh_buffer); known != s.names.end() && !known->second.text.empty()) {
         const auto [at, added] = name_index.try_emplace(g.mesh_buffer, static_cast<std::uint32_t>(listing.names_.size()));
@@ -377,7 +377,7 @@ Verification Ledger::verify() const {
     std::uint64_t bytes = 0;
     std::uint64_t buffers = 0;
     for (const auto& [first, slot] : s.live) {
-      const Group& g = s.slab[slot];
+      const AllocationGroup& g = s.slab[slot];
       for_each_bit(g.live_mask, [&](std::uint32_t bit) {
         for (auto* sums : {&process_from_buffers, &device_sums_from_buffers}) {
           Usage& u = (*sums)[g.first_device + bit][index_of(g.type)];

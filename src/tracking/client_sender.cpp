@@ -173,7 +173,7 @@ void TrackingClient::State::publish_status(std::uint64_t taken, std::uint64_t fl
       flushed_through = flush_round;
     }
     status.live_buffers = table.live_device_buffers();
-    status.names = table.names() + arrived_names.size();
+    status.names = table.name_count() + arrived_names.size();
     status.pending_bytes = connected() ? outbound.pending() : 0;
     status.peak_pending_bytes = peak_pending_bytes;
     status.frees_waiting = table.frees_waiting();

@@ -6,7 +6,6 @@ module;
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
-#include <cstring>
 #include <optional>
 #include <string>
 #include <system_error>
@@ -16,7 +15,6 @@ module;
 
 #include <poll.h>
 #include <sys/socket.h>
-#include <sys/un.h>
 #include <unistd.h>
 
 #include <fmt/format.h>
@@ -26,6 +24,7 @@ module meshrt.tracking;
 
 import meshrt.core;
 import meshrt.protocol;
+import meshrt.unix_socket;
 import :server_connection;
 
 namespace meshrt::detail {
@@ -66,23 +65,9 @@ void close_connections_in_child() {
 
 Result<void> ServerConnection::connect(const std::string& socket_path) {
   close();
-  sockaddr_un address{};
-  address.sun_family = AF_UNIX;
-  if (socket_path.size() >= sizeof(address.sun_path)) {
-    return fail(ErrorCode::invalid_argument,
-                fmt::format("socket path {} is too long ({} bytes; a Unix socket's path has at most {})", socket_path,
-                            socket_path.size(), sizeof(address.sun_path) - 1));
-  }
-  std::memcpy(address.sun_path, socket_path.c_str(), socket_path.size() + 1);
-  const int candidate = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC | SOCK_NONBLOCK, 0);
-  if (candidate < 0) return fail(ErrorCode::io_error, system_message(errno));
-  if (::connect(candidate, reinterpret_cast<const sockaddr*>(&address), sizeof(address)) != 0) {
-    const int error = errno;
-    ::close(candidate);
-    // EAGAIN: the listen backlog is full, a server that is there but not accepting.
-    return fail(error == EAGAIN ? ErrorCode::limit_exceeded : ErrorCode::io_error, system_message(error));
-  }
-  fd_ = candidate;
+  auto socket = unix_socket::connect(socket_path, unix_socket::Blocking::no);
+  if (!socket) return tl::unexpected(std::move(socket.error()));
+  fd_ = socket->release_ownership();
   remember_socket(fd_);
   outbound_.clear();
   return {};

@@ -24,7 +24,7 @@ class ServerConnection {
   ~ServerConnection() { close(); }
 
   // Connects without waiting: a server whose listen backlog is full (stopped, or swamped)
-  // refuses at once. The Error says why, for a person (ErrorCode::busy when it was the backlog).
+  // refuses at once. The Error says why, for a person (limit_exceeded when it was the backlog).
   [[nodiscard]] Result<void> connect(const std::string& socket_path);
   [[nodiscard]] bool connected() const { return fd_ >= 0; }
   // Closes the socket; what waited to be sent is dropped.

@@ -80,7 +80,7 @@ TEST_SUITE("device groups") {
     LiveGroups table;
     CHECK(table.allocate(group_of(100, 8, 7), "weights").empty());
     CHECK(table.live_device_buffers() == 8);
-    CHECK(table.names() == 1);
+    CHECK(table.name_count() == 1);
     CHECK(table.free(free_of(102, 3)));  // 102..104
     CHECK(table.live_device_buffers() == 5);
     CHECK(live_runs(table) == std::vector<std::pair<std::uint64_t, std::uint16_t>>{{100, 2}, {105, 3}});
@@ -88,8 +88,8 @@ TEST_SUITE("device groups") {
     CHECK(table.live_names().at(7) == "weights");
     CHECK(table.free(free_of(100, 8)));  // the rest, and the already freed ones again: no change there
     CHECK(table.live_device_buffers() == 0);
-    CHECK(table.groups() == 0);
-    CHECK(table.names() == 0);
+    CHECK(table.group_count() == 0);
+    CHECK(table.name_count() == 0);
     CHECK_FALSE(table.free(free_of(100)));  // no group now: it waits as if it came early
     CHECK(table.frees_waiting() == 1);
   }
@@ -106,8 +106,8 @@ TEST_SUITE("device groups") {
     CHECK(live_runs(table) == std::vector<std::pair<std::uint64_t, std::uint16_t>>{{10, 1}, {12, 2}});
     // Buffers 20 and 21 were freed before their Alloc: nothing of it is live, and its name is not kept.
     CHECK(table.allocate(group_of(20, 2, 2), "b").size() == 1);
-    CHECK(table.groups() == 1);
-    CHECK(table.names() == 1);
+    CHECK(table.group_count() == 1);
+    CHECK(table.name_count() == 1);
     CHECK(table.frees_waiting() == 0);
     CHECK_FALSE(table.free(free_of(500)));
     const std::vector<FreeRecord> unmatched = table.unmatched_frees();
