@@ -195,7 +195,7 @@ std::vector<Figure> tracking_figures(const Context& context) {
   const auto create_destroy = [&](MeshDevice& mesh) {
     return [&] {
       for (std::uint64_t i = 0; i < buffers; ++i) {
-        auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 2048}, config, mesh);
+        auto buffer = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 2048}, config);
         buffer->deallocate();
       }
     };

@@ -5,4 +5,4 @@ export import meshrt.core;
 export import meshrt.alloc;
 export import meshrt.tracking;
 export import meshrt.device;
-export import meshrt.buffer;
+export import meshrt.mesh;

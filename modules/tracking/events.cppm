@@ -26,6 +26,7 @@ enum class FreeReason : std::uint8_t {
   destructor,           // a handle died while still owning its buffer
   mesh_deallocate,      // MeshBuffer::deallocate()
   device_closed,        // MeshDevice::close() with the buffer live
+  move_assigned,        // a handle was move-assigned over while it still owned its buffer
 };
 
 [[nodiscard]] std::string_view to_string(EventKind kind);

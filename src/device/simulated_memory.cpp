@@ -14,7 +14,6 @@ module meshrt.device;
 
 import meshrt.core;
 import meshrt.alloc;
-import meshrt.tracking;
 
 namespace meshrt {
 

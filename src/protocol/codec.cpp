@@ -31,7 +31,7 @@ namespace {
 constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::error);
 constexpr std::uint8_t hooked_flag = 1U;
 constexpr std::uint8_t free_flag = 2U;
-constexpr std::uint8_t max_free_reason = 4;  // FreeReason::device_closed
+constexpr std::uint8_t max_free_reason = 5;  // FreeReason::move_assigned
 
 // Appends little-endian integers, whatever the host's byte order (on little-endian hosts, the
 // usual case, one memcpy each).

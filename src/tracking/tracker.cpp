@@ -30,6 +30,7 @@ std::string_view to_string(FreeReason reason) {
     case FreeReason::destructor: return "destructor";
     case FreeReason::mesh_deallocate: return "mesh deallocate";
     case FreeReason::device_closed: return "device closed";
+    case FreeReason::move_assigned: return "move assigned";
   }
   return "unknown";
 }

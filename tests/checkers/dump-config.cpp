@@ -2,13 +2,13 @@
 // RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' --dump-config | FileCheck %s
 
 // CHECK-DAG: meshrt-state-transition.StateMembers: '::meshrt::detail::BufferAllocation::states_'
-// CHECK-DAG: meshrt-state-transition.TransitionFunctions: '::meshrt::detail::BufferAllocation::mark_deallocated;::meshrt::detail::BufferAllocation::mark_released'
+// CHECK-DAG: meshrt-state-transition.TransitionFunctions: '::meshrt::detail::BufferAllocation::mark_deallocated;::meshrt::detail::BufferAllocation::mark_device_closed'
 // CHECK-DAG: meshrt-state-transition.StateSetters: mark_as_deallocated
 // CHECK-DAG: meshrt-state-transition.MutatingMethods: 'operator=;emplace;reset;swap;store;exchange;compare_exchange_weak;compare_exchange_strong'
 // CHECK-DAG: meshrt-state-transition.AllowInConstructors: 'true'
-// CHECK-DAG: meshrt-release-on-every-path.DeallocatingFunctions: deallocate
-// CHECK-DAG: meshrt-release-on-every-path.ReleaseFunctions: '::meshrt::MeshBuffer::release;::meshrt::DeviceBuffer::release;::meshrt::detail::BufferAllocation::release_slots'
-// CHECK-DAG: meshrt-release-on-every-path.CheckDestructors: 'true'
+// CHECK-DAG: meshrt-deallocate-on-every-path.DeallocatingFunctions: deallocate
+// CHECK-DAG: meshrt-deallocate-on-every-path.DeallocationCalls: '::meshrt::MeshBuffer::deallocate_for;::meshrt::DeviceBuffer::deallocate_for;::meshrt::detail::BufferAllocation::deallocate_slots'
+// CHECK-DAG: meshrt-deallocate-on-every-path.CheckDestructors: 'true'
 // CHECK-DAG: meshrt-ownership-escape.BufferTypes: '::meshrt::DeviceBuffer;::meshrt::MeshBuffer;::meshrt::detail::BufferAllocation'
 // CHECK-DAG: meshrt-ownership-escape.AllowedFactories: '::meshrt::DeviceBuffer::create;::meshrt::MeshBuffer::create;::meshrt::detail::BufferAllocation::allocate'
 // CHECK-DAG: meshrt-discarded-handle.HandleTypes: '::meshrt::DeviceBuffer;::meshrt::MeshBuffer'

@@ -7,24 +7,24 @@
 #include <memory>
 
 namespace meshrt {
-enum class DeviceBufferState { allocated, deallocated, released };
+enum class DeviceBufferState { allocated, deallocated, device_closed };
 namespace detail {
 class BufferAllocation {
  public:
   static std::shared_ptr<BufferAllocation> allocate() { return std::make_shared<BufferAllocation>(); }
-  // The record's own entry point: its guard return is fine (nothing left to release).
-  void release_slots(int slot) {
+  // The record's own entry point: its guard return is fine (nothing left to deallocate).
+  void deallocate_slots(int slot) {
     if (states_[slot] != DeviceBufferState::allocated) return;
     mark_deallocated(slot);
   }
   void shortcut(int slot) {
     states_[slot].store(DeviceBufferState::deallocated);
-    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'states_' is written outside its transition functions; change it only through BufferAllocation::mark_deallocated() or BufferAllocation::mark_released(), so that every change emits its event [meshrt-state-transition]
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'states_' is written outside its transition functions; change it only through BufferAllocation::mark_deallocated() or BufferAllocation::mark_device_closed(), so that every change emits its event [meshrt-state-transition]
   }
 
  private:
   void mark_deallocated(int slot) { states_[slot].store(DeviceBufferState::deallocated); }
-  void mark_released(int slot) { states_[slot].store(DeviceBufferState::released); }
+  void mark_device_closed(int slot) { states_[slot].store(DeviceBufferState::device_closed); }
   std::atomic<DeviceBufferState> states_[8];
 };
 }  // namespace detail
@@ -34,13 +34,13 @@ class MeshBuffer {
   static MeshBuffer create() { return MeshBuffer(); }
   void deallocate() {
     if (closed_) return;
-    // CHECK-MESSAGES: :[[@LINE-1]]:18: warning: 'meshrt::MeshBuffer::deallocate' returns here without releasing its per-device buffers: no call to MeshBuffer::release(), DeviceBuffer::release() or BufferAllocation::release_slots() on this path; release them on every path before returning [meshrt-release-on-every-path]
-    release();
+    // CHECK-MESSAGES: :[[@LINE-1]]:18: warning: 'meshrt::MeshBuffer::deallocate' returns here without deallocating its per-device buffers: no call to MeshBuffer::deallocate_for(), DeviceBuffer::deallocate_for() or BufferAllocation::deallocate_slots() on this path; deallocate them on every path before returning [meshrt-deallocate-on-every-path]
+    deallocate_for();
   }
-  ~MeshBuffer() { release(); }
+  ~MeshBuffer() { deallocate_for(); }
 
  private:
-  void release() {}
+  void deallocate_for() {}
   bool closed_ = false;
 };
 

@@ -31,11 +31,11 @@ class MeshBuffer {
   std::vector<std::shared_ptr<Buffer>> buffers_;
 };
 
-enum class State { allocated, deallocated, released };
+enum class State { allocated, deallocated, device_closed };
 
 class Allocation {
  public:
-  void mark_released(int slot);
+  void mark_device_closed(int slot);
   void sneaky(int slot);
 
  private:

@@ -45,8 +45,9 @@ namespace {
 const std::string bin = MESHRT_BIN_DIR;
 
 MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, std::string name = {}) {
-  return MeshBuffer::create(ReplicatedBufferConfig{.size = size, .name = std::move(name)},
-                            {.page_size = 32, .buffer_type = BufferType::dram}, mesh)
+  return MeshBuffer::create(mesh,
+                            ReplicatedBufferConfig{.size = size, .name = std::move(name)},
+                            {.page_size = 32, .buffer_type = BufferType::dram})
       .value();
 }
 

@@ -44,8 +44,9 @@ TEST_SUITE("slow server") {
     tracker->add_processor(client);
     auto mesh = MeshDevice::create({2, 2}, DeviceSpec::wormhole_b0(), tracker).value();
     const auto create = [&] {
-      return MeshBuffer::create(ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024, .buffer_type = BufferType::dram},
-                                mesh)
+      return MeshBuffer::create(mesh,
+                                ReplicatedBufferConfig{.size = 4096},
+                                {.page_size = 1024, .buffer_type = BufferType::dram})
           .value();
     };
     std::vector<MeshBuffer> kept;

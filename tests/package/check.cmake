@@ -21,6 +21,22 @@ if(NOT output MATCHES "meshrt [0-9.]+: 8 device buffers live\nafter the buffer's
   message(FATAL_ERROR "the consumer ran but said:\n${output}")
 endif()
 message(STATUS "consumer: ${output}")
+# The internals stay internal: naming any of them is a compile error that names it.
+foreach(reach mesh_memory:MeshMemory memory_accessor:memory mesh_access:MeshAccess
+              buffer_allocation:BufferAllocation mesh_resident:MeshResident)
+  string(REPLACE ":" ";" pair "${reach}")
+  list(GET pair 0 target)
+  list(GET pair 1 name)
+  execute_process(COMMAND "${CMAKE_COMMAND}" --build "${WORK}/build" --target "reach_${target}"
+                  RESULT_VARIABLE code OUTPUT_VARIABLE out ERROR_VARIABLE out)
+  if(code EQUAL 0)
+    message(FATAL_ERROR "a consumer could reach the runtime's internals: reach_${target} compiled")
+  endif()
+  if(NOT out MATCHES "error: [^\n]*${name}")
+    message(FATAL_ERROR "reach_${target} failed, but not on '${name}':\n${out}")
+  endif()
+  message(STATUS "internal, as it must be: ${name}")
+endforeach()
 run("${WORK}/prefix/bin/meshrt-smi" --version)
 message(STATUS "installed: ${output}")
 file(REMOVE_RECURSE "${WORK}")

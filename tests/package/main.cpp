@@ -13,8 +13,9 @@ int main() {
   auto mesh = MeshDevice::create(mesh_preset("t3000").value(), DeviceSpec::wormhole_b0(), tracker);
   if (!mesh) return std::fprintf(stderr, "%s\n", mesh.error().message.c_str()), 1;
   {
-    auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 1 << 20, .name = "weights"},
-                                     DeviceLocalBufferConfig{.page_size = 2048, .buffer_type = BufferType::dram}, *mesh);
+    auto buffer = MeshBuffer::create(*mesh,
+                                     ReplicatedBufferConfig{.size = 1 << 20, .name = "weights"},
+                                     DeviceLocalBufferConfig{.page_size = 2048, .buffer_type = BufferType::dram});
     if (!buffer) return std::fprintf(stderr, "%s\n", buffer.error().message.c_str()), 1;
     std::printf("meshrt %s: %llu device buffers live\n", std::string(runtime_version).c_str(),
                 static_cast<unsigned long long>(live->active_allocations()));

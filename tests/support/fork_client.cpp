@@ -28,12 +28,13 @@ using namespace std::chrono_literals;
 
 namespace {
 
-volatile std::sig_atomic_t released = 0;
-extern "C" void release(int /*signal*/) { released = 1; }
+volatile std::sig_atomic_t resumed = 0;
+extern "C" void resume(int /*signal*/) { resumed = 1; }
 
 MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, std::string name) {
-  return MeshBuffer::create(ReplicatedBufferConfig{.size = size, .name = std::move(name)},
-                            {.page_size = 1024, .buffer_type = BufferType::dram}, mesh)
+  return MeshBuffer::create(mesh,
+                            ReplicatedBufferConfig{.size = size, .name = std::move(name)},
+                            {.page_size = 1024, .buffer_type = BufferType::dram})
       .value();
 }
 
@@ -56,7 +57,7 @@ int main(int argc, char** argv) {
     std::fprintf(stderr, "usage: meshrt-fork-client allocate | linger | exec PROGRAM [ARGS...]\n");
     return 2;
   }
-  std::signal(SIGUSR1, release);
+  std::signal(SIGUSR1, resume);
   auto mesh = MeshDevice::create({1, 2}).value();
   std::vector<MeshBuffer> buffers;
   for (int i = 0; i < 3; ++i) buffers.push_back(replicated(mesh, 1 << 20, "parent " + std::to_string(i)));
@@ -85,7 +86,7 @@ int main(int argc, char** argv) {
   if (args[0] == "linger") {
     std::printf("child %d lingering\nholding\n", child);
     std::fflush(stdout);
-    for (int i = 0; i < 6000 && released == 0; ++i) std::this_thread::sleep_for(10ms);
+    for (int i = 0; i < 6000 && resumed == 0; ++i) std::this_thread::sleep_for(10ms);
     return 0;
   }
   int status = 0;
@@ -104,6 +105,6 @@ int main(int argc, char** argv) {
   buffers.pop_back();
   std::printf("holding\n");
   std::fflush(stdout);
-  for (int i = 0; i < 6000 && released == 0; ++i) std::this_thread::sleep_for(10ms);
+  for (int i = 0; i < 6000 && resumed == 0; ++i) std::this_thread::sleep_for(10ms);
   return 0;
 }

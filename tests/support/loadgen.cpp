@@ -36,8 +36,8 @@ using namespace std::chrono_literals;
 
 namespace {
 
-volatile std::sig_atomic_t released = 0;
-extern "C" void release(int /*signal*/) { released = 1; }
+volatile std::sig_atomic_t resumed = 0;
+extern "C" void resume(int /*signal*/) { resumed = 1; }
 
 struct Options {
   std::uint32_t threads = 4;
@@ -107,8 +107,9 @@ void work(const Options& options, std::uint32_t thread, MeshDevice& mesh, MeshSh
     if (held.empty() || rng() % 3 != 0) {
       const BufferType type = all_buffer_types[rng() % all_buffer_types.size()];
       const std::uint64_t page = std::uint64_t{64} << (rng() % 6);
-      auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = page * (1 + rng() % 16)},
-                                       {.page_size = page, .buffer_type = type}, mesh);
+      auto buffer = MeshBuffer::create(mesh,
+                                       ReplicatedBufferConfig{.size = page * (1 + rng() % 16)},
+                                       {.page_size = page, .buffer_type = type});
       if (!buffer) {
         if (buffer.error().code == ErrorCode::out_of_memory) {
           counters.out_of_memory.fetch_add(1);
@@ -169,7 +170,7 @@ int run(int argc, char** argv) {
       ->check(CLI::NonNegativeNumber);
   CLI11_PARSE(app, argc, argv);
 
-  std::signal(SIGUSR1, release);
+  std::signal(SIGUSR1, resume);
   std::mt19937_64 random(options.seed);
   MeshShape shape{1 + static_cast<std::uint32_t>(random() % 4), 1 + static_cast<std::uint32_t>(random() % 4)};
   if (!options.mesh.empty()) {
@@ -230,7 +231,7 @@ int run(int argc, char** argv) {
       auto own = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), own_tracker);
       if (own) {
         for (int i = 0; i < 16; ++i) {
-          (void)MeshBuffer::create(ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024}, *own);
+          (void)MeshBuffer::create(*own, ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024});
         }
       }
       ::_exit(0);
@@ -264,7 +265,7 @@ int run(int argc, char** argv) {
     fmt::print("holding {} live buffers (pid {})\n", live->active_allocations(), ::getpid());
     std::fflush(stdout);
     const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(options.hold_seconds);
-    while (released == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
+    while (resumed == 0 && std::chrono::steady_clock::now() < deadline) std::this_thread::sleep_for(20ms);
   }
   for (const auto& buffers : kept) counters.freed.fetch_add(buffers.size() * shape.device_count());
   kept.clear();

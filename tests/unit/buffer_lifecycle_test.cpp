@@ -37,7 +37,7 @@ struct Mesh {
 constexpr DeviceLocalBufferConfig dram_pages{.page_size = 2048, .buffer_type = BufferType::dram};
 
 MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, DeviceLocalBufferConfig config = dram_pages) {
-  auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = size}, config, mesh);
+  auto buffer = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = size}, config);
   REQUIRE(buffer.has_value());
   return std::move(*buffer);
 }
@@ -138,7 +138,7 @@ TEST_SUITE("buffer lifecycle") {
     CHECK(m.log->audit().still_live == 0);
   }
 
-  TEST_CASE("move-assigning over a live handle frees what it held, once") {
+  TEST_CASE("move-assigning over a live handle frees what it held, once, reason move_assigned") {
     Mesh m;
     DeviceBuffer a = single(m.mesh, {0, 0}, 4096);
     DeviceBuffer b = single(m.mesh, {0, 1}, 4096);
@@ -147,20 +147,20 @@ TEST_SUITE("buffer lifecycle") {
     a = std::move(b);
     const auto old_events = m.log->of_buffer(old_id);
     REQUIRE(old_events.size() == 2);
-    CHECK(old_events[1].reason == FreeReason::destructor);
+    CHECK(old_events[1].reason == FreeReason::move_assigned);
     CHECK(a.id() == kept_id);
     CHECK(m.log->of_buffer(kept_id).size() == 1);
   }
 
-  TEST_CASE("allocated -> released by MeshDevice::close(): one Free each, nothing when the handles die") {
+  TEST_CASE("allocated -> device_closed by MeshDevice::close(): one Free each, nothing when the handles die") {
     Mesh m;
     {
       MeshBuffer mesh_buffer = replicated(m.mesh, 8 * 2048);
       DeviceBuffer lone = single(m.mesh, {1, 1}, 2048);
       m.mesh.close();
       CHECK(count_frees(*m.log, FreeReason::device_closed) == 9);
-      CHECK(lone.state() == DeviceBufferState::released);
-      CHECK(mesh_buffer.device_buffer({0, 0}).value()->state() == DeviceBufferState::released);
+      CHECK(lone.state() == DeviceBufferState::device_closed);
+      CHECK(mesh_buffer.device_buffer({0, 0}).value()->state() == DeviceBufferState::device_closed);
       CHECK_FALSE(mesh_buffer.is_allocated());
       lone.deallocate();
       mesh_buffer.deallocate();
@@ -172,7 +172,7 @@ TEST_SUITE("buffer lifecycle") {
     CHECK(m.live->active_allocations() == 0);
   }
 
-  TEST_CASE("a mesh device destroyed before its buffers releases them, the buffers stay safe") {
+  TEST_CASE("a mesh device destroyed before its buffers closes them, the buffers stay safe") {
     auto tracker = std::make_shared<Tracker>();
     auto log = std::make_shared<testing::EventLog>();
     tracker->add_processor(log);
@@ -180,11 +180,11 @@ TEST_SUITE("buffer lifecycle") {
     MeshBuffer buffer = replicated(*mesh, 4 * 2048);
     mesh.reset();
     CHECK(log->of_kind(EventKind::free).size() == 8);
-    CHECK(buffer.device_buffer({0, 2}).value()->state() == DeviceBufferState::released);
+    CHECK(buffer.device_buffer({0, 2}).value()->state() == DeviceBufferState::device_closed);
     std::vector<std::byte> bytes(4 * 2048);
     const auto write = buffer.write(bytes);
     REQUIRE_FALSE(write.has_value());
-    CHECK(write.error().message.find("released") != std::string::npos);
+    CHECK(write.error().message.find("device_closed") != std::string::npos);
     buffer.deallocate();
     CHECK(log->of_kind(EventKind::free).size() == 8);
     CHECK(log->audit().still_live == 0);
@@ -193,7 +193,7 @@ TEST_SUITE("buffer lifecycle") {
   TEST_CASE("allocating on a closed mesh is an error and reports nothing") {
     Mesh m;
     m.mesh.close();
-    const auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 2048}, dram_pages, m.mesh);
+    const auto buffer = MeshBuffer::create(m.mesh, ReplicatedBufferConfig{.size = 2048}, dram_pages);
     REQUIRE_FALSE(buffer.has_value());
     CHECK(buffer.error().code == ErrorCode::device_closed);
     CHECK(m.log->events().empty());
@@ -273,12 +273,13 @@ TEST_SUITE("buffer lifecycle") {
 
   TEST_CASE("a failed allocation creates no handle and reports nothing") {
     Mesh m;
-    const auto too_big = MeshBuffer::create(ReplicatedBufferConfig{.size = 2048ULL * 1024 * 1024 * 1024},
-                                            dram_pages, m.mesh);
+    const auto too_big = MeshBuffer::create(m.mesh,
+                                            ReplicatedBufferConfig{.size = 2048ULL * 1024 * 1024 * 1024},
+                                            dram_pages);
     REQUIRE_FALSE(too_big.has_value());
     CHECK(too_big.error().code == ErrorCode::out_of_memory);
     MeshBuffer big = replicated(m.mesh, m.mesh.spec().dram.total_bytes() - 12 * 2048);
-    const auto no_room = MeshBuffer::create(ReplicatedBufferConfig{.size = 24 * 2048}, dram_pages, m.mesh);
+    const auto no_room = MeshBuffer::create(m.mesh, ReplicatedBufferConfig{.size = 24 * 2048}, dram_pages);
     REQUIRE_FALSE(no_room.has_value());
     CHECK(no_room.error().code == ErrorCode::out_of_memory);
     CHECK(no_room.error().message.find("largest free block") != std::string::npos);
@@ -325,17 +326,18 @@ TEST_SUITE("buffer lifecycle") {
 
   TEST_CASE("bad buffer requests get clear errors") {
     Mesh m;
-    const auto zero_page = MeshBuffer::create(ReplicatedBufferConfig{.size = 64}, {.page_size = 0}, m.mesh);
+    const auto zero_page = MeshBuffer::create(m.mesh, ReplicatedBufferConfig{.size = 64}, {.page_size = 0});
     CHECK(zero_page.error().message.find("page size 0") != std::string::npos);
-    const auto ragged = MeshBuffer::create(ReplicatedBufferConfig{.size = 3000}, dram_pages, m.mesh);
+    const auto ragged = MeshBuffer::create(m.mesh, ReplicatedBufferConfig{.size = 3000}, dram_pages);
     CHECK(ragged.error().message.find("pad it to 4096") != std::string::npos);
     const auto outside = DeviceBuffer::create(m.mesh, {2, 0}, 2048, dram_pages);
     CHECK(outside.error().message.find("outside") != std::string::npos);
     const auto no_region = [&] {
       auto spec = DeviceSpec::wormhole_b0({.l1_small_size = 0, .trace_region_size = 0});
       auto mesh = MeshDevice::create({1, 1}, spec, m.tracker).value();
-      return MeshBuffer::create(ReplicatedBufferConfig{.size = 64}, {.page_size = 64, .buffer_type = BufferType::trace},
-                                mesh);
+      return MeshBuffer::create(mesh,
+                                ReplicatedBufferConfig{.size = 64},
+                                {.page_size = 64, .buffer_type = BufferType::trace});
     }();
     REQUIRE_FALSE(no_region.has_value());
     CHECK(no_region.error().message.find("no trace region") != std::string::npos);

@@ -102,7 +102,7 @@ struct Warnings {
 };
 
 MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, BufferType type = BufferType::dram) {
-  return MeshBuffer::create(ReplicatedBufferConfig{.size = size}, {.page_size = 1024, .buffer_type = type}, mesh).value();
+  return MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = size}, {.page_size = 1024, .buffer_type = type}).value();
 }
 
 }  // namespace
@@ -252,7 +252,9 @@ TEST_SUITE("client and server") {
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
     auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
-    auto named = MeshBuffer::create(ReplicatedBufferConfig{.size = 1024, .name = "kv-cache"}, {.page_size = 1024}, mesh)
+    auto named = MeshBuffer::create(mesh,
+                                    ReplicatedBufferConfig{.size = 1024, .name = "kv-cache"},
+                                    {.page_size = 1024})
                      .value();
     REQUIRE(client->flush(5s));
     auto monitor = server::Monitor::connect(socket).value();

@@ -27,8 +27,9 @@ TEST_SUITE("concurrency") {
         std::vector<MeshBuffer> held;
         for (int i = 0; i < 200; ++i) {
           const BufferType type = (i + t) % 2 == 0 ? BufferType::dram : BufferType::l1;
-          auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 1024U * static_cast<std::uint64_t>(1 + i % 7)},
-                                           {.page_size = 1024, .buffer_type = type}, mesh);
+          auto buffer = MeshBuffer::create(mesh,
+                                           ReplicatedBufferConfig{.size = 1024U * static_cast<std::uint64_t>(1 + i % 7)},
+                                           {.page_size = 1024, .buffer_type = type});
           if (!buffer) {
             failures.fetch_add(1);
             continue;
@@ -58,7 +59,7 @@ TEST_SUITE("concurrency") {
       std::vector<std::vector<MeshBuffer>> per_thread(3);
       for (auto& buffers : per_thread) {
         for (int i = 0; i < 30; ++i) {
-          buffers.push_back(MeshBuffer::create(ReplicatedBufferConfig{.size = 2048}, {.page_size = 1024}, mesh).value());
+          buffers.push_back(MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 2048}, {.page_size = 1024}).value());
         }
       }
       std::vector<std::thread> threads;

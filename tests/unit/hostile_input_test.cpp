@@ -62,7 +62,7 @@ TEST_SUITE("hostile input") {
       const DeviceLocalBufferConfig config{.page_size = values.next(), .buffer_type = values.type()};
       switch (round % 4) {
         case 0: {
-          auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = values.next()}, config, mesh);
+          auto buffer = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = values.next()}, config);
           if (!buffer) require_explained(buffer.error());
           created += buffer.has_value() ? 1 : 0;
           break;
@@ -71,7 +71,7 @@ TEST_SUITE("hostile input") {
           const ShardedBufferConfig sharded{.global_size = values.next(),
                                             .global_shape = {values.next(), values.next()},
                                             .shard_shape = {values.next(), values.next()}};
-          auto buffer = MeshBuffer::create(sharded, config, mesh);
+          auto buffer = MeshBuffer::create(mesh, sharded, config);
           if (!buffer) require_explained(buffer.error());
           created += buffer.has_value() ? 1 : 0;
           break;
@@ -83,8 +83,9 @@ TEST_SUITE("hostile input") {
         }
         default: {
           const MeshCoordinate at{values.next32(), values.next32()};
-          auto kept = MeshBuffer::create(ReplicatedBufferConfig{.size = 4096},
-                                         {.page_size = 1024, .buffer_type = BufferType::dram}, mesh);
+          auto kept = MeshBuffer::create(mesh,
+                                         ReplicatedBufferConfig{.size = 4096},
+                                         {.page_size = 1024, .buffer_type = BufferType::dram});
           REQUIRE(kept.has_value());
           const auto handle = kept->device_buffer(at);
           const bool inside = at.row < 2 && at.col < 4;
@@ -119,8 +120,9 @@ TEST_SUITE("hostile input") {
         require_explained(mesh.error());
         continue;
       }
-      auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = values.next()},
-                                       {.page_size = values.next(), .buffer_type = values.type()}, *mesh);
+      auto buffer = MeshBuffer::create(*mesh,
+                                       ReplicatedBufferConfig{.size = values.next()},
+                                       {.page_size = values.next(), .buffer_type = values.type()});
       if (!buffer) require_explained(buffer.error());
     }
   }

@@ -31,8 +31,9 @@ MeshDevice open(MeshShape shape) {
 TEST_SUITE("mesh buffer data") {
   TEST_CASE("replicated: every device holds the same bytes") {
     MeshDevice mesh = open({2, 4});
-    auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 50 * 1024},
-                                     {.page_size = 1024, .buffer_type = BufferType::dram}, mesh)
+    auto buffer = MeshBuffer::create(mesh,
+                                     ReplicatedBufferConfig{.size = 50 * 1024},
+                                     {.page_size = 1024, .buffer_type = BufferType::dram})
                       .value();
     const auto data = pattern(50 * 1024, 1);
     REQUIRE(buffer.write(data).has_value());
@@ -48,10 +49,11 @@ TEST_SUITE("mesh buffer data") {
     MeshDevice mesh = open({2, 2});
     // A 4x6 tensor of 4-byte elements cut into 2x3 shards: device (r, c) holds rows 2r..2r+1,
     // columns 3c..3c+2.
-    auto buffer = MeshBuffer::create(ShardedBufferConfig{.global_size = 4 * 6 * 4,
+    auto buffer = MeshBuffer::create(mesh,
+                                     ShardedBufferConfig{.global_size = 4 * 6 * 4,
                                                          .global_shape = {4, 6},
                                                          .shard_shape = {2, 3}},
-                                     {.page_size = 12, .buffer_type = BufferType::l1}, mesh)
+                                     {.page_size = 12, .buffer_type = BufferType::l1})
                       .value();
     CHECK(buffer.is_sharded());
     CHECK(buffer.size_per_device() == 24);
@@ -71,27 +73,31 @@ TEST_SUITE("mesh buffer data") {
     MeshDevice mesh = open({2, 4});
     const DeviceLocalBufferConfig config{.page_size = 4, .buffer_type = BufferType::dram};
     const auto wrong_grid =
-        MeshBuffer::create(ShardedBufferConfig{.global_size = 64, .global_shape = {4, 4}, .shard_shape = {2, 2}},
-                           config, mesh);
+        MeshBuffer::create(mesh,
+                           ShardedBufferConfig{.global_size = 64, .global_shape = {4, 4}, .shard_shape = {2, 2}},
+                           config);
     REQUIRE_FALSE(wrong_grid.has_value());
     CHECK(wrong_grid.error().message.find("2x2 grid, but the mesh is 2x4") != std::string::npos);
     const auto ragged =
-        MeshBuffer::create(ShardedBufferConfig{.global_size = 64, .global_shape = {4, 4}, .shard_shape = {3, 1}},
-                           config, mesh);
+        MeshBuffer::create(mesh,
+                           ShardedBufferConfig{.global_size = 64, .global_shape = {4, 4}, .shard_shape = {3, 1}},
+                           config);
     CHECK(ragged.error().message.find("does not tile") != std::string::npos);
     const auto empty =
-        MeshBuffer::create(ShardedBufferConfig{.global_size = 64, .global_shape = {0, 4}, .shard_shape = {1, 1}},
-                           config, mesh);
+        MeshBuffer::create(mesh,
+                           ShardedBufferConfig{.global_size = 64, .global_shape = {0, 4}, .shard_shape = {1, 1}},
+                           config);
     CHECK(empty.error().code == ErrorCode::invalid_argument);
     const auto fractional =
-        MeshBuffer::create(ShardedBufferConfig{.global_size = 65, .global_shape = {2, 4}, .shard_shape = {1, 1}},
-                           config, mesh);
+        MeshBuffer::create(mesh,
+                           ShardedBufferConfig{.global_size = 65, .global_shape = {2, 4}, .shard_shape = {1, 1}},
+                           config);
     CHECK(fractional.error().message.find("per element") != std::string::npos);
   }
 
   TEST_CASE("transfers of the wrong size are refused and change nothing") {
     MeshDevice mesh = open({1, 2});
-    auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024}, mesh).value();
+    auto buffer = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024}).value();
     const auto data = pattern(4096, 3);
     REQUIRE(buffer.write(data).has_value());
     const auto short_write = buffer.write(std::span(data).first(100));
@@ -105,7 +111,7 @@ TEST_SUITE("mesh buffer data") {
   TEST_CASE("pages land in banks round-robin: memory is held only where pages were written") {
     MeshDevice mesh = open({1, 1});
     // 12 pages of 4096 bytes: one page per DRAM bank, each a whole simulated chunk.
-    auto buffer = MeshBuffer::create(ReplicatedBufferConfig{.size = 12 * 4096}, {.page_size = 4096}, mesh).value();
+    auto buffer = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 12 * 4096}, {.page_size = 4096}).value();
     CHECK(mesh.resident_bytes({0, 0}).value() == 0);
     REQUIRE(buffer.write(pattern(12 * 4096, 5)).has_value());
     CHECK(mesh.resident_bytes({0, 0}).value() == 12 * 4096);
@@ -118,11 +124,11 @@ TEST_SUITE("mesh buffer data") {
     const DeviceLocalBufferConfig config{.page_size = 1024};
     std::uint64_t address = 0;
     {
-      auto first = MeshBuffer::create(ReplicatedBufferConfig{.size = 8192}, config, mesh).value();
+      auto first = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 8192}, config).value();
       REQUIRE(first.write(pattern(8192, 9)).has_value());
       address = first.address();
     }
-    auto second = MeshBuffer::create(ReplicatedBufferConfig{.size = 8192}, config, mesh).value();
+    auto second = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 8192}, config).value();
     REQUIRE(second.address() == address);
     CHECK(second.read().value() == std::vector<std::byte>(8192));
   }
@@ -130,7 +136,7 @@ TEST_SUITE("mesh buffer data") {
   TEST_CASE("names given in the config are kept") {
     MeshDevice mesh = open({1, 1});
     auto buffer =
-        MeshBuffer::create(ReplicatedBufferConfig{.size = 1024, .name = "kv-cache"}, {.page_size = 1024}, mesh).value();
+        MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 1024, .name = "kv-cache"}, {.page_size = 1024}).value();
     CHECK(buffer.name() == "kv-cache");
   }
 }

@@ -82,14 +82,15 @@ class Scenario {
     const MeshShape shape = mesh_->shape();
     Result<MeshBuffer> buffer = [&]() -> Result<MeshBuffer> {
       if (pick(0, 1) == 0) {
-        return MeshBuffer::create(ReplicatedBufferConfig{.size = config.page_size * pick(0, 40)}, config, *mesh_);
+        return MeshBuffer::create(*mesh_, ReplicatedBufferConfig{.size = config.page_size * pick(0, 40)}, config);
       }
       // Shards of one page each (element = 1 byte): shard shape 1 x page_size.
       const Shape2D shard{1, config.page_size};
-      return MeshBuffer::create(ShardedBufferConfig{.global_size = shape.device_count() * config.page_size,
+      return MeshBuffer::create(*mesh_,
+                                ShardedBufferConfig{.global_size = shape.device_count() * config.page_size,
                                                     .global_shape = {shape.rows, shape.cols * config.page_size},
                                                     .shard_shape = shard},
-                                config, *mesh_);
+                                config);
     }();
     if (!mesh_open_) {
       REQUIRE_FALSE(buffer.has_value());

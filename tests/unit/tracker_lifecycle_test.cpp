@@ -49,8 +49,9 @@ class Witness final : public EventProcessor {
 };
 
 MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size) {
-  return MeshBuffer::create(ReplicatedBufferConfig{.size = size}, {.page_size = 1024, .buffer_type = BufferType::dram},
-                            mesh)
+  return MeshBuffer::create(mesh,
+                            ReplicatedBufferConfig{.size = size},
+                            {.page_size = 1024, .buffer_type = BufferType::dram})
       .value();
 }
 
@@ -166,8 +167,9 @@ TEST_SUITE("tracker lifecycle") {
     std::optional<Error> refused;
     std::optional<std::uint64_t> allocated_seen;
     auto reentrant = std::make_shared<OnAlloc>([&] {
-      auto nested = MeshBuffer::create(ReplicatedBufferConfig{.size = 1024},
-                                       {.page_size = 1024, .buffer_type = BufferType::dram}, mesh);
+      auto nested = MeshBuffer::create(mesh,
+                                       ReplicatedBufferConfig{.size = 1024},
+                                       {.page_size = 1024, .buffer_type = BufferType::dram});
       if (!nested) refused = nested.error();
       allocated_seen = mesh.allocator_statistics(BufferType::dram).allocated_bytes;  // a read: answered
       victim.reset();  // a release: deferred until the allocation that called us returns
@@ -191,7 +193,7 @@ TEST_SUITE("tracker lifecycle") {
     closer->armed = true;
     MeshBuffer last = replicated(mesh, 1024);
     CHECK_FALSE(mesh.is_open());
-    CHECK(last.device_buffers()[0].state() == DeviceBufferState::released);
+    CHECK(last.device_buffers()[0].state() == DeviceBufferState::device_closed);
     CHECK(log->audit().still_live == 0);
   }
 
@@ -288,8 +290,9 @@ TEST_SUITE("tracker lifecycle") {
     std::atomic<bool> done{false};
     std::thread maker([&] {
       while (!done) {
-        (void)MeshBuffer::create(ReplicatedBufferConfig{.size = 1024, .name = "named"},
-                                 {.page_size = 1024, .buffer_type = BufferType::dram}, mesh)
+        (void)MeshBuffer::create(mesh,
+                                 ReplicatedBufferConfig{.size = 1024, .name = "named"},
+                                 {.page_size = 1024, .buffer_type = BufferType::dram})
             .value();
       }
     });

@@ -43,11 +43,11 @@ class StateTransitionCheck : public ClangTidyCheck {
   bool allow_in_constructors_;
 };
 
-// meshrt-release-on-every-path: every path through a deallocating function releases the
+// meshrt-deallocate-on-every-path: every path through a deallocating function deallocates the
 // per-device buffers before it exits.
-class ReleasePathsCheck : public ClangTidyCheck {
+class DeallocatePathsCheck : public ClangTidyCheck {
  public:
-  ReleasePathsCheck(llvm::StringRef name, ClangTidyContext* context);
+  DeallocatePathsCheck(llvm::StringRef name, ClangTidyContext* context);
   void storeOptions(ClangTidyOptions::OptionMap& options) override;
   void registerMatchers(MatchFinder* finder) override;
   void check(const MatchFinder::MatchResult& result) override;
@@ -55,7 +55,7 @@ class ReleasePathsCheck : public ClangTidyCheck {
 
  private:
   std::vector<std::string> deallocating_functions_;
-  std::vector<std::string> release_functions_;
+  std::vector<std::string> deallocation_calls_;
   bool check_destructors_;
 };
 

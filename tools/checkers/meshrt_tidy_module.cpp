@@ -11,7 +11,7 @@ class MeshrtTidyModule : public clang::tidy::ClangTidyModule {
  public:
   void addCheckFactories(clang::tidy::ClangTidyCheckFactories& factories) override {
     factories.registerCheck<meshrt::checkers::StateTransitionCheck>("meshrt-state-transition");
-    factories.registerCheck<meshrt::checkers::ReleasePathsCheck>("meshrt-release-on-every-path");
+    factories.registerCheck<meshrt::checkers::DeallocatePathsCheck>("meshrt-deallocate-on-every-path");
     factories.registerCheck<meshrt::checkers::OwnershipEscapeCheck>("meshrt-ownership-escape");
     factories.registerCheck<meshrt::checkers::DiscardedHandleCheck>("meshrt-discarded-handle");
   }

@@ -19,7 +19,7 @@ namespace {
 
 constexpr const char* default_state_members = "::meshrt::detail::BufferAllocation::states_";
 constexpr const char* default_transitions =
-    "::meshrt::detail::BufferAllocation::mark_deallocated;::meshrt::detail::BufferAllocation::mark_released";
+    "::meshrt::detail::BufferAllocation::mark_deallocated;::meshrt::detail::BufferAllocation::mark_device_closed";
 constexpr const char* default_setters = "mark_as_deallocated";
 constexpr const char* default_mutators =
     "operator=;emplace;reset;swap;store;exchange;compare_exchange_weak;compare_exchange_strong";

@@ -27,16 +27,16 @@ constexpr std::uint64_t page_size = 2048;
 constexpr std::uint64_t dram_buffer_size = 13'107'200;  // 12.5 MiB: 8 of them make 100 MiB
 constexpr std::uint64_t l1_buffer_size = 1'572'864;     // 1.5 MiB: 8 of them make 12 MiB
 
-// SIGUSR1 ends a --hold early: tests and scripts release the buffers when they have looked.
-volatile std::sig_atomic_t hold_released = 0;
-extern "C" void release_hold(int /*signal*/) { hold_released = 1; }
+// SIGUSR1 ends a --hold early: tests and scripts let the buffers go when they have looked.
+volatile std::sig_atomic_t hold_ended = 0;
+extern "C" void end_hold(int /*signal*/) { hold_ended = 1; }
 
 void hold(double seconds) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
-  while (hold_released == 0 && std::chrono::steady_clock::now() < deadline) {
+  while (hold_ended == 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
   }
-  hold_released = 0;
+  hold_ended = 0;
 }
 
 struct Options {
@@ -81,10 +81,10 @@ bool run_iteration(MeshDevice& mesh, const LiveBufferTable& live, const Options&
   const std::uint32_t dram_buffers = (options.buffers + 1) / 2;
   for (std::uint32_t i = 0; i < options.buffers; ++i) {
     const bool dram = i < dram_buffers;
-    auto buffer = MeshBuffer::create(
-        ReplicatedBufferConfig{.size = dram ? dram_buffer_size : l1_buffer_size,
+    auto buffer = MeshBuffer::create(mesh,
+                                     ReplicatedBufferConfig{.size = dram ? dram_buffer_size : l1_buffer_size,
                                .name = fmt::format("seed-{}-{}", dram ? "dram" : "l1", i)},
-        DeviceLocalBufferConfig{.page_size = page_size, .buffer_type = dram ? BufferType::dram : BufferType::l1}, mesh);
+                                     DeviceLocalBufferConfig{.page_size = page_size, .buffer_type = dram ? BufferType::dram : BufferType::l1});
     if (!buffer) {
       fmt::print(stderr, "meshrt-demo: buffer {} of {}: {}\n", i + 1, options.buffers, buffer.error().message);
       return false;
@@ -161,7 +161,7 @@ int run(int argc, char** argv) {
     return 2;
   }
 
-  std::signal(SIGUSR1, release_hold);
+  std::signal(SIGUSR1, end_hold);
   auto tracker = Tracker::process_default();
   auto live = std::make_shared<LiveBufferTable>();
   tracker->add_processor(live);

@@ -12,11 +12,12 @@ module;
 #include <gsl/gsl>
 #include <tl/expected.hpp>
 
-module meshrt.buffer;
+module meshrt.mesh;
 
 import meshrt.core;
 import meshrt.tracking;
 import meshrt.device;
+import :mesh_memory;
 import :allocation;
 
 namespace meshrt {
@@ -25,7 +26,7 @@ std::string_view to_string(DeviceBufferState state) {
   switch (state) {
     case DeviceBufferState::allocated: return "allocated";
     case DeviceBufferState::deallocated: return "deallocated";
-    case DeviceBufferState::released: return "released";
+    case DeviceBufferState::device_closed: return "device_closed";
   }
   return "unknown";
 }
@@ -38,7 +39,7 @@ Result<DeviceBuffer> DeviceBuffer::create(MeshDevice& mesh, MeshCoordinate coord
                                   detail::next_mesh_buffer_id(), std::move(name));
   if (!plan) return tl::unexpected(std::move(plan.error()));
   if (plan->size_per_device == 0) return DeviceBuffer{};  // zero-size buffers take and report nothing
-  auto allocation = detail::BufferAllocation::allocate(mesh.memory(), std::move(*plan));
+  auto allocation = detail::BufferAllocation::allocate(detail::MeshAccess::memory(mesh), std::move(*plan));
   if (!allocation) return tl::unexpected(std::move(allocation.error()));
   return DeviceBuffer(std::move(*allocation), 0);
 }
@@ -51,19 +52,19 @@ DeviceBuffer::DeviceBuffer(DeviceBuffer&& other) noexcept
 
 DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
   if (this != &other) {
-    release(FreeReason::destructor);  // the buffer this handle owned is dropped, as by its destructor
+    deallocate_for(FreeReason::move_assigned);  // the buffer this handle owned is dropped
     allocation_ = std::move(other.allocation_);
     slot_ = std::exchange(other.slot_, 0);
   }
   return *this;
 }
 
-DeviceBuffer::~DeviceBuffer() { release(FreeReason::destructor); }
+DeviceBuffer::~DeviceBuffer() { deallocate_for(FreeReason::destructor); }
 
-void DeviceBuffer::deallocate() noexcept { release(FreeReason::explicit_deallocate); }
+void DeviceBuffer::deallocate() noexcept { deallocate_for(FreeReason::explicit_deallocate); }
 
-void DeviceBuffer::release(FreeReason reason) noexcept {
-  if (allocation_) allocation_->release_slots(std::array{slot_}, reason);
+void DeviceBuffer::deallocate_for(FreeReason reason) noexcept {
+  if (allocation_) allocation_->deallocate_slots(std::array{slot_}, reason);
 }
 
 DeviceBufferState DeviceBuffer::state() const {

@@ -3,13 +3,16 @@ module;
 #include <cstdint>
 #include <string_view>
 
-export module meshrt.buffer:state;
+export module meshrt.mesh:buffer_state;
 
 import meshrt.core;
 
 export namespace meshrt {
 
-enum class DeviceBufferState : std::uint8_t { allocated, deallocated, released };
+// allocated: it owns memory. deallocated: its owner gave the memory back (deallocate(), a
+// destructor, a move-assignment over it). device_closed: its mesh closed while it was allocated.
+// The last two are final; each is reached once and reports the buffer's one Free (ADR 0005).
+enum class DeviceBufferState : std::uint8_t { allocated, deallocated, device_closed };
 [[nodiscard]] std::string_view to_string(DeviceBufferState state);
 
 // How each device lays out its part of a buffer: interleaved pages of `page_size` bytes.

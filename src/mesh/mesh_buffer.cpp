@@ -16,11 +16,12 @@ module;
 #include <gsl/gsl>
 #include <tl/expected.hpp>
 
-module meshrt.buffer;
+module meshrt.mesh;
 
 import meshrt.core;
 import meshrt.tracking;
 import meshrt.device;
+import :mesh_memory;
 import :allocation;
 
 namespace meshrt {
@@ -84,8 +85,8 @@ void for_each_shard_row(Shape2D global, Shape2D shard, std::uint64_t element_siz
 
 }  // namespace
 
-Result<MeshBuffer> MeshBuffer::create(const MeshBufferConfig& config, const DeviceLocalBufferConfig& device_config,
-                                      MeshDevice& mesh) {
+Result<MeshBuffer> MeshBuffer::create(MeshDevice& mesh, const MeshBufferConfig& config,
+                                      const DeviceLocalBufferConfig& device_config) {
   MeshBuffer buffer;
   buffer.mesh_shape_ = mesh.shape();
   buffer.device_config_ = device_config;
@@ -112,7 +113,7 @@ Result<MeshBuffer> MeshBuffer::create(const MeshBufferConfig& config, const Devi
   buffer.device_buffers_.resize(devices);
   if (buffer.size_per_device_ == 0) return buffer;  // zero-size: no memory, no events
 
-  auto allocation = detail::BufferAllocation::allocate(mesh.memory(), std::move(*plan));
+  auto allocation = detail::BufferAllocation::allocate(detail::MeshAccess::memory(mesh), std::move(*plan));
   if (!allocation) return tl::unexpected(std::move(allocation.error()));
   buffer.allocation_ = std::move(*allocation);
   for (std::uint32_t slot = 0; slot < devices; ++slot) {
@@ -125,7 +126,7 @@ MeshBuffer::MeshBuffer(MeshBuffer&& other) noexcept { *this = std::move(other); 
 
 MeshBuffer& MeshBuffer::operator=(MeshBuffer&& other) noexcept {
   if (this != &other) {
-    release(FreeReason::destructor);  // the buffer this one held is dropped, as by its destructor
+    deallocate_for(FreeReason::move_assigned);  // the buffer this one held is dropped
     id_ = other.id_;
     name_ = std::move(other.name_);
     mesh_shape_ = other.mesh_shape_;
@@ -144,20 +145,20 @@ MeshBuffer& MeshBuffer::operator=(MeshBuffer&& other) noexcept {
   return *this;
 }
 
-MeshBuffer::~MeshBuffer() { release(FreeReason::destructor); }
+MeshBuffer::~MeshBuffer() { deallocate_for(FreeReason::destructor); }
 
-void MeshBuffer::deallocate() noexcept { release(FreeReason::mesh_deallocate); }
+void MeshBuffer::deallocate() noexcept { deallocate_for(FreeReason::mesh_deallocate); }
 
 // One lock and one batch of Frees for every device buffer this mesh buffer still owns (a handle
 // moved out of it owns its buffer itself).
-void MeshBuffer::release(FreeReason reason) noexcept {
+void MeshBuffer::deallocate_for(FreeReason reason) noexcept {
   if (!allocation_) return;
   std::array<std::uint32_t, std::size_t{max_mesh_dimension} * max_mesh_dimension> slots{};
   std::size_t count = 0;
   for (const DeviceBuffer& device_buffer : device_buffers_) {
     if (device_buffer.allocation_ == allocation_) slots.at(count++) = device_buffer.slot_;
   }
-  allocation_->release_slots(std::span(slots.data(), count), reason);
+  allocation_->deallocate_slots(std::span(slots.data(), count), reason);
 }
 
 bool MeshBuffer::is_allocated() const {

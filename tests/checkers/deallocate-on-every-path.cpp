@@ -1,33 +1,33 @@
-// RUN: %clang_tidy --checks='-*,meshrt-release-on-every-path' \
-// RUN:   --config="{CheckOptions: {meshrt-release-on-every-path.ReleaseFunctions: 'Buffer::deallocate;MeshBuffer::mark_deallocated'}}" \
+// RUN: %clang_tidy --checks='-*,meshrt-deallocate-on-every-path' \
+// RUN:   --config="{CheckOptions: {meshrt-deallocate-on-every-path.DeallocationCalls: 'Buffer::deallocate;MeshBuffer::mark_deallocated'}}" \
 // RUN:   %s -- -std=c++20 | FileCheck %s --check-prefix=CHECK-MESSAGES --implicit-check-not='{{warning|error}}:'
 
 #include "seed.h"
 
-// The seed: with the mesh device alive, deallocate() returns before any device buffer is released.
+// The seed: with the mesh device alive, deallocate() returns before any device buffer is deallocated.
 void MeshBuffer::deallocate() {
   auto mesh_device = mesh_device_.lock();
   if (mesh_device) {
     state_ = DeallocatedState{};
     return;
-    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'MeshBuffer::deallocate' returns here without releasing its per-device buffers: no call to Buffer::deallocate() or MeshBuffer::mark_deallocated() on this path; release them on every path before returning [meshrt-release-on-every-path]
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'MeshBuffer::deallocate' returns here without deallocating its per-device buffers: no call to Buffer::deallocate() or MeshBuffer::mark_deallocated() on this path; deallocate them on every path before returning [meshrt-deallocate-on-every-path]
   }
   for (auto& buffer : buffers_) buffer->deallocate();
   state_ = DeallocatedState{};
 }
 
-// A destructor of a class with deallocate() that forgets to release.
+// A destructor of a class with deallocate() that forgets to deallocate.
 MeshBuffer::~MeshBuffer() {
   if (!is_allocated()) return;
-  // CHECK-MESSAGES: :[[@LINE-1]]:24: warning: 'MeshBuffer::~MeshBuffer' returns here without releasing
+  // CHECK-MESSAGES: :[[@LINE-1]]:24: warning: 'MeshBuffer::~MeshBuffer' returns here without deallocating
   state_ = DeallocatedState{};
 }
-// CHECK-MESSAGES: :[[@LINE-1]]:1: warning: 'MeshBuffer::~MeshBuffer' can reach its end without releasing its per-device buffers: no call to Buffer::deallocate() or MeshBuffer::mark_deallocated() on this path [meshrt-release-on-every-path]
+// CHECK-MESSAGES: :[[@LINE-1]]:1: warning: 'MeshBuffer::~MeshBuffer' can reach its end without deallocating its per-device buffers: no call to Buffer::deallocate() or MeshBuffer::mark_deallocated() on this path [meshrt-deallocate-on-every-path]
 
 struct Good {
   std::vector<std::shared_ptr<Buffer>> buffers;
   bool alive = false;
-  // Every path releases: both branches, or through the one call before the branch.
+  // Every path deallocates: both branches, or through the one call before the branch.
   void deallocate() {
     if (alive) {
       for (auto& b : buffers) b->deallocate();
@@ -49,7 +49,7 @@ struct LoopEscape {
   void deallocate() {
     for (auto& b : buffers) {
       if (closed) return;
-      // CHECK-MESSAGES: :[[@LINE-1]]:19: warning: 'LoopEscape::deallocate' returns here without releasing
+      // CHECK-MESSAGES: :[[@LINE-1]]:19: warning: 'LoopEscape::deallocate' returns here without deallocating
       b->deallocate();
     }
   }
@@ -58,10 +58,10 @@ struct LoopEscape {
 struct LambdaNeverCalled {
   std::shared_ptr<Buffer> buffer;
   void deallocate() {
-    auto release = [this] { buffer->deallocate(); };
-    (void)release;
+    auto later = [this] { buffer->deallocate(); };
+    (void)later;
   }
-  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'LambdaNeverCalled::deallocate' can reach its end without releasing
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'LambdaNeverCalled::deallocate' can reach its end without deallocating
 };
 
 #define RETURN_IF(condition) \
@@ -71,7 +71,7 @@ struct MacroExit {
   bool closed = false;
   void deallocate() {
     RETURN_IF(closed);
-    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'MacroExit::deallocate' returns here without releasing
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'MacroExit::deallocate' returns here without deallocating
     buffer->deallocate();
   }
 };
@@ -82,7 +82,7 @@ struct HalfIf {
   void deallocate() {
     if (owned) buffer->deallocate();
   }
-  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'HalfIf::deallocate' can reach its end without releasing
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'HalfIf::deallocate' can reach its end without deallocating
 };
 
 struct Throws {

@@ -1,6 +1,7 @@
 // The buffer state machine: one record per mesh buffer (or standalone device buffer), shared by
-// its DeviceBuffer handles and known to the mesh as a resident, so that handles, MeshBuffer and
-// MeshDevice::close() all change a device buffer's state through the same two functions.
+// its DeviceBuffer handles and a resident of its mesh, so that handles, MeshBuffer and
+// MeshDevice::close() all change a device buffer's state through the same two functions, one
+// per edge: mark_deallocated and mark_device_closed.
 module;
 #include <atomic>
 #include <cstddef>
@@ -10,12 +11,14 @@ module;
 #include <string>
 #include <vector>
 
-module meshrt.buffer:allocation;
+module meshrt.mesh:allocation;
 
 import meshrt.core;
 import meshrt.tracking;
 import meshrt.device;
-import :state;
+import :buffer_state;
+import :mesh_device;
+import :mesh_memory;
 
 namespace meshrt::detail {
 
@@ -41,8 +44,8 @@ struct BufferPlan {
 
 class BufferAllocation final : public MeshResident, public std::enable_shared_from_this<BufferAllocation> {
  public:
-  // Reserves the memory (unless a hook intercepts), enrolls with the mesh and reports one Alloc
-  // per device, all under the mesh lock.
+  // Allocates the memory (unless a hook intercepts), becomes a resident of the mesh and reports
+  // one Alloc per device, all under the mesh lock.
   [[nodiscard]] static Result<std::shared_ptr<BufferAllocation>> allocate(const std::shared_ptr<MeshMemory>& memory,
                                                                           BufferPlan plan);
   BufferAllocation(const BufferAllocation&) = delete;
@@ -61,11 +64,12 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
 
   // Deallocates those of `slots` (ascending) still allocated and reports their Frees as one
   // batch, one event per run of consecutive slots.
-  void release_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept;
+  void deallocate_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept;
   [[nodiscard]] Result<void> write(std::uint32_t slot, std::span<const std::byte> bytes);
   [[nodiscard]] Result<void> read(std::uint32_t slot, std::span<std::byte> bytes) const;
 
-  void release_on_close(const MeshLock& lock) noexcept override;
+  // The mesh closes: every slot still allocated becomes device_closed.
+  void on_mesh_close(const MeshLock& lock) noexcept override;
   [[nodiscard]] std::shared_ptr<const void> keep_alive() noexcept override { return shared_from_this(); }
 
  private:
@@ -81,10 +85,11 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
   // event. Nothing else writes states_ (the meshrt-state-transition check enforces it).
   void mark_deallocated(const MeshLock& lock, std::uint32_t first, std::uint32_t count, FreeReason reason,
                         std::int64_t time_ns, EventBatch& batch);
-  void mark_released(const MeshLock& lock, std::uint32_t first, std::uint32_t count, std::int64_t time_ns,
-                     EventBatch& batch);
-  // `count` slots left `allocated`: the last one gives the reservation back.
-  void slots_freed(const MeshLock& lock, std::uint32_t count);
+  void mark_device_closed(const MeshLock& lock, std::uint32_t first, std::uint32_t count, std::int64_t time_ns,
+                          EventBatch& batch);
+  // `count` slots left `allocated`: after the last one the memory is freed and the mesh forgets
+  // this resident.
+  void count_freed_slots(const MeshLock& lock, std::uint32_t count);
   // Calls `transition(first, count)` for each run of consecutive allocated slots among `slots`.
   template <class Transition>
   void for_each_allocated_run(std::span<const std::uint32_t> slots, Transition transition) const;

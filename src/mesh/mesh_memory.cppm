@@ -1,31 +1,30 @@
-// Devices and the mesh that owns them.
-//
-// A MeshDevice is a move-only handle on shared mesh state (detail::MeshMemory): lock-step bank
-// allocators, simulated memory and the registry of live buffers. Buffers hold that state too, so
-// a buffer that outlives its MeshDevice stays valid: it was released when the mesh closed.
+// The state a MeshDevice and its buffers share, and what the buffer state machine relies on:
+// the mesh lock, the registry of residents that close() moves to device_closed, the lock-step
+// allocators and the simulated chips. An internal partition: no importer of meshrt.mesh can name
+// any of it; the runtime's own partitions reach a mesh's memory through MeshAccess.
 module;
 #include <array>
 #include <atomic>
-#include <functional>
-#include <thread>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <mutex>
 #include <optional>
 #include <span>
+#include <thread>
 #include <utility>
 #include <vector>
 
-export module meshrt.device:mesh;
+module meshrt.mesh:mesh_memory;
 
 import meshrt.core;
 import meshrt.alloc;
 import meshrt.tracking;
-import :spec;
-import :simulated_memory;
+import meshrt.device;
+import :mesh_device;
 
-export namespace meshrt {
+namespace meshrt {
 
 // One chip of a mesh: its id, place and simulated memory.
 class Device {
@@ -51,8 +50,6 @@ class Device {
 
 namespace detail {
 
-class MeshMemory;
-
 // Proof that the caller holds a mesh's lock: functions that need it take one. A lock asked for
 // by the thread that already holds it (a tracker processor or hook calling back into its mesh)
 // is borrowed: it proves the same and unlocks nothing.
@@ -74,8 +71,8 @@ class MeshLock {
   bool borrowed_;
 };
 
-// Anything holding memory on a mesh that MeshDevice::close() must release. Enrolled while it
-// holds memory; close() calls release_on_close() once and forgets it.
+// Anything holding memory on a mesh that MeshDevice::close() must give back. A resident of the
+// mesh while it holds memory; close() removes it and calls on_mesh_close() once.
 class MeshResident {
  public:
   MeshResident(const MeshResident&) = delete;
@@ -83,9 +80,9 @@ class MeshResident {
   MeshResident(MeshResident&&) = delete;
   MeshResident& operator=(MeshResident&&) = delete;
   virtual ~MeshResident() = default;
-  virtual void release_on_close(const MeshLock& lock) noexcept = 0;
-  // A reference that keeps the resident alive while close() releases it: its owners may drop
-  // their last handle on another thread the moment they see it released.
+  virtual void on_mesh_close(const MeshLock& lock) noexcept = 0;
+  // A reference that keeps the resident alive while close() tells it: its owners may drop their
+  // last handle on another thread the moment they see its state change.
   [[nodiscard]] virtual std::shared_ptr<const void> keep_alive() noexcept = 0;
 
  protected:
@@ -95,10 +92,10 @@ class MeshResident {
   friend class MeshMemory;
   MeshResident* previous_{nullptr};
   MeshResident* next_{nullptr};
-  bool enrolled_{false};
+  bool resident_{false};
 };
 
-// The state a MeshDevice and its buffers share. Used by meshrt.buffer; not for applications.
+// The state a MeshDevice and its buffers share.
 class MeshMemory {
  public:
   [[nodiscard]] static Result<std::shared_ptr<MeshMemory>> create(MeshShape shape, DeviceSpec spec,
@@ -112,27 +109,27 @@ class MeshMemory {
   [[nodiscard]] bool held_by_this_thread() const {
     return owner_.load(std::memory_order_relaxed) == std::this_thread::get_id();
   }
-  // Runs `work` on this thread once the operation that holds the lock lets it go: how a release
-  // asked for from inside a callback happens, in order, without deadlock.
+  // Runs `work` on this thread once the operation that holds the lock lets it go: how a
+  // deallocation or close asked for from inside a callback happens, in order, without deadlock.
   void defer(std::function<void()> work) const;
   [[nodiscard]] bool is_open(const MeshLock& lock) const;
   [[nodiscard]] MeshShape shape() const { return shape_; }
   [[nodiscard]] const DeviceSpec& spec() const { return spec_; }
   [[nodiscard]] Tracker& tracker() const { return *tracker_; }
 
-  // Reserves `bytes_per_bank` at one address in every bank of `type`, for every device at once.
-  [[nodiscard]] Result<std::uint64_t> reserve(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank);
-  // Gives a reservation back and forgets its bytes on every device.
-  void unreserve(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank);
-  void enroll(const MeshLock& lock, MeshResident& resident);
-  void withdraw(const MeshLock& lock, MeshResident& resident);
+  // Allocates `bytes_per_bank` at one address in every bank of `type`, on every device at once.
+  [[nodiscard]] Result<std::uint64_t> allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank);
+  // Frees what allocate() gave, on every device, and forgets those bytes of simulated memory.
+  void free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank);
+  void add_resident(const MeshLock& lock, MeshResident& resident);
+  void remove_resident(const MeshLock& lock, MeshResident& resident);
   [[nodiscard]] Device& device(const MeshLock& lock, std::uint32_t index);
 
   [[nodiscard]] AllocatorStatistics statistics(BufferType type) const;
   [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
   [[nodiscard]] std::uint64_t resident_bytes(std::uint32_t device_index) const;
-  // Releases every enrolled resident (each emits its Frees), then empties the allocators and
-  // memory. Idempotent.
+  // Closes the mesh: tells every resident (each moves its live buffers to device_closed and
+  // emits their Frees), then empties the allocators and memory. Idempotent.
   void close();
 
  private:
@@ -155,38 +152,12 @@ class MeshMemory {
   MeshResident* residents_{nullptr};
 };
 
-}  // namespace detail
-
-// A mesh of simulated devices, from 1x1 up to 8x8. Closing (explicitly or by destruction)
-// releases every live buffer through its state machine: each emits its Free, reason device_closed.
-class MeshDevice {
- public:
-  [[nodiscard]] static Result<MeshDevice> create(MeshShape shape, DeviceSpec spec = DeviceSpec::wormhole_b0(),
-                                                 std::shared_ptr<Tracker> tracker = nullptr);
-  MeshDevice(MeshDevice&& other) noexcept = default;
-  MeshDevice& operator=(MeshDevice&& other) noexcept;
-  MeshDevice(const MeshDevice&) = delete;
-  MeshDevice& operator=(const MeshDevice&) = delete;
-  ~MeshDevice();
-
-  void close();
-  [[nodiscard]] bool is_open() const;
-  [[nodiscard]] MeshShape shape() const;
-  [[nodiscard]] std::uint32_t device_count() const { return shape().device_count(); }
-  // An Error for a coordinate outside the mesh.
-  [[nodiscard]] Result<DeviceId> device_id(MeshCoordinate coordinate) const;
-  [[nodiscard]] const DeviceSpec& spec() const;
-  [[nodiscard]] Tracker& tracker() const;
-  // Allocator figures are per device; lock-step makes them the same on every device of the mesh.
-  [[nodiscard]] AllocatorStatistics allocator_statistics(BufferType type) const;
-  [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
-  // Bytes of simulated memory actually held by one device; an Error for a coordinate outside the mesh.
-  [[nodiscard]] Result<std::uint64_t> resident_bytes(MeshCoordinate coordinate) const;
-  [[nodiscard]] const std::shared_ptr<detail::MeshMemory>& memory() const { return memory_; }
-
- private:
-  explicit MeshDevice(std::shared_ptr<detail::MeshMemory> memory) : memory_(std::move(memory)) {}
-  std::shared_ptr<detail::MeshMemory> memory_;
+// What the runtime's partitions (buffers today; programs and tensors next) use to reach a mesh's
+// memory. MeshDevice grants it alone that access.
+struct MeshAccess {
+  [[nodiscard]] static const std::shared_ptr<MeshMemory>& memory(const MeshDevice& mesh) { return mesh.memory_; }
 };
+
+}  // namespace detail
 
 }  // namespace meshrt

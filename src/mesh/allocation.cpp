@@ -2,7 +2,6 @@ module;
 #include <algorithm>
 #include <array>
 #include <atomic>
-#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -18,11 +17,12 @@ module;
 #include <gsl/gsl>
 #include <tl/expected.hpp>
 
-module meshrt.buffer;
+module meshrt.mesh;
 
 import meshrt.core;
 import meshrt.tracking;
 import meshrt.device;
+import :mesh_memory;
 import :allocation;
 
 namespace meshrt::detail {
@@ -41,17 +41,12 @@ BufferId reserve_buffer_ids(std::uint32_t count) {
 Error reentered(std::string_view what) {
   return Error{ErrorCode::invalid_argument,
                fmt::format("cannot {} from a tracker processor or hook of the same mesh while it reports an "
-                           "operation: do it after the callback returns (releases asked for there are deferred "
+                           "operation: do it after the callback returns (deallocations asked for there are deferred "
                            "until then)",
                            what)};
 }
 
 Error mesh_closed() { return Error{ErrorCode::device_closed, "cannot allocate: the mesh device is closed"}; }
-
-std::int64_t now_ns() {
-  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::system_clock::now().time_since_epoch())
-      .count();
-}
 
 }  // namespace
 
@@ -127,14 +122,14 @@ Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::
   if (intercepted) {
     address = *intercepted;
   } else {
-    auto reserved = memory->reserve(lock, plan.type, plan.bytes_per_bank);
+    auto reserved = memory->allocate(lock, plan.type, plan.bytes_per_bank);
     if (!reserved) return tl::unexpected(std::move(reserved.error()));
     address = *reserved;
   }
   auto allocation = std::make_shared<BufferAllocation>(Token{}, memory, std::move(plan), address, intercepted.has_value());
-  memory->enroll(lock, *allocation);
+  memory->add_resident(lock, *allocation);
   const AllocationEvent allocated =
-      allocation->event(0, allocation->slot_count(), EventKind::allocate, FreeReason::none, now_ns());
+      allocation->event(0, allocation->slot_count(), EventKind::allocate, FreeReason::none, wall_clock_ns());
   if (allocation->plan().name.empty()) {
     memory->tracker().record(std::span(&allocated, 1));
   } else {
@@ -200,21 +195,21 @@ void BufferAllocation::for_each_allocated_run(std::span<const std::uint32_t> slo
   }
 }
 
-void BufferAllocation::release_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept {
+void BufferAllocation::deallocate_slots(std::span<const std::uint32_t> slots, FreeReason reason) noexcept {
   // Fast path without the lock: nothing here is still allocated (a terminal state is final).
   const bool any_live = std::ranges::any_of(slots, [this](std::uint32_t s) {
     return state(s) == DeviceBufferState::allocated;
   });
   if (!any_live) return;
   if (memory_->held_by_this_thread()) {
-    // From a callback of this mesh: the release happens, in full, as soon as it returns.
+    // From a callback of this mesh: the deallocation happens, in full, as soon as it returns.
     memory_->defer([self = shared_from_this(), owned = std::vector(slots.begin(), slots.end()), reason] {
-      self->release_slots(owned, reason);
+      self->deallocate_slots(owned, reason);
     });
     return;
   }
   const MeshLock lock = memory_->lock();
-  const std::int64_t time = now_ns();
+  const std::int64_t time = wall_clock_ns();
   EventBatch batch;
   for_each_allocated_run(slots, [&](std::uint32_t first, std::uint32_t count) {
     mark_deallocated(lock, first, count, reason, time, batch);
@@ -222,13 +217,13 @@ void BufferAllocation::release_slots(std::span<const std::uint32_t> slots, FreeR
   memory_->tracker().record(batch);
 }
 
-void BufferAllocation::release_on_close(const MeshLock& lock) noexcept {
+void BufferAllocation::on_mesh_close(const MeshLock& lock) noexcept {
   std::array<std::uint32_t, max_devices_per_event> all{};
   std::iota(all.begin(), all.end(), 0U);
-  const std::int64_t time = now_ns();
+  const std::int64_t time = wall_clock_ns();
   EventBatch batch;
   for_each_allocated_run(std::span(all).first(slot_count()), [&](std::uint32_t first, std::uint32_t count) {
-    mark_released(lock, first, count, time, batch);
+    mark_device_closed(lock, first, count, time, batch);
   });
   memory_->tracker().record(batch);
 }
@@ -240,27 +235,27 @@ void BufferAllocation::mark_deallocated(const MeshLock& lock, std::uint32_t firs
     states_[slot].store(DeviceBufferState::deallocated, std::memory_order_release);
   }
   batch.push_back(event(first, count, EventKind::free, reason, time_ns));
-  slots_freed(lock, count);
+  count_freed_slots(lock, count);
 }
 
-void BufferAllocation::mark_released(const MeshLock& lock, std::uint32_t first, std::uint32_t count,
-                                     std::int64_t time_ns, EventBatch& batch) {
+void BufferAllocation::mark_device_closed(const MeshLock& lock, std::uint32_t first, std::uint32_t count,
+                                          std::int64_t time_ns, EventBatch& batch) {
   for (std::uint32_t slot = first; slot < first + count; ++slot) {
     Expects(state(slot) == DeviceBufferState::allocated);
-    states_[slot].store(DeviceBufferState::released, std::memory_order_release);
+    states_[slot].store(DeviceBufferState::device_closed, std::memory_order_release);
   }
   batch.push_back(event(first, count, EventKind::free, FreeReason::device_closed, time_ns));
-  slots_freed(lock, count);
+  count_freed_slots(lock, count);
 }
 
-void BufferAllocation::slots_freed(const MeshLock& lock, std::uint32_t count) {
+void BufferAllocation::count_freed_slots(const MeshLock& lock, std::uint32_t count) {
   Expects(live_slots_ >= count);
   live_slots_ -= count;
   if (live_slots_ != 0) return;
-  // The last device let go: give the lock-step reservation back (a closed mesh already did, and
-  // a hooked buffer never took one) and leave the mesh's registry.
-  if (!hooked_) memory_->unreserve(lock, plan_.type, address_, plan_.bytes_per_bank);
-  memory_->withdraw(lock, *this);
+  // The last device let go: free the lock-step allocation (a closed mesh already did, and a
+  // hooked buffer never took one) and stop being a resident of the mesh.
+  if (!hooked_) memory_->free(lock, plan_.type, address_, plan_.bytes_per_bank);
+  memory_->remove_resident(lock, *this);
 }
 
 Result<void> BufferAllocation::check_transfer(const MeshLock& lock, std::uint32_t slot, std::size_t bytes) const {
@@ -279,7 +274,7 @@ Result<void> BufferAllocation::check_transfer(const MeshLock& lock, std::uint32_
                                                          id(slot).value(), plan_.size_per_device,
                                                          device(slot).value(), bytes));
   }
-  Ensures(memory_->is_open(lock));  // allocated implies the mesh is open: close() releases everything
+  Ensures(memory_->is_open(lock));  // allocated implies the mesh is open: close() leaves nothing allocated
   return {};
 }
 

@@ -1,13 +1,14 @@
-// meshrt.buffer — device buffers as move-only RAII handles, and mesh buffers made of them.
+// Device buffers as move-only RAII handles, and mesh buffers made of them.
 //
 // Every per-device buffer the runtime allocates reports exactly one Alloc and exactly one Free
 // to its mesh's Tracker. The state machine that guarantees it lives in one place (the buffer's
-// shared allocation record); handles, MeshBuffer and MeshDevice::close() all go through it.
+// shared allocation record, src/mesh/allocation.cppm); handles, MeshBuffer and
+// MeshDevice::close() all go through it. One verb per edge:
 //
-//   allocate ok                  deallocate() / destructor / MeshBuffer::deallocate()
-//   ----------> [allocated] ------------------------------------------------> [deallocated]
-//                    |       MeshDevice::close() with the buffer live
-//                    +----------------------------------------------------------> [released]
+//   allocate      deallocate: deallocate(), MeshBuffer::deallocate(), destructor, move-assignment
+//   --------> [allocated] ---------------------------------------------------------> [deallocated]
+//                  |        close: MeshDevice::close() with the buffer allocated
+//                  +-------------------------------------------------------------> [device_closed]
 module;
 #include <cstddef>
 #include <cstdint>
@@ -20,13 +21,12 @@ module;
 
 #include <gsl/gsl>
 
-export module meshrt.buffer;
+export module meshrt.mesh:buffer;
 
 import meshrt.core;
 import meshrt.tracking;
-import meshrt.device;
-
-export import :state;
+import :buffer_state;
+import :mesh_device;
 
 namespace meshrt::detail {
 class BufferAllocation;  // the state machine: src/buffer/allocation.cppm
@@ -73,8 +73,8 @@ class DeviceBuffer {
   DeviceBuffer& operator=(const DeviceBuffer&) = delete;
   ~DeviceBuffer();
 
-  // Gives the memory back and reports the Free. Idempotent: later calls, and the destructor, do
-  // nothing; after the mesh closed it does nothing (the Free was reported then).
+  // Gives the memory back and reports the Free (state deallocated). Idempotent: later calls, and
+  // the destructor, do nothing; after the mesh closed it does nothing (the Free was reported then).
   void deallocate() noexcept;
 
   [[nodiscard]] bool owns_buffer() const { return allocation_ != nullptr; }
@@ -96,7 +96,7 @@ class DeviceBuffer {
  private:
   friend class MeshBuffer;
   DeviceBuffer(std::shared_ptr<detail::BufferAllocation> allocation, std::uint32_t slot);
-  void release(FreeReason reason) noexcept;
+  void deallocate_for(FreeReason reason) noexcept;
 
   std::shared_ptr<detail::BufferAllocation> allocation_;
   std::uint32_t slot_{};
@@ -105,8 +105,9 @@ class DeviceBuffer {
 // A buffer across a whole mesh: one DeviceBuffer per device, at one address on every device.
 class MeshBuffer {
  public:
-  [[nodiscard]] static Result<MeshBuffer> create(const MeshBufferConfig& config,
-                                                 const DeviceLocalBufferConfig& device_config, MeshDevice& mesh);
+  // The mesh comes first, as in every factory of the runtime (DeviceBuffer::create too).
+  [[nodiscard]] static Result<MeshBuffer> create(MeshDevice& mesh, const MeshBufferConfig& config,
+                                                 const DeviceLocalBufferConfig& device_config);
   // A moved-from MeshBuffer owns nothing and has no device buffers.
   MeshBuffer(MeshBuffer&& other) noexcept;
   MeshBuffer& operator=(MeshBuffer&& other) noexcept;
@@ -114,8 +115,8 @@ class MeshBuffer {
   MeshBuffer& operator=(const MeshBuffer&) = delete;
   ~MeshBuffer();
 
-  // Releases every per-device buffer it owns, whatever the state of the mesh device, and reports
-  // each Free (reason mesh_deallocate). Idempotent.
+  // Deallocates every per-device buffer it owns, whatever the state of the mesh device, and
+  // reports each Free (reason mesh_deallocate). Idempotent.
   void deallocate() noexcept;
 
   // True while every device buffer is allocated, i.e. the buffer can be read and written.
@@ -145,7 +146,7 @@ class MeshBuffer {
 
  private:
   MeshBuffer() = default;
-  void release(FreeReason reason) noexcept;
+  void deallocate_for(FreeReason reason) noexcept;
   [[nodiscard]] Result<void> check_readable(std::uint64_t bytes) const;
   [[nodiscard]] Result<std::uint32_t> slot_of(MeshCoordinate coordinate) const;
 

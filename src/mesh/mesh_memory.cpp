@@ -15,11 +15,13 @@ module;
 #include <gsl/gsl>
 #include <tl/expected.hpp>
 
-module meshrt.device;
+module meshrt.mesh;
 
 import meshrt.core;
 import meshrt.alloc;
 import meshrt.tracking;
+import meshrt.device;
+import :mesh_memory;
 
 namespace meshrt {
 
@@ -115,7 +117,7 @@ bool MeshMemory::is_open(const MeshLock& lock) const {
   return open_;
 }
 
-Result<std::uint64_t> MeshMemory::reserve(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank) {
+Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank) {
   Expects(lock.holds(*this));
   if (!open_) return fail(ErrorCode::device_closed, "the mesh device is closed: open a new one to allocate");
   auto& allocator = allocators_[index_of(type)];
@@ -128,7 +130,7 @@ Result<std::uint64_t> MeshMemory::reserve(const MeshLock& lock, BufferType type,
   return *address;
 }
 
-void MeshMemory::unreserve(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank) {
+void MeshMemory::free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank) {
   Expects(lock.holds(*this));
   if (!open_) return;  // close() already emptied everything
   auto& allocator = allocators_[index_of(type)];
@@ -139,23 +141,23 @@ void MeshMemory::unreserve(const MeshLock& lock, BufferType type, std::uint64_t 
   for (Device& device : devices_) device.memory().discard(type, banks, address, bytes_per_bank);
 }
 
-void MeshMemory::enroll(const MeshLock& lock, MeshResident& resident) {
-  Expects(lock.holds(*this) && !resident.enrolled_ && open_);
+void MeshMemory::add_resident(const MeshLock& lock, MeshResident& resident) {
+  Expects(lock.holds(*this) && !resident.resident_ && open_);
   resident.previous_ = nullptr;
   resident.next_ = residents_;
   if (residents_ != nullptr) residents_->previous_ = &resident;
   residents_ = &resident;
-  resident.enrolled_ = true;
+  resident.resident_ = true;
 }
 
-void MeshMemory::withdraw(const MeshLock& lock, MeshResident& resident) {
+void MeshMemory::remove_resident(const MeshLock& lock, MeshResident& resident) {
   Expects(lock.holds(*this));
-  if (!resident.enrolled_) return;
+  if (!resident.resident_) return;
   if (resident.previous_ != nullptr) resident.previous_->next_ = resident.next_;
   else residents_ = resident.next_;
   if (resident.next_ != nullptr) resident.next_->previous_ = resident.previous_;
   resident.previous_ = resident.next_ = nullptr;
-  resident.enrolled_ = false;
+  resident.resident_ = false;
 }
 
 Device& MeshMemory::device(const MeshLock& lock, std::uint32_t index) {
@@ -191,9 +193,9 @@ void MeshMemory::close() {
   // so it cannot re-enter the registry.
   while (residents_ != nullptr) {
     MeshResident& resident = *residents_;
-    withdraw(lock, resident);
+    remove_resident(lock, resident);
     kept_alive.push_back(resident.keep_alive());
-    resident.release_on_close(lock);
+    resident.on_mesh_close(lock);
   }
   for (auto& allocator : allocators_) {
     if (allocator) allocator->reset();
@@ -202,67 +204,5 @@ void MeshMemory::close() {
 }
 
 }  // namespace detail
-
-Result<MeshDevice> MeshDevice::create(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker) {
-  auto memory = detail::MeshMemory::create(shape, std::move(spec),
-                                           tracker != nullptr ? std::move(tracker) : Tracker::process_default());
-  if (!memory) return tl::unexpected(std::move(memory.error()));
-  return MeshDevice(std::move(*memory));
-}
-
-MeshDevice& MeshDevice::operator=(MeshDevice&& other) noexcept {
-  if (this != &other) {
-    close();
-    memory_ = std::move(other.memory_);
-  }
-  return *this;
-}
-
-MeshDevice::~MeshDevice() { close(); }
-
-void MeshDevice::close() {
-  if (!memory_) return;
-  if (memory_->held_by_this_thread()) {
-    // Called from a callback of this mesh (a processor, a hook): it closes when that returns.
-    memory_->defer([memory = memory_] { memory->close(); });
-    return;
-  }
-  memory_->close();
-}
-
-bool MeshDevice::is_open() const { return memory_ && memory_->is_open(memory_->lock()); }
-
-MeshShape MeshDevice::shape() const {
-  Expects(memory_ != nullptr);
-  return memory_->shape();
-}
-
-Result<DeviceId> MeshDevice::device_id(MeshCoordinate coordinate) const {
-  return checked_index(shape(), coordinate).map([](std::uint32_t index) { return DeviceId{index}; });
-}
-
-const DeviceSpec& MeshDevice::spec() const {
-  Expects(memory_ != nullptr);
-  return memory_->spec();
-}
-
-Tracker& MeshDevice::tracker() const {
-  Expects(memory_ != nullptr);
-  return memory_->tracker();
-}
-
-AllocatorStatistics MeshDevice::allocator_statistics(BufferType type) const {
-  Expects(memory_ != nullptr);
-  return memory_->statistics(type);
-}
-
-std::vector<Block> MeshDevice::block_table(BufferType type) const {
-  Expects(memory_ != nullptr);
-  return memory_->block_table(type);
-}
-
-Result<std::uint64_t> MeshDevice::resident_bytes(MeshCoordinate coordinate) const {
-  return checked_index(shape(), coordinate).map([this](std::uint32_t index) { return memory_->resident_bytes(index); });
-}
 
 }  // namespace meshrt

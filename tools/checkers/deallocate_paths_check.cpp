@@ -25,61 +25,61 @@ namespace meshrt::checkers {
 namespace {
 
 constexpr const char* default_deallocating = "deallocate";
-constexpr const char* default_release =
-    "::meshrt::MeshBuffer::release;::meshrt::DeviceBuffer::release;::meshrt::detail::BufferAllocation::release_slots";
+constexpr const char* default_deallocation_calls =
+    "::meshrt::MeshBuffer::deallocate_for;::meshrt::DeviceBuffer::deallocate_for;::meshrt::detail::BufferAllocation::deallocate_slots";
 
-// How deep the check follows helpers (a destructor calling release_all() calling ...).
+// How deep the check follows helpers (a destructor calling deallocate_all() calling ...).
 constexpr int max_helper_depth = 3;
 
-bool releases_on_every_path(const clang::FunctionDecl& function, const std::vector<std::string>& release_functions,
+bool deallocates_on_every_path(const clang::FunctionDecl& function, const std::vector<std::string>& deallocation_calls,
                             clang::ASTContext& context, int depth);
 
-// A call releases when it names a release function, or calls a helper defined here whose every
-// path releases.
-bool is_release_call(const clang::Stmt* stmt, const std::vector<std::string>& release_functions,
+// A call deallocates when it names a deallocation call, or calls a helper defined here whose
+// every path deallocates.
+bool is_deallocation_call(const clang::Stmt* stmt, const std::vector<std::string>& deallocation_calls,
                      clang::ASTContext& context, int depth) {
   const auto* call = llvm::dyn_cast_or_null<clang::CallExpr>(stmt);
   if (call == nullptr) return false;
   const clang::FunctionDecl* callee = call->getDirectCallee();
   if (callee == nullptr) return false;
-  if (name_matches(*callee, release_functions)) return true;
+  if (name_matches(*callee, deallocation_calls)) return true;
   const clang::FunctionDecl* definition = nullptr;
   if (depth >= max_helper_depth || !callee->hasBody(definition) || definition == nullptr) return false;
   if (context.getSourceManager().isInSystemHeader(definition->getLocation())) return false;
-  return releases_on_every_path(*definition, release_functions, context, depth + 1);
+  return deallocates_on_every_path(*definition, deallocation_calls, context, depth + 1);
 }
 
-// Finds a release call anywhere in a statement, but not inside lambdas or local classes: their
+// Finds a deallocation call anywhere in a statement, but not inside lambdas or local classes: their
 // bodies run when (and if) someone calls them, not here.
-class ReleaseFinder : public clang::RecursiveASTVisitor<ReleaseFinder> {
+class DeallocationFinder : public clang::RecursiveASTVisitor<DeallocationFinder> {
  public:
-  ReleaseFinder(const std::vector<std::string>& release_functions, clang::ASTContext& context, int depth)
-      : release_functions_(release_functions), context_(context), depth_(depth) {}
+  DeallocationFinder(const std::vector<std::string>& deallocation_calls, clang::ASTContext& context, int depth)
+      : deallocation_calls_(deallocation_calls), context_(context), depth_(depth) {}
   bool found() const { return found_; }
   bool VisitCallExpr(clang::CallExpr* call) {
-    if (is_release_call(call, release_functions_, context_, depth_)) found_ = true;
+    if (is_deallocation_call(call, deallocation_calls_, context_, depth_)) found_ = true;
     return !found_;
   }
   bool TraverseLambdaExpr(clang::LambdaExpr* /*lambda*/) { return true; }
   bool TraverseCXXRecordDecl(clang::CXXRecordDecl* /*record*/) { return true; }
 
  private:
-  const std::vector<std::string>& release_functions_;
+  const std::vector<std::string>& deallocation_calls_;
   clang::ASTContext& context_;
   int depth_;
   bool found_{false};
 };
 
-// A loop whose body calls the release function releases every element it iterates: taking its
-// exit edge after zero iterations is fine (there was nothing to release).
-bool is_releasing_loop(const clang::Stmt* terminator, const std::vector<std::string>& release_functions,
+// A loop whose body makes a deallocation call deallocates every element it iterates: taking its
+// exit edge after zero iterations is fine (there was nothing to deallocate).
+bool is_deallocating_loop(const clang::Stmt* terminator, const std::vector<std::string>& deallocation_calls,
                        clang::ASTContext& context, int depth) {
   const clang::Stmt* body = nullptr;
   if (const auto* loop = llvm::dyn_cast_or_null<clang::ForStmt>(terminator)) body = loop->getBody();
   else if (const auto* loop = llvm::dyn_cast_or_null<clang::WhileStmt>(terminator)) body = loop->getBody();
   else if (const auto* loop = llvm::dyn_cast_or_null<clang::CXXForRangeStmt>(terminator)) body = loop->getBody();
   if (body == nullptr) return false;
-  ReleaseFinder finder(release_functions, context, depth);
+  DeallocationFinder finder(deallocation_calls, context, depth);
   finder.TraverseStmt(const_cast<clang::Stmt*>(body));
   return finder.found();
 }
@@ -102,25 +102,25 @@ bool ends_in_throw(const clang::CFGBlock& block) {
   return false;
 }
 
-std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const std::vector<std::string>& release_functions,
+std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const std::vector<std::string>& deallocation_calls,
                                                   clang::ASTContext& context, int depth);
 std::unique_ptr<clang::CFG> build_cfg(const clang::FunctionDecl& function, clang::ASTContext& context);
 
 }  // namespace
 
-ReleasePathsCheck::ReleasePathsCheck(llvm::StringRef name, ClangTidyContext* context)
+DeallocatePathsCheck::DeallocatePathsCheck(llvm::StringRef name, ClangTidyContext* context)
     : ClangTidyCheck(name, context),
       deallocating_functions_(split_list(Options.get("DeallocatingFunctions", default_deallocating))),
-      release_functions_(split_list(Options.get("ReleaseFunctions", default_release))),
+      deallocation_calls_(split_list(Options.get("DeallocationCalls", default_deallocation_calls))),
       check_destructors_(Options.get("CheckDestructors", true)) {}
 
-void ReleasePathsCheck::storeOptions(ClangTidyOptions::OptionMap& options) {
+void DeallocatePathsCheck::storeOptions(ClangTidyOptions::OptionMap& options) {
   Options.store(options, "DeallocatingFunctions", join_list(deallocating_functions_));
-  Options.store(options, "ReleaseFunctions", join_list(release_functions_));
+  Options.store(options, "DeallocationCalls", join_list(deallocation_calls_));
   Options.store(options, "CheckDestructors", check_destructors_);
 }
 
-void ReleasePathsCheck::registerMatchers(MatchFinder* finder) {
+void DeallocatePathsCheck::registerMatchers(MatchFinder* finder) {
   const auto deallocating = as_refs(deallocating_functions_);
   const auto candidate = allOf(isDefinition(), hasBody(compoundStmt()), unless(isImplicit()), unless(isDefaulted()),
                                unless(isExpansionInSystemHeader()), unless(isTemplateInstantiation()));
@@ -137,9 +137,9 @@ void ReleasePathsCheck::registerMatchers(MatchFinder* finder) {
 
 namespace {
 
-// Walks every path from the entry; a path ends where it passes a release. Returns the blocks
-// from which a path reaches the exit without one: the ways out that skip the release.
-std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const std::vector<std::string>& release_functions,
+// Walks every path from the entry; a path ends where it passes a deallocation. Returns the
+// blocks from which a path reaches the exit without one: the ways out that skip it.
+std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const std::vector<std::string>& deallocation_calls,
                                                   clang::ASTContext& context, int depth) {
   const clang::CFGBlock& exit = cfg.getExit();
   std::set<unsigned> seen{cfg.getEntry().getBlockID()};
@@ -148,20 +148,20 @@ std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const s
   while (!pending.empty()) {
     const clang::CFGBlock* block = pending.front();
     pending.pop_front();
-    bool released = false;
+    bool deallocated = false;
     for (const clang::CFGElement& element : *block) {
       if (const auto statement = element.getAs<clang::CFGStmt>();
-          statement && is_release_call(statement->getStmt(), release_functions, context, depth)) {
-        released = true;
+          statement && is_deallocation_call(statement->getStmt(), deallocation_calls, context, depth)) {
+        deallocated = true;
         break;
       }
     }
-    if (released) continue;
-    const bool releasing_loop = is_releasing_loop(block->getTerminatorStmt(), release_functions, context, depth);
+    if (deallocated) continue;
+    const bool deallocating_loop = is_deallocating_loop(block->getTerminatorStmt(), deallocation_calls, context, depth);
     unsigned edge = 0;
     for (const clang::CFGBlock::AdjacentBlock& successor : block->succs()) {
       const clang::CFGBlock* next = successor.getReachableBlock();
-      const bool loop_exit = releasing_loop && edge++ == 1;
+      const bool loop_exit = deallocating_loop && edge++ == 1;
       if (next == nullptr || loop_exit) continue;
       if (next == &exit) {
         if (!ends_in_throw(*block)) leaks.push_back(block);
@@ -177,24 +177,24 @@ std::unique_ptr<clang::CFG> build_cfg(const clang::FunctionDecl& function, clang
   return clang::CFG::buildCFG(&function, function.getBody(), &context, clang::CFG::BuildOptions());
 }
 
-bool releases_on_every_path(const clang::FunctionDecl& function, const std::vector<std::string>& release_functions,
+bool deallocates_on_every_path(const clang::FunctionDecl& function, const std::vector<std::string>& deallocation_calls,
                             clang::ASTContext& context, int depth) {
   const std::unique_ptr<clang::CFG> cfg = build_cfg(function, context);
-  return cfg && leaking_exits(*cfg, release_functions, context, depth).empty();
+  return cfg && leaking_exits(*cfg, deallocation_calls, context, depth).empty();
 }
 
 }  // namespace
 
-void ReleasePathsCheck::check(const MatchFinder::MatchResult& result) {
+void DeallocatePathsCheck::check(const MatchFinder::MatchResult& result) {
   const auto* function = result.Nodes.getNodeAs<clang::FunctionDecl>("function");
   if (function == nullptr || function->getBody() == nullptr) return;
   const std::unique_ptr<clang::CFG> cfg = build_cfg(*function, *result.Context);
   if (!cfg) return;
-  const std::vector<const clang::CFGBlock*> leaks = leaking_exits(*cfg, release_functions_, *result.Context, 0);
+  const std::vector<const clang::CFGBlock*> leaks = leaking_exits(*cfg, deallocation_calls_, *result.Context, 0);
 
   const clang::SourceManager& sources = *result.SourceManager;
   const std::string name = function->getQualifiedNameAsString();
-  const std::string releases = call_list(release_functions_);
+  const std::string calls = call_list(deallocation_calls_);
   // Where each leaking path leaves: its return (seen where the code is written, even through a
   // macro), or the closing brace when it falls off the end. Reported in source order.
   struct Leak {
@@ -215,12 +215,12 @@ void ReleasePathsCheck::check(const MatchFinder::MatchResult& result) {
     if (!reported.insert(leak.at).second) continue;
     if (leak.is_return) {
       diag(leak.at,
-           "'%0' returns here without releasing its per-device buffers: no call to %1 on this path; release them "
+           "'%0' returns here without deallocating its per-device buffers: no call to %1 on this path; deallocate them "
            "on every path before returning")
-          << name << releases;
+          << name << calls;
     } else {
-      diag(leak.at, "'%0' can reach its end without releasing its per-device buffers: no call to %1 on this path")
-          << name << releases;
+      diag(leak.at, "'%0' can reach its end without deallocating its per-device buffers: no call to %1 on this path")
+          << name << calls;
     }
   }
 }

@@ -1,0 +1,62 @@
+// The mesh of devices.
+//
+// A MeshDevice is a move-only handle on shared mesh state (detail::MeshMemory, internal): lock-step
+// bank allocators, simulated memory and the registry of live buffers. Buffers hold that state
+// too, so a buffer that outlives its MeshDevice stays valid: its state became device_closed when
+// the mesh closed.
+module;
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <utility>
+#include <vector>
+
+export module meshrt.mesh:mesh_device;
+
+import meshrt.core;
+import meshrt.alloc;
+import meshrt.tracking;
+import meshrt.device;
+
+// Not exported: importers cannot name either (the test in tests/package shows it).
+namespace meshrt::detail {
+class MeshMemory;   // the state a MeshDevice and its buffers share: src/mesh/mesh_memory.cppm
+struct MeshAccess;  // how the runtime's own partitions reach it
+}  // namespace meshrt::detail
+
+export namespace meshrt {
+
+// A mesh of simulated devices, from 1x1 up to 8x8. Closing (explicitly or by destruction) moves
+// every live buffer to device_closed through its state machine: each emits its Free, reason
+// device_closed.
+class MeshDevice {
+ public:
+  [[nodiscard]] static Result<MeshDevice> create(MeshShape shape, DeviceSpec spec = DeviceSpec::wormhole_b0(),
+                                                 std::shared_ptr<Tracker> tracker = nullptr);
+  MeshDevice(MeshDevice&& other) noexcept = default;
+  MeshDevice& operator=(MeshDevice&& other) noexcept;
+  MeshDevice(const MeshDevice&) = delete;
+  MeshDevice& operator=(const MeshDevice&) = delete;
+  ~MeshDevice();
+
+  void close();
+  [[nodiscard]] bool is_open() const;
+  [[nodiscard]] MeshShape shape() const;
+  [[nodiscard]] std::uint32_t device_count() const { return shape().device_count(); }
+  // An Error for a coordinate outside the mesh.
+  [[nodiscard]] Result<DeviceId> device_id(MeshCoordinate coordinate) const;
+  [[nodiscard]] const DeviceSpec& spec() const;
+  [[nodiscard]] Tracker& tracker() const;
+  // Allocator figures are per device; lock-step makes them the same on every device of the mesh.
+  [[nodiscard]] AllocatorStatistics allocator_statistics(BufferType type) const;
+  [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
+  // Bytes of simulated memory actually held by one device; an Error for a coordinate outside the mesh.
+  [[nodiscard]] Result<std::uint64_t> resident_bytes(MeshCoordinate coordinate) const;
+
+ private:
+  friend struct detail::MeshAccess;
+  explicit MeshDevice(std::shared_ptr<detail::MeshMemory> memory) : memory_(std::move(memory)) {}
+  std::shared_ptr<detail::MeshMemory> memory_;
+};
+
+}  // namespace meshrt
