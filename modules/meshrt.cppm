@@ -4,5 +4,6 @@ export module meshrt;
 export import meshrt.core;
 export import meshrt.alloc;
 export import meshrt.tracking;
+export import meshrt.tracking_client;
 export import meshrt.device;
 export import meshrt.mesh;

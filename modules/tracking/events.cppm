@@ -132,9 +132,16 @@ class Tracker {
   Tracker& operator=(Tracker&&) = delete;
   ~Tracker() = default;
 
-  // The tracker mesh devices use unless given another. Attaches the allocation-server client
-  // when the environment asks for it (MESHRT_ALLOC_TRACKING=1).
+  // The tracker mesh devices use unless given another, made on first use with the processors
+  // that providers gave (meshrt.tracking_client provides the allocation-server client when the
+  // environment asks for it, MESHRT_ALLOC_TRACKING=1).
   [[nodiscard]] static std::shared_ptr<Tracker> process_default();
+  // A source of one processor for process_default(): called once, when that tracker is made; it
+  // may return null (nothing to add). A module registers its source while it is initialized,
+  // before main(); a source given twice counts once, and one registered after process_default()
+  // was first called is not used.
+  using DefaultProcessorSource = std::shared_ptr<EventProcessor> (*)();
+  static void provide_default_processor(DefaultProcessorSource source);
 
   void add_processor(std::shared_ptr<EventProcessor> processor);
   void remove_processor(const EventProcessor& processor);

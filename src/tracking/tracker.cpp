@@ -35,10 +35,36 @@ std::string_view to_string(FreeReason reason) {
   return "unknown";
 }
 
+namespace {
+
+// Registered while modules are initialized (one thread, before main) and read once, when the
+// default tracker is made; the mutex covers a provider initialized later, on another thread.
+std::mutex default_sources_mutex;
+std::vector<Tracker::DefaultProcessorSource>& default_sources() {
+  static std::vector<Tracker::DefaultProcessorSource> sources;
+  return sources;
+}
+
+}  // namespace
+
+void Tracker::provide_default_processor(DefaultProcessorSource source) {
+  Expects(source != nullptr);
+  const std::scoped_lock lock(default_sources_mutex);
+  // A module's initializer may run in more than one unit that imports it: one source, once.
+  if (std::ranges::find(default_sources(), source) == default_sources().end()) default_sources().push_back(source);
+}
+
 std::shared_ptr<Tracker> Tracker::process_default() {
   static const std::shared_ptr<Tracker> tracker = [] {
     auto created = std::make_shared<Tracker>();
-    if (tracking_enabled_by_environment()) created->add_processor(TrackingClient::start({}));
+    std::vector<DefaultProcessorSource> sources;
+    {
+      const std::scoped_lock lock(default_sources_mutex);
+      sources = default_sources();
+    }
+    for (const DefaultProcessorSource source : sources) {
+      if (auto processor = source()) created->add_processor(std::move(processor));
+    }
     return created;
   }();
   return tracker;

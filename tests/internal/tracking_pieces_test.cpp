@@ -1,6 +1,6 @@
 // White-box tests of the tracking client's internal pieces (ADR 0008): the chunk pool, the
 // per-thread lanes and the server connection. They are module partitions users cannot import,
-// so this file is an implementation unit of meshrt.tracking itself, built into a test program of
+// so this file is an implementation unit of meshrt.tracking_client itself, built into a test program of
 // its own with a private copy of the module (tests/CMakeLists.txt).
 module;
 #include <array>
@@ -23,10 +23,11 @@ module;
 
 #include <doctest/doctest.h>
 
-module meshrt.tracking;
+module meshrt.tracking_client;
 
 import meshrt.core;
 import meshrt.protocol;
+import meshrt.tracking;
 import :event_lanes;
 import :server_connection;
 

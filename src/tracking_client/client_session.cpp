@@ -25,17 +25,17 @@ module;
 #include <fmt/format.h>
 #include <gsl/gsl>
 
-module meshrt.tracking;
+module meshrt.tracking_client;
 
 import meshrt.core;
 import meshrt.protocol;
-import :client_state;
+import :client_engine;
 import :event_lanes;
 import :server_connection;
 
 namespace meshrt {
 
-void TrackingClient::State::warn(const std::string& line) const {
+void TrackingClient::Engine::warn(const std::string& line) const {
   if (options.warn) {
     options.warn(line);
   } else {
@@ -43,19 +43,19 @@ void TrackingClient::State::warn(const std::string& line) const {
   }
 }
 
-void TrackingClient::State::flush_pending() {
+void TrackingClient::Engine::flush_pending() {
   if (pending.empty()) return;
   protocol::encode_events(next_sequence, pending, out);
   next_sequence += pending.size();
   pending.clear();
 }
 
-void TrackingClient::State::encode(const protocol::EventRecord& record) {
+void TrackingClient::Engine::encode(const protocol::EventRecord& record) {
   pending.push_back(record);
   if (pending.size() >= frame_records) flush_pending();
 }
 
-void TrackingClient::State::send_alloc(const protocol::AllocRecord& record, const std::optional<std::string>& name) {
+void TrackingClient::Engine::send_alloc(const protocol::AllocRecord& record, const std::optional<std::string>& name) {
   if (name) {
     flush_pending();
     protocol::encode(protocol::MeshBufferName{record.mesh_buffer, *name}, out);
@@ -63,7 +63,7 @@ void TrackingClient::State::send_alloc(const protocol::AllocRecord& record, cons
   encode(protocol::EventRecord::of(record));
 }
 
-void TrackingClient::State::encode_session_start() {
+void TrackingClient::Engine::encode_session_start() {
   outbound.clear();
   protocol::encode(protocol::Hello{.protocol_version = protocol::version,
                                    .role = protocol::ClientRole::tracker,
@@ -73,7 +73,7 @@ void TrackingClient::State::encode_session_start() {
   encode_snapshot();
 }
 
-void TrackingClient::State::encode_snapshot() {
+void TrackingClient::Engine::encode_snapshot() {
   if (!devices.empty()) {
     protocol::DeviceInfo info;
     for (const auto& [id, totals] : devices) info.devices.push_back(totals);
@@ -103,14 +103,14 @@ void TrackingClient::State::encode_snapshot() {
   ++status.snapshots;
 }
 
-void TrackingClient::State::drop_pending() {
+void TrackingClient::Engine::drop_pending() {
   if (!outbound.cut_unsent()) return;
   need_snapshot = true;
   const std::scoped_lock lock(mutex);
   ++status.overflows;
 }
 
-void TrackingClient::State::disconnect(const Error& why) {
+void TrackingClient::Engine::disconnect(const Error& why) {
   connection.close();
   need_snapshot = true;
   next_connect = Clock::now() + options.reconnect_interval;
@@ -125,7 +125,7 @@ void TrackingClient::State::disconnect(const Error& why) {
   status.connected = false;
 }
 
-void TrackingClient::State::try_connect() {
+void TrackingClient::Engine::try_connect() {
   if (Clock::now() < next_connect) return;
   next_connect = Clock::now() + options.reconnect_interval;
   if (auto connected = connection.connect(options.socket_path); !connected) {
@@ -137,10 +137,9 @@ void TrackingClient::State::try_connect() {
       const Error& error = connected.error();
       warn(error.code == ErrorCode::invalid_argument
                ? fmt::format("meshrt: tracking: {}", error.message)
-               : fmt::format("meshrt: tracking: no allocation server at {} ({}); the application runs on with "
-                             "in-process tracking and will connect when the server {}",
-                             options.socket_path, error.message,
-                             error.code == ErrorCode::limit_exceeded ? "accepts connections again" : "appears"));
+               : fmt::format("meshrt: tracking: {}; the application runs on with in-process tracking and will "
+                             "connect when the server {}",
+                             error.message, error.code == ErrorCode::limit_exceeded ? "accepts connections again" : "appears"));
       warned = true;
     }
     return;
@@ -156,7 +155,7 @@ void TrackingClient::State::try_connect() {
   ++status.connections;
 }
 
-bool TrackingClient::State::pump_until(Clock::time_point deadline, std::size_t leave) {
+bool TrackingClient::Engine::pump_until(Clock::time_point deadline, std::size_t leave) {
   if (!connected()) return false;
   auto pumped = connection.pump_until(deadline, leave);
   if (!pumped) disconnect(pumped.error());

@@ -17,10 +17,10 @@ module;
 #include <utility>
 #include <vector>
 
-module meshrt.tracking:event_lanes;
+module meshrt.tracking_client:event_lanes;
 
 import meshrt.core;
-import :events;
+import meshrt.tracking;
 
 namespace meshrt::detail {
 

@@ -1,4 +1,4 @@
-// TrackingClient — streams every allocation and free to the allocation server.
+// TrackingClient — a processor that streams every allocation and free to the allocation server.
 module;
 #include <chrono>
 #include <cstddef>
@@ -9,10 +9,10 @@ module;
 #include <string>
 #include <string_view>
 
-export module meshrt.tracking:client;
+export module meshrt.tracking_client:client;
 
 import meshrt.core;
-import :events;
+import meshrt.tracking;
 
 export namespace meshrt {
 
@@ -82,11 +82,11 @@ class TrackingClient final : public EventProcessor {
   void shutdown();
   [[nodiscard]] Status status() const;
 
-  struct State;  // the background thread's world: src/tracking/tracking_client.cpp
+  struct Engine;  // what the sender thread runs and shares: src/tracking_client/client_engine.cppm
 
  private:
-  explicit TrackingClient(std::unique_ptr<State> state);
-  std::unique_ptr<State> state_;
+  explicit TrackingClient(std::unique_ptr<Engine> engine);
+  std::unique_ptr<Engine> engine_;
 };
 
 // True when MESHRT_ALLOC_TRACKING=1 (or TT_ALLOC_TRACKING_ENABLED=1, for users of tt-metal).

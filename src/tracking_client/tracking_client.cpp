@@ -1,6 +1,6 @@
 // TrackingClient's public face: start, record (the application threads' only cost), describe,
 // flush, status, and what a fork's child does with a parent's client (ADR 0017). The inside is
-// in client_state.cppm and the files it names.
+// in client_engine.cppm and the files it names.
 module;
 #include <atomic>
 #include <chrono>
@@ -19,18 +19,17 @@ module;
 
 #include <pthread.h>
 
-module meshrt.tracking;
+module meshrt.tracking_client;
 
 import meshrt.core;
 import meshrt.protocol;
-import :client_state;
+import :client_engine;
 import :event_lanes;
 import :server_connection;
 
 namespace meshrt {
 
 namespace {
-
 
 // Bumped in every child of fork(): a client started in an earlier generation belongs to the
 // parent. In the child it records nothing, sends nothing and its exit neither waits nor says
@@ -53,6 +52,11 @@ std::string own_process_name() {
 
 std::uint64_t detail::fork_generation() { return fork_generation_count.load(std::memory_order_relaxed); }
 
+std::shared_ptr<EventProcessor> detail::client_from_environment() {
+  if (!tracking_enabled_by_environment()) return nullptr;
+  return TrackingClient::start({});
+}
+
 bool tracking_enabled_by_environment() {
   for (const char* variable : {"MESHRT_ALLOC_TRACKING", "TT_ALLOC_TRACKING_ENABLED"}) {
     if (const char* value = std::getenv(variable); value != nullptr && std::string_view(value) == "1") return true;
@@ -64,41 +68,41 @@ std::shared_ptr<TrackingClient> TrackingClient::start(Options options) {
   std::call_once(fork_handler_installed, [] { ::pthread_atfork(nullptr, nullptr, count_fork_in_child); });
   if (options.socket_path.empty()) options.socket_path = protocol::default_socket_path();
   if (options.process_name.empty()) options.process_name = own_process_name();
-  auto state = std::make_unique<State>();
-  state->options = std::move(options);
-  State& s = *state;
-  auto client = std::shared_ptr<TrackingClient>(new TrackingClient(std::move(state)));
+  auto engine = std::make_unique<Engine>();
+  engine->options = std::move(options);
+  Engine& s = *engine;
+  auto client = std::shared_ptr<TrackingClient>(new TrackingClient(std::move(engine)));
   s.sender = std::make_unique<std::thread>([&s] { s.run(); });
   return client;
 }
 
-TrackingClient::TrackingClient(std::unique_ptr<State> state) : state_(std::move(state)) {}
+TrackingClient::TrackingClient(std::unique_ptr<Engine> engine) : engine_(std::move(engine)) {}
 
 TrackingClient::~TrackingClient() {
-  if (state_->forked_away()) {
+  if (engine_->forked_away()) {
     // A fork's child: the sender thread is the parent's (its std::thread would terminate the
     // process if destroyed joinable), and any lock may have been held by one of the parent's
     // threads at the fork. The child's copy is left as it is, never freed.
-    (void)state_.release();  // NOLINT(bugprone-unused-return-value): deliberately never freed
+    (void)engine_.release();  // NOLINT(bugprone-unused-return-value): deliberately never freed
     return;
   }
   shutdown();
 }
 
 void TrackingClient::shutdown() {
-  if (state_->forked_away()) return;  // the parent's to do
+  if (engine_->forked_away()) return;  // the parent's to do
   {
-    const std::scoped_lock lock(state_->mutex);
-    state_->stopping.store(true, std::memory_order_release);
+    const std::scoped_lock lock(engine_->mutex);
+    engine_->stopping.store(true, std::memory_order_release);
   }
-  state_->wake.notify_one();
-  if (state_->sender && state_->sender->joinable()) state_->sender->join();
-  state_->lanes.close();  // no thread may wait for a chunk the sender will never give back
+  engine_->wake.notify_one();
+  if (engine_->sender && engine_->sender->joinable()) engine_->sender->join();
+  engine_->lanes.close();  // no thread may wait for a chunk the sender will never give back
 }
 
 void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
-  if (state_->stopping.load(std::memory_order_relaxed) || state_->forked_away()) return;
-  const detail::LaneLease lease = state_->lanes.for_this_thread();
+  if (engine_->stopping.load(std::memory_order_relaxed) || engine_->forked_away()) return;
+  const detail::LaneLease lease = engine_->lanes.for_this_thread();
   if (lease.lane == nullptr) return;
   detail::Lane& lane = *lease.lane;
   // No wake-up for the sender here: it runs every flush interval and reads whole chunks; woken
@@ -107,7 +111,7 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
     detail::Chunk* chunk = lane.tail;
     const std::size_t at = chunk->published.load(std::memory_order_relaxed);  // only we write it
     if (at == detail::Chunk::capacity) {
-      detail::Chunk* fresh = state_->lanes.take_next();
+      detail::Chunk* fresh = engine_->lanes.take_next();
       if (fresh == nullptr) return;  // shutting down: the last events go unrecorded
       chunk->next.store(fresh, std::memory_order_release);
       lane.tail = fresh;
@@ -122,37 +126,37 @@ void TrackingClient::process(std::span<const AllocationEvent> events) noexcept {
 }
 
 void TrackingClient::describe_devices(std::span<const DeviceDescription> devices) noexcept {
-  if (state_->forked_away()) return;
-  const std::scoped_lock lock(state_->mutex);
+  if (engine_->forked_away()) return;
+  const std::scoped_lock lock(engine_->mutex);
   for (const DeviceDescription& device : devices) {
-    state_->device_queue.push_back({device.device.value(), device.total_bytes, device.bank_count, device.base_address});
+    engine_->device_queue.push_back({device.device.value(), device.total_bytes, device.bank_count, device.base_address});
   }
 }
 
 void TrackingClient::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept {
-  if (state_->forked_away()) return;
-  const std::scoped_lock lock(state_->mutex);
-  state_->name_queue.insert_or_assign(mesh_buffer.value(), std::string(name.substr(0, protocol::max_name_size)));
-  state_->names_queued.store(state_->name_queue.size(), std::memory_order_release);
+  if (engine_->forked_away()) return;
+  const std::scoped_lock lock(engine_->mutex);
+  engine_->name_queue.insert_or_assign(mesh_buffer.value(), std::string(name.substr(0, protocol::max_name_size)));
+  engine_->names_queued.store(engine_->name_queue.size(), std::memory_order_release);
 }
 
 bool TrackingClient::flush(std::chrono::milliseconds timeout) {
-  if (state_->forked_away()) return false;
-  std::unique_lock lock(state_->mutex);
-  if (state_->stopping.load(std::memory_order_relaxed)) return false;
-  const std::uint64_t request = ++state_->flush_requests;
-  state_->wake.notify_one();
-  return state_->delivered_changed.wait_for(lock, timeout, [&] { return state_->flushed_through >= request; });
+  if (engine_->forked_away()) return false;
+  std::unique_lock lock(engine_->mutex);
+  if (engine_->stopping.load(std::memory_order_relaxed)) return false;
+  const std::uint64_t request = ++engine_->flush_requests;
+  engine_->wake.notify_one();
+  return engine_->delivered_changed.wait_for(lock, timeout, [&] { return engine_->flushed_through >= request; });
 }
 
 TrackingClient::Status TrackingClient::status() const {
-  if (state_->forked_away()) return Status{};
+  if (engine_->forked_away()) return Status{};
   Status status;
   {
-    const std::scoped_lock lock(state_->mutex);
-    status = state_->status;
+    const std::scoped_lock lock(engine_->mutex);
+    status = engine_->status;
   }
-  status.events_queued = state_->lanes.events_queued();
+  status.events_queued = engine_->lanes.events_queued();
   return status;
 }
 

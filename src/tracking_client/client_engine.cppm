@@ -18,12 +18,12 @@ module;
 #include <unordered_map>
 #include <vector>
 
-module meshrt.tracking:client_state;
+module meshrt.tracking_client:client_engine;
 
 import meshrt.core;
 import meshrt.protocol;
+import meshrt.tracking;
 import :client;
-import :events;
 import :event_lanes;
 import :server_connection;
 
@@ -34,7 +34,7 @@ namespace detail {
 [[nodiscard]] std::uint64_t fork_generation();
 }  // namespace detail
 
-struct TrackingClient::State {
+struct TrackingClient::Engine {
   using Clock = std::chrono::steady_clock;
 
   Options options;

@@ -20,7 +20,7 @@ module;
 #include <fmt/format.h>
 #include <tl/expected.hpp>
 
-module meshrt.tracking;
+module meshrt.tracking_client;
 
 import meshrt.core;
 import meshrt.protocol;

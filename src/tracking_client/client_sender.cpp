@@ -25,11 +25,11 @@ module;
 #include <fmt/format.h>
 #include <gsl/gsl>
 
-module meshrt.tracking;
+module meshrt.tracking_client;
 
 import meshrt.core;
 import meshrt.protocol;
-import :client_state;
+import :client_engine;
 import :event_lanes;
 import :server_connection;
 
@@ -64,7 +64,7 @@ bool cancels(const AllocationEvent& alloc, const AllocationEvent& free) {
 
 }  // namespace
 
-std::optional<std::string> TrackingClient::State::take_name(std::uint64_t id) {
+std::optional<std::string> TrackingClient::Engine::take_name(std::uint64_t id) {
   if (arrived_names.empty() && names_queued.load(std::memory_order_acquire) == 0) return std::nullopt;
   auto found = arrived_names.find(id);
   if (found == arrived_names.end() && names_queued.load(std::memory_order_acquire) > 0) {
@@ -80,7 +80,7 @@ std::optional<std::string> TrackingClient::State::take_name(std::uint64_t id) {
   return name;
 }
 
-void TrackingClient::State::apply(const AllocationEvent& event, bool stream) {
+void TrackingClient::Engine::apply(const AllocationEvent& event, bool stream) {
   if (event.kind == EventKind::allocate) {
     const protocol::AllocRecord record = to_record(event);
     std::optional<std::string> name = take_name(record.mesh_buffer);
@@ -95,7 +95,7 @@ void TrackingClient::State::apply(const AllocationEvent& event, bool stream) {
   if (table.free(record) && stream) encode(protocol::EventRecord::of(record));
 }
 
-std::uint64_t TrackingClient::State::apply_lanes(bool stream) {
+std::uint64_t TrackingClient::Engine::apply_lanes(bool stream) {
   more_waiting = false;
   std::uint64_t taken = 0;
   for (detail::Lane* lane : lanes.current()) {
@@ -140,7 +140,7 @@ std::uint64_t TrackingClient::State::apply_lanes(bool stream) {
   return taken;
 }
 
-std::uint64_t TrackingClient::State::round() {
+std::uint64_t TrackingClient::Engine::round() {
   std::vector<protocol::DeviceTotals> new_devices;
   {
     const std::scoped_lock lock(mutex);
@@ -162,7 +162,7 @@ std::uint64_t TrackingClient::State::round() {
   return taken;
 }
 
-void TrackingClient::State::publish_status(std::uint64_t taken, std::uint64_t flush_round) {
+void TrackingClient::Engine::publish_status(std::uint64_t taken, std::uint64_t flush_round) {
   {
     const std::scoped_lock lock(mutex);
     status.events_taken += taken;
@@ -183,7 +183,7 @@ void TrackingClient::State::publish_status(std::uint64_t taken, std::uint64_t fl
   delivered_changed.notify_all();
 }
 
-void TrackingClient::State::run() {
+void TrackingClient::Engine::run() {
   try_connect();  // at once: a server that is there sees the first allocations as they happen
   std::uint64_t flush_round{};
   std::uint64_t kicks_seen{};
@@ -212,7 +212,7 @@ void TrackingClient::State::run() {
   finish();
 }
 
-void TrackingClient::State::finish() {
+void TrackingClient::Engine::finish() {
   const auto start = Clock::now();
   const auto deadline = start + options.shutdown_timeout;
   // The last fifth of the time is kept for the Goodbye after a give-up.

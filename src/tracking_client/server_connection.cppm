@@ -7,7 +7,7 @@ module;
 #include <cstddef>
 #include <string>
 
-module meshrt.tracking:server_connection;
+module meshrt.tracking_client:server_connection;
 
 import meshrt.core;
 import meshrt.protocol;

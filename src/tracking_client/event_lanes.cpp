@@ -12,7 +12,7 @@ module;
 
 #include <gsl/gsl>
 
-module meshrt.tracking;
+module meshrt.tracking_client;
 
 import :event_lanes;
 

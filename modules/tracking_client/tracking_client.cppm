@@ -1,0 +1,24 @@
+// meshrt.tracking_client — the processor that streams every allocation and free to the
+// allocation server over its Unix socket. Importing this module (`import meshrt;` does) makes
+// Tracker::process_default() start one when MESHRT_ALLOC_TRACKING=1 (ADR 0019).
+module;
+#include <memory>
+
+export module meshrt.tracking_client;
+
+import meshrt.tracking;
+export import :client;
+
+namespace meshrt::detail {
+// The processor Tracker::process_default() gets from this module: a started client when the
+// environment asks for one, else none.
+[[nodiscard]] std::shared_ptr<EventProcessor> client_from_environment();
+}  // namespace meshrt::detail
+
+namespace {
+// Runs when this module is initialized: before main() in every program that imports it.
+const bool environment_client_provided = [] {
+  meshrt::Tracker::provide_default_processor(&meshrt::detail::client_from_environment);
+  return true;
+}();
+}  // namespace
