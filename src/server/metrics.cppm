@@ -170,7 +170,7 @@ inline std::size_t end_of_head(std::string_view input) {
 // What to answer a request whose head (through the blank line) is `head`.
 // `metrics` is called only for a GET of /metrics.
 template <class Metrics>
-Response respond(std::string_view head, Metrics metrics) {
+Response respond(std::string_view head, const Metrics& metrics) {
   std::string_view line = head.substr(0, head.find('\n'));
   if (line.ends_with('\r')) line.remove_suffix(1);
   const auto first_space = line.find(' ');
