@@ -71,6 +71,19 @@ inline constexpr std::size_t buffer_type_count = all_buffer_types.size();
 [[nodiscard]] std::string_view to_string(BufferType type);
 [[nodiscard]] Result<BufferType> parse_buffer_type(std::string_view text);
 
+// What an allocation is for (ADR 0020): a user's or a tensor's buffer, the device's system
+// buffers (command queue, dispatch), a cached program's kernel binaries, or a running program's
+// circular buffers. Every view breaks memory down by it; the exactly-once rule holds per category.
+enum class AllocationCategory : std::uint8_t { buffer, system, program, circular_buffer };
+inline constexpr std::array<AllocationCategory, 4> all_allocation_categories{
+    AllocationCategory::buffer, AllocationCategory::system, AllocationCategory::program,
+    AllocationCategory::circular_buffer};
+inline constexpr std::size_t allocation_category_count = all_allocation_categories.size();
+
+[[nodiscard]] constexpr std::size_t index_of(AllocationCategory category) { return static_cast<std::size_t>(category); }
+[[nodiscard]] std::string_view to_string(AllocationCategory category);
+[[nodiscard]] Result<AllocationCategory> parse_allocation_category(std::string_view text);
+
 struct MeshCoordinate {
   std::uint32_t row{};
   std::uint32_t col{};

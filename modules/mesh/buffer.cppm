@@ -85,6 +85,7 @@ class DeviceBuffer {
   [[nodiscard]] DeviceId device() const;
   [[nodiscard]] MeshBufferId mesh_buffer() const;
   [[nodiscard]] BufferType type() const;
+  [[nodiscard]] AllocationCategory category() const;
   [[nodiscard]] std::uint64_t address() const;
   [[nodiscard]] std::uint64_t size() const;
   [[nodiscard]] std::uint64_t page_size() const;
@@ -128,6 +129,7 @@ class MeshBuffer {
   [[nodiscard]] std::uint64_t size() const { return global_size_; }
   [[nodiscard]] std::uint64_t size_per_device() const { return size_per_device_; }
   [[nodiscard]] BufferType type() const { return device_config_.buffer_type; }
+  [[nodiscard]] AllocationCategory category() const { return device_config_.category; }
   [[nodiscard]] std::uint64_t page_size() const { return device_config_.page_size; }
   // The lock-step address, the same on every device; 0 for an empty buffer.
   [[nodiscard]] std::uint64_t address() const;

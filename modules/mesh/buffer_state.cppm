@@ -19,6 +19,8 @@ enum class DeviceBufferState : std::uint8_t { allocated, deallocated, device_clo
 struct DeviceLocalBufferConfig {
   std::uint64_t page_size{};
   BufferType buffer_type{BufferType::dram};
+  // What the memory is for (ADR 0020); the program and tensor modules set theirs.
+  AllocationCategory category{AllocationCategory::buffer};
 };
 
 }  // namespace meshrt

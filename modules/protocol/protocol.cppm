@@ -26,7 +26,8 @@ export namespace meshrt::protocol {
 // 2: DeviceInfo carries bank counts and base addresses. 3: Goodbye says whether the client
 // delivered everything; records with sizes over max_buffer_size or ids that wrap are malformed.
 // 4: a Free's reason may be 5, move_assigned (a version-3 server would refuse it as malformed).
-inline constexpr std::uint16_t version = 4;
+// 5: an Alloc's flags carry its allocation category in bits 2-3 (ADR 0020).
+inline constexpr std::uint16_t version = 5;
 inline constexpr std::size_t header_size = 8;
 // Banks of one buffer type on one device that a DeviceInfo may describe (a Wormhole has 64 of L1).
 inline constexpr std::uint32_t max_banks = 1U << 16U;

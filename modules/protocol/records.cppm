@@ -29,6 +29,7 @@ struct AllocRecord {
   BufferType type{};
   bool hooked{};
   std::uint16_t device_count{1};
+  AllocationCategory category{AllocationCategory::buffer};  // ADR 0020
   friend bool operator==(const AllocRecord&, const AllocRecord&) = default;
 };
 
@@ -45,7 +46,8 @@ struct FreeRecord {
 // One record of an Events frame: an allocation or a free, in the order they happened. On the
 // wire every record is 48 bytes, so a frame is a plain array:
 //   0 u64 buffer | 8 u64 mesh buffer | 16 u64 address | 24 u64 size | 32 i64 time
-//   40 u32 device | 44 u8 type (alloc) or reason (free) | 45 u8 flags: bit 0 hooked, bit 1 free
+//   40 u32 device | 44 u8 type (alloc) or reason (free) | 45 u8 flags: bit 0 hooked, bit 1 free,
+//   bits 2-3 the allocation category (alloc only; 0 on a free)
 //   46 u16 device count
 struct EventRecord {
   bool is_free{};

@@ -30,6 +30,8 @@ struct Usage {
   friend bool operator==(const Usage&, const Usage&) = default;
 };
 using UsageByType = std::array<Usage, buffer_type_count>;
+// One buffer type's usage broken down by allocation category (ADR 0020), indexed [type][category].
+using UsageByCategory = std::array<std::array<Usage, allocation_category_count>, buffer_type_count>;
 
 // Who a session is: identity from the kernel (SO_PEERCRED, /proc), never from the client.
 struct SessionIdentity {
@@ -67,7 +69,8 @@ struct ProcessSummary {
 
 struct DeviceSummary {
   std::uint32_t device{};
-  UsageByType usage{};
+  UsageByType usage{};          // all categories
+  UsageByCategory categories{};  // the same, by category: they sum to `usage`
   std::array<std::uint64_t, buffer_type_count> total_bytes{};  // as reported by clients; 0 if unknown
   std::array<std::uint32_t, buffer_type_count> bank_count{};   // as reported by clients; 0 if unknown
   std::array<std::uint64_t, buffer_type_count> base_address{};
@@ -87,6 +90,7 @@ struct LiveBuffer {
   std::string mesh_buffer_name;
   std::uint32_t device{};
   BufferType type{};
+  AllocationCategory category{};
   std::uint64_t address{};
   std::uint64_t size{};
   std::int64_t time_ns{};
@@ -123,6 +127,7 @@ class BufferListing {
     std::uint32_t device;
     std::uint32_t name;  // index into names_; 0: none
     BufferType type;
+    AllocationCategory category;
     bool hooked;
   };
   std::vector<Entry> entries_;
@@ -214,7 +219,8 @@ class Ledger {
     std::int64_t time_ns;
     std::uint64_t live_mask;
     std::uint32_t first_device;
-    std::uint16_t count;
+    std::uint8_t count;  // at most 64 (protocol::max_devices_per_record): a byte, so the category fits
+    AllocationCategory category;
     BufferType type;
     bool hooked;
   };
@@ -262,6 +268,7 @@ class Ledger {
   SessionId cached_id_{0};
   SessionRecord* cached_{nullptr};
   std::vector<UsageByType> devices_;  // by device id (ids are bounded by the protocol)
+  std::vector<UsageByCategory> device_categories_;  // the same by category, kept beside it
   std::vector<protocol::DeviceTotals> device_totals_;
   std::vector<std::uint32_t> device_reporters_;  // live sessions vouching for device_totals_[d]
   std::vector<bool> device_known_;

@@ -42,6 +42,7 @@ struct AllocationEvent {
   EventKind kind{EventKind::allocate};
   FreeReason reason{FreeReason::none};
   BufferType type{BufferType::dram};
+  AllocationCategory category{AllocationCategory::buffer};
   bool hooked{false};  // a hook intercepted the allocation: reported, but took no device memory
   DeviceId device{};
   BufferId buffer{};
@@ -77,6 +78,7 @@ struct DeviceDescription {
 // What a hook sees before an allocation takes memory.
 struct AllocationRequest {
   BufferType type{};
+  AllocationCategory category{};
   MeshBufferId mesh_buffer{};
   std::uint32_t device_count{};
   std::uint64_t size_per_device{};
@@ -212,7 +214,9 @@ class LiveBufferTable final : public EventProcessor {
 
   [[nodiscard]] std::vector<AllocationEvent> live_buffers(DeviceId device, BufferType type) const;
   [[nodiscard]] std::vector<AllocationEvent> live_buffers_of(MeshBufferId mesh_buffer) const;
+  // All categories, or one (ADR 0020).
   [[nodiscard]] LiveBufferSummary summary(DeviceId device, BufferType type) const;
+  [[nodiscard]] LiveBufferSummary summary(DeviceId device, BufferType type, AllocationCategory category) const;
   [[nodiscard]] std::uint64_t active_allocations() const;
   [[nodiscard]] std::uint64_t unknown_frees() const;
   [[nodiscard]] std::uint64_t duplicate_allocations() const;
@@ -221,11 +225,12 @@ class LiveBufferTable final : public EventProcessor {
   struct DeviceTypeKey {
     std::uint32_t device;
     BufferType type;
+    AllocationCategory category;
     friend bool operator==(const DeviceTypeKey&, const DeviceTypeKey&) = default;
   };
   struct DeviceTypeKeyHash {
     std::size_t operator()(DeviceTypeKey key) const noexcept {
-      return (std::size_t{key.device} << 3U) ^ static_cast<std::size_t>(key.type);
+      return (std::size_t{key.device} << 4U) ^ (index_of(key.type) << 2U) ^ index_of(key.category);
     }
   };
 

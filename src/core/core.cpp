@@ -51,6 +51,24 @@ Result<BufferType> parse_buffer_type(std::string_view text) {
               fmt::format("unknown buffer type '{}': expected dram, l1, l1_small or trace", text));
 }
 
+std::string_view to_string(AllocationCategory category) {
+  switch (category) {
+    case AllocationCategory::buffer: return "buffer";
+    case AllocationCategory::system: return "system";
+    case AllocationCategory::program: return "program";
+    case AllocationCategory::circular_buffer: return "circular_buffer";
+  }
+  return "unknown";
+}
+
+Result<AllocationCategory> parse_allocation_category(std::string_view text) {
+  for (const AllocationCategory category : all_allocation_categories) {
+    if (to_string(category) == text) return category;
+  }
+  return fail(ErrorCode::invalid_argument,
+              fmt::format("unknown allocation category '{}': expected buffer, system, program or circular_buffer", text));
+}
+
 namespace {
 
 bool parse_dimension(std::string_view text, std::uint32_t& out) {

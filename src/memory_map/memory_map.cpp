@@ -66,6 +66,7 @@ struct Block {
   std::uint64_t buffer{};
   std::uint64_t mesh_buffer{};
   std::string name;
+  std::string category;  // ADR 0020; of the first buffer when the block stands for several
   std::uint64_t size{};
   std::uint32_t merged{1};  // buffers this block stands for
   std::uint32_t processes{1};  // processes among them (more than one: drawn grey)
@@ -95,7 +96,7 @@ std::uint64_t largest_gap(const Panel& panel) {
 void merge_neighbours(Panel& panel) {
   std::vector<Block> merged;
   for (Block& block : panel.blocks) {
-    if (!merged.empty() && merged.back().pid == block.pid &&
+    if (!merged.empty() && merged.back().pid == block.pid && merged.back().category == block.category &&
         merged.back().offset + merged.back().width >= block.offset) {
       Block& last = merged.back();
       last.width = std::max(last.offset + last.width, block.offset + block.width) - last.offset;
@@ -181,6 +182,7 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
                                    .buffer = b["buffer"].get<std::uint64_t>(),
                                    .mesh_buffer = b["mesh_buffer"].get<std::uint64_t>(),
                                    .name = b["name"].get<std::string>(),
+                                   .category = b.value("category", std::string{"buffer"}),
                                    .size = size});
       if (!colours.contains(panel.blocks.back().pid)) {
         colours[panel.blocks.back().pid] = palette[colours.size() % palette.size()];
@@ -226,20 +228,22 @@ Result<std::string> render_memory_map(std::string_view summary_json, std::string
         const std::string who = fmt::format("pid {} ({})", block.pid,
                                             process_names.contains(block.pid) ? process_names[block.pid] : "gone");
         const std::string label =
-            block.merged == 1 ? fmt::format("buffer {} · mesh buffer {}{} · {} · {} ({} per bank) at 0x{:x}", block.buffer,
-                                            block.mesh_buffer, block.name.empty() ? "" : " '" + block.name + "'", who,
+            block.merged == 1 ? fmt::format("buffer {} ({}) · mesh buffer {}{} · {} · {} ({} per bank) at 0x{:x}",
+                                            block.buffer, block.category, block.mesh_buffer,
+                                            block.name.empty() ? "" : " '" + block.name + "'", who,
                                             bytes_text(block.size), bytes_text(block.width), block.offset + panel.base)
             : block.processes == 1
-                ? fmt::format("{} neighbouring buffers of {} · {} ({} per bank) from 0x{:x}", block.merged, who,
+                ? fmt::format("{} neighbouring {} buffers of {} · {} ({} per bank) from 0x{:x}", block.merged,
+                              block.category, who,
                               bytes_text(block.size), bytes_text(block.width), block.offset + panel.base)
                 : fmt::format("{} small buffers of {} processes · {} ({} per bank) from 0x{:x}", block.merged,
                               block.processes, bytes_text(block.size), bytes_text(block.width),
                               block.offset + panel.base);
         const std::string_view fill = block.processes == 1 ? colours[block.pid] : mixed_colour;
         fmt::format_to(out,
-                       "<rect class=\"block\" data-pid=\"{}\" x=\"{:.2f}\" y=\"{:.1f}\" width=\"{:.2f}\" "
-                       "height=\"{:.1f}\" fill=\"{}\"><title>{}</title></rect>\n",
-                       block.pid, x, top, width, height, fill, escape(label));
+                       "<rect class=\"block\" data-pid=\"{}\" data-category=\"{}\" x=\"{:.2f}\" y=\"{:.1f}\" "
+                       "width=\"{:.2f}\" height=\"{:.1f}\" fill=\"{}\"><title>{}</title></rect>\n",
+                       block.pid, escape(block.category), x, top, width, height, fill, escape(label));
       }
       // Bank rows: a line between banks, and a label every few banks.
       const std::uint32_t label_every = std::max<std::uint32_t>(1, static_cast<std::uint32_t>(12.0 / row));

@@ -94,6 +94,7 @@ Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_de
   const InterleavedLayout layout = InterleavedLayout::of(banks, config.page_size);
   return BufferPlan{
       .type = config.buffer_type,
+      .category = config.category,
       .layout = layout,
       .size_per_device = size_per_device,
       .bytes_per_bank = layout.bytes_per_bank(size_per_device / config.page_size),
@@ -112,6 +113,7 @@ Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::
   if (!memory->is_open(lock)) return tl::unexpected(mesh_closed());
   const AllocationRequest request{
       .type = plan.type,
+      .category = plan.category,
       .mesh_buffer = plan.mesh_buffer,
       .device_count = plan.device_count,
       .size_per_device = plan.size_per_device,
@@ -167,6 +169,7 @@ AllocationEvent BufferAllocation::event(std::uint32_t first, std::uint32_t count
       .kind = kind,
       .reason = reason,
       .type = plan_.type,
+      .category = plan_.category,
       .hooked = hooked_,
       .device = device(first),
       .buffer = id(first),

@@ -25,6 +25,7 @@ namespace meshrt::detail {
 // Everything decided about a buffer before it takes memory.
 struct BufferPlan {
   BufferType type{};
+  AllocationCategory category{};
   InterleavedLayout layout{};
   std::uint64_t size_per_device{};
   std::uint64_t bytes_per_bank{};

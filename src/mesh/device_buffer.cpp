@@ -92,6 +92,11 @@ BufferType DeviceBuffer::type() const {
   return allocation_->plan().type;
 }
 
+AllocationCategory DeviceBuffer::category() const {
+  Expects(owns_buffer());
+  return allocation_->plan().category;
+}
+
 std::uint64_t DeviceBuffer::address() const {
   Expects(owns_buffer());
   return allocation_->address();

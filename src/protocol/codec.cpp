@@ -31,6 +31,9 @@ namespace {
 constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::error);
 constexpr std::uint8_t hooked_flag = 1U;
 constexpr std::uint8_t free_flag = 2U;
+constexpr unsigned category_shift = 2U;
+constexpr std::uint8_t category_bits = 3U << category_shift;
+static_assert(allocation_category_count <= 4, "the category has two bits of a record's flags");
 constexpr std::uint8_t max_free_reason = 5;  // FreeReason::move_assigned
 
 // Appends little-endian integers, whatever the host's byte order (on little-endian hosts, the
@@ -152,8 +155,13 @@ Result<RecordView> records(MessageType type, Reader& reader) {
     const auto raw = bytes.subspan(i * record_size, record_size);
     const auto type_or_reason = std::to_integer<std::uint8_t>(raw[44]);
     const auto flags = std::to_integer<std::uint8_t>(raw[45]);
-    if ((flags & ~(hooked_flag | free_flag)) != 0) return malformed(type, fmt::format("record {}: unknown flags", i));
+    if ((flags & ~(hooked_flag | free_flag | category_bits)) != 0) {
+      return malformed(type, fmt::format("record {}: unknown flags", i));
+    }
     const bool is_free = (flags & free_flag) != 0;
+    if (is_free && (flags & (category_bits | hooked_flag)) != 0) {
+      return malformed(type, fmt::format("record {}: a free carries no category or hooked flag", i));
+    }
     if (is_free && type == MessageType::snapshot_chunk) {
       return malformed(type, fmt::format("record {}: a snapshot holds allocations only", i));
     }
@@ -219,7 +227,7 @@ void write_record(W& w, const EventRecord& record) {
     w.integer(r.time_ns);
     w.integer(r.device);
     w.integer(static_cast<std::uint8_t>(r.type));
-    w.integer(static_cast<std::uint8_t>(r.hooked ? hooked_flag : 0U));
+    w.integer(static_cast<std::uint8_t>((r.hooked ? hooked_flag : 0U) | (index_of(r.category) << category_shift)));
     w.integer(r.device_count);
     return;
   }
@@ -274,7 +282,8 @@ EventRecord decode_record(std::span<const std::byte> bytes) {
   const auto device_count = reader.integer<std::uint16_t>();
   if ((flags & free_flag) != 0) return EventRecord::of(FreeRecord{buffer, time_ns, type_or_reason, device_count});
   return EventRecord::of(AllocRecord{buffer, mesh_buffer, address, size, time_ns, device,
-                                     static_cast<BufferType>(type_or_reason), (flags & hooked_flag) != 0, device_count});
+                                     static_cast<BufferType>(type_or_reason), (flags & hooked_flag) != 0, device_count,
+                                     static_cast<AllocationCategory>((flags & category_bits) >> category_shift)});
 }
 
 Result<std::optional<Frame>> next_frame(std::span<const std::byte> input, std::uint32_t max_payload) {

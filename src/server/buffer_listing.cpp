@@ -36,10 +36,11 @@ void BufferListing::render(std::string& out, std::size_t max_bytes, std::int64_t
   while (next_ < entries_.size() && out.size() + max_entry_bytes <= limit) {
     const Entry& e = entries_[next_];
     fmt::format_to(sink,
-                   R"({}{{"address":{},"age_seconds":{},"buffer":{},"device":{},"hooked":{},"mesh_buffer":{},)"
-                   R"("name":{},"pid":{},"size":{},"type":"{}"}})",
+                   R"({}{{"address":{},"age_seconds":{},"buffer":{},"category":"{}","device":{},"hooked":{},)"
+                   R"("mesh_buffer":{},"name":{},"pid":{},"size":{},"type":"{}"}})",
                    next_ == 0 ? "" : ",", e.address, static_cast<double>(now_ns - e.time_ns) / 1e9, e.buffer,
-                   e.device, e.hooked, e.mesh_buffer, quoted_names_[e.name], e.pid, e.size, to_string(e.type));
+                   to_string(e.category), e.device, e.hooked, e.mesh_buffer, quoted_names_[e.name], e.pid, e.size,
+                   to_string(e.type));
     ++next_;
   }
   if (next_ == entries_.size() && out.size() + 2 <= limit) {
@@ -58,6 +59,7 @@ std::vector<LiveBuffer> BufferListing::buffers() const {
                                  .mesh_buffer_name = names_[e.name],
                                  .device = e.device,
                                  .type = e.type,
+                                 .category = e.category,
                                  .address = e.address,
                                  .size = e.size,
                                  .time_ns = e.time_ns,

@@ -111,8 +111,19 @@ bool Ledger::add(SessionRecord& s, const protocol::AllocRecord& record) {
     counters_.duplicate_allocations += record.device_count;
     return true;
   }
-  const AllocationGroup value{record.mesh_buffer, record.address,  record.size, record.time_ns, group_bits(0, record.device_count),
-                    record.device,      record.device_count, record.type, record.hooked};
+  static_assert(protocol::max_devices_per_record <= std::numeric_limits<std::uint8_t>::max());
+  static_assert(sizeof(AllocationGroup) == 48, "a live allocation's record stays 48 bytes (ADR 0012, 0020)");
+  const AllocationGroup value{.mesh_buffer = record.mesh_buffer,
+                              .address = record.address,
+                              .size = record.size,
+                              .time_ns = record.time_ns,
+                              .live_mask = group_bits(0, record.device_count),
+                              .first_device = record.device,
+                              .count = static_cast<std::uint8_t>(record.device_count),
+                              .category = record.category,
+                              .type = record.type,
+                              .hooked = record.hooked};
+  const std::size_t category = index_of(record.category);
   if (s.free_slots.empty()) {
     group->second = static_cast<std::uint32_t>(s.slab.size());
     s.slab.push_back(value);
@@ -123,6 +134,8 @@ bool Ledger::add(SessionRecord& s, const protocol::AllocRecord& record) {
   }
   for (std::uint32_t device = record.device; device < record.device + record.device_count; ++device) {
     grow(usage_of(devices_, device)[type], record.size);
+    if (device_categories_.size() <= device) device_categories_.resize(std::size_t{device} + 1);
+    grow(device_categories_[device][type][category], record.size);
     grow(usage_of(s.devices, device)[type], record.size);
     if (device_known_.size() <= device) device_known_.resize(std::size_t{device} + 1);
     device_known_[device] = true;
@@ -137,9 +150,11 @@ bool Ledger::add(SessionRecord& s, const protocol::AllocRecord& record) {
 void Ledger::remove(SessionRecord& s, GroupIndex::iterator group, std::uint64_t mask) {
   AllocationGroup& g = s.slab[group->second];
   const std::size_t type = index_of(g.type);
+  const std::size_t category = index_of(g.category);
   const auto freed = static_cast<std::uint64_t>(std::popcount(mask));
   for_each_bit(mask, [&](std::uint32_t bit) {
     shrink(devices_[g.first_device + bit][type], g.size);
+    shrink(device_categories_[g.first_device + bit][type][category], g.size);
     shrink(s.devices[g.first_device + bit][type], g.size);
   });
   s.live_buffers -= freed;
@@ -298,7 +313,9 @@ Summary Ledger::summary() const {
   Summary summary{.active_allocations = active_allocations_, .counters = counters_};
   for (std::uint32_t device = 0; device < device_known_.size(); ++device) {
     if (!device_known_[device]) continue;
-    DeviceSummary d{.device = device, .usage = device < devices_.size() ? devices_[device] : UsageByType{}};
+    DeviceSummary d{.device = device,
+                    .usage = device < devices_.size() ? devices_[device] : UsageByType{},
+                    .categories = device < device_categories_.size() ? device_categories_[device] : UsageByCategory{}};
     if (device < device_totals_.size()) {
       d.total_bytes = device_totals_[device].total_bytes;
       d.bank_count = device_totals_[device].bank_count;
@@ -353,6 +370,7 @@ BufferListing Ledger::list_buffers(std::uint32_t pid) const {
                                                         .device = g.first_device + bit,
                                                         .name = name,
                                                         .type = g.type,
+                                                        .category = g.category,
                                                         .hooked = g.hooked});
       });
     }
@@ -371,6 +389,7 @@ Verification Ledger::verify() const {
   };
   std::map<std::uint32_t, UsageByType> device_sums_from_buffers;
   std::map<std::uint32_t, UsageByType> device_sums_from_processes;
+  std::map<std::uint32_t, UsageByCategory> device_categories_from_buffers;
   std::uint64_t live = 0;
   for (const auto& [id, s] : sessions_) {
     std::map<std::uint32_t, UsageByType> process_from_buffers;
@@ -384,6 +403,9 @@ Verification Ledger::verify() const {
           u.bytes += g.size;
           ++u.buffers;
         }
+        Usage& c = device_categories_from_buffers[g.first_device + bit][index_of(g.type)][index_of(g.category)];
+        c.bytes += g.size;
+        ++c.buffers;
         bytes += g.size;
         ++buffers;
       });
@@ -419,6 +441,17 @@ Verification Ledger::verify() const {
       if (kept.bytes != by_buffers.bytes || kept.bytes != by_processes.bytes || kept.buffers != by_buffers.buffers) {
         differ(fmt::format("device {} {}: device total {} bytes, buffers sum to {}, processes sum to {}", device,
                            to_string(type), kept.bytes, by_buffers.bytes, by_processes.bytes));
+      }
+      for (const AllocationCategory category : all_allocation_categories) {
+        const Usage kept_category = device < device_categories_.size()
+                                        ? device_categories_[device][index_of(type)][index_of(category)]
+                                        : Usage{};
+        const Usage& summed = device_categories_from_buffers[device][index_of(type)][index_of(category)];
+        if (kept_category.bytes != summed.bytes || kept_category.buffers != summed.buffers) {
+          differ(fmt::format("device {} {} {}: category total {} bytes in {} buffers, its buffers sum to {} in {}",
+                             device, to_string(type), to_string(category), kept_category.bytes,
+                             kept_category.buffers, summed.bytes, summed.buffers));
+        }
       }
     }
   }

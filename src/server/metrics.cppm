@@ -83,14 +83,28 @@ inline std::string exposition(const Summary& summary, const ConnectionCounters& 
       }
     }
   };
-  per_device("meshrt_device_memory_used_bytes", "Bytes of device memory held by live buffers, by device and buffer type.",
-             [](const DeviceSummary& d, std::size_t t) { return d.usage[t].bytes; });
+  // Used bytes and live buffers carry a category label (ADR 0020): sum over it for a type's total.
+  const auto per_device_category = [&](std::string_view name, std::string_view help, auto value) {
+    out.family(name, "gauge", help);
+    for (const DeviceSummary& device : summary.devices) {
+      for (const BufferType type : all_buffer_types) {
+        for (const AllocationCategory category : all_allocation_categories) {
+          out.sample(value(device.categories[index_of(type)][index_of(category)]),
+                     fmt::format(R"(device="{}",type="{}",category="{}")", device.device, to_string(type),
+                                 to_string(category)));
+        }
+      }
+    }
+  };
+  per_device_category("meshrt_device_memory_used_bytes",
+                      "Bytes of device memory held by live buffers, by device, buffer type and allocation category.",
+                      [](const Usage& u) { return u.bytes; });
   per_device("meshrt_device_memory_total_bytes", "Bytes of device memory there are, by device and buffer type (0 if no client said).",
              [](const DeviceSummary& d, std::size_t t) { return d.total_bytes[t]; });
   per_device("meshrt_device_memory_peak_bytes", "The most bytes ever held at once, by device and buffer type.",
              [](const DeviceSummary& d, std::size_t t) { return d.usage[t].peak_bytes; });
-  per_device("meshrt_device_buffers", "Live buffers, by device and buffer type.",
-             [](const DeviceSummary& d, std::size_t t) { return d.usage[t].buffers; });
+  per_device_category("meshrt_device_buffers", "Live buffers, by device, buffer type and allocation category.",
+                      [](const Usage& u) { return u.buffers; });
 
   out.family("meshrt_active_allocations", "gauge", "Live device buffers, all devices and processes.")
       .sample(summary.active_allocations);

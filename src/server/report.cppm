@@ -39,6 +39,12 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
       nlohmann::json usage = usage_json(device.usage[index_of(type)], device.total_bytes[index_of(type)]);
       usage["banks"] = device.bank_count[index_of(type)];
       usage["base_address"] = device.base_address[index_of(type)];
+      nlohmann::json categories = nlohmann::json::object();
+      for (const AllocationCategory category : all_allocation_categories) {
+        const Usage& part = device.categories[index_of(type)][index_of(category)];
+        categories[std::string(to_string(category))] = {{"used_bytes", part.bytes}, {"buffers", part.buffers}};
+      }
+      usage["categories"] = std::move(categories);
       entry[std::string(to_string(type))] = std::move(usage);
     }
     nlohmann::json users = nlohmann::json::array();

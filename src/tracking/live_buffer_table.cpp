@@ -20,7 +20,7 @@ void LiveBufferTable::process(std::span<const AllocationEvent> events) noexcept 
           ++duplicate_allocations_;
           continue;
         }
-        LiveBufferSummary& summary = summaries_[{event.device.value(), event.type}];
+        LiveBufferSummary& summary = summaries_[{event.device.value(), event.type, event.category}];
         ++summary.buffers;
         summary.bytes += event.size;
         continue;
@@ -31,7 +31,7 @@ void LiveBufferTable::process(std::span<const AllocationEvent> events) noexcept 
         continue;
       }
       // Account the free against what was allocated, whatever the free event claims.
-      LiveBufferSummary& summary = summaries_[{found->second.device.value(), found->second.type}];
+      LiveBufferSummary& summary = summaries_[{found->second.device.value(), found->second.type, found->second.category}];
       --summary.buffers;
       summary.bytes -= found->second.size;
       live_.erase(found);
@@ -57,10 +57,20 @@ std::vector<AllocationEvent> LiveBufferTable::live_buffers_of(MeshBufferId mesh_
   return result;
 }
 
-LiveBufferSummary LiveBufferTable::summary(DeviceId device, BufferType type) const {
+LiveBufferSummary LiveBufferTable::summary(DeviceId device, BufferType type, AllocationCategory category) const {
   const std::scoped_lock lock(mutex_);
-  const auto found = summaries_.find({device.value(), type});
+  const auto found = summaries_.find({device.value(), type, category});
   return found == summaries_.end() ? LiveBufferSummary{} : found->second;
+}
+
+LiveBufferSummary LiveBufferTable::summary(DeviceId device, BufferType type) const {
+  LiveBufferSummary total;
+  for (const AllocationCategory category : all_allocation_categories) {
+    const LiveBufferSummary one = summary(device, type, category);
+    total.buffers += one.buffers;
+    total.bytes += one.bytes;
+  }
+  return total;
 }
 
 std::uint64_t LiveBufferTable::active_allocations() const {

@@ -48,6 +48,7 @@ protocol::AllocRecord to_record(const AllocationEvent& event) {
       .type = event.type,
       .hooked = event.hooked,
       .device_count = static_cast<std::uint16_t>(event.device_count),
+      .category = event.category,
   };
 }
 

@@ -438,8 +438,8 @@ TEST_SUITE("metrics endpoint") {
     CHECK(response.starts_with("HTTP/1.1 200 OK\r\n"));
     CHECK(response.find("Content-Type: text/plain; version=0.0.4") != std::string::npos);
     CHECK(response.find("# TYPE meshrt_device_memory_used_bytes gauge\n") != std::string::npos);
-    CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"0\",type=\"dram\"} 104857600\n") != std::string::npos);
-    CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"7\",type=\"l1\"} 12582912\n") != std::string::npos);
+    CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"0\",type=\"dram\",category=\"buffer\"} 104857600\n") != std::string::npos);
+    CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"7\",type=\"l1\",category=\"buffer\"} 12582912\n") != std::string::npos);
     CHECK(response.find("\nmeshrt_active_allocations 128\n") != std::string::npos);
     CHECK(response.find(fmt::format("\nmeshrt_process_live_bytes{{pid=\"{}\",process=\"meshrt-demo\",session=\"",
                                     demo->pid())) != std::string::npos);

@@ -102,8 +102,8 @@ def main():
         start([prometheus, f"--config.file={config}", f"--storage.tsdb.path={os.path.join(work, 'data')}",
                f"--web.listen-address=127.0.0.1:{prometheus_port}"], "prometheus.log")
 
-        dram = 'meshrt_device_memory_used_bytes{job="meshrt",device="0",type="dram"}'
-        l1 = 'meshrt_device_memory_used_bytes{job="meshrt",device="0",type="l1"}'
+        dram = 'meshrt_device_memory_used_bytes{job="meshrt",device="0",type="dram",category="buffer"}'
+        l1 = 'meshrt_device_memory_used_bytes{job="meshrt",device="0",type="l1",category="buffer"}'
         wait_for("Prometheus to scrape DRAM 104857600 on device 0",
                  lambda: value_of(prometheus_port, dram) == "104857600")
         assert value_of(prometheus_port, l1) == "12582912", value_of(prometheus_port, l1)

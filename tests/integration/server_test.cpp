@@ -54,6 +54,23 @@ TEST_SUITE("integration") {
       const json live = fixture.summary();
       CHECK(used(live, 0, "dram") == 104'857'600);
       CHECK(used(live, 0, "l1") == 12'582'912);
+      // The seed's figures are its buffers' (ADR 0020), shown per category by --json and the table.
+      CHECK(live["devices"][0]["dram"]["categories"]["buffer"]["used_bytes"] == 104'857'600);
+      CHECK(live["devices"][0]["l1"]["categories"]["buffer"]["used_bytes"] == 12'582'912);
+      if (run == 1) {
+        const auto [code, table] = fixture.smi({});
+        CHECK(code == 0);
+        // Under device 0's row: "|        |   buffer          104,857,600 B          | 12,582,912 B ... |      16 |".
+        const auto device_row = table.find("|      0 | ");
+        REQUIRE(device_row != std::string::npos);
+        const auto line_start = table.find('\n', device_row) + 1;
+        const std::string line = table.substr(line_start, table.find('\n', line_start) - line_start);
+        CAPTURE(line);
+        CHECK(line.starts_with("|        |   buffer "));
+        CHECK(line.find(" 104,857,600 B ") != std::string::npos);
+        CHECK(line.find("| 12,582,912 B ") != std::string::npos);
+        CHECK(line.ends_with("|      16 |"));
+      }
       CHECK(live["processes"].size() == 1);
       CHECK(live["processes"][0]["pid"] == demo->pid());
       demo->signal(SIGUSR1);

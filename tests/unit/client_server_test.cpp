@@ -8,6 +8,7 @@
 #include <functional>
 #include <string_view>
 #include <cstdint>
+#include <map>
 #include <memory>
 #include <mutex>
 #include <string>
@@ -154,6 +155,56 @@ TEST_SUITE("client and server") {
     CHECK(live["resyncs"] == 1);
     CHECK(warnings.get().size() == 2);  // "connected ... resynchronised 2 live buffers"
     CHECK(client->status().snapshots == 1);
+  }
+
+  TEST_CASE("categories reach the server's summary and buffer list, through a snapshot and through events") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    auto client = TrackingClient::start({.socket_path = socket, .reconnect_interval = 20ms, .warn = [](std::string_view) {}});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    const auto of_category = [&](std::uint64_t size, BufferType type, AllocationCategory category) {
+      return MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = size},
+                                {.page_size = 1024, .buffer_type = type, .category = category})
+          .value();
+    };
+    // Allocated before the server exists: it learns of these from the snapshot.
+    MeshBuffer system = of_category(8192, BufferType::dram, AllocationCategory::system);
+    MeshBuffer binaries = of_category(3072, BufferType::dram, AllocationCategory::program);
+    CHECK_FALSE(client->flush(100ms));
+    RunningServer server(socket);
+    REQUIRE(client->flush(5s));
+    // And of these from events.
+    MeshBuffer user = of_category(4096, BufferType::dram, AllocationCategory::buffer);
+    MeshBuffer cbs = of_category(2048, BufferType::l1, AllocationCategory::circular_buffer);
+    REQUIRE(client->flush(5s));
+    auto live = summary(socket);
+    const auto category = [&](const nlohmann::json& s, const char* type, const char* name) {
+      return s["devices"][1][type]["categories"][name];
+    };
+    CHECK(category(live, "dram", "buffer")["used_bytes"] == 4096);
+    CHECK(category(live, "dram", "system")["used_bytes"] == 8192);
+    CHECK(category(live, "dram", "program")["used_bytes"] == 3072);
+    CHECK(category(live, "dram", "program")["buffers"] == 1);
+    CHECK(category(live, "dram", "circular_buffer")["used_bytes"] == 0);
+    CHECK(category(live, "l1", "circular_buffer")["used_bytes"] == 2048);
+    CHECK(live["devices"][1]["dram"]["used_bytes"] == 4096 + 8192 + 3072);  // all categories
+
+    auto monitor = server::Monitor::connect(socket);
+    REQUIRE(monitor.has_value());
+    const auto listing = nlohmann::json::parse(monitor->query(protocol::QueryKind::buffers).value());
+    std::map<std::string, int> seen;
+    for (const auto& b : listing["buffers"]) ++seen[b["category"].get<std::string>()];
+    CHECK(seen == std::map<std::string, int>{{"buffer", 2}, {"circular_buffer", 2}, {"program", 2}, {"system", 2}});
+
+    binaries.deallocate();
+    cbs.deallocate();
+    REQUIRE(client->flush(5s));
+    live = summary(socket);
+    CHECK(category(live, "dram", "program")["used_bytes"] == 0);
+    CHECK(category(live, "l1", "circular_buffer")["used_bytes"] == 0);
+    CHECK(category(live, "dram", "system")["used_bytes"] == 8192);
   }
 
   TEST_CASE("server restarted while buffers live: after resync its figures match the client exactly") {

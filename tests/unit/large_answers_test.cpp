@@ -177,6 +177,24 @@ TEST_SUITE("large answers") {
     }
     CHECK(blocks == 10);
   }
+
+  TEST_CASE("a memory map says each buffer's category, in its hover text and as data-category") {
+    const json summary = {
+        {"devices", json::array({{{"id", 0},
+                                  {"l1", {{"banks", 1}, {"total_bytes", 1 << 20}, {"base_address", 0}, {"used_bytes", 0}}}}})},
+        {"processes", json::array({{{"pid", 1}, {"name", "one"}}})}};
+    const json list = json::array(
+        {{{"pid", 1}, {"buffer", 1}, {"mesh_buffer", 1}, {"name", ""}, {"device", 0}, {"type", "l1"},
+          {"category", "circular_buffer"}, {"address", 0}, {"size", 4096}},
+         {{"pid", 1}, {"buffer", 2}, {"mesh_buffer", 2}, {"name", "weights"}, {"device", 0}, {"type", "l1"},
+          {"category", "buffer"}, {"address", 8192}, {"size", 4096}}});
+    const auto svg = render_memory_map(summary.dump(), json{{"buffers", list}}.dump(), std::nullopt);
+    REQUIRE(svg.has_value());
+    CHECK(svg->find("data-category=\"circular_buffer\"") != std::string::npos);
+    CHECK(svg->find("data-category=\"buffer\"") != std::string::npos);
+    CHECK(svg->find("buffer 1 (circular_buffer) · mesh buffer 1") != std::string::npos);
+    CHECK(svg->find("buffer 2 (buffer) · mesh buffer 2 'weights'") != std::string::npos);
+  }
 }
 
 TEST_SUITE("large answers") {

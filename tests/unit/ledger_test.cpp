@@ -103,6 +103,54 @@ TEST_SUITE("ledger") {
     CHECK(ledger.verify().consistent);
   }
 
+  TEST_CASE("each device and type is broken down by category, and the parts sum to the whole") {
+    Ledger ledger;
+    const SessionId a = ledger.open_session({.pid = 10});
+    const SessionId b = ledger.open_session({.pid = 11});
+    const auto with = [](AllocRecord record, AllocationCategory category) {
+      record.category = category;
+      return record;
+    };
+    ledger.apply_alloc(a, with(alloc(1, 0, BufferType::dram, 100), AllocationCategory::buffer));
+    ledger.apply_alloc(a, with(alloc(2, 0, BufferType::dram, 30), AllocationCategory::system));
+    ledger.apply_alloc(b, with(alloc(1, 0, BufferType::dram, 7), AllocationCategory::program));
+    ledger.apply_alloc(b, with(AllocRecord{.buffer = 10, .size = 5, .type = BufferType::l1, .device_count = 4},
+                               AllocationCategory::circular_buffer));
+    const auto category_of = [](const Summary& summary, std::uint32_t device, BufferType type,
+                                AllocationCategory category) {
+      for (const DeviceSummary& d : summary.devices) {
+        if (d.device == device) return d.categories[index_of(type)][index_of(category)];
+      }
+      FAIL("no such device");
+      return Usage{};
+    };
+    Summary summary = ledger.summary();
+    CHECK(usage_of(summary, 0, BufferType::dram) == Usage{137, 3, 137});
+    CHECK(category_of(summary, 0, BufferType::dram, AllocationCategory::buffer) == Usage{100, 1, 100});
+    CHECK(category_of(summary, 0, BufferType::dram, AllocationCategory::system) == Usage{30, 1, 30});
+    CHECK(category_of(summary, 0, BufferType::dram, AllocationCategory::program) == Usage{7, 1, 7});
+    CHECK(category_of(summary, 0, BufferType::dram, AllocationCategory::circular_buffer) == Usage{});
+    CHECK(category_of(summary, 3, BufferType::l1, AllocationCategory::circular_buffer) == Usage{5, 1, 5});
+    CHECK(ledger.live_buffers(11).front().category == AllocationCategory::program);
+    CHECK(ledger.verify().consistent);
+    // A Free says no category: the ledger takes it from the buffer it frees.
+    ledger.apply_free(a, free_of(2));
+    ledger.apply_free(b, FreeRecord{.buffer = 11, .device_count = 2});
+    summary = ledger.summary();
+    CHECK(category_of(summary, 0, BufferType::dram, AllocationCategory::system) == Usage{0, 0, 30});
+    CHECK(category_of(summary, 1, BufferType::l1, AllocationCategory::circular_buffer) == Usage{0, 0, 5});
+    CHECK(category_of(summary, 2, BufferType::l1, AllocationCategory::circular_buffer) == Usage{0, 0, 5});
+    CHECK(category_of(summary, 3, BufferType::l1, AllocationCategory::circular_buffer) == Usage{5, 1, 5});
+    CHECK(usage_of(summary, 0, BufferType::dram) == Usage{107, 2, 137});
+    CHECK(ledger.verify().consistent);
+    // A crash reclaims every category.
+    ledger.close_session(b, SessionEnd::disconnected);
+    summary = ledger.summary();
+    CHECK(category_of(summary, 0, BufferType::dram, AllocationCategory::program).bytes == 0);
+    CHECK(category_of(summary, 3, BufferType::l1, AllocationCategory::circular_buffer).bytes == 0);
+    CHECK(ledger.verify().consistent);
+  }
+
   TEST_CASE("a session that ends without Goodbye has its buffers reclaimed, with the figures") {
     Ledger ledger;
     const SessionId a = ledger.open_session({.pid = 10, .name = "crashy"});

@@ -117,6 +117,26 @@ TEST_SUITE("protocol") {
     CHECK_FALSE(std::get<Goodbye>(round_trip(bytes)).complete);
   }
 
+  TEST_CASE("an Alloc's category rides bits 2-3 of its flags, and a Free carries none") {
+    const auto record_byte = header_size + batch_prefix_size;
+    for (const AllocationCategory category : all_allocation_categories) {
+      CAPTURE(to_string(category));
+      AllocRecord alloc = sample_alloc;
+      alloc.category = category;
+      std::vector<std::byte> bytes;
+      encode_events(0, std::vector{EventRecord::of(alloc)}, bytes);
+      CHECK(std::to_integer<unsigned>(bytes[record_byte + 45]) == (1U | (index_of(category) << 2U)));  // hooked too
+      const auto events = std::get<EventBatch>(round_trip(bytes));
+      REQUIRE(events.records.size() == 1);
+      CHECK(events.records[0].alloc == alloc);
+    }
+    std::vector<std::byte> bytes;
+    encode_events(0, std::vector{EventRecord::of(FreeRecord{.buffer = 1, .reason = 1})}, bytes);
+    CHECK(std::to_integer<unsigned>(bytes[record_byte + 45]) == 2U);
+    bytes[record_byte + 45] = std::byte{2U | (1U << 2U)};  // a free that claims a category
+    CHECK(contains(decode_error(bytes), "a free carries no category"));
+  }
+
   TEST_CASE("integers are little-endian on the wire with the documented sizes") {
     std::vector<std::byte> bytes;
     encode_events(1, std::vector{EventRecord::of(sample_alloc)}, bytes);

@@ -62,6 +62,47 @@ TEST_SUITE("tracking") {
     CHECK_FALSE(tracker.intercept({}).has_value());
   }
 
+  TEST_CASE("a buffer's category goes with its Alloc, its hook request and its Free") {
+    auto tracker = std::make_shared<Tracker>();
+    auto table = std::make_shared<LiveBufferTable>();
+    tracker->add_processor(table);
+    MeshDevice mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto user = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 4096},
+                                   {.page_size = 1024, .buffer_type = BufferType::dram})
+                    .value();
+    auto cached = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 2048},
+                                     {.page_size = 1024, .buffer_type = BufferType::dram,
+                                      .category = AllocationCategory::program})
+                      .value();
+    CHECK(user.category() == AllocationCategory::buffer);
+    CHECK(cached.category() == AllocationCategory::program);
+    CHECK(cached.device_buffer({0, 1}).value()->category() == AllocationCategory::program);
+    const auto summary = [&](std::uint32_t device, AllocationCategory category) {
+      return table->summary(DeviceId{device}, BufferType::dram, category);
+    };
+    CHECK(summary(1, AllocationCategory::buffer) == LiveBufferSummary{1, 4096});
+    CHECK(summary(1, AllocationCategory::program) == LiveBufferSummary{1, 2048});
+    CHECK(table->summary(DeviceId{1}, BufferType::dram) == LiveBufferSummary{2, 6144});
+    REQUIRE(table->live_buffers_of(cached.id()).size() == 2);
+    CHECK(table->live_buffers_of(cached.id())[0].category == AllocationCategory::program);
+    cached.deallocate();
+    CHECK(summary(0, AllocationCategory::program) == LiveBufferSummary{});
+    CHECK(summary(0, AllocationCategory::buffer) == LiveBufferSummary{1, 4096});
+
+    auto hook = std::make_shared<FixedAddressHook>();
+    tracker->add_hook(hook);
+    auto hooked = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 1024},
+                                     {.page_size = 1024, .buffer_type = BufferType::l1,
+                                      .category = AllocationCategory::circular_buffer});
+    REQUIRE(hooked.has_value());
+    REQUIRE(hook->seen.size() == 1);
+    CHECK(hook->seen[0].category == AllocationCategory::circular_buffer);
+    tracker->remove_hook(*hook);
+    mesh.close();
+    CHECK(table->active_allocations() == 0);
+    CHECK(table->unknown_frees() == 0);
+  }
+
   TEST_CASE("the live table answers per device and type, and counts impossible events") {
     LiveBufferTable table;
     const std::vector<AllocationEvent> events{

@@ -53,6 +53,20 @@ void print_summary(const json& summary) {
     for (const char* type : {"dram", "l1", "l1_small", "trace"}) buffers += device[type].value("buffers", std::uint64_t{0});
     fmt::print("| {:>6} | {:<40} | {:<34} | {:>7} |\n", device.value("id", 0), usage_cell(device["dram"]),
                usage_cell(device["l1"]), buffers);
+    // What the memory is for (ADR 0020): one line per category in use, DRAM and L1 beside each other.
+    for (const std::string_view category : {"buffer", "system", "program", "circular_buffer"}) {
+      const auto part = [&](const char* type, const char* field) {
+        const json& categories = device[type].contains("categories") ? device[type]["categories"] : json::object();
+        return categories.contains(category) ? categories[std::string(category)].value(field, std::uint64_t{0})
+                                             : std::uint64_t{0};
+      };
+      std::uint64_t in_category = 0;
+      for (const char* type : {"dram", "l1", "l1_small", "trace"}) in_category += part(type, "buffers");
+      if (in_category == 0) continue;
+      fmt::print("| {:>6} |   {:<15} {:<22} | {:<34} | {:>7} |\n", "", category,
+                 bytes_text(part("dram", "used_bytes")) + " B", bytes_text(part("l1", "used_bytes")) + " B",
+                 in_category);
+    }
     for (const json& user : device["processes"]) {
       fmt::print("| {:>6} |   pid {:<8} {:<25} | {:<34} | {:>7} |\n", "", user.value("pid", 0),
                  bytes_text(user.value("dram_bytes", std::uint64_t{0})) + " B",
@@ -78,12 +92,13 @@ void print_summary(const json& summary) {
 }
 
 void print_buffers(const json& reply) {
-  fmt::print("{:>8} {:>10} {:>10}  {:<20} {:>6}  {:<8} {:>14} {:>16} {:>9}\n", "PID", "Buffer", "Mesh buf", "Name",
-             "Device", "Type", "Address", "Size", "Age (s)");
+  fmt::print("{:>8} {:>10} {:>10}  {:<20} {:>6}  {:<8} {:<15} {:>14} {:>16} {:>9}\n", "PID", "Buffer", "Mesh buf",
+             "Name", "Device", "Type", "Category", "Address", "Size", "Age (s)");
   for (const json& b : reply["buffers"]) {
-    fmt::print("{:>8} {:>10} {:>10}  {:<20} {:>6}  {:<8} {:>#14x} {:>16} {:>9.1f}{}\n", b.value("pid", 0),
+    fmt::print("{:>8} {:>10} {:>10}  {:<20} {:>6}  {:<8} {:<15} {:>#14x} {:>16} {:>9.1f}{}\n", b.value("pid", 0),
                b.value("buffer", std::uint64_t{0}), b.value("mesh_buffer", std::uint64_t{0}),
                b.value("name", std::string{}), b.value("device", 0), b.value("type", std::string{}),
+               b.value("category", std::string{}),
                b.value("address", std::uint64_t{0}), bytes_text(b.value("size", std::uint64_t{0})),
                b.value("age_seconds", 0.0), b.value("hooked", false) ? "  (hooked)" : "");
   }
