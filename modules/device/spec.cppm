@@ -31,6 +31,22 @@ struct DeviceRegions {
   std::uint64_t trace_region_size{std::uint64_t{32} * 1024 * 1024};
 };
 
+// The device's own buffers: a command queue and dispatch buffers, allocated when a mesh opens
+// and freed when it closes, category system (ADR 0020). Bytes per device, whole pages of
+// page_size, interleaved over every bank of their type; 0 allocates none. The presets have none
+// yet (issue 13 turns `defaults` on for them once every figure in the suite accounts for them);
+// set `spec.system_buffers = SystemBuffers::defaults(spec.l1.bank_count)` to open with them.
+struct SystemBuffers {
+  std::uint64_t command_queue{};  // DRAM
+  std::uint64_t dram_dispatch{};  // DRAM
+  std::uint64_t l1_dispatch{};    // L1
+  static constexpr std::uint64_t page_size = 4096;
+  // 8 MiB of command queue and 6 MiB of dispatch buffers in DRAM (14 MiB), one page of
+  // dispatch buffer in the L1 of each of `l1_banks` worker cores.
+  [[nodiscard]] static SystemBuffers defaults(std::uint32_t l1_banks);
+  [[nodiscard]] std::uint64_t dram_bytes() const { return command_queue + dram_dispatch; }
+};
+
 struct DeviceSpec {
   std::string name;
   std::uint32_t worker_rows{};
@@ -39,6 +55,7 @@ struct DeviceSpec {
   BankLayout l1;
   BankLayout l1_small;
   BankLayout trace;
+  SystemBuffers system_buffers;
 
   [[nodiscard]] const BankLayout& layout(BufferType type) const;
 

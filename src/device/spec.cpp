@@ -42,6 +42,11 @@ DeviceSpec make_spec(std::string name, std::uint32_t worker_rows, std::uint32_t 
 
 }  // namespace
 
+SystemBuffers SystemBuffers::defaults(std::uint32_t l1_banks) {
+  constexpr std::uint64_t mib = std::uint64_t{1} << 20U;
+  return SystemBuffers{.command_queue = 8 * mib, .dram_dispatch = 6 * mib, .l1_dispatch = l1_banks * page_size};
+}
+
 const BankLayout& DeviceSpec::layout(BufferType type) const {
   switch (type) {
     case BufferType::dram: return dram;
@@ -93,6 +98,16 @@ Result<void> validate(const DeviceSpec& spec) {
       return fail(ErrorCode::invalid_argument,
                   fmt::format("device spec '{}': {} banks [{:#x}, +{}) are not aligned to {} bytes", spec.name,
                               to_string(type), banks.base_address, banks.bank_size, banks.alignment));
+    }
+  }
+  const SystemBuffers& system = spec.system_buffers;
+  for (const auto& [what, size] : {std::pair{"command queue", system.command_queue},
+                                   std::pair{"DRAM dispatch buffer", system.dram_dispatch},
+                                   std::pair{"L1 dispatch buffer", system.l1_dispatch}}) {
+    if (size % SystemBuffers::page_size != 0) {
+      return fail(ErrorCode::invalid_argument,
+                  fmt::format("device spec '{}': its {} of {} bytes is not a whole number of {}-byte pages", spec.name,
+                              what, size, SystemBuffers::page_size));
     }
   }
   return {};

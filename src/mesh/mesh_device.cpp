@@ -2,6 +2,7 @@ module;
 #include <array>
 #include <functional>
 #include <thread>
+#include <tuple>
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -22,14 +23,47 @@ import meshrt.alloc;
 import meshrt.tracking;
 import meshrt.device;
 import :mesh_memory;
+import :allocation;
 
 namespace meshrt {
+
+namespace {
+
+// Allocates each device's system buffers (ADR 0020) through the same state machine as every
+// buffer; the mesh keeps them until it closes. An Error names the buffer that did not fit.
+Result<void> open_system_buffers(const MeshDevice& mesh) {
+  const SystemBuffers& sizes = mesh.spec().system_buffers;
+  const std::uint32_t devices = mesh.shape().device_count();
+  const std::shared_ptr<detail::MeshMemory>& memory = detail::MeshAccess::memory(mesh);
+  for (const auto& [name, type, size] : {std::tuple{"command queue", BufferType::dram, sizes.command_queue},
+                                         std::tuple{"dispatch buffer (DRAM)", BufferType::dram, sizes.dram_dispatch},
+                                         std::tuple{"dispatch buffer (L1)", BufferType::l1, sizes.l1_dispatch}}) {
+    if (size == 0) continue;
+    const DeviceLocalBufferConfig config{.page_size = SystemBuffers::page_size,
+                                         .buffer_type = type,
+                                         .category = AllocationCategory::system};
+    auto plan = detail::plan_buffer(mesh, size, config, 0, devices, detail::next_mesh_buffer_id(), name);
+    auto allocation = plan.and_then([&](detail::BufferPlan& p) { return detail::BufferAllocation::allocate(memory, std::move(p)); });
+    if (!allocation) {
+      return fail(allocation.error().code, fmt::format("opening a {} mesh of {}: its system {} of {} bytes per device: {}",
+                                                       to_string(mesh.shape()), mesh.spec().name, name, size,
+                                                       allocation.error().message));
+    }
+    memory->keep_system_buffer(memory->lock(), std::move(*allocation));
+  }
+  return {};
+}
+
+}  // namespace
 
 Result<MeshDevice> MeshDevice::create(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker) {
   auto memory = detail::MeshMemory::create(shape, std::move(spec),
                                            tracker != nullptr ? std::move(tracker) : Tracker::process_default());
   if (!memory) return tl::unexpected(std::move(memory.error()));
-  return MeshDevice(std::move(*memory));
+  MeshDevice mesh(std::move(*memory));
+  // On an Error, `mesh` closes as it goes: what was allocated is reported freed.
+  if (auto opened = open_system_buffers(mesh); !opened) return tl::unexpected(std::move(opened.error()));
+  return mesh;
 }
 
 MeshDevice& MeshDevice::operator=(MeshDevice&& other) noexcept {

@@ -183,12 +183,19 @@ std::uint64_t MeshMemory::resident_bytes(std::uint32_t device_index) const {
   return devices_[device_index].memory().resident_bytes();
 }
 
+void MeshMemory::keep_system_buffer(const MeshLock& /*lock*/, std::shared_ptr<MeshResident> buffer) {
+  Expects(buffer != nullptr);
+  system_buffers_.push_back(std::move(buffer));
+}
+
 void MeshMemory::close() {
   // Declared before the lock, so the residents kept alive here are let go after it is released.
   std::vector<std::shared_ptr<const void>> kept_alive;
+  std::vector<std::shared_ptr<MeshResident>> system_buffers;
   const MeshLock lock = this->lock();
   if (!open_) return;
   open_ = false;  // from here no reservation is made or given back one by one
+  system_buffers.swap(system_buffers_);
   // Each resident reports its Frees before the memory is gone; it is unlinked before it is told,
   // so it cannot re-enter the registry.
   while (residents_ != nullptr) {

@@ -123,6 +123,10 @@ class MeshMemory {
   void free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank);
   void add_resident(const MeshLock& lock, MeshResident& resident);
   void remove_resident(const MeshLock& lock, MeshResident& resident);
+  // Keeps a system buffer (ADR 0020) until the mesh closes: the mesh owns it, no handle does.
+  // It is a resident like any buffer, so close() frees it through the same state machine; being
+  // the first residents, system buffers are the last close() tells.
+  void keep_system_buffer(const MeshLock& lock, std::shared_ptr<MeshResident> buffer);
   [[nodiscard]] Device& device(const MeshLock& lock, std::uint32_t index);
 
   [[nodiscard]] AllocatorStatistics statistics(BufferType type) const;
@@ -150,6 +154,9 @@ class MeshMemory {
   std::array<std::optional<BankAllocator>, buffer_type_count> allocators_;
   std::vector<Device> devices_;
   MeshResident* residents_{nullptr};
+  // Owned until close(), which lets them go after releasing the lock. They hold this memory too:
+  // the cycle ends at close(), which every MeshDevice handle's destructor calls.
+  std::vector<std::shared_ptr<MeshResident>> system_buffers_;
 };
 
 // What the runtime's partitions (buffers today; programs and tensors next) use to reach a mesh's
