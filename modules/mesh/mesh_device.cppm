@@ -26,6 +26,17 @@ struct MeshAccess;  // how the runtime's own partitions reach it
 
 export namespace meshrt {
 
+// One device's memory of one buffer type, as tt-metal's MemoryView shows it: figures per bank
+// (every bank of a type holds the same ranges: lock-step, ADR 0004) and the block table.
+struct MemoryView {
+  std::uint32_t num_banks{};
+  std::uint64_t total_bytes_per_bank{};
+  std::uint64_t total_bytes_allocated_per_bank{};
+  std::uint64_t total_bytes_free_per_bank{};
+  std::uint64_t largest_contiguous_bytes_free_per_bank{};
+  std::vector<Block> block_table;  // ascending addresses, free and allocated
+};
+
 // A mesh of simulated devices, from 1x1 up to 8x8. Closing (explicitly or by destruction) moves
 // every live buffer to device_closed through its state machine: each emits its Free, reason
 // device_closed.
@@ -50,6 +61,8 @@ class MeshDevice {
   // Allocator figures are per device; lock-step makes them the same on every device of the mesh.
   [[nodiscard]] AllocatorStatistics allocator_statistics(BufferType type) const;
   [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
+  // The memory view of one device: an Error for a device outside the mesh or a closed mesh.
+  [[nodiscard]] Result<MemoryView> memory_view(DeviceId device, BufferType type) const;
   // Bytes of simulated memory actually held by one device; an Error for a coordinate outside the mesh.
   [[nodiscard]] Result<std::uint64_t> resident_bytes(MeshCoordinate coordinate) const;
 

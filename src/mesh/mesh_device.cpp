@@ -117,6 +117,19 @@ std::vector<Block> MeshDevice::block_table(BufferType type) const {
   return memory_->block_table(type);
 }
 
+Result<MemoryView> MeshDevice::memory_view(DeviceId device, BufferType type) const {
+  Expects(memory_ != nullptr);
+  if (device.value() >= device_count()) {
+    return fail(ErrorCode::not_found, fmt::format("device {} is not on this {} mesh (devices 0 to {})",
+                                                         device.value(), to_string(shape()), device_count() - 1));
+  }
+  auto view = memory_->memory_view(type);
+  if (!view) {
+    return fail(ErrorCode::device_closed, fmt::format("memory view of device {}: the mesh is closed", device.value()));
+  }
+  return std::move(*view);
+}
+
 Result<std::uint64_t> MeshDevice::resident_bytes(MeshCoordinate coordinate) const {
   return checked_index(shape(), coordinate).map([this](std::uint32_t index) { return memory_->resident_bytes(index); });
 }

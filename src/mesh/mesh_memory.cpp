@@ -177,6 +177,21 @@ std::vector<Block> MeshMemory::block_table(BufferType type) const {
   return allocator ? allocator->block_table() : std::vector<Block>{};
 }
 
+std::optional<MemoryView> MeshMemory::memory_view(BufferType type) const {
+  const MeshLock lock = this->lock();
+  if (!open_) return std::nullopt;
+  const auto& allocator = allocators_[index_of(type)];
+  const AllocatorStatistics figures = allocator ? allocator->statistics() : AllocatorStatistics{};
+  return MemoryView{
+      .num_banks = spec_.layout(type).bank_count,
+      .total_bytes_per_bank = figures.total_bytes,
+      .total_bytes_allocated_per_bank = figures.allocated_bytes,
+      .total_bytes_free_per_bank = figures.free_bytes,
+      .largest_contiguous_bytes_free_per_bank = figures.largest_free_block,
+      .block_table = allocator ? allocator->block_table() : std::vector<Block>{},
+  };
+}
+
 std::uint64_t MeshMemory::resident_bytes(std::uint32_t device_index) const {
   const MeshLock lock = this->lock();
   Expects(device_index < devices_.size());

@@ -131,6 +131,8 @@ class MeshMemory {
 
   [[nodiscard]] AllocatorStatistics statistics(BufferType type) const;
   [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
+  // Figures and block table taken under one lock, so they agree; nullopt once closed.
+  [[nodiscard]] std::optional<MemoryView> memory_view(BufferType type) const;
   [[nodiscard]] std::uint64_t resident_bytes(std::uint32_t device_index) const;
   // Closes the mesh: tells every resident (each moves its live buffers to device_closed and
   // emits their Frees), then empties the allocators and memory. Idempotent.

@@ -114,6 +114,45 @@ TEST_SUITE("device") {
     CHECK(result.error().message.find("dram") != std::string::npos);
   }
 
+  TEST_CASE("a memory view shows one device's banks as tt-metal's MemoryView does") {
+    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>()).value();
+    const std::uint64_t bank = mesh.spec().dram.bank_size;
+    auto empty = mesh.memory_view(DeviceId{7}, BufferType::dram).value();
+    CHECK(empty.num_banks == 12);
+    CHECK(empty.total_bytes_per_bank == bank);
+    CHECK(empty.total_bytes_allocated_per_bank == 0);
+    CHECK(empty.total_bytes_free_per_bank == bank);
+    CHECK(empty.largest_contiguous_bytes_free_per_bank == bank);
+    CHECK(empty.block_table == std::vector<Block>{{.address = 0, .size = bank, .allocated = false}});
+
+    // 25 pages of 2 KiB over 12 banks: 3 pages (6 KiB) in every bank, bottom-up from address 0.
+    auto first = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 25 * 2048},
+                                    {.page_size = 2048, .buffer_type = BufferType::dram})
+                     .value();
+    auto second = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 12 * 1024},
+                                     {.page_size = 1024, .buffer_type = BufferType::dram})
+                      .value();
+    first.deallocate();  // a hole below the second buffer
+    const auto view = mesh.memory_view(DeviceId{0}, BufferType::dram).value();
+    CHECK(view.total_bytes_allocated_per_bank == 1024);
+    CHECK(view.total_bytes_free_per_bank == bank - 1024);
+    CHECK(view.largest_contiguous_bytes_free_per_bank == bank - 6144 - 1024);
+    CHECK(view.block_table == std::vector<Block>{{.address = 0, .size = 6144, .allocated = false},
+                                                 {.address = 6144, .size = 1024, .allocated = true},
+                                                 {.address = 7168, .size = bank - 7168, .allocated = false}});
+    CHECK(mesh.memory_view(DeviceId{3}, BufferType::dram).value().block_table == view.block_table);  // lock-step
+    CHECK(mesh.memory_view(DeviceId{0}, BufferType::l1).value().num_banks == 64);
+
+    const auto outside = mesh.memory_view(DeviceId{8}, BufferType::dram);
+    REQUIRE_FALSE(outside.has_value());
+    CHECK(outside.error().code == ErrorCode::not_found);
+    CHECK(outside.error().message == "device 8 is not on this 2x4 mesh (devices 0 to 7)");
+    mesh.close();
+    const auto closed = mesh.memory_view(DeviceId{0}, BufferType::dram);
+    REQUIRE_FALSE(closed.has_value());
+    CHECK(closed.error().code == ErrorCode::device_closed);
+  }
+
   TEST_CASE("allocator figures of a new mesh: everything free") {
     auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>()).value();
     const AllocatorStatistics dram = mesh.allocator_statistics(BufferType::dram);
