@@ -100,6 +100,7 @@ struct Context {
 std::vector<Figure> allocator_figures();
 std::vector<Figure> tracking_figures(const Context& context);
 std::vector<Figure> server_figures(const Context& context);
+std::vector<Figure> workload_figures();
 // Run under callgrind by tracking_figures: `lives` device buffer lives on the main thread,
 // counted (collection on) only around them; tracked through a client of `socket`, or untracked
 // when it is empty.

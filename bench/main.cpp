@@ -59,6 +59,7 @@ int run(int argc, char** argv) {
   add(meshrt::bench::allocator_figures(), "allocator");
   add(meshrt::bench::tracking_figures(context), "tracking");
   add(meshrt::bench::server_figures(context), "server");
+  add(meshrt::bench::workload_figures(), "the seed's tensor workload");
 
   nlohmann::json results{
       {"machine", {{"cores", std::thread::hardware_concurrency()}, {"compiler", fmt::format("clang {}", __clang_version__)}}},

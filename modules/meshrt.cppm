@@ -7,3 +7,6 @@ export import meshrt.tracking;
 export import meshrt.tracking_client;
 export import meshrt.device;
 export import meshrt.mesh;
+export import meshrt.program;
+export import meshrt.tensor;
+export import meshrt.ops;

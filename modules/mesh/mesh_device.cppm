@@ -26,6 +26,8 @@ struct MeshAccess;  // how the runtime's own partitions reach it
 
 export namespace meshrt {
 
+class ProgramCache;  // the mesh's cache of kernel binaries: :program_cache
+
 // One device's memory of one buffer type, as tt-metal's MemoryView shows it: figures per bank
 // (every bank of a type holds the same ranges: lock-step, ADR 0004) and the block table.
 struct MemoryView {
@@ -44,7 +46,7 @@ class MeshDevice {
  public:
   [[nodiscard]] static Result<MeshDevice> create(MeshShape shape, DeviceSpec spec = DeviceSpec::wormhole_b0(),
                                                  std::shared_ptr<Tracker> tracker = nullptr);
-  MeshDevice(MeshDevice&& other) noexcept = default;
+  MeshDevice(MeshDevice&& other) noexcept;
   MeshDevice& operator=(MeshDevice&& other) noexcept;
   MeshDevice(const MeshDevice&) = delete;
   MeshDevice& operator=(const MeshDevice&) = delete;
@@ -66,10 +68,21 @@ class MeshDevice {
   // Bytes of simulated memory actually held by one device; an Error for a coordinate outside the mesh.
   [[nodiscard]] Result<std::uint64_t> resident_bytes(MeshCoordinate coordinate) const;
 
+  // The program cache (ADR 0021): kernel binaries of the programs that ran here, category
+  // program. Enabled when the mesh opens; closing the mesh frees what it holds (device_closed).
+  [[nodiscard]] ProgramCache& program_cache() const;
+  void enable_program_cache();
+  // Later programs load their binaries per run; what is cached stays until cleared.
+  void disable_program_cache();
+  // Frees every cached binary, each reporting its Free.
+  void clear_program_cache();
+  void disable_and_clear_program_cache();
+
  private:
   friend struct detail::MeshAccess;
-  explicit MeshDevice(std::shared_ptr<detail::MeshMemory> memory) : memory_(std::move(memory)) {}
+  explicit MeshDevice(std::shared_ptr<detail::MeshMemory> memory);
   std::shared_ptr<detail::MeshMemory> memory_;
+  std::unique_ptr<ProgramCache> program_cache_;
 };
 
 }  // namespace meshrt

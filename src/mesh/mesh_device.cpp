@@ -66,10 +66,17 @@ Result<MeshDevice> MeshDevice::create(MeshShape shape, DeviceSpec spec, std::sha
   return mesh;
 }
 
+MeshDevice::MeshDevice(std::shared_ptr<detail::MeshMemory> memory)
+    : memory_(std::move(memory)), program_cache_(std::make_unique<ProgramCache>()) {}
+
+MeshDevice::MeshDevice(MeshDevice&& other) noexcept
+    : memory_(std::move(other.memory_)), program_cache_(std::move(other.program_cache_)) {}
+
 MeshDevice& MeshDevice::operator=(MeshDevice&& other) noexcept {
   if (this != &other) {
     close();
     memory_ = std::move(other.memory_);
+    program_cache_ = std::move(other.program_cache_);
   }
   return *this;
 }
@@ -84,6 +91,8 @@ void MeshDevice::close() {
     return;
   }
   memory_->close();
+  // Its binaries were freed by the close (device_closed, with every other buffer): drop the handles.
+  program_cache_->clear();
 }
 
 bool MeshDevice::is_open() const { return memory_ && memory_->is_open(memory_->lock()); }
@@ -132,6 +141,20 @@ Result<MemoryView> MeshDevice::memory_view(DeviceId device, BufferType type) con
 
 Result<std::uint64_t> MeshDevice::resident_bytes(MeshCoordinate coordinate) const {
   return checked_index(shape(), coordinate).map([this](std::uint32_t index) { return memory_->resident_bytes(index); });
+}
+
+ProgramCache& MeshDevice::program_cache() const {
+  Expects(program_cache_ != nullptr);
+  return *program_cache_;
+}
+
+void MeshDevice::enable_program_cache() { program_cache().enable(); }
+void MeshDevice::disable_program_cache() { program_cache().disable(); }
+void MeshDevice::clear_program_cache() { program_cache().clear(); }
+
+void MeshDevice::disable_and_clear_program_cache() {
+  disable_program_cache();
+  clear_program_cache();
 }
 
 }  // namespace meshrt

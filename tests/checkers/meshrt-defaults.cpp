@@ -34,7 +34,7 @@ class MeshBuffer {
   static MeshBuffer create() { return MeshBuffer(); }
   void deallocate() {
     if (closed_) return;
-    // CHECK-MESSAGES: :[[@LINE-1]]:18: warning: 'meshrt::MeshBuffer::deallocate' returns here without deallocating its per-device buffers: no call to MeshBuffer::deallocate_for(), DeviceBuffer::deallocate_for() or BufferAllocation::deallocate_slots() on this path; deallocate them on every path before returning [meshrt-deallocate-on-every-path]
+    // CHECK-MESSAGES: :[[@LINE-1]]:18: warning: 'meshrt::MeshBuffer::deallocate' returns here without deallocating its per-device buffers: no call to MeshBuffer::deallocate_for(), DeviceBuffer::deallocate_for(), BufferAllocation::deallocate_slots(), MeshBuffer::deallocate() or DeviceBuffer::deallocate() on this path; deallocate them on every path before returning [meshrt-deallocate-on-every-path]
     deallocate_for();
   }
   ~MeshBuffer() { deallocate_for(); }

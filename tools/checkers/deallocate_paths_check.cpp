@@ -25,8 +25,11 @@ namespace meshrt::checkers {
 namespace {
 
 constexpr const char* default_deallocating = "deallocate";
+// The runtime's private edges, and the handles' public deallocate(): an owner of a handle (a
+// Tensor owns a MeshBuffer) gives it back through that, and that function is checked itself.
 constexpr const char* default_deallocation_calls =
-    "::meshrt::MeshBuffer::deallocate_for;::meshrt::DeviceBuffer::deallocate_for;::meshrt::detail::BufferAllocation::deallocate_slots";
+    "::meshrt::MeshBuffer::deallocate_for;::meshrt::DeviceBuffer::deallocate_for;::meshrt::detail::BufferAllocation::deallocate_slots;"
+    "::meshrt::MeshBuffer::deallocate;::meshrt::DeviceBuffer::deallocate";
 
 // How deep the check follows helpers (a destructor calling deallocate_all() calling ...).
 constexpr int max_helper_depth = 3;

@@ -1,6 +1,9 @@
 // meshrt-demo — the seed scenario: 16 mesh buffers on a 2x4 mesh whose footprint on device 0 is
 // 100 MiB of DRAM and 12 MiB of L1, written, read back, checked and freed, with the tracker's
-// figures printed while live and after. Ends with "Active allocations: N".
+// figures printed while live and after. Ends with "Active allocations: N". `--scenario tensors`
+// runs the seed's tensor test instead (tensors.cpp).
+#include "scenarios.hpp"
+
 #include <chrono>
 #include <csignal>
 #include <cstddef>
@@ -31,7 +34,9 @@ constexpr std::uint64_t l1_buffer_size = 1'572'864;     // 1.5 MiB: 8 of them ma
 volatile std::sig_atomic_t hold_ended = 0;
 extern "C" void end_hold(int /*signal*/) { hold_ended = 1; }
 
-void hold(double seconds) {
+}  // namespace
+
+void meshrt_demo::hold(double seconds) {
   const auto deadline = std::chrono::steady_clock::now() + std::chrono::duration<double>(seconds);
   while (hold_ended == 0 && std::chrono::steady_clock::now() < deadline) {
     std::this_thread::sleep_for(std::chrono::milliseconds(20));
@@ -39,13 +44,19 @@ void hold(double seconds) {
   hold_ended = 0;
 }
 
+namespace {
+
+using meshrt_demo::hold;
+
 struct Options {
+  std::string scenario = "buffers";
   std::string mesh = "t3000";
   std::string device = "wormhole_b0";
   std::uint32_t buffers = 16;
   std::uint32_t iterations = 1;
   double hold_seconds = 0;
   bool verify = true;
+  std::uint32_t scale_down = 1;
 };
 
 std::vector<std::byte> pattern(std::uint64_t size, std::uint64_t seed) {
@@ -131,7 +142,13 @@ bool run_iteration(MeshDevice& mesh, const LiveBufferTable& live, const Options&
 
 int run(int argc, char** argv) {
   Options options;
-  CLI::App app{"meshrt-demo: the seed scenario (16 buffers on a 2x4 mesh: 100 MiB DRAM and 12 MiB L1 on device 0)"};
+  CLI::App app{"meshrt-demo: the seed scenario (16 buffers on a 2x4 mesh: 100 MiB DRAM and 12 MiB L1 on device 0),\n"
+               "or with --scenario tensors the seed's tensor test (distribute, add, matmul, deallocate, clear the\n"
+               "program cache, close)"};
+  app.add_option("--scenario", options.scenario,
+                 "buffers: the seed's 16 mesh buffers; tensors: the seed's test_mesh_allocation.py")
+      ->capture_default_str()
+      ->check(CLI::IsMember({"buffers", "tensors"}));
   app.add_option("--mesh", options.mesh, "mesh shape RxC (up to 8x8) or preset: n150, n300, t3000, galaxy, tgg")
       ->capture_default_str();
   app.add_option("--device", options.device, "device kind: wormhole_b0 or blackhole")->capture_default_str();
@@ -142,9 +159,14 @@ int run(int argc, char** argv) {
       ->capture_default_str()
       ->check(CLI::Range(1U, 1000000U));
   app.add_option("--hold", options.hold_seconds,
-                 "seconds to hold the buffers live, for a monitor or a kill (SIGUSR1 ends it early)")
+                 "seconds to hold the buffers live (tensors: after every step), for a monitor or a kill (SIGUSR1 "
+                 "ends it early)")
       ->check(CLI::Range(0.0, 86400.0));
   app.add_flag("!--no-verify", options.verify, "skip writing and reading back the pattern");
+  app.add_option("--scale-down", options.scale_down,
+                 "tensors: divide the last two dims of every tensor by this (1, 2, 4 or 8; 1 is the seed's shapes)")
+      ->capture_default_str()
+      ->check(CLI::IsMember({1U, 2U, 4U, 8U}));
   try {
     app.parse(argc, argv);
   } catch (const CLI::CallForHelp& help) {
@@ -154,6 +176,14 @@ int run(int argc, char** argv) {
     return 2;
   }
 
+  std::signal(SIGUSR1, end_hold);
+  if (options.scenario == "tensors") {
+    return meshrt_demo::run_tensor_scenario({.mesh = options.mesh,
+                                             .device = options.device,
+                                             .iterations = options.iterations,
+                                             .hold_seconds = options.hold_seconds,
+                                             .scale_down = options.scale_down});
+  }
   const auto shape = parse_mesh(options.mesh);
   const auto spec = DeviceSpec::named(options.device);
   if (!shape || !spec) {
@@ -161,7 +191,6 @@ int run(int argc, char** argv) {
     return 2;
   }
 
-  std::signal(SIGUSR1, end_hold);
   auto tracker = Tracker::process_default();
   auto live = std::make_shared<LiveBufferTable>();
   tracker->add_processor(live);
