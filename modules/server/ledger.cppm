@@ -162,6 +162,7 @@ struct FreeOutcome {
   std::uint64_t freed_mask{};
   std::uint32_t first_device{};
   BufferType type{};
+  AllocationCategory category{};
   std::uint64_t size{};  // per device buffer
   std::uint64_t double_frees{};
   std::uint64_t unknown_frees{};

@@ -218,6 +218,8 @@ class LiveBufferTable final : public EventProcessor {
   [[nodiscard]] LiveBufferSummary summary(DeviceId device, BufferType type) const;
   [[nodiscard]] LiveBufferSummary summary(DeviceId device, BufferType type, AllocationCategory category) const;
   [[nodiscard]] std::uint64_t active_allocations() const;
+  // Live device buffers of one category, on every device.
+  [[nodiscard]] std::uint64_t active_allocations(AllocationCategory category) const;
   [[nodiscard]] std::uint64_t unknown_frees() const;
   [[nodiscard]] std::uint64_t duplicate_allocations() const;
 

@@ -37,6 +37,7 @@ DeviceSpec make_spec(std::string name, std::uint32_t worker_rows, std::uint32_t 
       .l1 = {l1_banks, l1_bank_size - l1_small, 0, l1_alignment, AllocationDirection::top_down},
       .l1_small = {l1_banks, l1_small, l1_bank_size - l1_small, l1_alignment, AllocationDirection::top_down},
       .trace = {dram_banks, trace, dram_bank_size - trace, dram_alignment, AllocationDirection::bottom_up},
+      .system_buffers = SystemBuffers::defaults(l1_banks),
   };
 }
 

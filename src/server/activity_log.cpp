@@ -4,24 +4,41 @@ module;
 #include <map>
 #include <string>
 #include <string_view>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
 
 module meshrt.server;
 
+import meshrt.core;
 import :activity_log;
 
 namespace meshrt::server {
 
-void ActivityLog::allocated(std::uint32_t device, std::uint64_t bytes) {
-  Counts& counts = devices_[device];
+namespace {
+
+// "16 buffers", "3 system buffers", "2 program binaries", "4 circular buffers".
+std::string_view noun(AllocationCategory category) {
+  switch (category) {
+    case AllocationCategory::buffer: return "buffers";
+    case AllocationCategory::system: return "system buffers";
+    case AllocationCategory::program: return "program binaries";
+    case AllocationCategory::circular_buffer: return "circular buffers";
+  }
+  return "buffers";
+}
+
+}  // namespace
+
+void ActivityLog::allocated(AllocationCategory category, std::uint32_t device, std::uint64_t bytes) {
+  Counts& counts = devices_[{category, device}];
   ++counts.allocated;
   counts.allocated_bytes += bytes;
 }
 
-void ActivityLog::freed(std::uint32_t device, std::uint64_t bytes) {
-  Counts& counts = devices_[device];
+void ActivityLog::freed(AllocationCategory category, std::uint32_t device, std::uint64_t bytes) {
+  Counts& counts = devices_[{category, device}];
   ++counts.freed;
   counts.freed_bytes += bytes;
 }
@@ -35,16 +52,19 @@ std::vector<std::string> ActivityLog::take_lines(std::string_view who) {
       const std::uint64_t bytes = bytes_of(it->second);
       auto last = it;
       auto next = std::next(it);
-      while (next != devices_.end() && next->first == last->first + 1 && count_of(next->second) == count &&
+      const auto [category, first_device] = it->first;
+      while (next != devices_.end() && next->first.first == category &&
+             next->first.second == last->first.second + 1 && count_of(next->second) == count &&
              bytes_of(next->second) == bytes) {
         last = next++;
       }
       if (count > 0) {
         if (last == it) {
-          lines.push_back(fmt::format("{}: {} {} buffers on Device {} ({} bytes)", who, verb, count, it->first, bytes));
+          lines.push_back(fmt::format("{}: {} {} {} on Device {} ({} bytes)", who, verb, count, noun(category),
+                                      first_device, bytes));
         } else {
-          lines.push_back(fmt::format("{}: {} {} buffers on Devices {}-{} ({} bytes on each)", who, verb, count,
-                                      it->first, last->first, bytes));
+          lines.push_back(fmt::format("{}: {} {} {} on Devices {}-{} ({} bytes on each)", who, verb, count,
+                                      noun(category), first_device, last->first.second, bytes));
         }
       }
       it = next;

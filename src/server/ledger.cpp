@@ -221,6 +221,7 @@ FreeOutcome Ledger::apply_free(SessionId id, const protocol::FreeRecord& record)
   FreeOutcome outcome{.freed_mask = freed,
                       .first_device = g.first_device,
                       .type = g.type,
+                      .category = g.category,
                       .size = g.size,
                       .double_frees = static_cast<std::uint64_t>(std::popcount(named & ~freed)),
                       .unknown_frees = record.device_count - static_cast<std::uint64_t>(std::popcount(named))};

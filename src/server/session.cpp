@@ -203,7 +203,7 @@ void Session::allocate(const protocol::AllocRecord& record) {
   if (!context_.ledger.apply_alloc(session_, record)) return refuse_wrapping(record);
   if (!context_.config.log_activity) return;
   for (std::uint32_t device = record.device; device < record.device + record.device_count; ++device) {
-    activity_.allocated(device, record.size);
+    activity_.allocated(record.category, device, record.size);
   }
 }
 
@@ -211,7 +211,7 @@ void Session::free(const protocol::FreeRecord& record) {
   const FreeOutcome outcome = context_.ledger.apply_free(session_, record);
   if (context_.config.log_activity) {
     for (std::uint64_t mask = outcome.freed_mask; mask != 0; mask &= mask - 1) {
-      activity_.freed(outcome.first_device + static_cast<std::uint32_t>(std::countr_zero(mask)), outcome.size);
+      activity_.freed(outcome.category, outcome.first_device + static_cast<std::uint32_t>(std::countr_zero(mask)), outcome.size);
     }
   }
   if (outcome.unknown_frees + outcome.double_frees == 0) return;

@@ -78,6 +78,15 @@ std::uint64_t LiveBufferTable::active_allocations() const {
   return live_.size();
 }
 
+std::uint64_t LiveBufferTable::active_allocations(AllocationCategory category) const {
+  const std::scoped_lock lock(mutex_);
+  std::uint64_t live = 0;
+  for (const auto& [key, summary] : summaries_) {
+    if (key.category == category) live += summary.buffers;
+  }
+  return live;
+}
+
 std::uint64_t LiveBufferTable::unknown_frees() const {
   const std::scoped_lock lock(mutex_);
   return unknown_frees_;

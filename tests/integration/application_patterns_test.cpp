@@ -155,7 +155,7 @@ TEST_SUITE("application patterns") {
     auto client = TrackingClient::start({.socket_path = fixture.socket()});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     constexpr int threads = 10'000;
     constexpr int alive = 8;
     std::atomic<std::uint64_t> most_lanes{0};
@@ -199,7 +199,7 @@ TEST_SUITE("application patterns") {
     const auto tracked_mesh = [&](const std::shared_ptr<TrackingClient>& client) {
       auto tracker = std::make_shared<Tracker>();
       tracker->add_processor(client);
-      return MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+      return MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     };
     auto first = TrackingClient::start({.socket_path = fixture.socket()});
     auto second = TrackingClient::start({.socket_path = fixture.socket()});
@@ -242,7 +242,7 @@ TEST_SUITE("application patterns") {
           {.socket_path = socket, .shutdown_timeout = shutdown_timeout, .warn = [](std::string_view) {}});
       auto tracker = std::make_shared<Tracker>();
       tracker->add_processor(client);
-      auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+      auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
       std::vector<MeshBuffer> buffers;
       for (int i = 0; i < count; ++i) buffers.push_back(replicated(mesh, 4096));
       buffers.clear();
@@ -294,7 +294,7 @@ TEST_SUITE("application patterns") {
     {
       auto tracker = std::make_shared<Tracker>();
       tracker->add_processor(client);
-      auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+      auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
       // Connected (the backlog took it), then about 10 MB queued while the server reads nothing.
       REQUIRE(eventually([&] { return client->status().connected; }, 10s));
       for (int i = 0; i < 100'000; ++i) (void)replicated(mesh, 32);
@@ -330,7 +330,7 @@ TEST_SUITE("application patterns") {
     {
       auto tracker = std::make_shared<Tracker>();
       tracker->add_processor(client);
-      auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+      auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
       std::vector<MeshBuffer> live;
       live.reserve(static_cast<std::size_t>(buffers));
       for (int i = 0; i < buffers; ++i) live.push_back(replicated(mesh, 32));
@@ -357,7 +357,7 @@ TEST_SUITE("application patterns") {
         {.socket_path = fixture.socket(), .reconnect_interval = 20ms, .warn = [](std::string_view) {}});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::vector<MeshBuffer> kept;
     for (int i = 0; i < 4; ++i) kept.push_back(replicated(mesh, 64, "kept " + std::to_string(i)));
     for (int i = 0; i < named; ++i) (void)replicated(mesh, 64, "short-lived " + std::to_string(i));
@@ -455,7 +455,7 @@ TEST_SUITE("application patterns") {
                                          .warn = [](std::string_view) {}});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::vector<MeshBuffer> kept;
     for (int i = 0; i < 5000; ++i) kept.push_back(replicated(mesh, 32));  // a 240 KB snapshot
     REQUIRE(client->flush(60s));
@@ -470,7 +470,7 @@ TEST_SUITE("application patterns") {
     auto client = TrackingClient::start({.socket_path = fixture.socket()});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     constexpr int buffers = 2000;
     std::thread worker([&] {
       // Constructed before the first event, so destroyed after the thread's lanes: each of its

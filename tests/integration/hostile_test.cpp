@@ -82,7 +82,7 @@ TEST_SUITE("hostile") {
   TEST_CASE("garbage, a truncated frame and a 2 GiB length prefix: an error each, counted, others unaffected") {
     ServerFixture fixture(bin);
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == seed_buffers; }));
 
     int fd = connect_to(fixture.socket());
     send_bytes(fd, bytes_of("\x16\x03\x01 this is a TLS hello, not meshrt"));
@@ -111,8 +111,8 @@ TEST_SUITE("hostile") {
     REQUIRE(eventually([&] { return fixture.summary()["malformed_messages"] == 2; }));
     REQUIRE(eventually([&] { return fixture.summary()["truncated_sessions"] == 1; }));  // cut off, not garbage
     const json after = fixture.summary();
-    CHECK(after["active_allocations"] == 128);
-    CHECK(used(after, 0, "dram") == 104'857'600);
+    CHECK(after["active_allocations"] == seed_buffers + seed_system_buffers);
+    CHECK(used(after, 0, "dram", "buffer") == 104'857'600);
     CHECK(fixture.server_log().find("in the middle of a frame") != std::string::npos);
     demo->signal(SIGUSR1);
     REQUIRE(demo->wait_for(120s) == 0);
@@ -122,7 +122,7 @@ TEST_SUITE("hostile") {
   TEST_CASE("allocations whose totals would wrap, and absurd sizes, close only that session, the server runs on") {
     ServerFixture fixture(bin);
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == seed_buffers; }));
     const auto hello = [] {
       std::vector<std::byte> bytes;
       protocol::encode(protocol::Hello{.claimed_pid = static_cast<std::uint32_t>(::getpid())}, bytes);
@@ -163,8 +163,8 @@ TEST_SUITE("hostile") {
     REQUIRE(eventually([&] { return fixture.summary()["malformed_messages"] == 2; }));
     const json after = fixture.summary();
     CHECK(after["refused_allocations"] == 1);
-    CHECK(after["active_allocations"] == 128);  // the demo's, and nothing of the two peers
-    CHECK(used(after, 0, "dram") == 104'857'600);
+    CHECK(after["active_allocations"] == seed_buffers + seed_system_buffers);  // the demo's, and nothing of the two peers
+    CHECK(used(after, 0, "dram", "buffer") == 104'857'600);
     CHECK(fixture.smi({"--verify"}).first == 0);
     demo->signal(SIGUSR1);
     REQUIRE(demo->wait_for(120s) == 0);
@@ -174,7 +174,7 @@ TEST_SUITE("hostile") {
   TEST_CASE("one process's device totals cannot overwrite what another reported") {
     ServerFixture fixture(bin);
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == seed_buffers; }));
     const std::uint64_t dram_total = fixture.summary()["devices"][0]["dram"]["total_bytes"].get<std::uint64_t>();
     const int fd = connect_to(fixture.socket());
     std::vector<std::byte> bytes;
@@ -203,7 +203,7 @@ TEST_SUITE("hostile") {
     CHECK(silent.size() > 1500);
     // A well-behaved client is another process: it is served while the flood sits there.
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == seed_buffers; }));
     const json during = fixture.summary();
     CHECK(during["rejected_sessions"].get<std::uint64_t>() >= silent.size() - 16);
     CHECK(resident_kib(fixture.server().pid()) - rss_before < 64 * 1024);
@@ -218,7 +218,7 @@ TEST_SUITE("hostile") {
   TEST_CASE("a monitor that stops reading its replies is dropped, the server answers others") {
     ServerFixture fixture(bin, {"--max-pending-output-mib", "1", "--reply-stall-timeout", "1"});
     auto demo = fixture.demo({"--hold", "300", "--no-verify", "--buffers", "64"});
-    REQUIRE(eventually([&] { return fixture.active() == 64 * 8; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == 64 * 8; }));
     const int fd = connect_to(fixture.socket());
     std::vector<std::byte> requests;
     protocol::encode(protocol::Hello{.role = protocol::ClientRole::monitor,
@@ -433,17 +433,21 @@ TEST_SUITE("metrics endpoint") {
   TEST_CASE("GET /metrics: the ledger in the Prometheus text format, matching meshrt-smi") {
     ServerFixture fixture(bin, {"--metrics", "127.0.0.1:0"});
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return fixture.active() == 128; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == seed_buffers; }));
     const std::string response = http_exchange(metrics_port(fixture), "GET /metrics HTTP/1.1\r\nHost: x\r\n\r\n");
     CHECK(response.starts_with("HTTP/1.1 200 OK\r\n"));
     CHECK(response.find("Content-Type: text/plain; version=0.0.4") != std::string::npos);
     CHECK(response.find("# TYPE meshrt_device_memory_used_bytes gauge\n") != std::string::npos);
     CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"0\",type=\"dram\",category=\"buffer\"} 104857600\n") != std::string::npos);
     CHECK(response.find("\nmeshrt_device_memory_used_bytes{device=\"7\",type=\"l1\",category=\"buffer\"} 12582912\n") != std::string::npos);
-    CHECK(response.find("\nmeshrt_active_allocations 128\n") != std::string::npos);
+    CHECK(response.find(fmt::format("\nmeshrt_active_allocations {}\n", seed_buffers + seed_system_buffers)) !=
+          std::string::npos);
+    CHECK(response.find(fmt::format("\nmeshrt_device_memory_used_bytes{{device=\"0\",type=\"dram\",category=\"system\"}} {}\n",
+                                    system_dram_per_device)) != std::string::npos);
     CHECK(response.find(fmt::format("\nmeshrt_process_live_bytes{{pid=\"{}\",process=\"meshrt-demo\",session=\"",
                                     demo->pid())) != std::string::npos);
-    CHECK(response.find(fmt::format("\"}} {}\n", 8 * (104'857'600 + 12'582'912))) != std::string::npos);
+    CHECK(response.find(fmt::format("\"}} {}\n", 8 * (104'857'600 + 12'582'912 + system_dram_per_device +
+                                                           system_l1_per_device))) != std::string::npos);
     CHECK(response.find("# TYPE meshrt_allocations_total counter\n") != std::string::npos);
     CHECK(response.find("\nmeshrt_rejected_messages_total{reason=\"malformed\"} 0\n") != std::string::npos);
     // Every sample line is NAME{LABELS} VALUE or NAME VALUE, and each family is typed before use.

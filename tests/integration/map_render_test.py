@@ -22,6 +22,8 @@ import zlib
 SKIP = 77
 DEMO_COLOUR = (0x4E, 0x79, 0xA7)  # the first colour of the map's palette: the only process here
 FREE_COLOUR = (0xEE, 0xF1, 0xF4)
+# The seed's 128 device buffers and its 2x4 mesh's system buffers, 3 per device (ADR 0020).
+LIVE = 128 + 3 * 8
 
 
 def decode_png(path):
@@ -88,16 +90,20 @@ def main():
             if "holding" in open(demo_log).read():
                 result = subprocess.run([os.path.join(bin_dir, "meshrt-smi"), "--socket", sock, "--map", svg],
                                         capture_output=True, text=True)
-                if result.returncode == 0 and "of 128 live buffers" in result.stdout:
+                if result.returncode == 0 and f"of {LIVE} live buffers" in result.stdout:
                     break
             if time.monotonic() > deadline:
-                print("FAILED: meshrt-smi --map never saw the demo's 128 buffers")
+                print(f"FAILED: meshrt-smi --map never saw the demo's {LIVE} buffers")
                 return 1
             time.sleep(0.2)
         text = open(svg).read()
         blocks = re.findall(r'<rect class="block" data-pid="(\d+)"', text)
-        if len(blocks) != 128 or set(blocks) != {str(demo.pid)}:
-            print(f"FAILED: the map has {len(blocks)} blocks of pids {set(blocks)}, not 128 of {demo.pid}")
+        if len(blocks) != LIVE or set(blocks) != {str(demo.pid)}:
+            print(f"FAILED: the map has {len(blocks)} blocks of pids {set(blocks)}, not {LIVE} of {demo.pid}")
+            return 1
+        categories = re.findall(r'<rect class="block" data-pid="\d+" data-category="(\w+)"', text)
+        if categories.count("buffer") != 128 or categories.count("system") != 3 * 8:
+            print(f"FAILED: the map's blocks are {sorted(set(categories))}, not 128 of the seed's and 24 system")
             return 1
 
         png = os.path.join(work, "map.png")

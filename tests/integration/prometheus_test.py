@@ -107,16 +107,22 @@ def main():
         wait_for("Prometheus to scrape DRAM 104857600 on device 0",
                  lambda: value_of(prometheus_port, dram) == "104857600")
         assert value_of(prometheus_port, l1) == "12582912", value_of(prometheus_port, l1)
-        assert value_of(prometheus_port, "meshrt_active_allocations") == "128"
+        # Each device's system buffers (ADR 0020) sit beside the seed's: 3 of them, 8 + 6 MiB of
+        # DRAM and a 4 KiB page of L1 on each of 64 cores.
+        system_dram, system_l1 = 14 * 1024 * 1024, 64 * 4096
+        system = 'meshrt_device_memory_used_bytes{job="meshrt",device="0",type="dram",category="system"}'
+        assert value_of(prometheus_port, system) == str(system_dram), value_of(prometheus_port, system)
+        assert value_of(prometheus_port, "meshrt_active_allocations") == str(128 + 3 * 8)
         live = value_of(prometheus_port, f'meshrt_process_live_bytes{{pid="{demo.pid}"}}')
-        assert live == str(8 * (104857600 + 12582912)), live
+        assert live == str(8 * (104857600 + 12582912 + system_dram + system_l1)), live
         assert value_of(prometheus_port, 'up{job="meshrt"}') == "1"
         print(f"Prometheus saw DRAM 104857600 and L1 12582912 on device 0, 128 live buffers of pid {demo.pid}")
 
         demo.send_signal(signal.SIGUSR1)  # the demo frees its buffers and exits
         if demo.wait(timeout=120) != 0:
             raise AssertionError("meshrt-demo failed:\n" + log("demo.log"))
-        wait_for("Prometheus to scrape DRAM 0 on device 0", lambda: value_of(prometheus_port, dram) == "0")
+        wait_for("Prometheus to scrape DRAM 0 on device 0", lambda: value_of(prometheus_port, dram) == "0"
+                 and value_of(prometheus_port, system) == "0")
         assert value_of(prometheus_port, "meshrt_active_allocations") == "0"
         assert value_of(prometheus_port, "meshrt_unknown_deallocations_total") == "0"
         print("after the demo freed them, Prometheus saw DRAM 0 and no active allocations")

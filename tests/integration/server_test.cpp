@@ -7,6 +7,7 @@
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <variant>
 #include <vector>
 
@@ -40,20 +41,28 @@ class Fixture : public ServerFixture {
 
 std::uint64_t active(Fixture& fixture) { return fixture.active(); }
 
+constexpr std::uint64_t system_buffers = seed_system_buffers;
+constexpr std::uint64_t system_dram = system_dram_per_device;
+constexpr std::uint64_t system_l1 = system_l1_per_device;
+
 }  // namespace
 
 TEST_SUITE("integration") {
   TEST_CASE("the seed scenario through the server: 100 MiB DRAM and 12 MiB L1 on device 0, five runs, no residue") {
     Fixture fixture;
-    for (int run = 1; run <= 5; ++run) {
+    for (std::uint64_t run = 1; run <= 5; ++run) {
       CAPTURE(run);
       std::vector<std::string> flags{"--hold", "120"};
       if (run > 1) flags.emplace_back("--no-verify");
       auto demo = fixture.demo(flags);
-      REQUIRE(eventually([&] { return active(fixture) == 128; }));
+      // The seed's 128 device buffers, and each device's 3 system buffers (ADR 0020): a command
+      // queue and a dispatch buffer in DRAM (8 + 6 MiB), a 4 KiB page of L1 on each of 64 cores.
+      REQUIRE(eventually([&] { return active(fixture) == 128 + system_buffers; }));
       const json live = fixture.summary();
-      CHECK(used(live, 0, "dram") == 104'857'600);
-      CHECK(used(live, 0, "l1") == 12'582'912);
+      CHECK(used(live, 0, "dram") == 104'857'600 + system_dram);
+      CHECK(used(live, 0, "l1") == 12'582'912 + system_l1);
+      CHECK(live["devices"][0]["dram"]["categories"]["system"]["used_bytes"] == system_dram);
+      CHECK(live["devices"][0]["dram"]["categories"]["system"]["buffers"] == 2);
       // The seed's figures are its buffers' (ADR 0020), shown per category by --json and the table.
       CHECK(live["devices"][0]["dram"]["categories"]["buffer"]["used_bytes"] == 104'857'600);
       CHECK(live["devices"][0]["l1"]["categories"]["buffer"]["used_bytes"] == 12'582'912);
@@ -83,12 +92,14 @@ TEST_SUITE("integration") {
       CHECK(after["double_deallocations"] == 0);
       CHECK(after["reclaimed_allocations"] == 0);
       CHECK(after["leaked_at_exit"] == 0);
-      CHECK(after["total_allocations"] == 128 * run);
-      CHECK(after["total_deallocations"] == 128 * run);
+      CHECK(after["total_allocations"] == (128 + system_buffers) * run);
+      CHECK(after["total_deallocations"] == (128 + system_buffers) * run);
     }
     const std::string log = fixture.server_log();
     CHECK(log.find("Allocated 16 buffers on Devices 0-7") != std::string::npos);
     CHECK(log.find("Freed 16 buffers on Devices 0-7") != std::string::npos);
+    CHECK(log.find("Allocated 3 system buffers on Devices 0-7") != std::string::npos);  // their own line
+    CHECK(log.find("Freed 3 system buffers on Devices 0-7") != std::string::npos);
     CHECK(fixture.smi({"--verify"}).first == 0);
   }
 
@@ -123,18 +134,19 @@ TEST_SUITE("integration") {
   TEST_CASE("a client killed with SIGKILL while holding buffers: reclaimed, reported, server still answering") {
     Fixture fixture;
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return active(fixture) == 128; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == 128; }));
     demo->signal(SIGKILL);
     REQUIRE(demo->wait_for(30s) == 128 + SIGKILL);
-    REQUIRE(eventually([&] { return fixture.summary()["reclaimed_allocations"] == 128; }));
+    // Its system buffers die with it too: the mesh never closed.
+    REQUIRE(eventually([&] { return fixture.summary()["reclaimed_allocations"] == 128 + system_buffers; }));
     const json after = fixture.summary();
     CHECK(after["active_allocations"] == 0);
     CHECK(after["processes"].empty());
     CHECK(used(after, 0, "dram") == 0);
     const std::string log = fixture.server_log();
     CHECK(log.find(std::to_string(demo->pid()) + " (meshrt-demo): disconnected without Goodbye") != std::string::npos);
-    CHECK(log.find("reclaimed 128 leaked buffers") != std::string::npos);
-    CHECK(log.find("Device 0 dram 104857600 B in 8") != std::string::npos);
+    CHECK(log.find(fmt::format("reclaimed {} leaked buffers", 128 + system_buffers)) != std::string::npos);
+    CHECK(log.find(fmt::format("Device 0 dram {} B in {}", 104'857'600 + system_dram, 8 + 2)) != std::string::npos);
   }
 
   TEST_CASE("the server killed and restarted while clients hold buffers: after resync it matches them exactly") {
@@ -145,7 +157,7 @@ TEST_SUITE("integration") {
                                    "--hold", "300", "--seed", "7", "--mesh", "2x2", "--report", report});
     REQUIRE(eventually([&] { return loadgen_report(report, "hold").has_value(); }));
     const json account = *loadgen_report(report, "hold");
-    const std::uint64_t expected = 128 + account["live_buffers"].get<std::uint64_t>();
+    const std::uint64_t expected = 128 + system_buffers + account["live_buffers"].get<std::uint64_t>();
     REQUIRE(eventually([&] { return active(fixture) == expected; }));
 
     fixture.server().signal(SIGKILL);
@@ -154,11 +166,13 @@ TEST_SUITE("integration") {
     REQUIRE(eventually([&] { return active(fixture) == expected; }));
     const json resynced = fixture.summary();
     CHECK(resynced["resyncs"] == 2);
-    CHECK(used(resynced, 0, "dram") == 104'857'600 + account["devices"][0]["dram"]["bytes"].get<std::uint64_t>());
-    CHECK(used(resynced, 3, "l1") == 12'582'912 + account["devices"][3]["l1"]["bytes"].get<std::uint64_t>());
+    CHECK(used(resynced, 0, "dram") ==
+          104'857'600 + system_dram + account["devices"][0]["dram"]["bytes"].get<std::uint64_t>());
+    CHECK(used(resynced, 3, "l1") == 12'582'912 + system_l1 + account["devices"][3]["l1"]["bytes"].get<std::uint64_t>());
+    CHECK(used(resynced, 5, "dram", "system") == system_dram);  // categories survive the resync
     for (const json& process : resynced["processes"]) {
       if (process["pid"] == loadgen->pid()) CHECK(process["live_allocations"] == account["live_buffers"]);
-      else CHECK(process["live_allocations"] == 128);
+      else CHECK(process["live_allocations"] == 128 + system_buffers);
     }
     demo->signal(SIGUSR1);
     loadgen->signal(SIGUSR1);
@@ -174,7 +188,7 @@ TEST_SUITE("integration") {
   TEST_CASE("malformed frames and a client that claims another pid: rejected, counted, others unaffected") {
     Fixture fixture;
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return active(fixture) == 128; }));
+    REQUIRE(eventually([&] { return fixture.active("buffer") == 128; }));
 
     const auto raw_session = [&](const std::vector<std::byte>& bytes) {
       const int fd = ::socket(AF_UNIX, SOCK_STREAM | SOCK_CLOEXEC, 0);
@@ -223,9 +237,9 @@ TEST_SUITE("integration") {
     const json after = fixture.summary();
     CHECK(after["malformed_messages"] == 2);
     CHECK(after["rejected_sessions"] == 1);
-    CHECK(after["active_allocations"] == 128);  // the demo's buffers are untouched
+    CHECK(after["active_allocations"] == 128 + system_buffers);  // the demo's buffers are untouched
     CHECK(after["unknown_deallocations"] == 0);
-    CHECK(used(after, 0, "dram") == 104'857'600);
+    CHECK(used(after, 0, "dram", "buffer") == 104'857'600);
     demo->signal(SIGUSR1);
     REQUIRE(demo->wait_for(120s) == 0);
     REQUIRE(eventually([&] { return active(fixture) == 0; }));
@@ -252,22 +266,30 @@ TEST_SUITE("integration") {
   TEST_CASE("meshrt-smi --map: an SVG with one block per live device buffer, an unwritable path is a clear error") {
     Fixture fixture;
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});
-    REQUIRE(eventually([&] { return active(fixture) == 128; }));
+    REQUIRE(eventually([&] { return active(fixture) == 128 + system_buffers; }));
     const std::string svg_path = fixture.file("map.svg");
     const auto [code, output] = fixture.smi({"--map", svg_path});
     REQUIRE(code == 0);
-    CHECK(output.find("wrote the memory map of 128 live buffers") != std::string::npos);
+    CHECK(output.find(fmt::format("wrote the memory map of {} live buffers", 128 + system_buffers)) != std::string::npos);
     const std::string svg = read_text(svg_path);
     CHECK(svg.starts_with("<?xml"));
     std::size_t blocks = 0;
     for (auto at = svg.find("<rect class=\"block\""); at != std::string::npos; at = svg.find("<rect class=\"block\"", at + 1)) {
       ++blocks;
     }
-    CHECK(blocks == 128);
+    CHECK(blocks == 128 + system_buffers);
+    const auto blocks_of = [&](std::string_view category) {
+      std::size_t n = 0;
+      const std::string marker = fmt::format("data-category=\"{}\"", category);
+      for (auto at = svg.find(marker); at != std::string::npos; at = svg.find(marker, at + 1)) ++n;
+      return n;
+    };
+    CHECK(blocks_of("buffer") == 128);
+    CHECK(blocks_of("system") == system_buffers);
     CHECK(svg.find("Device 0 · dram · 12 banks") != std::string::npos);
     CHECK(svg.find("Device 7 · l1 · 64 banks") != std::string::npos);
     CHECK(svg.find(fmt::format("pid {} (meshrt-demo)", demo->pid())) != std::string::npos);  // hover text
-    CHECK(svg.find("100.0 MiB used") != std::string::npos);  // device 0's DRAM: the seed's 100 MiB
+    CHECK(svg.find("114.0 MiB used") != std::string::npos);  // device 0's DRAM: the seed's 100 MiB, 14 MiB system
 
     const auto [bad_code, bad_output] = fixture.smi({"--map", "/proc/no/such/dir/map.svg"});
     CHECK(bad_code == 1);

@@ -42,7 +42,7 @@ TEST_SUITE("slow server") {
         {.socket_path = fixture.socket(), .max_pending_bytes = limit, .warn = [](std::string_view) {}});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({2, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({2, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     const auto create = [&] {
       return MeshBuffer::create(mesh,
                                 ReplicatedBufferConfig{.size = 4096},

@@ -374,15 +374,33 @@ TEST_SUITE("server admission") {
 TEST_SUITE("server activity log and names") {
   TEST_CASE("devices in a row with the same figures share one line") {
     ActivityLog log;
-    for (std::uint32_t device = 0; device < 8; ++device) log.allocated(device, 1024);
-    log.allocated(9, 1024);
-    log.freed(0, 1024);
+    constexpr auto buffer = AllocationCategory::buffer;
+    for (std::uint32_t device = 0; device < 8; ++device) log.allocated(buffer, device, 1024);
+    log.allocated(buffer, 9, 1024);
+    log.freed(buffer, 0, 1024);
     const auto lines = log.take_lines("pid 1 (x)");
     REQUIRE(lines.size() == 3);
     CHECK(lines[0] == "pid 1 (x): Allocated 1 buffers on Devices 0-7 (1024 bytes on each)");
     CHECK(lines[1] == "pid 1 (x): Allocated 1 buffers on Device 9 (1024 bytes)");
     CHECK(lines[2] == "pid 1 (x): Freed 1 buffers on Device 0 (1024 bytes)");
     CHECK(log.take_lines("pid 1 (x)").empty());
+  }
+
+  TEST_CASE("each category has lines of its own: a user's buffers read apart from the runtime's") {
+    ActivityLog log;
+    for (std::uint32_t device = 0; device < 4; ++device) {
+      log.allocated(AllocationCategory::system, device, 4096);
+      log.allocated(AllocationCategory::buffer, device, 1024);
+      log.allocated(AllocationCategory::buffer, device, 1024);
+    }
+    log.allocated(AllocationCategory::program, 0, 512);
+    log.freed(AllocationCategory::circular_buffer, 3, 2048);
+    const auto lines = log.take_lines("pid 1 (x)");
+    REQUIRE(lines.size() == 4);
+    CHECK(lines[0] == "pid 1 (x): Allocated 2 buffers on Devices 0-3 (2048 bytes on each)");
+    CHECK(lines[1] == "pid 1 (x): Allocated 1 system buffers on Devices 0-3 (4096 bytes on each)");
+    CHECK(lines[2] == "pid 1 (x): Allocated 1 program binaries on Device 0 (512 bytes)");
+    CHECK(lines[3] == "pid 1 (x): Freed 1 circular buffers on Device 3 (2048 bytes)");
   }
 
   TEST_CASE("printable keeps valid UTF-8 and replaces control characters and broken sequences") {

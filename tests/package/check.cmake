@@ -17,7 +17,7 @@ run("${CMAKE_COMMAND}" -S "${CONSUMER}" -B "${WORK}/build" -G Ninja "-DCMAKE_CXX
     -DCMAKE_FIND_USE_PACKAGE_REGISTRY=OFF)
 run("${CMAKE_COMMAND}" --build "${WORK}/build")
 run("${WORK}/build/consumer")
-if(NOT output MATCHES "meshrt [0-9.]+: 8 device buffers live\nafter the buffer's scope: 0 live")
+if(NOT output MATCHES "meshrt [0-9.]+: 8 device buffers live\nafter the buffer's scope: 0 live, 24 system buffers\nafter close: 0 live")
   message(FATAL_ERROR "the consumer ran but said:\n${output}")
 endif()
 message(STATUS "consumer: ${output}")

@@ -23,6 +23,16 @@
 
 import meshrt;
 
+namespace {
+// A test client counts every device buffer it makes: its meshes open without system buffers
+// (ADR 0020), which the demo's tests cover.
+meshrt::DeviceSpec client_spec() {
+  meshrt::DeviceSpec spec = meshrt::DeviceSpec::wormhole_b0();
+  spec.system_buffers = {};
+  return spec;
+}
+}  // namespace
+
 using namespace meshrt;
 using namespace std::chrono_literals;
 
@@ -40,7 +50,7 @@ MeshBuffer replicated(MeshDevice& mesh, std::uint64_t size, std::string name) {
 
 // The child's life in "allocate" mode: everything it does goes through the inherited tracker.
 int child_allocates(std::vector<MeshBuffer>& inherited) {
-  auto mesh = MeshDevice::create({1, 1}).value();
+  auto mesh = MeshDevice::create({1, 1}, client_spec()).value();
   std::vector<MeshBuffer> own;
   own.push_back(replicated(mesh, 4096, "child"));
   own.push_back(replicated(mesh, 8192, "child"));
@@ -58,7 +68,7 @@ int main(int argc, char** argv) {
     return 2;
   }
   std::signal(SIGUSR1, resume);
-  auto mesh = MeshDevice::create({1, 2}).value();
+  auto mesh = MeshDevice::create({1, 2}, client_spec()).value();
   std::vector<MeshBuffer> buffers;
   for (int i = 0; i < 3; ++i) buffers.push_back(replicated(mesh, 1 << 20, "parent " + std::to_string(i)));
 

@@ -31,6 +31,16 @@
 
 import meshrt;
 
+namespace {
+// A test client counts every device buffer it makes: its meshes open without system buffers
+// (ADR 0020), which the demo's tests cover.
+meshrt::DeviceSpec client_spec() {
+  meshrt::DeviceSpec spec = meshrt::DeviceSpec::wormhole_b0();
+  spec.system_buffers = {};
+  return spec;
+}
+}  // namespace
+
 using namespace meshrt;
 using namespace std::chrono_literals;
 
@@ -192,7 +202,7 @@ int run(int argc, char** argv) {
   }
   auto live = std::make_shared<LiveBufferTable>();
   tracker->add_processor(live);
-  auto mesh = MeshDevice::create(shape, DeviceSpec::wormhole_b0(), tracker);
+  auto mesh = MeshDevice::create(shape, client_spec(), tracker);
   if (!mesh) {
     fmt::print(stderr, "meshrt-loadgen: {}\n", mesh.error().message);
     return 1;
@@ -228,7 +238,7 @@ int run(int argc, char** argv) {
       // have been locked by another thread at the fork).
       auto own_tracker = std::make_shared<Tracker>();
       if (client) own_tracker->add_processor(client);
-      auto own = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), own_tracker);
+      auto own = MeshDevice::create({1, 1}, client_spec(), own_tracker);
       if (own) {
         for (int i = 0; i < 16; ++i) {
           (void)MeshBuffer::create(*own, ReplicatedBufferConfig{.size = 4096}, {.page_size = 1024});

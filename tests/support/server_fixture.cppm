@@ -6,6 +6,7 @@ module;
 #include <memory>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -17,6 +18,16 @@ export module meshrt.testing.fixture;
 import meshrt.testing;
 
 export namespace meshrt::testing {
+
+// What each device of a Wormhole mesh (the demo's 2x4) opens with, SystemBuffers::defaults
+// written out so that tests compute it independently (ADR 0020): a command queue and a dispatch
+// buffer in DRAM (8 + 6 MiB) and a 4 KiB page of L1 on each of its 64 worker cores.
+inline constexpr std::uint64_t system_buffers_per_device = 3;
+inline constexpr std::uint64_t system_dram_per_device = std::uint64_t{8 + 6} * 1024 * 1024;
+inline constexpr std::uint64_t system_l1_per_device = std::uint64_t{64} * 4096;
+// The demo's seed scenario on its 2x4 mesh: 16 buffers per device, and the system buffers.
+inline constexpr std::uint64_t seed_buffers = 16 * 8;
+inline constexpr std::uint64_t seed_system_buffers = system_buffers_per_device * 8;
 
 class ServerFixture {
  public:
@@ -69,6 +80,9 @@ class ServerFixture {
   }
 
   std::uint64_t active() { return summary()["active_allocations"].get<std::uint64_t>(); }
+  // Live buffers of one category ("buffer", "system", ...) on every device: the seed's own
+  // buffers are counted apart from the system buffers of the meshes that hold them (ADR 0020).
+  std::uint64_t active(std::string_view category);
 
   // A tracked client process; its output goes to files named after it.
   std::unique_ptr<ChildProcess> client(std::vector<std::string> argv,
@@ -120,7 +134,32 @@ std::optional<nlohmann::json> process_of(const nlohmann::json& summary, std::int
   return std::nullopt;
 }
 
-// Bytes of device `device`'s memory of `type` in use, as a summary says.
+// Live buffers of `category` on every device and of every type, as a summary says.
+std::uint64_t active_in(const nlohmann::json& summary, std::string_view category) {
+  std::uint64_t live = 0;
+  for (const nlohmann::json& device : summary["devices"]) {
+    for (const auto& [type, usage] : device.items()) {
+      if (!usage.is_object() || !usage.contains("categories")) continue;
+      const nlohmann::json& categories = usage["categories"];
+      if (categories.contains(category)) live += categories[std::string(category)].value("buffers", std::uint64_t{0});
+    }
+  }
+  return live;
+}
+
+std::uint64_t ServerFixture::active(std::string_view category) { return active_in(summary(), category); }
+
+// Bytes of device `device`'s memory of `type` held by buffers of `category`, as a summary says.
+std::uint64_t used(const nlohmann::json& summary, std::uint32_t device, const char* type, std::string_view category) {
+  for (const nlohmann::json& d : summary["devices"]) {
+    if (d["id"] != device) continue;
+    const nlohmann::json& categories = d[type].contains("categories") ? d[type]["categories"] : nlohmann::json::object();
+    return categories.contains(category) ? categories[std::string(category)].value("used_bytes", std::uint64_t{0}) : 0;
+  }
+  return 0;
+}
+
+// Bytes of device `device`'s memory of `type` in use (every category), as a summary says.
 std::uint64_t used(const nlohmann::json& summary, std::uint32_t device, const char* type) {
   for (const nlohmann::json& d : summary["devices"]) {
     if (d["id"] == device) return d[type]["used_bytes"].get<std::uint64_t>();

@@ -28,6 +28,15 @@ inline constexpr bool sanitized_build = false;
 inline constexpr bool sanitized_build = false;
 #endif
 
+// A spec whose meshes open without the device's own system buffers (ADR 0020): for tests of the
+// buffer state machine, the tracker and the client, which count every event of the buffers they
+// make. What system buffers do is tested in system_buffers_test.cpp and wherever a test opens
+// a mesh with a preset as it is.
+[[nodiscard]] inline DeviceSpec without_system_buffers(DeviceSpec spec) {
+  spec.system_buffers = {};
+  return spec;
+}
+
 // Records every event a tracker reports, one per device buffer (range events are split), and
 // checks the invariant of DESIGN.md over them: each buffer id has exactly one Alloc followed by
 // exactly one Free.

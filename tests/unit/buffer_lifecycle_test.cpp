@@ -18,8 +18,10 @@ using namespace meshrt;
 
 namespace {
 
+// A mesh without system buffers: these tests count every event of the buffers they make.
 struct Mesh {
-  explicit Mesh(MeshShape shape = {2, 4}) : mesh(MeshDevice::create(shape, DeviceSpec::wormhole_b0(), tracker).value()) {}
+  explicit Mesh(MeshShape shape = {2, 4}, DeviceSpec spec = testing::without_system_buffers(DeviceSpec::wormhole_b0()))
+      : mesh(MeshDevice::create(shape, std::move(spec), tracker).value()) {}
   std::shared_ptr<Tracker> tracker = [] { return std::make_shared<Tracker>(); }();
   std::shared_ptr<testing::EventLog> log = [this] {
     auto l = std::make_shared<testing::EventLog>();
@@ -176,7 +178,7 @@ TEST_SUITE("buffer lifecycle") {
     auto tracker = std::make_shared<Tracker>();
     auto log = std::make_shared<testing::EventLog>();
     tracker->add_processor(log);
-    std::optional<MeshDevice> mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), tracker).value();
+    std::optional<MeshDevice> mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     MeshBuffer buffer = replicated(*mesh, 4 * 2048);
     mesh.reset();
     CHECK(log->of_kind(EventKind::free).size() == 8);
@@ -219,20 +221,29 @@ TEST_SUITE("buffer lifecycle") {
   }
 
   TEST_CASE("the seed scenario: 16 buffers, DRAM 100 MiB and L1 12 MiB on device 0, then nothing") {
-    Mesh m;
+    // The preset as it is: its system buffers are open beside the seed's (ADR 0006, 0020).
+    Mesh m({2, 4}, DeviceSpec::wormhole_b0());
+    const SystemBuffers& system = m.mesh.spec().system_buffers;
     std::vector<MeshBuffer> buffers;
     for (int i = 0; i < 8; ++i) buffers.push_back(replicated(m.mesh, 13'107'200));
     for (int i = 0; i < 8; ++i) {
       buffers.push_back(replicated(m.mesh, 1'572'864, {.page_size = 2048, .buffer_type = BufferType::l1}));
     }
-    CHECK(m.live->summary(DeviceId{0}, BufferType::dram) == LiveBufferSummary{8, 104'857'600});
-    CHECK(m.live->summary(DeviceId{0}, BufferType::l1) == LiveBufferSummary{8, 12'582'912});
-    CHECK(m.live->active_allocations() == 128);
+    CHECK(m.live->summary(DeviceId{0}, BufferType::dram, AllocationCategory::buffer) == LiveBufferSummary{8, 104'857'600});
+    CHECK(m.live->summary(DeviceId{0}, BufferType::l1, AllocationCategory::buffer) == LiveBufferSummary{8, 12'582'912});
+    // The device totals hold the command queue and dispatch buffers too.
+    CHECK(m.live->summary(DeviceId{0}, BufferType::dram) == LiveBufferSummary{8 + 2, 104'857'600 + system.dram_bytes()});
+    CHECK(m.live->summary(DeviceId{0}, BufferType::l1) == LiveBufferSummary{8 + 1, 12'582'912 + system.l1_dispatch});
+    CHECK(m.live->active_allocations() == 128 + 3 * 8);
     for (MeshBuffer& buffer : buffers) buffer.deallocate();
-    CHECK(m.live->active_allocations() == 0);
+    CHECK(m.live->active_allocations() == 3 * 8);  // the system buffers stay until the mesh closes
+    CHECK(m.live->summary(DeviceId{0}, BufferType::dram, AllocationCategory::buffer) == LiveBufferSummary{});
     CHECK(m.live->unknown_frees() == 0);
     buffers.clear();
     CHECK(m.log->of_kind(EventKind::free).size() == 128);
+    m.mesh.close();
+    CHECK(m.live->active_allocations() == 0);
+    CHECK(m.log->of_kind(EventKind::free).size() == 128 + 3 * 8);
   }
 
   TEST_CASE("a device buffer deallocated alone keeps the lock-step range until the last one goes") {
@@ -333,7 +344,7 @@ TEST_SUITE("buffer lifecycle") {
     const auto outside = DeviceBuffer::create(m.mesh, {2, 0}, 2048, dram_pages);
     CHECK(outside.error().message.find("outside") != std::string::npos);
     const auto no_region = [&] {
-      auto spec = DeviceSpec::wormhole_b0({.l1_small_size = 0, .trace_region_size = 0});
+      auto spec = testing::without_system_buffers(DeviceSpec::wormhole_b0({.l1_small_size = 0, .trace_region_size = 0}));
       auto mesh = MeshDevice::create({1, 1}, spec, m.tracker).value();
       return MeshBuffer::create(mesh,
                                 ReplicatedBufferConfig{.size = 64},

@@ -116,7 +116,7 @@ TEST_SUITE("client and server") {
     auto client = TrackingClient::start({.socket_path = socket});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::vector<MeshBuffer> buffers;
     for (int i = 0; i < 8; ++i) buffers.push_back(replicated(mesh, 13'107'200));
     REQUIRE(client->flush(5s));
@@ -140,7 +140,7 @@ TEST_SUITE("client and server") {
     auto client = TrackingClient::start({.socket_path = socket, .reconnect_interval = 20ms, .warn = warnings.sink()});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     MeshBuffer kept = replicated(mesh, 4096);
     { MeshBuffer gone = replicated(mesh, 8192); }
     CHECK_FALSE(client->flush(100ms));
@@ -163,7 +163,7 @@ TEST_SUITE("client and server") {
     auto client = TrackingClient::start({.socket_path = socket, .reconnect_interval = 20ms, .warn = [](std::string_view) {}});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     const auto of_category = [&](std::uint64_t size, BufferType type, AllocationCategory category) {
       return MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = size},
                                 {.page_size = 1024, .buffer_type = type, .category = category})
@@ -217,7 +217,7 @@ TEST_SUITE("client and server") {
     auto table = std::make_shared<LiveBufferTable>();
     tracker->add_processor(client);
     tracker->add_processor(table);
-    auto mesh = MeshDevice::create({2, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({2, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::vector<MeshBuffer> buffers;
     for (int i = 0; i < 6; ++i) buffers.push_back(replicated(mesh, 2048));
     REQUIRE(client->flush(5s));
@@ -253,7 +253,7 @@ TEST_SUITE("client and server") {
       auto client = TrackingClient::start({.socket_path = socket});
       auto tracker = std::make_shared<Tracker>();
       tracker->add_processor(client);
-      auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+      auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
       auto leaked = new MeshBuffer(replicated(mesh, 1024));  // never freed: an application leak
       (void)leaked;
       for (int i = 0; i < 1000; ++i) (void)replicated(mesh, 1024);
@@ -280,7 +280,7 @@ TEST_SUITE("client and server") {
     auto client = TrackingClient::start({.socket_path = socket, .shutdown_timeout = 30s});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     (void)replicated(mesh, 4096);
     REQUIRE(client->flush(60s));
     const auto started = std::chrono::steady_clock::now();
@@ -302,7 +302,7 @@ TEST_SUITE("client and server") {
     auto client = TrackingClient::start({.socket_path = socket});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     auto named = MeshBuffer::create(mesh,
                                     ReplicatedBufferConfig{.size = 1024, .name = "kv-cache"},
                                     {.page_size = 1024})
@@ -326,7 +326,7 @@ TEST_SUITE("client and server") {
     tracker->add_processor(client);
     auto table = std::make_shared<LiveBufferTable>();
     tracker->add_processor(table);
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::mutex handoff_mutex;
     std::vector<MeshBuffer> handoff;
     std::atomic<int> producers_left{3};

@@ -19,7 +19,7 @@ TEST_SUITE("concurrency") {
     auto tracker = std::make_shared<Tracker>();
     auto log = std::make_shared<testing::EventLog>();
     tracker->add_processor(log);
-    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::vector<std::thread> threads;
     std::atomic<int> failures{0};
     for (int t = 0; t < 4; ++t) {
@@ -55,7 +55,7 @@ TEST_SUITE("concurrency") {
       auto tracker = std::make_shared<Tracker>();
       auto log = std::make_shared<testing::EventLog>();
       tracker->add_processor(log);
-      auto mesh = MeshDevice::create({2, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+      auto mesh = MeshDevice::create({2, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
       std::vector<std::vector<MeshBuffer>> per_thread(3);
       for (auto& buffers : per_thread) {
         for (int i = 0; i < 30; ++i) {

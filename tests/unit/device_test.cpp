@@ -7,6 +7,7 @@
 #include <doctest/doctest.h>
 
 import meshrt;
+import meshrt.testing;
 
 using namespace meshrt;
 
@@ -92,7 +93,7 @@ TEST_SUITE("device") {
   TEST_CASE("a mesh of every shape from 1x1 to 8x8 opens with one device per coordinate") {
     for (std::uint32_t rows = 1; rows <= 8; ++rows) {
       for (std::uint32_t cols = 1; cols <= 8; ++cols) {
-        auto mesh = MeshDevice::create({rows, cols}, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>());
+        auto mesh = MeshDevice::create({rows, cols}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), std::make_shared<Tracker>());
         REQUIRE(mesh.has_value());
         CHECK(mesh->device_count() == rows * cols);
         CHECK(mesh->device_id({rows - 1, cols - 1}).value() == DeviceId{rows * cols - 1});
@@ -105,8 +106,8 @@ TEST_SUITE("device") {
 
   TEST_CASE("bad meshes are refused with a reason") {
     const auto tracker = std::make_shared<Tracker>();
-    CHECK(MeshDevice::create({0, 4}, DeviceSpec::wormhole_b0(), tracker).error().code == ErrorCode::invalid_argument);
-    CHECK(MeshDevice::create({9, 1}, DeviceSpec::wormhole_b0(), tracker).error().code == ErrorCode::invalid_argument);
+    CHECK(MeshDevice::create({0, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).error().code == ErrorCode::invalid_argument);
+    CHECK(MeshDevice::create({9, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).error().code == ErrorCode::invalid_argument);
     DeviceSpec broken = DeviceSpec::wormhole_b0();
     broken.dram.bank_count = 0;
     const auto result = MeshDevice::create({1, 1}, broken, tracker);
@@ -115,7 +116,7 @@ TEST_SUITE("device") {
   }
 
   TEST_CASE("a memory view shows one device's banks as tt-metal's MemoryView does") {
-    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>()).value();
+    auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), std::make_shared<Tracker>()).value();
     const std::uint64_t bank = mesh.spec().dram.bank_size;
     auto empty = mesh.memory_view(DeviceId{7}, BufferType::dram).value();
     CHECK(empty.num_banks == 12);
@@ -154,7 +155,7 @@ TEST_SUITE("device") {
   }
 
   TEST_CASE("allocator figures of a new mesh: everything free") {
-    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>()).value();
+    auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), std::make_shared<Tracker>()).value();
     const AllocatorStatistics dram = mesh.allocator_statistics(BufferType::dram);
     CHECK(dram.allocated_bytes == 0);
     CHECK(dram.total_bytes == mesh.spec().dram.bank_size);

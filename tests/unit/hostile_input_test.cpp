@@ -56,7 +56,7 @@ TEST_SUITE("hostile input") {
     auto tracker = std::make_shared<Tracker>();
     auto table = std::make_shared<LiveBufferTable>();
     tracker->add_processor(table);
-    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::uint64_t created = 0;
     for (int round = 0; round < rounds; ++round) {
       const DeviceLocalBufferConfig config{.page_size = values.next(), .buffer_type = values.type()};

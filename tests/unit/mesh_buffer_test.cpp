@@ -11,6 +11,7 @@
 #include <doctest/doctest.h>
 
 import meshrt;
+import meshrt.testing;
 
 using namespace meshrt;
 
@@ -23,7 +24,7 @@ std::vector<std::byte> pattern(std::size_t size, std::uint32_t seed) {
 }
 
 MeshDevice open(MeshShape shape) {
-  return MeshDevice::create(shape, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>()).value();
+  return MeshDevice::create(shape, testing::without_system_buffers(DeviceSpec::wormhole_b0()), std::make_shared<Tracker>()).value();
 }
 
 }  // namespace

@@ -42,7 +42,7 @@ Program sample_program(std::string key = "sample (32, 32) bfloat16") {
 TEST_SUITE("programs") {
   TEST_CASE("a run takes its circular buffers on every core while it runs, and caches its binaries") {
     Observed observed;
-    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), observed.tracker).value();
+    auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     Program program = sample_program();
     std::vector<LiveBufferSummary> seen_during_run;
     std::vector<std::uint32_t> devices_run;
@@ -98,7 +98,7 @@ TEST_SUITE("programs") {
 
   TEST_CASE("a program that fails midway frees its circular buffers, and its Error names the device") {
     Observed observed;
-    auto mesh = MeshDevice::create({2, 4}, DeviceSpec::wormhole_b0(), observed.tracker).value();
+    auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     Program program = sample_program();
     program.body = [](const ProgramContext& context) -> Result<void> {
       if (context.device.value() == 5) return fail(ErrorCode::io_error, "the simulated core hung");
@@ -118,7 +118,7 @@ TEST_SUITE("programs") {
 
   TEST_CASE("circular buffers that do not fit beside the live L1 buffers are an Error with the figures") {
     Observed observed;
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), observed.tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     const std::uint64_t bank = mesh.spec().l1.bank_size;
     // Leave 6 KiB free per core: the first circular buffer (4 KiB) fits, the second (8 KiB) does not.
     auto filler = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = (bank - 6144) * 64, .name = "filler"},
@@ -140,7 +140,7 @@ TEST_SUITE("programs") {
 
   TEST_CASE("a disabled cache loads binaries per run and frees them after, keeping what it holds") {
     Observed observed;
-    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), observed.tracker).value();
+    auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     REQUIRE(run_program(mesh, sample_program("first")).has_value());
     mesh.disable_program_cache();
     CHECK_FALSE(mesh.program_cache().is_enabled());
@@ -162,7 +162,7 @@ TEST_SUITE("programs") {
 
   TEST_CASE("closing a mesh frees the cached binaries once, reason device_closed") {
     Observed observed;
-    auto mesh = MeshDevice::create({2, 2}, DeviceSpec::wormhole_b0(), observed.tracker).value();
+    auto mesh = MeshDevice::create({2, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     REQUIRE(run_program(mesh, sample_program("a")).has_value());
     REQUIRE(run_program(mesh, sample_program("b")).has_value());
     mesh.close();
@@ -186,7 +186,7 @@ TEST_SUITE("programs") {
 
   TEST_CASE("malformed programs are Errors before anything is allocated") {
     Observed observed;
-    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), observed.tracker).value();
+    auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     Program no_kernels = sample_program();
     no_kernels.kernels.clear();
     CHECK(run_program(mesh, no_kernels).error().message == "program sample has no kernels");

@@ -23,7 +23,7 @@ class Scenario {
     tracker_->add_processor(log_);
     tracker_->add_processor(live_);
     const MeshShape shape{pick(1, 8), pick(1, 8)};
-    mesh_.emplace(MeshDevice::create(shape, DeviceSpec::wormhole_b0(), tracker_).value());
+    mesh_.emplace(MeshDevice::create(shape, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker_).value());
   }
 
   void step() {

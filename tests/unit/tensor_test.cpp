@@ -132,6 +132,7 @@ TEST_SUITE("tensors") {
 
     Observed observed;
     auto mesh = MeshDevice::create(t3000, DeviceSpec::wormhole_b0(), observed.tracker).value();
+    const auto opened = observed.log->events().size();  // the mesh's system buffers
     const HostTensor host = random_tensor({6, 8}, 1);
     const auto uneven = Tensor::from_host(mesh, host, DataType::bfloat16, Layout::tile,
                                           mapper({PlacementShard{1}, PlacementShard{0}}, t3000));
@@ -143,7 +144,7 @@ TEST_SUITE("tensors") {
     const auto short_values = Tensor::from_host(mesh, HostTensor{.shape = {6, 8}, .values = {1.0F}}, DataType::bfloat16,
                                                 Layout::tile, MeshMapperConfig::replicate(t3000));
     CHECK(short_values.error().message == "a host tensor of shape (6, 8) has 48 values, not 1");
-    CHECK(observed.log->events().empty());  // every Error came before anything was allocated
+    CHECK(observed.log->events().size() == opened);  // every Error came before anything was allocated
   }
 
   TEST_CASE("from_host and to_host round-trip every layout, data type and placement") {
@@ -356,9 +357,12 @@ TEST_SUITE("tensors") {
     const auto frees_before = observed.log->of_kind(EventKind::free).size();
     mesh.close();
     const auto frees = observed.log->of_kind(EventKind::free);
-    // a, b and the add's binaries on both devices.
-    REQUIRE(frees.size() == frees_before + 3 * 2);
-    for (std::size_t i = frees_before; i < frees.size(); ++i) CHECK(frees[i].reason == FreeReason::device_closed);
+    // a, b and the add's binaries on both devices, then the three system buffers of each, last.
+    REQUIRE(frees.size() == frees_before + 3 * 2 + 3 * 2);
+    for (std::size_t i = frees_before; i < frees.size(); ++i) {
+      CHECK(frees[i].reason == FreeReason::device_closed);
+      CHECK((frees[i].category == AllocationCategory::system) == (i >= frees_before + 3 * 2));
+    }
     CHECK(observed.log->audit().still_live == 0);
     CHECK_FALSE(a.is_allocated());
     CHECK(a.read_shard(DeviceId{0}).error().code == ErrorCode::device_closed);

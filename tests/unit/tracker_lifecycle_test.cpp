@@ -92,7 +92,7 @@ TEST_SUITE("tracker lifecycle") {
 
   TEST_CASE("10,000 add/remove cycles while another thread records: every processor destroyed, none called late") {
     auto tracker = std::make_shared<Tracker>();
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::atomic<int> destroyed{0};
     std::atomic<int> late{0};
     std::atomic<bool> done{false};
@@ -161,7 +161,7 @@ TEST_SUITE("tracker lifecycle") {
     auto tracker = std::make_shared<Tracker>();
     auto log = std::make_shared<testing::EventLog>();
     tracker->add_processor(log);
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::optional<MeshBuffer> victim = replicated(mesh, 4096);
     const BufferId victim_id = victim->device_buffers()[0].id();
     std::optional<Error> refused;
@@ -199,7 +199,7 @@ TEST_SUITE("tracker lifecycle") {
 
   TEST_CASE("a processor added while buffers live: devices replayed, only buffers after it, never a Free without its Alloc") {
     auto tracker = std::make_shared<Tracker>();
-    auto mesh = MeshDevice::create({2, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({2, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     std::vector<MeshBuffer> before;
     for (int i = 0; i < 3; ++i) before.push_back(replicated(mesh, 1024));
     struct Late final : EventProcessor {
@@ -227,7 +227,7 @@ TEST_SUITE("tracker lifecycle") {
     // its view's start is known). A fork there leaves a child whose joining thread is gone:
     // before, every record() in the child waited for it forever.
     auto tracker = std::make_shared<Tracker>();
-    auto mesh = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     struct ForksWhileJoining final : EventProcessor {
       std::shared_ptr<Tracker> tracker;
       std::atomic<std::uint64_t> seen{0};
@@ -271,7 +271,7 @@ TEST_SUITE("tracker lifecycle") {
     // a processor that joins while a buffer is made, and is not shown its Alloc, must not be
     // left holding its name (in a TrackingClient, a name that would outlive its buffer).
     auto tracker = std::make_shared<Tracker>();
-    auto mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     struct NameAudit final : EventProcessor {
       std::mutex mutex;
       std::set<std::uint64_t> named;      // mesh buffers whose name came

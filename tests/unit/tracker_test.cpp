@@ -66,7 +66,7 @@ TEST_SUITE("tracking") {
     auto tracker = std::make_shared<Tracker>();
     auto table = std::make_shared<LiveBufferTable>();
     tracker->add_processor(table);
-    MeshDevice mesh = MeshDevice::create({1, 2}, DeviceSpec::wormhole_b0(), tracker).value();
+    MeshDevice mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
     auto user = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 4096},
                                    {.page_size = 1024, .buffer_type = BufferType::dram})
                     .value();
