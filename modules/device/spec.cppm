@@ -33,9 +33,8 @@ struct DeviceRegions {
 
 // The device's own buffers: a command queue and dispatch buffers, allocated when a mesh opens
 // and freed when it closes, category system (ADR 0020). Bytes per device, whole pages of
-// page_size, interleaved over every bank of their type; 0 allocates none. The presets have none
-// yet (issue 13 turns `defaults` on for them once every figure in the suite accounts for them);
-// set `spec.system_buffers = SystemBuffers::defaults(spec.l1.bank_count)` to open with them.
+// page_size, interleaved over every bank of their type; 0 allocates none. Every preset opens
+// with `defaults`; `spec.system_buffers = {}` opens a mesh that holds only what its user makes.
 struct SystemBuffers {
   std::uint64_t command_queue{};  // DRAM
   std::uint64_t dram_dispatch{};  // DRAM
