@@ -5,7 +5,6 @@ module;
 #include <cstdlib>
 #include <cstdio>
 #include <memory>
-#include <random>
 #include <string>
 #include <vector>
 
@@ -19,19 +18,11 @@ namespace meshrt::bench {
 
 namespace {
 
-HostTensor random_tensor(const TensorShape& shape, std::uint32_t seed) {
-  std::mt19937 generator(seed);
-  std::uniform_real_distribution<float> uniform(-1.0F, 1.0F);
-  HostTensor host{.shape = shape, .values = std::vector<float>(shape.volume())};
-  for (float& v : host.values) v = uniform(generator);
-  return host;
-}
-
 struct SeedInputs {
-  HostTensor a = random_tensor({8, 8, 512, 512}, 1);
-  HostTensor b = random_tensor({8, 8, 512, 512}, 2);
-  HostTensor x = random_tensor({8, 8, 256, 128}, 3);
-  HostTensor y = random_tensor({8, 8, 128, 256}, 4);
+  HostTensor a = random_host_tensor({8, 8, 512, 512}, 1);
+  HostTensor b = random_host_tensor({8, 8, 512, 512}, 2);
+  HostTensor x = random_host_tensor({8, 8, 256, 128}, 3);
+  HostTensor y = random_host_tensor({8, 8, 128, 256}, 4);
 };
 
 void must(bool ok, const char* what) {

@@ -74,6 +74,10 @@ struct HostTensor {
   std::vector<float> values;
 };
 
+// Values uniform in [-1, 1), the same for the same shape and seed on every machine (as test
+// inputs are: torch.rand with a manual seed).
+[[nodiscard]] HostTensor random_host_tensor(const TensorShape& shape, std::uint32_t seed);
+
 struct PlacementReplicate {
   friend bool operator==(const PlacementReplicate&, const PlacementReplicate&) = default;
 };

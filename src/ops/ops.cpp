@@ -84,6 +84,18 @@ Result<void> check_operands(std::string_view op, MeshDevice& mesh, const Tensor&
   return {};
 }
 
+// Allocates the output (shaped `shape`, typed and placed as `like`), runs `program` with a body
+// that fills it on each device, and returns it; if the run fails, the output is freed with it.
+template <class Body>
+Result<Tensor> run_into_new_tensor(MeshDevice& mesh, Program program, const TensorShape& shape, const Tensor& like,
+                                   std::string name, Body body) {
+  auto output = Tensor::allocate(mesh, shape, like.dtype(), like.layout(), like.placements(), std::move(name));
+  if (!output) return tl::unexpected(std::move(output.error()));
+  program.body = [&](const ProgramContext& context) -> Result<void> { return body(context, *output); };
+  if (auto run = run_program(mesh, program); !run) return tl::unexpected(std::move(run.error()));
+  return std::move(*output);
+}
+
 }  // namespace
 
 Program add_program(const TensorSpec& shard) {
@@ -116,22 +128,18 @@ Result<Tensor> add(MeshDevice& mesh, const Tensor& a, const Tensor& b, std::stri
     return fail(ErrorCode::invalid_argument,
                 fmt::format("add: shapes differ: a is {}, b is {}", to_string(a.shape()), to_string(b.shape())));
   }
-  auto output = Tensor::allocate(mesh, a.shape(), a.dtype(), a.layout(), a.placements(), std::move(name));
-  if (!output) return tl::unexpected(std::move(output.error()));
-  Program program = add_program(a.shard_spec());
   const DataType dtype = a.dtype();
   // Same layout, so the stored orders match: add page by page, padding included.
-  program.body = [&](const ProgramContext& context) -> Result<void> {
+  const auto sum = [&](const ProgramContext& context, Tensor& output) -> Result<void> {
     auto lhs = a.read_stored(context.device);
     if (!lhs) return tl::unexpected(std::move(lhs.error()));
     auto rhs = b.read_stored(context.device);
     if (!rhs) return tl::unexpected(std::move(rhs.error()));
-    std::vector<float>& sum = *lhs;
-    for (std::size_t i = 0; i < sum.size(); ++i) sum[i] = round_to(dtype, sum[i] + (*rhs)[i]);
-    return output->write_stored(context.device, sum);
+    std::vector<float>& values = *lhs;
+    for (std::size_t i = 0; i < values.size(); ++i) values[i] = round_to(dtype, values[i] + (*rhs)[i]);
+    return output.write_stored(context.device, values);
   };
-  if (auto run = run_program(mesh, program); !run) return tl::unexpected(std::move(run.error()));
-  return std::move(*output);
+  return run_into_new_tensor(mesh, add_program(a.shard_spec()), a.shape(), a, std::move(name), sum);
 }
 
 Result<Tensor> matmul(MeshDevice& mesh, const Tensor& a, const Tensor& b, std::string name) {
@@ -155,11 +163,8 @@ Result<Tensor> matmul(MeshDevice& mesh, const Tensor& a, const Tensor& b, std::s
     }
   }
   const TensorShape out_shape = sa.with_dim(rank - 1, sb[rank - 1]);
-  auto output = Tensor::allocate(mesh, out_shape, a.dtype(), a.layout(), a.placements(), std::move(name));
-  if (!output) return tl::unexpected(std::move(output.error()));
-  Program program = matmul_program(a.shard_spec(), b.shard_spec());
   const DataType dtype = a.dtype();
-  program.body = [&](const ProgramContext& context) -> Result<void> {
+  const auto multiply = [&](const ProgramContext& context, Tensor& output) -> Result<void> {
     auto lhs = a.read_shard(context.device);
     if (!lhs) return tl::unexpected(std::move(lhs.error()));
     auto rhs = b.read_shard(context.device);
@@ -168,7 +173,7 @@ Result<Tensor> matmul(MeshDevice& mesh, const Tensor& a, const Tensor& b, std::s
     const std::uint64_t m = lhs->shape.height();
     const std::uint64_t k = lhs->shape.width();
     const std::uint64_t n = rhs->shape.width();
-    HostTensor product{.shape = output->shard_spec().shape, .values = std::vector<float>(batch * m * n, 0.0F)};
+    HostTensor product{.shape = output.shard_spec().shape, .values = std::vector<float>(batch * m * n, 0.0F)};
     for (std::uint64_t bi = 0; bi < batch; ++bi) {
       const float* x = lhs->values.data() + bi * m * k;
       const float* y = rhs->values.data() + bi * k * n;
@@ -182,10 +187,10 @@ Result<Tensor> matmul(MeshDevice& mesh, const Tensor& a, const Tensor& b, std::s
       }
     }
     for (float& v : product.values) v = round_to(dtype, v);
-    return output->write_shard(context.device, product);
+    return output.write_shard(context.device, product);
   };
-  if (auto run = run_program(mesh, program); !run) return tl::unexpected(std::move(run.error()));
-  return std::move(*output);
+  return run_into_new_tensor(mesh, matmul_program(a.shard_spec(), b.shard_spec()), out_shape, a, std::move(name),
+                             multiply);
 }
 
 }  // namespace meshrt

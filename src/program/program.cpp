@@ -78,14 +78,10 @@ Result<MeshBuffer> load_binaries(MeshDevice& mesh, const Program& program) {
 // A circular buffer of every worker core: one L1 page of `total_size` bytes per bank. (Allocator
 // figures are per bank, and every core's L1 is one bank.)
 Result<MeshBuffer> allocate_circular_buffer(MeshDevice& mesh, const Program& program, const CircularBufferConfig& cb) {
-  const std::uint32_t cores = mesh.spec().l1.bank_count;
-  const auto bytes = checked_multiply(cb.total_size, cores);
-  if (!bytes) {
-    return fail(ErrorCode::invalid_argument, fmt::format("program {}: circular buffer {} of {} bytes per core overflows",
-                                                         program.name, cb.index, cb.total_size));
-  }
+  // check() bounds total_size by one core's L1, so this is at most the device's whole L1.
+  const std::uint64_t bytes = cb.total_size * mesh.spec().l1.bank_count;
   auto buffer = MeshBuffer::create(
-      mesh, ReplicatedBufferConfig{.size = *bytes, .name = fmt::format("{} cb {}", program.name, cb.index)},
+      mesh, ReplicatedBufferConfig{.size = bytes, .name = fmt::format("{} cb {}", program.name, cb.index)},
       DeviceLocalBufferConfig{.page_size = cb.total_size,
                               .buffer_type = BufferType::l1,
                               .category = AllocationCategory::circular_buffer});

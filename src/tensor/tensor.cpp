@@ -8,6 +8,7 @@ module;
 #include <cstring>
 #include <initializer_list>
 #include <optional>
+#include <random>
 #include <span>
 #include <string>
 #include <string_view>
@@ -106,6 +107,15 @@ std::string to_string(const TensorShape& shape) {
   return shape.rank() == 1 ? fmt::format("({},)", shape[0]) : fmt::format("({})", fmt::join(shape.dims(), ", "));
 }
 
+HostTensor random_host_tensor(const TensorShape& shape, std::uint32_t seed) {
+  // mt19937's sequence is fixed by the standard; the distributions are not, so scale by hand.
+  std::mt19937 generator(seed);
+  HostTensor host{.shape = shape, .values = std::vector<float>(shape.volume())};
+  // The top 24 bits are exact in a float: k / 2^23 - 1 for k < 2^24 stays below 1.
+  for (float& v : host.values) v = static_cast<float>(generator() >> 8U) / 8388608.0F - 1.0F;
+  return host;
+}
+
 MeshMapperConfig MeshMapperConfig::replicate(MeshShape mesh_shape) {
   return {.placements = {PlacementReplicate{}, PlacementReplicate{}}, .mesh_shape = mesh_shape};
 }
@@ -170,47 +180,40 @@ Dims4 shard_origin(const TensorShape& shard, const std::vector<Placement>& place
   return origin;
 }
 
-// Logical row-major values to stored order: tiles of 32x32 (row-major within and between
-// tiles, zero padding) or rows as they are.
-std::vector<float> to_stored(const TensorSpec& spec, std::span<const float> logical) {
-  if (spec.layout == Layout::row_major) return {logical.begin(), logical.end()};
+// Calls visit(logical, stored) for every element of a tiled tensor: its index in row-major
+// order, and in stored order (tiles of 32x32, row-major within and between tiles; the padding
+// is never visited).
+template <class Visit>
+void for_each_tiled_element(const TensorSpec& spec, Visit visit) {
   const std::uint64_t h = spec.shape.height();
   const std::uint64_t w = spec.shape.width();
   const std::uint64_t hp = spec.padded_height();
   const std::uint64_t wp = spec.padded_width();
   const std::uint64_t tiles_per_row = wp / tile_width;
-  std::vector<float> stored(spec.stored_values(), 0.0F);
+  constexpr std::uint64_t tile_values = std::uint64_t{tile_height} * tile_width;
   for (std::uint64_t b = 0; b < spec.shape.batch(); ++b) {
     for (std::uint64_t row = 0; row < h; ++row) {
-      const std::uint64_t tile_row_base = b * hp * wp + (row / tile_height) * tiles_per_row * tile_height * tile_width +
-                                          (row % tile_height) * tile_width;
+      const std::uint64_t tile_row_base =
+          b * hp * wp + (row / tile_height) * tiles_per_row * tile_values + (row % tile_height) * tile_width;
       for (std::uint64_t col = 0; col < w; ++col) {
-        stored[tile_row_base + (col / tile_width) * tile_height * tile_width + col % tile_width] =
-            logical[(b * h + row) * w + col];
+        visit((b * h + row) * w + col, tile_row_base + (col / tile_width) * tile_values + col % tile_width);
       }
     }
   }
+}
+
+// Logical row-major values to stored order: tiles with zero padding, or rows as they are.
+std::vector<float> to_stored(const TensorSpec& spec, std::span<const float> logical) {
+  if (spec.layout == Layout::row_major) return {logical.begin(), logical.end()};
+  std::vector<float> stored(spec.stored_values(), 0.0F);
+  for_each_tiled_element(spec, [&](std::uint64_t at, std::uint64_t stored_at) { stored[stored_at] = logical[at]; });
   return stored;
 }
 
 std::vector<float> from_stored(const TensorSpec& spec, std::span<const float> stored) {
   if (spec.layout == Layout::row_major) return {stored.begin(), stored.end()};
-  const std::uint64_t h = spec.shape.height();
-  const std::uint64_t w = spec.shape.width();
-  const std::uint64_t hp = spec.padded_height();
-  const std::uint64_t wp = spec.padded_width();
-  const std::uint64_t tiles_per_row = wp / tile_width;
   std::vector<float> logical(spec.shape.volume());
-  for (std::uint64_t b = 0; b < spec.shape.batch(); ++b) {
-    for (std::uint64_t row = 0; row < h; ++row) {
-      const std::uint64_t tile_row_base = b * hp * wp + (row / tile_height) * tiles_per_row * tile_height * tile_width +
-                                          (row % tile_height) * tile_width;
-      for (std::uint64_t col = 0; col < w; ++col) {
-        logical[(b * h + row) * w + col] =
-            stored[tile_row_base + (col / tile_width) * tile_height * tile_width + col % tile_width];
-      }
-    }
-  }
+  for_each_tiled_element(spec, [&](std::uint64_t at, std::uint64_t stored_at) { logical[at] = stored[stored_at]; });
   return logical;
 }
 

@@ -103,6 +103,75 @@ TEST_SUITE("integration") {
     CHECK(fixture.smi({"--verify"}).first == 0);
   }
 
+  TEST_CASE("the seed's tensor test through the server: each step's figures in meshrt-smi follow from the layout") {
+    // Shapes divided by 4 (sanitizer builds run this too): a and b are (8, 8, 128, 128), x is
+    // (8, 8, 64, 32), y (8, 8, 32, 64), sharded on dims 0 and 1 over 2x4: a batch of 4 * 2 per device.
+    constexpr std::uint64_t bf16 = 2;
+    constexpr std::uint64_t batch = 4 * 2;
+    constexpr std::uint64_t side = 512 / 4;
+    constexpr std::uint64_t outer = 256 / 4;
+    constexpr std::uint64_t inner = 128 / 4;
+    constexpr std::uint64_t ab = batch * side * side * bf16;  // whole 32x32 tiles: no padding
+    constexpr std::uint64_t x = batch * outer * inner * bf16;
+    constexpr std::uint64_t y = batch * inner * outer * bf16;
+    constexpr std::uint64_t product = batch * outer * outer * bf16;
+    constexpr std::uint64_t binaries = 6144 + 8192 + 4096;  // reader, compute, writer of one operation
+    struct Step {
+      std::uint64_t tensors;   // DRAM of category buffer
+      std::uint64_t programs;  // DRAM of category program
+      std::uint64_t system_dram;
+      std::uint64_t system_l1;
+    };
+    const std::vector<Step> steps{
+        {0, 0, system_dram, system_l1},                                    // opened
+        {ab, 0, system_dram, system_l1},                                   // a
+        {2 * ab, 0, system_dram, system_l1},                               // b
+        {3 * ab, binaries, system_dram, system_l1},                        // a + b
+        {3 * ab + x + y + product, 2 * binaries, system_dram, system_l1},  // x, y, x @ y
+        {2 * ab + x + y + product, 2 * binaries, system_dram, system_l1},  // deallocated a
+        {ab + x + y + product, 2 * binaries, system_dram, system_l1},      // b
+        {x + y + product, 2 * binaries, system_dram, system_l1},           // a + b
+        {y + product, 2 * binaries, system_dram, system_l1},               // x
+        {product, 2 * binaries, system_dram, system_l1},                   // y
+        {0, 2 * binaries, system_dram, system_l1},                         // x @ y
+        {0, 0, system_dram, system_l1},                                    // the program cache cleared
+        {0, 0, 0, 0},                                                      // the mesh closed
+    };
+    Fixture fixture;
+    auto demo = fixture.demo({"--scenario", "tensors", "--scale-down", "4", "--hold", "120"});
+    for (std::size_t step = 1; step <= steps.size(); ++step) {
+      CAPTURE(step);
+      const std::string holding = fmt::format("holding after step {} ", step);
+      REQUIRE(eventually([&] { return demo->standard_output().find(holding) != std::string::npos; }, 120s));
+      const Step& want = steps[step - 1];
+      // The demo's events reach the server a moment after its own figures: wait for the last.
+      const auto matches = [&](const json& summary) {
+        for (std::uint32_t device = 0; device < 8; ++device) {
+          if (used(summary, device, "dram", "buffer") != want.tensors ||
+              used(summary, device, "dram", "program") != want.programs ||
+              used(summary, device, "dram", "system") != want.system_dram ||
+              used(summary, device, "l1", "system") != want.system_l1 ||
+              used(summary, device, "l1", "circular_buffer") != 0 ||  // a program's, for its run alone
+              used(summary, device, "dram") != want.tensors + want.programs + want.system_dram) {
+            return false;
+          }
+        }
+        return true;
+      };
+      const bool reached = eventually([&] { return matches(fixture.summary()); }, 30s);
+      CHECK_MESSAGE(reached, fixture.summary().dump(1));
+      demo->signal(SIGUSR1);
+    }
+    REQUIRE(demo->wait_for(120s) == 0);
+    CHECK(demo->standard_output().find("Active allocations: 0") != std::string::npos);
+    REQUIRE(eventually([&] { return fixture.summary()["processes"].empty(); }));
+    const json after = fixture.summary();
+    CHECK(after["active_allocations"] == 0);
+    CHECK(after["unknown_deallocations"] == 0);
+    CHECK(after["double_deallocations"] == 0);
+    CHECK(after["total_allocations"] == after["total_deallocations"]);
+  }
+
   TEST_CASE("8 clients at once, each with several threads: the ledger ends exact") {
     Fixture fixture;
     std::vector<std::unique_ptr<ChildProcess>> clients;

@@ -4,6 +4,7 @@ module;
 #include <cstdlib>
 #include <filesystem>
 #include <map>
+#include <memory>
 #include <string>
 #include <mutex>
 #include <span>
@@ -126,6 +127,21 @@ class EventLog final : public EventProcessor {
   std::vector<AllocationEvent> events_;
   std::uint64_t batches_{};
   std::uint64_t ranges_{};
+};
+
+// A tracker with an EventLog (the exactly-once check) and a LiveBufferTable (the figures per
+// device, type and category) behind it: what a test of a mesh's buffers observes.
+struct Observed {
+  std::shared_ptr<Tracker> tracker = std::make_shared<Tracker>();
+  std::shared_ptr<EventLog> log = std::make_shared<EventLog>();
+  std::shared_ptr<LiveBufferTable> table = std::make_shared<LiveBufferTable>();
+  Observed() {
+    tracker->add_processor(log);
+    tracker->add_processor(table);
+  }
+  [[nodiscard]] LiveBufferSummary on(std::uint32_t device, BufferType type, AllocationCategory category) const {
+    return table->summary(DeviceId{device}, type, category);
+  }
 };
 
 // A private directory under /tmp, removed with everything in it.

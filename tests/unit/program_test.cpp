@@ -15,19 +15,6 @@ using namespace meshrt;
 
 namespace {
 
-struct Observed {
-  std::shared_ptr<Tracker> tracker = std::make_shared<Tracker>();
-  std::shared_ptr<testing::EventLog> log = std::make_shared<testing::EventLog>();
-  std::shared_ptr<LiveBufferTable> table = std::make_shared<LiveBufferTable>();
-  Observed() {
-    tracker->add_processor(log);
-    tracker->add_processor(table);
-  }
-  [[nodiscard]] LiveBufferSummary on(std::uint32_t device, BufferType type, AllocationCategory category) const {
-    return table->summary(DeviceId{device}, type, category);
-  }
-};
-
 Program sample_program(std::string key = "sample (32, 32) bfloat16") {
   return Program{.name = "sample",
                  .cache_key = std::move(key),
@@ -41,7 +28,7 @@ Program sample_program(std::string key = "sample (32, 32) bfloat16") {
 
 TEST_SUITE("programs") {
   TEST_CASE("a run takes its circular buffers on every core while it runs, and caches its binaries") {
-    Observed observed;
+    testing::Observed observed;
     auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     Program program = sample_program();
     std::vector<LiveBufferSummary> seen_during_run;
@@ -97,7 +84,7 @@ TEST_SUITE("programs") {
   }
 
   TEST_CASE("a program that fails midway frees its circular buffers, and its Error names the device") {
-    Observed observed;
+    testing::Observed observed;
     auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     Program program = sample_program();
     program.body = [](const ProgramContext& context) -> Result<void> {
@@ -117,7 +104,7 @@ TEST_SUITE("programs") {
   }
 
   TEST_CASE("circular buffers that do not fit beside the live L1 buffers are an Error with the figures") {
-    Observed observed;
+    testing::Observed observed;
     auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     const std::uint64_t bank = mesh.spec().l1.bank_size;
     // Leave 6 KiB free per core: the first circular buffer (4 KiB) fits, the second (8 KiB) does not.
@@ -139,7 +126,7 @@ TEST_SUITE("programs") {
   }
 
   TEST_CASE("a disabled cache loads binaries per run and frees them after, keeping what it holds") {
-    Observed observed;
+    testing::Observed observed;
     auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     REQUIRE(run_program(mesh, sample_program("first")).has_value());
     mesh.disable_program_cache();
@@ -161,7 +148,7 @@ TEST_SUITE("programs") {
   }
 
   TEST_CASE("closing a mesh frees the cached binaries once, reason device_closed") {
-    Observed observed;
+    testing::Observed observed;
     auto mesh = MeshDevice::create({2, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     REQUIRE(run_program(mesh, sample_program("a")).has_value());
     REQUIRE(run_program(mesh, sample_program("b")).has_value());
@@ -185,7 +172,7 @@ TEST_SUITE("programs") {
   }
 
   TEST_CASE("malformed programs are Errors before anything is allocated") {
-    Observed observed;
+    testing::Observed observed;
     auto mesh = MeshDevice::create({1, 1}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), observed.tracker).value();
     Program no_kernels = sample_program();
     no_kernels.kernels.clear();

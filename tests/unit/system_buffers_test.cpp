@@ -19,16 +19,6 @@ DeviceSpec with_system_buffers(DeviceSpec spec) {
   return spec;
 }
 
-struct Observed {
-  std::shared_ptr<Tracker> tracker = std::make_shared<Tracker>();
-  std::shared_ptr<testing::EventLog> log = std::make_shared<testing::EventLog>();
-  std::shared_ptr<LiveBufferTable> table = std::make_shared<LiveBufferTable>();
-  Observed() {
-    tracker->add_processor(log);
-    tracker->add_processor(table);
-  }
-};
-
 }  // namespace
 
 TEST_SUITE("system buffers") {
@@ -50,7 +40,7 @@ TEST_SUITE("system buffers") {
   }
 
   TEST_CASE("opening a 2x4 mesh reports each device's system buffers, category system, and close frees them last") {
-    Observed observed;
+    testing::Observed observed;
     const DeviceSpec spec = with_system_buffers(DeviceSpec::wormhole_b0());
     auto mesh = MeshDevice::create({2, 4}, spec, observed.tracker).value();
     // Three system buffers per device: command queue and DRAM dispatch, L1 dispatch.
@@ -94,7 +84,7 @@ TEST_SUITE("system buffers") {
   }
 
   TEST_CASE("successive meshes in one process leave nothing behind, and every id is allocated and freed once") {
-    Observed observed;
+    testing::Observed observed;
     for (int run = 0; run < 3; ++run) {
       auto mesh = MeshDevice::create({1, 2}, with_system_buffers(DeviceSpec::blackhole()), observed.tracker).value();
       CHECK(observed.table->active_allocations() == 3 * 2);
@@ -108,7 +98,7 @@ TEST_SUITE("system buffers") {
   }
 
   TEST_CASE("system buffers that do not fit are an Error that names them, and nothing is left allocated") {
-    Observed observed;
+    testing::Observed observed;
     DeviceSpec spec = with_system_buffers(DeviceSpec::wormhole_b0());
     spec.system_buffers.l1_dispatch = spec.l1.total_bytes() + 4096 * 64;  // more than all of L1
     const auto refused = MeshDevice::create({2, 2}, spec, observed.tracker);

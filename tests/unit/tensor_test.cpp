@@ -1,6 +1,7 @@
 // Tensors on a mesh and the operations on them (ADR 0021): placement by mesh mappers, gathering
 // by composers, add and matmul against a host reference, and the memory each step takes, as the
 // layout implies it (shapes, tiles, pages), reported once and freed once per category.
+#include <algorithm>
 #include <cmath>
 #include <cstddef>
 #include <cstdint>
@@ -18,27 +19,6 @@ import meshrt.testing;
 using namespace meshrt;
 
 namespace {
-
-struct Observed {
-  std::shared_ptr<Tracker> tracker = std::make_shared<Tracker>();
-  std::shared_ptr<testing::EventLog> log = std::make_shared<testing::EventLog>();
-  std::shared_ptr<LiveBufferTable> table = std::make_shared<LiveBufferTable>();
-  Observed() {
-    tracker->add_processor(log);
-    tracker->add_processor(table);
-  }
-  [[nodiscard]] LiveBufferSummary on(std::uint32_t device, BufferType type, AllocationCategory category) const {
-    return table->summary(DeviceId{device}, type, category);
-  }
-};
-
-HostTensor random_tensor(const TensorShape& shape, std::uint32_t seed) {
-  std::mt19937 generator(seed);
-  std::uniform_real_distribution<float> uniform(-1.0F, 1.0F);
-  HostTensor host{.shape = shape, .values = std::vector<float>(shape.volume())};
-  for (float& v : host.values) v = uniform(generator);
-  return host;
-}
 
 std::vector<float> rounded(DataType dtype, const std::vector<float>& values) {
   std::vector<float> out(values.size());
@@ -114,6 +94,21 @@ TEST_SUITE("tensors") {
     CHECK(rows.bytes() == 3ULL * 40 * 50 * 2);
   }
 
+  TEST_CASE("random host tensors: uniform from -1 up to 1, the same for a seed, different across seeds") {
+    const HostTensor a = random_host_tensor({4, 64, 64}, 7);
+    REQUIRE(a.values.size() == 4 * 64 * 64);
+    CHECK(a.shape == TensorShape{4, 64, 64});
+    CHECK(std::ranges::all_of(a.values, [](float v) { return v >= -1.0F && v < 1.0F; }));
+    const auto [low, high] = std::ranges::minmax(a.values);
+    CHECK(low < -0.99F);  // 16384 draws reach both ends
+    CHECK(high > 0.99F);
+    double mean = 0;
+    for (const float v : a.values) mean += v;
+    CHECK(std::fabs(mean / static_cast<double>(a.values.size())) < 0.05);
+    CHECK(random_host_tensor({4, 64, 64}, 7).values == a.values);
+    CHECK(random_host_tensor({4, 64, 64}, 8).values != a.values);
+  }
+
   TEST_CASE("mesh mappers: shards, replicas and the Errors that name the shapes") {
     const MeshShape t3000{2, 4};
     CHECK(shard_shape({8, 8, 512, 512}, {PlacementShard{0}, PlacementShard{1}}, t3000).value() ==
@@ -130,10 +125,10 @@ TEST_SUITE("tensors") {
     CHECK(shard_shape({8, 8}, {PlacementShard{0}}, t3000).error().message ==
           "a mesh mapper has one placement per mesh dimension (rows, columns): 2, not 1");
 
-    Observed observed;
+    testing::Observed observed;
     auto mesh = MeshDevice::create(t3000, DeviceSpec::wormhole_b0(), observed.tracker).value();
     const auto opened = observed.log->events().size();  // the mesh's system buffers
-    const HostTensor host = random_tensor({6, 8}, 1);
+    const HostTensor host = random_host_tensor({6, 8}, 1);
     const auto uneven = Tensor::from_host(mesh, host, DataType::bfloat16, Layout::tile,
                                           mapper({PlacementShard{1}, PlacementShard{0}}, t3000));
     REQUIRE_FALSE(uneven.has_value());
@@ -151,7 +146,7 @@ TEST_SUITE("tensors") {
     for (const MeshShape shape : {MeshShape{1, 1}, MeshShape{1, 2}, MeshShape{2, 4}, MeshShape{8, 4}}) {
       auto mesh = MeshDevice::create(shape, DeviceSpec::wormhole_b0(), std::make_shared<Tracker>()).value();
       const TensorShape global{8, 4, 40, 72};  // 40 x 72 pads to 64 x 96 in tiles
-      const HostTensor host = random_tensor(global, shape.device_count());
+      const HostTensor host = random_host_tensor(global, shape.device_count());
       for (const DataType dtype : {DataType::bfloat16, DataType::float32}) {
         for (const Layout layout : {Layout::tile, Layout::row_major}) {
           for (const auto& placements : std::vector<std::vector<Placement>>{
@@ -222,8 +217,8 @@ TEST_SUITE("tensors") {
             }
           };
           const TensorShape ab{8, 4, 40, 64};
-          const HostTensor a = random_tensor(ab, 11);
-          const HostTensor b = random_tensor(ab, 12);
+          const HostTensor a = random_host_tensor(ab, 11);
+          const HostTensor b = random_host_tensor(ab, 12);
           const auto ta = Tensor::from_host(mesh, a, dtype, Layout::tile, placed).value();
           const auto tb = Tensor::from_host(mesh, b, dtype, Layout::tile, placed).value();
           const auto sum = add(mesh, ta, tb);
@@ -234,8 +229,8 @@ TEST_SUITE("tensors") {
           for (std::size_t i = 0; i < want_sum.size(); ++i) want_sum[i] = ra[i] + rb[i];
           compare(*sum, ab, want_sum);
 
-          const HostTensor x = random_tensor({8, 4, 40, 24}, 13);
-          const HostTensor y = random_tensor({8, 4, 24, 36}, 14);
+          const HostTensor x = random_host_tensor({8, 4, 40, 24}, 13);
+          const HostTensor y = random_host_tensor({8, 4, 24, 36}, 14);
           const auto tx = Tensor::from_host(mesh, x, dtype, Layout::tile, placed).value();
           const auto ty = Tensor::from_host(mesh, y, dtype, Layout::tile, placed).value();
           const auto product = matmul(mesh, tx, ty);
@@ -248,14 +243,14 @@ TEST_SUITE("tensors") {
   }
 
   TEST_CASE("operations check their operands before anything is allocated") {
-    Observed observed;
+    testing::Observed observed;
     const MeshShape shape{2, 4};
     auto mesh = MeshDevice::create(shape, DeviceSpec::wormhole_b0(), observed.tracker).value();
     const MeshMapperConfig sharded = mapper({PlacementShard{0}, PlacementShard{1}}, shape);
-    auto a = Tensor::from_host(mesh, random_tensor({2, 4, 32, 64}, 1), DataType::bfloat16, Layout::tile, sharded).value();
-    auto b = Tensor::from_host(mesh, random_tensor({2, 4, 64, 32}, 2), DataType::bfloat16, Layout::tile, sharded).value();
-    auto c = Tensor::from_host(mesh, random_tensor({2, 4, 32, 64}, 3), DataType::float32, Layout::tile, sharded).value();
-    auto d = Tensor::from_host(mesh, random_tensor({2, 4, 32, 64}, 4), DataType::bfloat16, Layout::tile,
+    auto a = Tensor::from_host(mesh, random_host_tensor({2, 4, 32, 64}, 1), DataType::bfloat16, Layout::tile, sharded).value();
+    auto b = Tensor::from_host(mesh, random_host_tensor({2, 4, 64, 32}, 2), DataType::bfloat16, Layout::tile, sharded).value();
+    auto c = Tensor::from_host(mesh, random_host_tensor({2, 4, 32, 64}, 3), DataType::float32, Layout::tile, sharded).value();
+    auto d = Tensor::from_host(mesh, random_host_tensor({2, 4, 32, 64}, 4), DataType::bfloat16, Layout::tile,
                                MeshMapperConfig::replicate(shape))
                  .value();
     const auto events = observed.log->events().size();
@@ -266,8 +261,8 @@ TEST_SUITE("tensors") {
           "add: operands are placed differently: a [shard(0), shard(1)], b [replicate, replicate]");
     CHECK(matmul(mesh, a, a).error().message ==
           "matmul: cannot multiply (2, 4, 32, 64) by (2, 4, 32, 64): a's last dim is not b's second-to-last");
-    auto wide = Tensor::from_host(mesh, random_tensor({2, 64}, 5), DataType::bfloat16, Layout::tile, sharded).value();
-    auto tall = Tensor::from_host(mesh, random_tensor({64, 4}, 6), DataType::bfloat16, Layout::tile, sharded).value();
+    auto wide = Tensor::from_host(mesh, random_host_tensor({2, 64}, 5), DataType::bfloat16, Layout::tile, sharded).value();
+    auto tall = Tensor::from_host(mesh, random_host_tensor({64, 4}, 6), DataType::bfloat16, Layout::tile, sharded).value();
     const auto after_wide = observed.log->events().size();
     CHECK(matmul(mesh, wide, tall).error().message ==
           "matmul: cannot multiply (2, 64) by (64, 4): each device multiplies its own shards, so only batch dims may "
@@ -282,7 +277,7 @@ TEST_SUITE("tensors") {
     // The seed's shapes scaled down (the demo and the bench run them whole): a half and a quarter of each side.
     const std::uint32_t side = testing::sanitized_build ? 64 : 256;
     const std::uint32_t mm = testing::sanitized_build ? 64 : 128;
-    Observed observed;
+    testing::Observed observed;
     const MeshShape shape{2, 4};
     auto mesh = MeshDevice::create(shape, DeviceSpec::wormhole_b0(), observed.tracker).value();
     const MeshMapperConfig sharded = mapper({PlacementShard{0}, PlacementShard{1}}, shape);
@@ -291,9 +286,9 @@ TEST_SUITE("tensors") {
       return observed.on(device, BufferType::dram, AllocationCategory::buffer);
     };
 
-    auto a = Tensor::from_host(mesh, random_tensor({8, 8, side, side}, 1), DataType::bfloat16, Layout::tile, sharded).value();
+    auto a = Tensor::from_host(mesh, random_host_tensor({8, 8, side, side}, 1), DataType::bfloat16, Layout::tile, sharded).value();
     for (std::uint32_t device = 0; device < 8; ++device) CHECK(dram_buffers(device) == LiveBufferSummary{1, tensor_bytes});
-    auto b = Tensor::from_host(mesh, random_tensor({8, 8, side, side}, 2), DataType::bfloat16, Layout::tile, sharded).value();
+    auto b = Tensor::from_host(mesh, random_host_tensor({8, 8, side, side}, 2), DataType::bfloat16, Layout::tile, sharded).value();
     for (std::uint32_t device = 0; device < 8; ++device) CHECK(dram_buffers(device) == LiveBufferSummary{2, 2 * tensor_bytes});
 
     auto sum = add(mesh, a, b).value();
@@ -313,8 +308,8 @@ TEST_SUITE("tensors") {
     }
     CHECK(cb_allocs == 3 * 8);
 
-    auto x = Tensor::from_host(mesh, random_tensor({8, 8, mm, 128}, 3), DataType::bfloat16, Layout::tile, sharded).value();
-    auto y = Tensor::from_host(mesh, random_tensor({8, 8, 128, mm}, 4), DataType::bfloat16, Layout::tile, sharded).value();
+    auto x = Tensor::from_host(mesh, random_host_tensor({8, 8, mm, 128}, 3), DataType::bfloat16, Layout::tile, sharded).value();
+    auto y = Tensor::from_host(mesh, random_host_tensor({8, 8, 128, mm}, 4), DataType::bfloat16, Layout::tile, sharded).value();
     auto product = matmul(mesh, x, y).value();
     const std::uint64_t x_bytes = 4ULL * 2 * mm * 128 * 2;
     const std::uint64_t product_bytes = 4ULL * 2 * mm * mm * 2;
@@ -348,11 +343,11 @@ TEST_SUITE("tensors") {
   }
 
   TEST_CASE("closing a mesh with live tensors and cached programs frees everything once, device_closed") {
-    Observed observed;
+    testing::Observed observed;
     const MeshShape shape{1, 2};
     auto mesh = MeshDevice::create(shape, DeviceSpec::wormhole_b0(), observed.tracker).value();
     const MeshMapperConfig sharded = mapper({PlacementReplicate{}, PlacementShard{0}}, shape);
-    auto a = Tensor::from_host(mesh, random_tensor({4, 64, 64}, 1), DataType::bfloat16, Layout::tile, sharded).value();
+    auto a = Tensor::from_host(mesh, random_host_tensor({4, 64, 64}, 1), DataType::bfloat16, Layout::tile, sharded).value();
     auto b = add(mesh, a, a).value();
     const auto frees_before = observed.log->of_kind(EventKind::free).size();
     mesh.close();
@@ -386,7 +381,7 @@ TEST_SUITE("tensors") {
       CAPTURE(seed);  // rerun one sequence by fixing this seed
       std::mt19937_64 random(seed);
       const auto pick = [&](std::uint64_t n) { return std::uniform_int_distribution<std::uint64_t>(0, n - 1)(random); };
-      Observed observed;
+      testing::Observed observed;
       const std::vector<MeshShape> shapes{{1, 1}, {1, 2}, {2, 2}, {2, 4}};
       const MeshShape shape = shapes[pick(shapes.size())];
       DeviceSpec spec = DeviceSpec::wormhole_b0();
@@ -401,7 +396,7 @@ TEST_SUITE("tensors") {
           case 0:
           case 1: {  // a new tensor, one of two shapes so that operations find partners
             const std::uint32_t side = pick(2) == 0 ? 32 : 48;
-            auto t = Tensor::from_host(mesh, random_tensor({8, 4, side, side}, static_cast<std::uint32_t>(step)),
+            auto t = Tensor::from_host(mesh, random_host_tensor({8, 4, side, side}, static_cast<std::uint32_t>(step)),
                                        DataType::bfloat16, pick(2) == 0 ? Layout::tile : Layout::row_major, placed);
             if (closed) {
               CHECK_FALSE(t.has_value());

@@ -44,6 +44,15 @@ void meshrt_demo::hold(double seconds) {
   hold_ended = 0;
 }
 
+int meshrt_demo::end_of_run(std::uint64_t active, std::uint64_t unknown_frees, std::uint64_t duplicate_allocations) {
+  if (unknown_frees != 0 || duplicate_allocations != 0) {
+    fmt::print(stderr, "meshrt-demo: tracker saw {} unknown frees and {} duplicate allocations\n", unknown_frees,
+               duplicate_allocations);
+  }
+  fmt::print("Active allocations: {}\n", active);
+  return active == 0 && unknown_frees == 0 && duplicate_allocations == 0 ? 0 : 1;
+}
+
 namespace {
 
 using meshrt_demo::hold;
@@ -218,13 +227,7 @@ int run(int argc, char** argv) {
   }
   print_figures(*mesh, *live);
   mesh->close();
-  const bool clean = live->unknown_frees() == 0 && live->duplicate_allocations() == 0;
-  if (!clean) {
-    fmt::print(stderr, "meshrt-demo: tracker saw {} unknown frees and {} duplicate allocations\n",
-               live->unknown_frees(), live->duplicate_allocations());
-  }
-  fmt::print("Active allocations: {}\n", live->active_allocations());
-  return clean && live->active_allocations() == 0 ? 0 : 1;
+  return meshrt_demo::end_of_run(live->active_allocations(), live->unknown_frees(), live->duplicate_allocations());
 }
 
 }  // namespace

@@ -21,4 +21,9 @@ int run_tensor_scenario(const TensorScenarioOptions& options);
 // Waits up to `seconds`, or until SIGUSR1 (main.cpp installs the handler).
 void hold(double seconds);
 
+// What the tracker saw when the run ended (the mesh closed): prints "Active allocations: N" (the
+// line tools/dev and the tests read) and any unknown frees or duplicate allocations on stderr;
+// the exit code, 0 only when all three are 0.
+int end_of_run(std::uint64_t active, std::uint64_t unknown_frees, std::uint64_t duplicate_allocations);
+
 }  // namespace meshrt_demo

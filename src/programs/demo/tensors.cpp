@@ -10,7 +10,6 @@
 #include <cstdint>
 #include <cstdio>
 #include <memory>
-#include <random>
 #include <string>
 #include <string_view>
 #include <utility>
@@ -28,11 +27,10 @@ namespace meshrt_demo {
 
 namespace {
 
+// The inputs as a bfloat16 device holds them, so that host math starts from the same values.
 HostTensor random_tensor(const TensorShape& shape, std::uint32_t seed) {
-  std::mt19937 generator(seed);
-  std::uniform_real_distribution<float> uniform(-1.0F, 1.0F);
-  HostTensor host{.shape = shape, .values = std::vector<float>(shape.volume())};
-  for (float& v : host.values) v = round_to(DataType::bfloat16, uniform(generator));
+  HostTensor host = random_host_tensor(shape, seed);
+  for (float& v : host.values) v = round_to(DataType::bfloat16, v);
   return host;
 }
 
@@ -189,8 +187,6 @@ int run_tensor_scenario(const TensorScenarioOptions& options) {
     fmt::print(stderr, "meshrt-demo: {}\n", (!shape ? shape.error() : spec.error()).message);
     return 2;
   }
-  // The seed's devices had their command queues and dispatch buffers (ADR 0020).
-  spec->system_buffers = SystemBuffers::defaults(spec->l1.bank_count);
   auto tracker = Tracker::process_default();
   auto live = std::make_shared<LiveBufferTable>();
   tracker->add_processor(live);
@@ -205,13 +201,7 @@ int run_tensor_scenario(const TensorScenarioOptions& options) {
       return 1;
     }
   }
-  const bool clean = live->unknown_frees() == 0 && live->duplicate_allocations() == 0;
-  if (!clean) {
-    fmt::print(stderr, "meshrt-demo: tracker saw {} unknown frees and {} duplicate allocations\n",
-               live->unknown_frees(), live->duplicate_allocations());
-  }
-  fmt::print("Active allocations: {}\n", live->active_allocations());
-  return clean && live->active_allocations() == 0 ? 0 : 1;
+  return end_of_run(live->active_allocations(), live->unknown_frees(), live->duplicate_allocations());
 }
 
 }  // namespace meshrt_demo
