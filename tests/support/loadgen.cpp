@@ -30,15 +30,12 @@
 #include <nlohmann/json.hpp>
 
 import meshrt;
+import meshrt.testing;
 
 namespace {
 // A test client counts every device buffer it makes: its meshes open without system buffers
 // (ADR 0020), which the demo's tests cover.
-meshrt::DeviceSpec client_spec() {
-  meshrt::DeviceSpec spec = meshrt::DeviceSpec::wormhole_b0();
-  spec.system_buffers = {};
-  return spec;
-}
+meshrt::DeviceSpec client_spec() { return meshrt::testing::without_system_buffers(meshrt::DeviceSpec::wormhole_b0()); }
 }  // namespace
 
 using namespace meshrt;

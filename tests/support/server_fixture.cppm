@@ -159,6 +159,16 @@ std::uint64_t used(const nlohmann::json& summary, std::uint32_t device, const ch
   return 0;
 }
 
+// What a summary must say once every client has ended well: nothing live, lost or unknown.
+void check_ledger_clean(const nlohmann::json& summary) {
+  CHECK(summary["active_allocations"] == 0);
+  CHECK(summary["unknown_deallocations"] == 0);
+  CHECK(summary["double_deallocations"] == 0);
+  CHECK(summary["reclaimed_allocations"] == 0);
+  CHECK(summary["leaked_at_exit"] == 0);
+  CHECK(summary["total_allocations"] == summary["total_deallocations"]);
+}
+
 // Bytes of device `device`'s memory of `type` in use (every category), as a summary says.
 std::uint64_t used(const nlohmann::json& summary, std::uint32_t device, const char* type) {
   for (const nlohmann::json& d : summary["devices"]) {
