@@ -92,4 +92,8 @@ class TrackingClient final : public EventProcessor {
 // True when MESHRT_ALLOC_TRACKING=1 (or TT_ALLOC_TRACKING_ENABLED=1, for users of tt-metal).
 [[nodiscard]] bool tracking_enabled_by_environment();
 
+// The client Tracker::process_default() streams to, when the environment turned tracking on;
+// null otherwise. For flushing before asking the server what is live (the pytest plugin does).
+[[nodiscard]] std::shared_ptr<TrackingClient> process_tracking_client();
+
 }  // namespace meshrt

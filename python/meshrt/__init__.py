@@ -48,10 +48,12 @@ from ._meshrt import (  # noqa: F401  (the public names)
     create_mesh_composer,
     create_mesh_mapper,
     deallocate,
+    flush_tracking,
     get_memory_view,
     matmul,
     open_mesh_device,
     to_numpy,
+    tracking_enabled,
 )
 from . import _meshrt
 

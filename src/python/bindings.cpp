@@ -5,10 +5,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include <algorithm>
+#include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <map>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -83,9 +87,65 @@ struct MeshComposer {
   MeshComposerConfig config;
 };
 
+// Each device's bytes in use and the most held at once since the last reset, per buffer type:
+// what meshrt_limit checks, for this process's meshes (device ids are per mesh: two meshes open
+// at once share their figures). Hooked buffers took no memory and are not counted.
+class PeakWatcher final : public EventProcessor {
+ public:
+  void process(std::span<const AllocationEvent> events) noexcept override {
+    const std::scoped_lock lock(mutex_);
+    for (const AllocationEvent& event : events) {
+      if (event.hooked) continue;
+      for (std::uint32_t i = 0; i < event.device_count; ++i) {
+        Usage& usage = usage_[{event.device.value() + i, event.type}];
+        if (event.kind == EventKind::allocate) {
+          usage.current += event.size;
+          usage.peak = std::max(usage.peak, usage.current);
+        } else {
+          usage.current -= std::min(usage.current, event.size);
+        }
+      }
+    }
+  }
+  void reset() {
+    const std::scoped_lock lock(mutex_);
+    for (auto& [key, usage] : usage_) usage.peak = usage.base = usage.current;
+  }
+  // {device: {"dram": bytes, "l1": bytes, ...}}: the peak above what was live at the last reset.
+  [[nodiscard]] std::map<std::uint32_t, std::map<std::string, std::uint64_t>> peaks() const {
+    const std::scoped_lock lock(mutex_);
+    std::map<std::uint32_t, std::map<std::string, std::uint64_t>> out;
+    for (const auto& [key, usage] : usage_) {
+      out[key.first][std::string(to_string(key.second))] = usage.peak - std::min(usage.peak, usage.base);
+    }
+    return out;
+  }
+
+ private:
+  struct Usage {
+    std::uint64_t current{};
+    std::uint64_t peak{};
+    std::uint64_t base{};  // live at the last reset
+  };
+  mutable std::mutex mutex_;
+  std::map<std::pair<std::uint32_t, BufferType>, Usage> usage_;
+};
+
+// Joins the process's tracker when the first mesh opens, not at import: the tracker is made on
+// first use, and the pytest plugin sets MESHRT_ALLOC_TRACKING after importing meshrt.
+PeakWatcher& peak_watcher() {
+  static const std::shared_ptr<PeakWatcher> watcher = [] {
+    auto made = std::make_shared<PeakWatcher>();
+    Tracker::process_default()->add_processor(made);
+    return made;
+  }();
+  return *watcher;
+}
+
 MeshHandle open_mesh_device(MeshShape shape, const std::string& spec_name) {
   DeviceSpec spec = unwrap(DeviceSpec::named(spec_name));
   py::gil_scoped_release unlocked;
+  (void)peak_watcher();
   return std::make_shared<MeshDevice>(unwrap(MeshDevice::create(shape, std::move(spec), Tracker::process_default())));
 }
 
@@ -343,6 +403,30 @@ PYBIND11_MODULE(_meshrt, m) {
         py::arg("a"), py::arg("b"), py::arg("name") = "", "a @ b over the last two dims, batched over the others.");
   m.def("deallocate", [](PyTensor& t) { t.tensor.deallocate(); }, py::arg("tensor"),
         "Frees the tensor on every device; idempotent.");
+
+  m.def("flush_tracking",
+        [](double timeout_seconds) {
+          const auto client = process_tracking_client();
+          if (!client) return false;
+          py::gil_scoped_release unlocked;
+          return client->flush(std::chrono::milliseconds(static_cast<std::int64_t>(timeout_seconds * 1000)));
+        },
+        py::arg("timeout_seconds") = 10.0,
+        "Waits until every allocation and free so far has reached the allocation server. False when tracking\n"
+        "is off (MESHRT_ALLOC_TRACKING unset) or the server did not take them within the timeout.");
+  m.def("_device_peaks", [] { return peak_watcher().peaks(); },
+        "{device: {buffer type: the most bytes held at once above what was live at _reset_device_peaks}}.");
+  m.def("_reset_device_peaks", [] { peak_watcher().reset(); }, "Starts the peaks over from what is live now.");
+  m.def("_shutdown_tracking",
+        [] {
+          if (const auto client = process_tracking_client()) {
+            py::gil_scoped_release unlocked;
+            client->shutdown();
+          }
+        },
+        "Flushes, says Goodbye to the server and stops streaming: for a test session about to stop its server.");
+  m.def("tracking_enabled", [] { return process_tracking_client() != nullptr; },
+        "True when this process streams its allocations to the allocation server.");
 
   py::class_<PyMeshBuffer>(m, "MeshBuffer", "A raw buffer replicated on every device: create_mesh_buffer makes one.")
       .def_property_readonly("address", [](const PyMeshBuffer& b) { return b.buffer.address(); })

@@ -41,6 +41,10 @@ void count_fork_in_child() {
 }
 std::once_flag fork_handler_installed;
 
+// The client client_from_environment() started for Tracker::process_default(), once it has.
+std::mutex environment_client_mutex;
+std::weak_ptr<TrackingClient> environment_client;
+
 std::string own_process_name() {
   std::ifstream file("/proc/self/comm");
   std::string name;
@@ -54,7 +58,16 @@ std::uint64_t detail::fork_generation() { return fork_generation_count.load(std:
 
 std::shared_ptr<EventProcessor> detail::client_from_environment() {
   if (!tracking_enabled_by_environment()) return nullptr;
-  return TrackingClient::start({});
+  auto client = TrackingClient::start({});
+  const std::scoped_lock lock(environment_client_mutex);
+  environment_client = client;
+  return client;
+}
+
+std::shared_ptr<TrackingClient> process_tracking_client() {
+  (void)Tracker::process_default();  // made on first use: make it now
+  const std::scoped_lock lock(environment_client_mutex);
+  return environment_client.lock();
 }
 
 bool tracking_enabled_by_environment() {

@@ -1,0 +1,83 @@
+"""meshrt's pytest plugin, run on test files of its own with pytest's pytester: a leaking test
+fails with a report of what it left, a clean one passes, a mesh left open is a leak, and limits
+trip at the figure they name."""
+import pytest
+
+pytest_plugins = ["pytester"]
+
+MIB = 1024 * 1024
+
+
+def run(pytester, source, *args):
+    pytester.makepyfile(source)
+    return pytester.runpytest_subprocess("-p", "meshrt.pytest_plugin", "-p", "no:cacheprovider", *args)
+
+
+def test_a_leaking_test_fails_with_the_buffers_it_left_and_a_clean_one_passes(pytester):
+    result = run(pytester, """
+        import pytest, meshrt
+        kept = []
+
+        @pytest.mark.meshrt_no_leaks
+        @pytest.mark.parametrize("mesh_device", [(2, 4)], indirect=True)
+        def test_leaks(mesh_device):
+            kept.append(meshrt.create_mesh_buffer(mesh_device, size=8192, page_size=2048, name="forgotten"))
+
+        @pytest.mark.meshrt_no_leaks
+        def test_clean(mesh_device):
+            buffer = meshrt.create_mesh_buffer(mesh_device, size=8192, page_size=2048, name="freed")
+            buffer.deallocate()
+            local = meshrt.create_mesh_buffer(mesh_device, size=4096, page_size=2048)  # dropped on return
+
+        def test_unchecked(mesh_device):
+            kept.append(meshrt.create_mesh_buffer(mesh_device, size=8192, page_size=2048))
+    """)
+    result.assert_outcomes(passed=2, failed=1)
+    result.stdout.fnmatch_lines([
+        "*test_leaks*",
+        "*meshrt: 8 device buffers (65536 bytes) created by this test are still live at its end:*",
+        "*'forgotten') on device 0: dram, buffer, 8192 bytes, pid *",
+    ])
+    assert "test_clean FAILED" not in result.stdout.str()
+
+
+def test_the_option_checks_every_test_and_a_mesh_left_open_leaks_its_system_buffers(pytester):
+    result = run(pytester, """
+        import meshrt
+        kept = []
+
+        def test_opens_and_forgets():
+            kept.append(meshrt.open_mesh_device(meshrt.MeshShape(1, 2)))
+
+        def test_opens_and_closes():
+            with meshrt.open_mesh_device(meshrt.MeshShape(1, 2)) as mesh:
+                kept.append(meshrt.create_mesh_buffer(mesh, size=4096, page_size=2048))
+    """, "--meshrt-no-leaks")
+    result.assert_outcomes(passed=1, failed=1)
+    result.stdout.fnmatch_lines(["*test_opens_and_forgets*", "*meshrt: 6 device buffers*still live*",
+                                 "*on device 1: dram, system, 8388608 bytes*"])
+
+
+def test_limits_trip_at_the_figure_they_name(pytester):
+    result = run(pytester, f"""
+        import pytest, meshrt
+
+        @pytest.mark.meshrt_limit(dram="2 MiB")
+        def test_within(mesh_device):
+            meshrt.create_mesh_buffer(mesh_device, size={2 * MIB}, page_size=2048).deallocate()
+
+        @pytest.mark.meshrt_limit(dram="2 MiB", l1="1 MiB")
+        def test_over(mesh_device):
+            meshrt.create_mesh_buffer(mesh_device, size={2 * MIB + 4096}, page_size=2048).deallocate()
+
+        @pytest.mark.meshrt_limit(dram="lots")
+        def test_bad_limit(mesh_device):
+            pass
+    """)
+    result.assert_outcomes(passed=1, failed=2)
+    result.stdout.fnmatch_lines([
+        f"*meshrt: device 0 DRAM peaked at {2 * MIB + 4096} bytes during the test, over the limit of {2 * MIB} "
+        "bytes by 4096*",
+    ])
+    result.stdout.fnmatch_lines(["*meshrt_limit: 'lots' is not a size such as '64 MiB'*"])
+    assert "lost the allocation server" not in result.stderr.str()
