@@ -1,7 +1,6 @@
 """meshrt's pytest plugin, run on test files of its own with pytest's pytester: a leaking test
 fails with a report of what it left, a clean one passes, a mesh left open is a leak, and limits
 trip at the figure they name."""
-import pytest
 
 pytest_plugins = ["pytester"]
 
