@@ -101,6 +101,7 @@ std::vector<Figure> allocator_figures();
 std::vector<Figure> tracking_figures(const Context& context);
 std::vector<Figure> server_figures(const Context& context);
 std::vector<Figure> workload_figures();
+std::vector<Figure> python_figures(const Context& context);
 // Run under callgrind by tracking_figures: `lives` device buffer lives on the main thread,
 // counted (collection on) only around them; tracked through a client of `socket`, or untracked
 // when it is empty.

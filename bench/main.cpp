@@ -60,6 +60,7 @@ int run(int argc, char** argv) {
   add(meshrt::bench::tracking_figures(context), "tracking");
   add(meshrt::bench::server_figures(context), "server");
   add(meshrt::bench::workload_figures(), "the seed's tensor workload");
+  add(meshrt::bench::python_figures(context), "Python");
 
   nlohmann::json results{
       {"machine", {{"cores", std::thread::hardware_concurrency()}, {"compiler", fmt::format("clang {}", __clang_version__)}}},

@@ -8,6 +8,7 @@
 // The tensor owns its buffer: deallocate() and the destructor free it, once.
 module;
 #include <array>
+#include <bit>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
@@ -35,10 +36,18 @@ inline constexpr std::uint32_t tile_height = 32;
 inline constexpr std::uint32_t tile_width = 32;
 inline constexpr std::size_t max_tensor_rank = 4;
 
-// bfloat16 is float's upper half, rounded to nearest even (NaN stays NaN).
-[[nodiscard]] std::uint16_t to_bfloat16(float value);
-[[nodiscard]] float from_bfloat16(std::uint16_t bits);
-[[nodiscard]] float round_to(DataType type, float value);
+// bfloat16 is float's upper half, rounded to nearest even (NaN stays NaN). Inline: tensors
+// convert every element, and a call per element across the module boundary costs more than this.
+[[nodiscard]] inline std::uint16_t to_bfloat16(float value) {
+  const auto bits = std::bit_cast<std::uint32_t>(value);
+  if (value != value) return static_cast<std::uint16_t>((bits >> 16U) | 0x40U);  // NaN: stays a (quiet) NaN
+  const std::uint32_t rounding = 0x7FFFU + ((bits >> 16U) & 1U);
+  return static_cast<std::uint16_t>((bits + rounding) >> 16U);
+}
+[[nodiscard]] inline float from_bfloat16(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t{bits} << 16U); }
+[[nodiscard]] inline float round_to(DataType type, float value) {
+  return type == DataType::bfloat16 ? from_bfloat16(to_bfloat16(value)) : value;
+}
 
 // 1 to 4 dimensions, each at least 1.
 class TensorShape {

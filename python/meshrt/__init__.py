@@ -77,7 +77,13 @@ def from_numpy(array, dtype=bfloat16, layout=TILE_LAYOUT, device=None, mesh_mapp
 
 def from_torch(tensor, dtype=bfloat16, layout=TILE_LAYOUT, device=None, mesh_mapper=None, name=""):
     """Places a torch tensor on `device` as `mesh_mapper` says, as ttnn.from_torch does."""
-    return from_numpy(tensor.detach().to("cpu").float().numpy(), dtype, layout, device, mesh_mapper, name)
+    import torch
+
+    tensor = tensor.detach().to("cpu")
+    if tensor.dtype == torch.bfloat16:  # its bits as they are: numpy has no bfloat16
+        bits = tensor.contiguous().view(torch.int16).numpy().view("uint16")
+        return _meshrt._from_bfloat16_bits(bits, dtype, layout, device, mesh_mapper, name)
+    return from_numpy(tensor.float().numpy(), dtype, layout, device, mesh_mapper, name)
 
 
 def distribute_tensor(tensor, mapper, mesh_device, dtype=bfloat16, layout=TILE_LAYOUT):

@@ -179,6 +179,20 @@ PyTensor from_numpy(const py::array_t<float, py::array::c_style | py::array::for
   return PyTensor{device, unwrap(Tensor::from_host(*device, host, dtype, layout, config, name))};
 }
 
+// torch's bfloat16 tensors come as their raw bits (numpy has no bfloat16): widened here, one
+// pass, instead of a float copy made in Python first.
+PyTensor from_bfloat16_bits(const py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast>& bits,
+                            DataType dtype, Layout layout, const MeshHandle& device,
+                            const std::optional<MeshMapper>& mapper, const std::string& name) {
+  if (!device) raise(ErrorCode::invalid_argument, "from_torch needs device=: meshrt keeps tensors on a mesh");
+  HostTensor host{.shape = shape_of(bits), .values = std::vector<float>(static_cast<std::size_t>(bits.size()))};
+  const std::uint16_t* raw = bits.data();
+  const MeshMapperConfig config = mapper ? mapper->config : MeshMapperConfig::replicate(device->shape());
+  py::gil_scoped_release unlocked;
+  for (std::size_t i = 0; i < host.values.size(); ++i) host.values[i] = from_bfloat16(raw[i]);
+  return PyTensor{device, unwrap(Tensor::from_host(*device, host, dtype, layout, config, name))};
+}
+
 py::array_t<float> to_numpy(const PyTensor& tensor, const std::optional<MeshComposer>& composer) {
   HostTensor host;
   {
@@ -219,6 +233,12 @@ py::bytes read_mesh_buffer(const PyMeshBuffer& buffer) {
     bytes = unwrap(buffer.buffer.read());
   }
   return {reinterpret_cast<const char*>(bytes.data()), bytes.size()};
+}
+
+void check_mesh_shape(std::string_view what, MeshShape given, const MeshDevice& mesh) {
+  if (given == mesh.shape()) return;
+  raise(ErrorCode::invalid_argument,
+        fmt::format("the {} is for a {} mesh, but the mesh is {}", what, to_string(given), to_string(mesh.shape())));
 }
 
 std::string describe(const PyTensor& t) {
@@ -354,19 +374,13 @@ PYBIND11_MODULE(_meshrt, m) {
   (void)py::class_<MeshComposer>(m, "MeshComposer", "How a tensor's shards come back: create_mesh_composer.");
   m.def("create_mesh_mapper",
         [](const MeshDevice& mesh, const MeshMapperConfig& config) {
-          if (config.mesh_shape != mesh.shape()) {
-            raise(ErrorCode::invalid_argument, fmt::format("the mapper is for a {} mesh, but the mesh is {}",
-                                                           to_string(config.mesh_shape), to_string(mesh.shape())));
-          }
+          check_mesh_shape("mapper", config.mesh_shape, mesh);
           return MeshMapper{config};
         },
         py::arg("mesh_device"), py::arg("config"));
   m.def("create_mesh_composer",
         [](const MeshDevice& mesh, const MeshComposerConfig& config) {
-          if (config.mesh_shape != mesh.shape()) {
-            raise(ErrorCode::invalid_argument, fmt::format("the composer is for a {} mesh, but the mesh is {}",
-                                                           to_string(config.mesh_shape), to_string(mesh.shape())));
-          }
+          check_mesh_shape("composer", config.mesh_shape, mesh);
           return MeshComposer{config};
         },
         py::arg("mesh_device"), py::arg("config"));
@@ -384,6 +398,8 @@ PYBIND11_MODULE(_meshrt, m) {
 
   m.def("_from_numpy", &from_numpy, py::arg("array"), py::arg("dtype"), py::arg("layout"), py::arg("device"),
         py::arg("mesh_mapper"), py::arg("name") = "");
+  m.def("_from_bfloat16_bits", &from_bfloat16_bits, py::arg("bits"), py::arg("dtype"), py::arg("layout"),
+        py::arg("device"), py::arg("mesh_mapper"), py::arg("name") = "");
   m.def("to_numpy", &to_numpy, py::arg("tensor"), py::arg("mesh_composer") = std::nullopt,
         "The tensor's values as a float32 numpy array (numpy has no bfloat16), gathered by `mesh_composer`;\n"
         "without one, a replicated tensor's first copy.");

@@ -31,19 +31,6 @@ namespace meshrt {
 std::string_view to_string(DataType type) { return type == DataType::bfloat16 ? "bfloat16" : "float32"; }
 std::string_view to_string(Layout layout) { return layout == Layout::tile ? "tile" : "row_major"; }
 
-std::uint16_t to_bfloat16(float value) {
-  const auto bits = std::bit_cast<std::uint32_t>(value);
-  if (std::isnan(value)) return static_cast<std::uint16_t>((bits >> 16U) | 0x40U);  // stays a (quiet) NaN
-  const std::uint32_t rounding = 0x7FFFU + ((bits >> 16U) & 1U);
-  return static_cast<std::uint16_t>((bits + rounding) >> 16U);
-}
-
-float from_bfloat16(std::uint16_t bits) { return std::bit_cast<float>(std::uint32_t{bits} << 16U); }
-
-float round_to(DataType type, float value) {
-  return type == DataType::bfloat16 ? from_bfloat16(to_bfloat16(value)) : value;
-}
-
 namespace {
 
 // A tensor's elements must be countable in 64 bits with room for 4-byte values and tile padding.

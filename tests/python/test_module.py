@@ -72,6 +72,19 @@ def test_tensors_round_trip_through_a_sharded_mesh():
         assert dram_used(mesh) == before
 
 
+def test_bfloat16_torch_tensors_go_on_bit_for_bit():
+    with meshrt.open_mesh_device(meshrt.MeshShape(2, 4)) as mesh:
+        host = (torch.randn(4, 8, 32, 64) * 1000).to(torch.bfloat16)
+        host[0, 0, 0, :4] = torch.tensor([float("inf"), -float("inf"), 0.0, -0.0])
+        t = meshrt.from_torch(host, device=mesh, mesh_mapper=sharded(mesh))
+        back = meshrt.to_torch(t, mesh_composer=composed(mesh))
+        assert back.dtype == torch.bfloat16
+        assert torch.equal(back.view(torch.int16), host.view(torch.int16))
+        wide = meshrt.from_torch(host[:, :, :, :32].contiguous(), dtype=meshrt.float32, device=mesh,
+                                 mesh_mapper=sharded(mesh))
+        assert torch.equal(meshrt.to_torch(wide, mesh_composer=composed(mesh)), host[:, :, :, :32].float())
+
+
 def test_add_and_matmul_match_torch_within_bfloat16_precision():
     with meshrt.open_mesh_device(meshrt.MeshShape(2, 4)) as mesh:
         torch.manual_seed(0)

@@ -80,3 +80,31 @@ def test_limits_trip_at_the_figure_they_name(pytester):
     ])
     result.stdout.fnmatch_lines(["*meshrt_limit: 'lots' is not a size such as '64 MiB'*"])
     assert "lost the allocation server" not in result.stderr.str()
+
+
+def test_a_child_process_that_keeps_buffers_counts_through_the_server(pytester):
+    result = run(pytester, """
+        import subprocess, sys, pytest
+        children = []
+        CHILD = ("import sys, meshrt; m = meshrt.open_mesh_device(meshrt.MeshShape(1, 1)); "
+                 "b = meshrt.create_mesh_buffer(m, size=4096, page_size=2048, name='child'); "
+                 "meshrt.flush_tracking(); print('ready', flush=True); sys.stdin.read()")
+
+        @pytest.fixture(scope="module", autouse=True)
+        def reap():
+            yield
+            for child in children:
+                child.stdin.close()
+                child.wait(timeout=60)
+
+        @pytest.mark.meshrt_no_leaks
+        def test_child_keeps_a_buffer():
+            child = subprocess.Popen([sys.executable, "-c", CHILD], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     text=True)
+            children.append(child)
+            assert child.stdout.readline().strip() == "ready"
+    """)
+    result.assert_outcomes(failed=1)
+    # Its buffer, and the system buffers of the mesh it never closed.
+    result.stdout.fnmatch_lines(["*meshrt: 4 device buffers*still live*",
+                                 "*'child') on device 0: dram, buffer, 4096 bytes, pid *"])
