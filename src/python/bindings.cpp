@@ -213,6 +213,7 @@ const MeshHandle& mesh_of(std::string_view op, const PyTensor& a, const PyTensor
 
 PyMeshBuffer create_mesh_buffer(const MeshHandle& mesh, std::uint64_t size, std::uint64_t page_size,
                                 BufferType buffer_type, const std::string& name) {
+  if (!mesh) raise(ErrorCode::invalid_argument, "create_mesh_buffer needs a mesh device, not None");
   py::gil_scoped_release unlocked;
   return PyMeshBuffer{mesh, unwrap(MeshBuffer::create(*mesh, ReplicatedBufferConfig{.size = size, .name = name},
                                                       DeviceLocalBufferConfig{.page_size = page_size,
