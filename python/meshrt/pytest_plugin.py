@@ -238,3 +238,22 @@ def pytest_runtest_makereport(item, call):
             report.sections.append(("meshrt allocation server", json.dumps(
                 {k: summary.get(k) for k in ("active_allocations", "unknown_deallocations", "double_deallocations",
                                              "total_allocations", "total_deallocations")}, indent=1)))
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config):
+    """On a failing session, the server's final figures: what a leak hunt starts from."""
+    if _server is None or exitstatus == 0:
+        return
+    meshrt.flush_tracking(10.0)
+    summary = _server.summary()
+    if summary is None:
+        return
+    terminalreporter.section("meshrt allocation server")
+    terminalreporter.write_line(
+        f"meshrt: at the end of the session the server holds {summary.get('active_allocations')} live device "
+        f"buffers of {len(summary.get('processes', []))} processes; {summary.get('total_allocations')} allocations, "
+        f"{summary.get('total_deallocations')} frees, {summary.get('unknown_deallocations')} unknown frees")
+    for process in summary.get("processes", []):
+        terminalreporter.write_line(f"  pid {process['pid']} ({process.get('name', '')}): "
+                                    f"{process.get('live_allocations')} live, {process.get('live_bytes')} bytes")
+

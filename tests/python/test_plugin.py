@@ -37,6 +37,8 @@ def test_a_leaking_test_fails_with_the_buffers_it_left_and_a_clean_one_passes(py
         "*meshrt: 8 device buffers (65536 bytes) created by this test are still live at its end:*",
         "*'forgotten') on device 0: dram, buffer, 8192 bytes, pid *",
     ])
+    result.stdout.fnmatch_lines(["*meshrt: at the end of the session the server holds * live device buffers of 1 "
+                                 "processes*", "  pid * (*): * live, * bytes"])
     assert "test_clean FAILED" not in result.stdout.str()
 
 
