@@ -39,4 +39,14 @@ foreach(reach mesh_memory:MeshMemory memory_accessor:memory mesh_access:MeshAcce
 endforeach()
 run("${WORK}/prefix/bin/meshrt-smi" --version)
 message(STATUS "installed: ${output}")
+# The Python package, where the README says it goes, imported as a user would.
+if(PYTHON AND PYTHON_DIR)
+  run("${CMAKE_COMMAND}" -E env "PYTHONPATH=${WORK}/prefix/${PYTHON_DIR}" "${PYTHON}" -c
+      # Lines, not semicolons: run() passes its arguments on as a list.
+      "import meshrt\nm = meshrt.open_mesh_device(meshrt.MeshShape(1, 2))\nb = meshrt.create_mesh_buffer(m, 4096, 2048)\nb.write(bytes(4096))\nm.close()\nprint('meshrt', meshrt.__version__, 'from', meshrt.__file__)")
+  if(NOT output MATCHES "meshrt [0-9.]+ from ${WORK}/prefix/${PYTHON_DIR}/meshrt/__init__.py")
+    message(FATAL_ERROR "the installed Python package said:\n${output}")
+  endif()
+  message(STATUS "python: ${output}")
+endif()
 file(REMOVE_RECURSE "${WORK}")
