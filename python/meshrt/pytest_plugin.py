@@ -14,7 +14,13 @@ every process it starts) at it, so the server sees every allocation the tests ma
 - ``@pytest.mark.meshrt_limit(dram="64 MiB", l1="1 MiB")``: fails a test whose peak use on any
   device of this process's meshes, above what was live when it began (a fixture's mesh and its
   system buffers do not count; circular buffers and program binaries do), passed the limit,
-  saying by how much.
+  saying by how much. Bytes are counted as meshrt-smi counts them: what each buffer asked for
+  (ADR 0006), not the bank pages it reserves. Device ids are per mesh: two meshes open at once
+  add up under the same ids.
+
+Processes a test starts are seen through the server when they are started fresh (subprocess,
+multiprocessing's spawn or forkserver); a child made by fork() inherits a tracker that no longer
+streams (ADR 0017). The check runs at the end of the test's call, before its fixtures' teardown.
 """
 import gc
 import json
@@ -78,17 +84,24 @@ class AllocationServer:
                                 timeout=120)
         return json.loads(result.stdout) if result.returncode == 0 else None
 
+    def _answer(self, *flags):
+        answer = self._query(*flags)
+        if answer is None:
+            raise RuntimeError(f"meshrt: the session's allocation server does not answer; its log:\n{self.log()}")
+        return answer
+
     def summary(self):
         """meshrt-smi --json: per device, per type and category, per process."""
-        return self._query("--json")
+        return self._answer("--json")
 
     def buffers(self):
         """Every live device buffer: dicts of pid, buffer, mesh_buffer, name, device, type, category, size..."""
-        return self._query("--buffers", "--json")["buffers"]
+        return self._answer("--buffers", "--json")["buffers"]
 
     def settle(self, own_pid):
         """Waits until this process's events reached the server and no other tracked process is mid-exit."""
-        meshrt.flush_tracking(30.0)
+        if not meshrt.flush_tracking(30.0):
+            pytest.fail("meshrt: the allocation server did not take this process's events within 30 s", pytrace=False)
         deadline = time.monotonic() + 10
         previous = None
         while time.monotonic() < deadline:
@@ -174,6 +187,10 @@ def _key(buffer):
     return buffer["pid"], buffer["buffer"]
 
 
+def _ended_with_buffers(summary):
+    return sum(summary.get(k, 0) for k in ("leaked_at_exit", "lost_at_exit", "reclaimed_allocations"))
+
+
 def _leaks(before, after, all_categories):
     """Buffers live now that were not before: those of category buffer, and every category of a
     process that opened a mesh (new system buffers) and did not close it; or all, if asked."""
@@ -192,6 +209,13 @@ def pytest_runtest_call(item):
     if _server is None or not (check_leaks or limit):
         yield
         return
+    if check_leaks and not meshrt.tracking_enabled():
+        pytest.fail("meshrt: this process does not stream its allocations to the server, so leaks cannot be checked: "
+                    "something made its tracker (opened a mesh) before meshrt.pytest_plugin set "
+                    "MESHRT_ALLOC_TRACKING; load the plugin with -p meshrt.pytest_plugin or in the root conftest",
+                    pytrace=False)
+    if limit is not None and limit.args:
+        pytest.fail(f"meshrt_limit takes dram= and l1= by name, not {limit.args!r}", pytrace=False)
     try:
         limits = {t: parse_size(v) for t, v in (limit.kwargs.items() if limit else []) if v is not None}
     except ValueError as wrong:
@@ -202,6 +226,7 @@ def pytest_runtest_call(item):
     own = os.getpid()
     _server.settle(own)
     before = _server.buffers() if check_leaks else []
+    ended_with_buffers = _ended_with_buffers(_server.summary()) if check_leaks else 0
     if limits:
         meshrt._meshrt._reset_device_peaks()  # this process's meshes, from what is live now
     outcome = yield
@@ -212,6 +237,11 @@ def pytest_runtest_call(item):
     failures = []
     if check_leaks:
         leaked = _leaks(before, _server.buffers(), item.config.getoption("meshrt_leaks_all_categories"))
+        # Processes that ended during the test with buffers live are off the list: the server counted them.
+        ended = _ended_with_buffers(_server.summary()) - ended_with_buffers
+        if ended:
+            failures.append(f"meshrt: processes that ended during this test still held {ended} device buffers "
+                            "(leaked at exit, or reclaimed after a crash): see the server's log")
         if leaked:
             total = sum(b["size"] for b in leaked)
             failures.append(f"meshrt: {len(leaked)} device buffers ({total} bytes) created by this test are still "

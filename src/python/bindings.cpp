@@ -149,6 +149,24 @@ MeshHandle open_mesh_device(MeshShape shape, const std::string& spec_name) {
   return std::make_shared<MeshDevice>(unwrap(MeshDevice::create(shape, std::move(spec), Tracker::process_default())));
 }
 
+// pybind11's enums take any integer (BufferType(9)): values the runtime's enums do not have are
+// refused here, before they index a table.
+BufferType checked(BufferType type) {
+  if (index_of(type) >= buffer_type_count) {
+    raise(ErrorCode::invalid_argument, fmt::format("BufferType({}) is not a buffer type", index_of(type)));
+  }
+  return type;
+}
+
+void check_tensor_format(DataType dtype, Layout layout) {
+  if (dtype != DataType::bfloat16 && dtype != DataType::float32) {
+    raise(ErrorCode::invalid_argument, fmt::format("DataType({}) is not a data type", static_cast<int>(dtype)));
+  }
+  if (layout != Layout::row_major && layout != Layout::tile) {
+    raise(ErrorCode::invalid_argument, fmt::format("Layout({}) is not a layout", static_cast<int>(layout)));
+  }
+}
+
 TensorShape shape_of(const py::array& array) {
   std::vector<std::uint32_t> dims;
   for (py::ssize_t d = 0; d < array.ndim(); ++d) {
@@ -172,6 +190,7 @@ PyTensor from_numpy(const py::array_t<float, py::array::c_style | py::array::for
                     Layout layout, const MeshHandle& device, const std::optional<MeshMapper>& mapper,
                     const std::string& name) {
   if (!device) raise(ErrorCode::invalid_argument, "from_numpy/from_torch need device=: meshrt keeps tensors on a mesh");
+  check_tensor_format(dtype, layout);
   HostTensor host{.shape = shape_of(values), .values = {}};
   host.values.assign(values.data(), values.data() + values.size());
   const MeshMapperConfig config = mapper ? mapper->config : MeshMapperConfig::replicate(device->shape());
@@ -185,6 +204,7 @@ PyTensor from_bfloat16_bits(const py::array_t<std::uint16_t, py::array::c_style 
                             DataType dtype, Layout layout, const MeshHandle& device,
                             const std::optional<MeshMapper>& mapper, const std::string& name) {
   if (!device) raise(ErrorCode::invalid_argument, "from_torch needs device=: meshrt keeps tensors on a mesh");
+  check_tensor_format(dtype, layout);
   HostTensor host{.shape = shape_of(bits), .values = std::vector<float>(static_cast<std::size_t>(bits.size()))};
   const std::uint16_t* raw = bits.data();
   const MeshMapperConfig config = mapper ? mapper->config : MeshMapperConfig::replicate(device->shape());
@@ -217,7 +237,7 @@ PyMeshBuffer create_mesh_buffer(const MeshHandle& mesh, std::uint64_t size, std:
   py::gil_scoped_release unlocked;
   return PyMeshBuffer{mesh, unwrap(MeshBuffer::create(*mesh, ReplicatedBufferConfig{.size = size, .name = name},
                                                       DeviceLocalBufferConfig{.page_size = page_size,
-                                                                              .buffer_type = buffer_type}))};
+                                                                              .buffer_type = checked(buffer_type)}))};
 }
 
 void write_mesh_buffer(PyMeshBuffer& buffer, const py::bytes& data) {
@@ -343,7 +363,7 @@ PYBIND11_MODULE(_meshrt, m) {
         py::arg("mesh_device"), "Closes the mesh: see MeshDevice.close.");
   m.def("get_memory_view",
         [](const MeshDevice& mesh, std::uint32_t device, BufferType type) {
-          return unwrap(mesh.memory_view(DeviceId{device}, type));
+          return unwrap(mesh.memory_view(DeviceId{device}, checked(type)));
         },
         py::arg("mesh_device"), py::arg("device"), py::arg("buffer_type"),
         "The memory view of one device (its index in row-major mesh order) and buffer type.");
@@ -423,10 +443,13 @@ PYBIND11_MODULE(_meshrt, m) {
 
   m.def("flush_tracking",
         [](double timeout_seconds) {
+          if (!(timeout_seconds >= 0)) raise(ErrorCode::invalid_argument, "flush_tracking: the timeout is not a number");
           const auto client = process_tracking_client();
           if (!client) return false;
           py::gil_scoped_release unlocked;
-          return client->flush(std::chrono::milliseconds(static_cast<std::int64_t>(timeout_seconds * 1000)));
+          // At most a day: a timeout of inf or 1e300 would not fit the milliseconds it becomes.
+          const double seconds = std::clamp(timeout_seconds, 0.0, 86'400.0);
+          return client->flush(std::chrono::milliseconds(static_cast<std::int64_t>(seconds * 1000)));
         },
         py::arg("timeout_seconds") = 10.0,
         "Waits until every allocation and free so far has reached the allocation server. False when tracking\n"

@@ -38,7 +38,11 @@ class PrivateServer:
         self.socket = os.path.join(work, "alloc.sock")
         self.process = subprocess.Popen([os.path.join(BIN, "meshrt-alloc-server"), "--socket", self.socket, "--quiet"],
                                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        wait_for("the server", lambda: smi_json(self.socket))
+        try:
+            wait_for("the server", lambda: smi_json(self.socket))
+        except BaseException:
+            self.process.kill()
+            raise
 
     def client_environment(self, switch="MESHRT_ALLOC_TRACKING"):
         env = {k: v for k, v in os.environ.items() if not k.startswith(("MESHRT_ALLOC_", "TT_ALLOC_"))}

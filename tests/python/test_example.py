@@ -56,4 +56,6 @@ def test_the_seed_test_step_by_step_through_the_server():
             assert after["unknown_deallocations"] == 0
             assert after["total_allocations"] == after["total_deallocations"] > 0
         finally:
+            if "child" in locals() and child.poll() is None:
+                child.kill()
             server.stop()

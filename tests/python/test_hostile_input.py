@@ -46,6 +46,12 @@ HOSTILE = textwrap.dedent("""
         lambda: meshrt.close_mesh_device(None),
         lambda: meshrt.create_mesh_mapper(None, meshrt.MeshMapperConfig([meshrt.PlacementReplicate()] * 2, S(2, 4))),
         lambda: meshrt.MeshShape(1, 1).num_devices(7),
+        lambda: meshrt.get_memory_view(mesh, 0, meshrt.BufferType(9)),
+        lambda: meshrt.create_mesh_buffer(mesh, 4096, 2048, meshrt.BufferType(200)),
+        lambda: meshrt.from_numpy(numpy.zeros((8, 8)), layout=meshrt.Layout(7), device=mesh),
+        lambda: meshrt.from_numpy(numpy.zeros((8, 8)), dtype=meshrt.DataType(7), device=mesh),
+        lambda: meshrt.from_torch(torch.zeros(8, 8, dtype=torch.bfloat16), layout=meshrt.Layout(3), device=mesh),
+        lambda: meshrt.flush_tracking(float("nan")),
     ]
     raised = 0
     for number, call in enumerate(calls):

@@ -110,3 +110,23 @@ def test_a_child_process_that_keeps_buffers_counts_through_the_server(pytester):
     # Its buffer, and the system buffers of the mesh it never closed.
     result.stdout.fnmatch_lines(["*meshrt: 4 device buffers*still live*",
                                  "*'child') on device 0: dram, buffer, 4096 bytes, pid *"])
+
+
+def test_a_child_that_dies_holding_buffers_during_the_test_fails_it(pytester):
+    result = run(pytester, """
+        import subprocess, sys, pytest
+        CHILD = ("import os, meshrt; m = meshrt.open_mesh_device(meshrt.MeshShape(1, 1)); "
+                 "b = meshrt.create_mesh_buffer(m, size=4096, page_size=2048); meshrt.flush_tracking(); os._exit(3)")
+
+        @pytest.mark.meshrt_no_leaks
+        def test_child_crashes():
+            assert subprocess.run([sys.executable, "-c", CHILD]).returncode == 3
+
+        @pytest.mark.meshrt_limit("64 MiB")
+        def test_positional_limit():
+            pass
+    """)
+    result.assert_outcomes(failed=2)
+    # Its buffer and its mesh's 3 system buffers, reclaimed when it disconnected without Goodbye.
+    result.stdout.fnmatch_lines(["*meshrt: processes that ended during this test still held 4 device buffers*"])
+    result.stdout.fnmatch_lines(["*meshrt_limit takes dram= and l1= by name, not ('64 MiB',)*"])

@@ -50,4 +50,6 @@ def test_a_python_process_is_tracked_by_the_server(switch):
             assert after["unknown_deallocations"] == 0
             assert after["total_allocations"] == after["total_deallocations"] > 0
         finally:
+            if "client" in locals() and client.poll() is None:
+                client.kill()
             server.stop()
