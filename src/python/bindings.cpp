@@ -271,6 +271,16 @@ std::string describe(const PyTensor& t) {
                      to_string(tensor.mesh_shape()));
 }
 
+// Made only by the runtime's factories: `Cls.__new__(Cls)` would otherwise hand methods an
+// object pybind11 never constructed (pybind11 2.10 lets it through). The runtime's own casts
+// allocate without __new__.
+void made_by_factories(const py::module_& m, const char* name, const char* factory) {
+  py::object cls = m.attr(name);
+  const std::string message = fmt::format("meshrt.{} objects are made by {}", name, factory);
+  cls.attr("__new__") = py::staticmethod(py::cpp_function(
+      [message](const py::args&, const py::kwargs&) -> py::object { throw py::type_error(message); }));
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_meshrt, m) {
@@ -407,12 +417,15 @@ PYBIND11_MODULE(_meshrt, m) {
         py::arg("mesh_device"), py::arg("config"));
 
   py::class_<PyTensor>(m, "Tensor", "A tensor on a mesh: from_torch / from_numpy make one.")
-      .def_property_readonly("shape", [](const PyTensor& t) { return dims_of(t.tensor.shape()); })
-      .def_property_readonly("dtype", [](const PyTensor& t) { return t.tensor.dtype(); })
-      .def_property_readonly("layout", [](const PyTensor& t) { return t.tensor.layout(); })
-      .def_property_readonly("shard_shape", [](const PyTensor& t) { return dims_of(t.tensor.shard_spec().shape); })
-      .def_property_readonly("bytes_per_device", [](const PyTensor& t) { return t.tensor.bytes_per_device(); })
-      .def_property_readonly("device", [](const PyTensor& t) { return t.mesh; })
+      .def_property_readonly("shape", [](const PyTensor& t) { return dims_of(t.tensor.shape()); },
+                             "The logical shape, as a tuple.")
+      .def_property_readonly("dtype", [](const PyTensor& t) { return t.tensor.dtype(); }, "bfloat16 or float32.")
+      .def_property_readonly("layout", [](const PyTensor& t) { return t.tensor.layout(); }, "TILE or ROW_MAJOR.")
+      .def_property_readonly("shard_shape", [](const PyTensor& t) { return dims_of(t.tensor.shard_spec().shape); },
+                             "The shape each device holds.")
+      .def_property_readonly("bytes_per_device", [](const PyTensor& t) { return t.tensor.bytes_per_device(); },
+                             "Bytes of DRAM each device holds for it, tile padding included.")
+      .def_property_readonly("device", [](const PyTensor& t) { return t.mesh; }, "The mesh it was made on.")
       .def("is_allocated", [](const PyTensor& t) { return t.tensor.is_allocated(); })
       .def("deallocate", [](PyTensor& t) { t.tensor.deallocate(); }, "Frees the tensor on every device; idempotent.")
       .def("__repr__", &describe);
@@ -480,4 +493,11 @@ PYBIND11_MODULE(_meshrt, m) {
   m.def("create_mesh_buffer", &create_mesh_buffer, py::arg("mesh_device"), py::arg("size"), py::arg("page_size"),
         py::arg("buffer_type") = BufferType::dram, py::arg("name") = "",
         "A buffer of `size` bytes on every device of the mesh, in pages of `page_size` interleaved over the banks.");
+
+  made_by_factories(m, "MeshDevice", "open_mesh_device");
+  made_by_factories(m, "Tensor", "from_torch, from_numpy and the operations");
+  made_by_factories(m, "MeshBuffer", "create_mesh_buffer");
+  made_by_factories(m, "MemoryView", "get_memory_view");
+  made_by_factories(m, "MeshMapper", "create_mesh_mapper");
+  made_by_factories(m, "MeshComposer", "create_mesh_composer");
 }

@@ -52,6 +52,11 @@ HOSTILE = textwrap.dedent("""
         lambda: meshrt.from_numpy(numpy.zeros((8, 8)), dtype=meshrt.DataType(7), device=mesh),
         lambda: meshrt.from_torch(torch.zeros(8, 8, dtype=torch.bfloat16), layout=meshrt.Layout(3), device=mesh),
         lambda: meshrt.flush_tracking(float("nan")),
+        lambda: meshrt.Tensor.__new__(meshrt.Tensor).deallocate(),
+        lambda: meshrt.MeshDevice.__new__(meshrt.MeshDevice).close(),
+        lambda: meshrt.MeshBuffer.__new__(meshrt.MeshBuffer).read(),
+        lambda: meshrt.MemoryView.__new__(meshrt.MemoryView).block_table,
+        lambda: meshrt.Tensor(),
     ]
     raised = 0
     for number, call in enumerate(calls):
