@@ -52,6 +52,13 @@ class PrivateServer:
     def summary(self):
         return smi_json(self.socket)
 
+    def assert_clean_after_clients(self):
+        """Once every client's session ended: nothing live, no unknown free, every allocation freed."""
+        after = wait_for("the clients' sessions to end", lambda: (s := self.summary()) and not s["processes"] and s)
+        assert after["active_allocations"] == 0
+        assert after["unknown_deallocations"] == 0
+        assert after["total_allocations"] == after["total_deallocations"] > 0
+
     def stop(self):
         self.process.terminate()
         self.process.wait(timeout=30)

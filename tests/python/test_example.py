@@ -51,10 +51,7 @@ def test_the_seed_test_step_by_step_through_the_server():
                 child.send_signal(signal.SIGUSR1)
             assert child.wait(timeout=120) == 0, output()
             assert "test_mesh_allocation: passed" in output()
-            after = wait_for("the session to end", lambda: (s := server.summary()) and not s["processes"] and s)
-            assert after["active_allocations"] == 0
-            assert after["unknown_deallocations"] == 0
-            assert after["total_allocations"] == after["total_deallocations"] > 0
+            server.assert_clean_after_clients()
         finally:
             if "child" in locals() and child.poll() is None:
                 child.kill()

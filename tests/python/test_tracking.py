@@ -44,11 +44,7 @@ def test_a_python_process_is_tracked_by_the_server(switch):
             assert [p["pid"] for p in live["processes"]] == [client.pid]
             out, _ = client.communicate("go\n", timeout=120)
             assert client.returncode == 0 and out.strip() == "done"
-            after = wait_for("the process to end its session",
-                             lambda: (s := server.summary()) and not s["processes"] and s)
-            assert after["active_allocations"] == 0
-            assert after["unknown_deallocations"] == 0
-            assert after["total_allocations"] == after["total_deallocations"] > 0
+            server.assert_clean_after_clients()
         finally:
             if "client" in locals() and client.poll() is None:
                 client.kill()
