@@ -5,14 +5,14 @@
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 
+#include "peak_watcher.hpp"
+
 #include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
-#include <map>
 #include <memory>
-#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -87,65 +87,10 @@ struct MeshComposer {
   MeshComposerConfig config;
 };
 
-// Each device's bytes in use and the most held at once since the last reset, per buffer type:
-// what meshrt_limit checks, for this process's meshes (device ids are per mesh: two meshes open
-// at once share their figures). Hooked buffers took no memory and are not counted.
-class PeakWatcher final : public EventProcessor {
- public:
-  void process(std::span<const AllocationEvent> events) noexcept override {
-    const std::scoped_lock lock(mutex_);
-    for (const AllocationEvent& event : events) {
-      if (event.hooked) continue;
-      for (std::uint32_t i = 0; i < event.device_count; ++i) {
-        Usage& usage = usage_[{event.device.value() + i, event.type}];
-        if (event.kind == EventKind::allocate) {
-          usage.current += event.size;
-          usage.peak = std::max(usage.peak, usage.current);
-        } else {
-          usage.current -= std::min(usage.current, event.size);
-        }
-      }
-    }
-  }
-  void reset() {
-    const std::scoped_lock lock(mutex_);
-    for (auto& [key, usage] : usage_) usage.peak = usage.base = usage.current;
-  }
-  // {device: {"dram": bytes, "l1": bytes, ...}}: the peak above what was live at the last reset.
-  [[nodiscard]] std::map<std::uint32_t, std::map<std::string, std::uint64_t>> peaks() const {
-    const std::scoped_lock lock(mutex_);
-    std::map<std::uint32_t, std::map<std::string, std::uint64_t>> out;
-    for (const auto& [key, usage] : usage_) {
-      out[key.first][std::string(to_string(key.second))] = usage.peak - std::min(usage.peak, usage.base);
-    }
-    return out;
-  }
-
- private:
-  struct Usage {
-    std::uint64_t current{};
-    std::uint64_t peak{};
-    std::uint64_t base{};  // live at the last reset
-  };
-  mutable std::mutex mutex_;
-  std::map<std::pair<std::uint32_t, BufferType>, Usage> usage_;
-};
-
-// Joins the process's tracker when the first mesh opens, not at import: the tracker is made on
-// first use, and the pytest plugin sets MESHRT_ALLOC_TRACKING after importing meshrt.
-PeakWatcher& peak_watcher() {
-  static const std::shared_ptr<PeakWatcher> watcher = [] {
-    auto made = std::make_shared<PeakWatcher>();
-    Tracker::process_default()->add_processor(made);
-    return made;
-  }();
-  return *watcher;
-}
-
 MeshHandle open_mesh_device(MeshShape shape, const std::string& spec_name) {
   DeviceSpec spec = unwrap(DeviceSpec::named(spec_name));
   py::gil_scoped_release unlocked;
-  (void)peak_watcher();
+  meshrt_python::watch_device_peaks();
   return std::make_shared<MeshDevice>(unwrap(MeshDevice::create(shape, std::move(spec), Tracker::process_default())));
 }
 
@@ -172,8 +117,8 @@ TensorShape shape_of(const py::array& array) {
   for (py::ssize_t d = 0; d < array.ndim(); ++d) {
     const py::ssize_t size = array.shape(d);
     if (size <= 0 || size > 0xFFFF'FFFF) {
-      raise(ErrorCode::invalid_argument, fmt::format("dim {} of the array has {} elements: a tensor's dims are 1 to 2^32-1",
-                                                     d, size));
+      raise(ErrorCode::invalid_argument,
+            fmt::format("dim {} of the array has {} elements: a tensor's dims are 1 to 2^32-1", d, size));
     }
     dims.push_back(static_cast<std::uint32_t>(size));
   }
@@ -186,14 +131,21 @@ py::tuple dims_of(const TensorShape& shape) {
   return dims;
 }
 
+// What both tensor factories settle before reading any values: a mesh, a format the runtime
+// has, and the placement (replicated without a mapper).
+MeshMapperConfig placement_for(const MeshHandle& device, DataType dtype, Layout layout,
+                               const std::optional<MeshMapper>& mapper) {
+  if (!device) raise(ErrorCode::invalid_argument, "from_numpy/from_torch need device=: meshrt keeps tensors on a mesh");
+  check_tensor_format(dtype, layout);
+  return mapper ? mapper->config : MeshMapperConfig::replicate(device->shape());
+}
+
 PyTensor from_numpy(const py::array_t<float, py::array::c_style | py::array::forcecast>& values, DataType dtype,
                     Layout layout, const MeshHandle& device, const std::optional<MeshMapper>& mapper,
                     const std::string& name) {
-  if (!device) raise(ErrorCode::invalid_argument, "from_numpy/from_torch need device=: meshrt keeps tensors on a mesh");
-  check_tensor_format(dtype, layout);
+  const MeshMapperConfig config = placement_for(device, dtype, layout, mapper);
   HostTensor host{.shape = shape_of(values), .values = {}};
   host.values.assign(values.data(), values.data() + values.size());
-  const MeshMapperConfig config = mapper ? mapper->config : MeshMapperConfig::replicate(device->shape());
   py::gil_scoped_release unlocked;
   return PyTensor{device, unwrap(Tensor::from_host(*device, host, dtype, layout, config, name))};
 }
@@ -203,11 +155,9 @@ PyTensor from_numpy(const py::array_t<float, py::array::c_style | py::array::for
 PyTensor from_bfloat16_bits(const py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast>& bits,
                             DataType dtype, Layout layout, const MeshHandle& device,
                             const std::optional<MeshMapper>& mapper, const std::string& name) {
-  if (!device) raise(ErrorCode::invalid_argument, "from_torch needs device=: meshrt keeps tensors on a mesh");
-  check_tensor_format(dtype, layout);
+  const MeshMapperConfig config = placement_for(device, dtype, layout, mapper);
   HostTensor host{.shape = shape_of(bits), .values = std::vector<float>(static_cast<std::size_t>(bits.size()))};
   const std::uint16_t* raw = bits.data();
-  const MeshMapperConfig config = mapper ? mapper->config : MeshMapperConfig::replicate(device->shape());
   py::gil_scoped_release unlocked;
   for (std::size_t i = 0; i < host.values.size(); ++i) host.values[i] = from_bfloat16(raw[i]);
   return PyTensor{device, unwrap(Tensor::from_host(*device, host, dtype, layout, config, name))};
@@ -225,10 +175,14 @@ py::array_t<float> to_numpy(const PyTensor& tensor, const std::optional<MeshComp
   return array;
 }
 
-// Both operands on one mesh (ttnn's operations find it the same way: from their inputs).
-const MeshHandle& mesh_of(std::string_view op, const PyTensor& a, const PyTensor& b) {
+// An operation on two tensors, run on their mesh (ttnn's operations find it the same way: from
+// their inputs) with the GIL released.
+using TensorOperation = Result<Tensor> (*)(MeshDevice&, const Tensor&, const Tensor&, std::string);
+PyTensor run(std::string_view op, TensorOperation operation, const PyTensor& a, const PyTensor& b,
+             const std::string& name) {
   if (a.mesh != b.mesh) raise(ErrorCode::invalid_argument, fmt::format("{}: the operands are on different meshes", op));
-  return a.mesh;
+  py::gil_scoped_release unlocked;
+  return PyTensor{a.mesh, unwrap(operation(*a.mesh, a.tensor, b.tensor, name))};
 }
 
 PyMeshBuffer create_mesh_buffer(const MeshHandle& mesh, std::uint64_t size, std::uint64_t page_size,
@@ -439,16 +393,12 @@ PYBIND11_MODULE(_meshrt, m) {
         "without one, a replicated tensor's first copy.");
   m.def("add",
         [](const PyTensor& a, const PyTensor& b, const std::string& name) {
-          const MeshHandle& mesh = mesh_of("add", a, b);
-          py::gil_scoped_release unlocked;
-          return PyTensor{mesh, unwrap(meshrt::add(*mesh, a.tensor, b.tensor, name))};
+          return run("add", &meshrt::add, a, b, name);
         },
         py::arg("a"), py::arg("b"), py::arg("name") = "", "Elementwise a + b, run as a program on the mesh.");
   m.def("matmul",
         [](const PyTensor& a, const PyTensor& b, const std::string& name) {
-          const MeshHandle& mesh = mesh_of("matmul", a, b);
-          py::gil_scoped_release unlocked;
-          return PyTensor{mesh, unwrap(meshrt::matmul(*mesh, a.tensor, b.tensor, name))};
+          return run("matmul", &meshrt::matmul, a, b, name);
         },
         py::arg("a"), py::arg("b"), py::arg("name") = "", "a @ b over the last two dims, batched over the others.");
   m.def("deallocate", [](PyTensor& t) { t.tensor.deallocate(); }, py::arg("tensor"),
@@ -456,7 +406,9 @@ PYBIND11_MODULE(_meshrt, m) {
 
   m.def("flush_tracking",
         [](double timeout_seconds) {
-          if (!(timeout_seconds >= 0)) raise(ErrorCode::invalid_argument, "flush_tracking: the timeout is not a number");
+          if (!(timeout_seconds >= 0)) {
+            raise(ErrorCode::invalid_argument, "flush_tracking: the timeout is not a non-negative number");
+          }
           const auto client = process_tracking_client();
           if (!client) return false;
           py::gil_scoped_release unlocked;
@@ -467,9 +419,9 @@ PYBIND11_MODULE(_meshrt, m) {
         py::arg("timeout_seconds") = 10.0,
         "Waits until every allocation and free so far has reached the allocation server. False when tracking\n"
         "is off (MESHRT_ALLOC_TRACKING unset) or the server did not take them within the timeout.");
-  m.def("_device_peaks", [] { return peak_watcher().peaks(); },
+  m.def("_device_peaks", &meshrt_python::device_peaks,
         "{device: {buffer type: the most bytes held at once above what was live at _reset_device_peaks}}.");
-  m.def("_reset_device_peaks", [] { peak_watcher().reset(); }, "Starts the peaks over from what is live now.");
+  m.def("_reset_device_peaks", &meshrt_python::reset_device_peaks, "Starts the peaks over from what is live now.");
   m.def("_shutdown_tracking",
         [] {
           if (const auto client = process_tracking_client()) {

@@ -12,15 +12,6 @@ import meshrt.testing;
 
 using namespace meshrt;
 
-namespace {
-
-DeviceSpec with_system_buffers(DeviceSpec spec) {
-  spec.system_buffers = SystemBuffers::defaults(spec.l1.bank_count);
-  return spec;
-}
-
-}  // namespace
-
 TEST_SUITE("system buffers") {
   TEST_CASE("the defaults: 8 MiB of command queue and 6 MiB of dispatch buffers in DRAM, a page of L1 per core") {
     const SystemBuffers wormhole = SystemBuffers::defaults(DeviceSpec::wormhole_b0().l1.bank_count);
@@ -29,7 +20,14 @@ TEST_SUITE("system buffers") {
     CHECK(wormhole.dram_bytes() == 14 * 1024 * 1024);
     CHECK(wormhole.l1_dispatch == 64 * SystemBuffers::page_size);
     CHECK(SystemBuffers::defaults(DeviceSpec::blackhole().l1.bank_count).l1_dispatch == 140 * 4096);
-    CHECK(validate(with_system_buffers(DeviceSpec::wormhole_b0())).has_value());
+    // Every preset opens with them (ADR 0020).
+    for (const DeviceSpec& preset : {DeviceSpec::wormhole_b0(), DeviceSpec::blackhole()}) {
+      const SystemBuffers defaults = SystemBuffers::defaults(preset.l1.bank_count);
+      CHECK(preset.system_buffers.command_queue == defaults.command_queue);
+      CHECK(preset.system_buffers.dram_dispatch == defaults.dram_dispatch);
+      CHECK(preset.system_buffers.l1_dispatch == defaults.l1_dispatch);
+      CHECK(validate(preset).has_value());
+    }
 
     DeviceSpec ragged = DeviceSpec::wormhole_b0();
     ragged.system_buffers.command_queue = 4096 * 3 + 1;
@@ -41,7 +39,7 @@ TEST_SUITE("system buffers") {
 
   TEST_CASE("opening a 2x4 mesh reports each device's system buffers, category system, and close frees them last") {
     testing::Observed observed;
-    const DeviceSpec spec = with_system_buffers(DeviceSpec::wormhole_b0());
+    const DeviceSpec spec = DeviceSpec::wormhole_b0();
     auto mesh = MeshDevice::create({2, 4}, spec, observed.tracker).value();
     // Three system buffers per device: command queue and DRAM dispatch, L1 dispatch.
     CHECK(observed.table->active_allocations() == 3 * 8);
@@ -86,7 +84,7 @@ TEST_SUITE("system buffers") {
   TEST_CASE("successive meshes in one process leave nothing behind, and every id is allocated and freed once") {
     testing::Observed observed;
     for (int run = 0; run < 3; ++run) {
-      auto mesh = MeshDevice::create({1, 2}, with_system_buffers(DeviceSpec::blackhole()), observed.tracker).value();
+      auto mesh = MeshDevice::create({1, 2}, DeviceSpec::blackhole(), observed.tracker).value();
       CHECK(observed.table->active_allocations() == 3 * 2);
     }  // each run's MeshDevice closes as it goes
     const auto audit = observed.log->audit();
@@ -99,7 +97,7 @@ TEST_SUITE("system buffers") {
 
   TEST_CASE("system buffers that do not fit are an Error that names them, and nothing is left allocated") {
     testing::Observed observed;
-    DeviceSpec spec = with_system_buffers(DeviceSpec::wormhole_b0());
+    DeviceSpec spec = DeviceSpec::wormhole_b0();
     spec.system_buffers.l1_dispatch = spec.l1.total_bytes() + 4096 * 64;  // more than all of L1
     const auto refused = MeshDevice::create({2, 2}, spec, observed.tracker);
     REQUIRE_FALSE(refused.has_value());
