@@ -1,11 +1,13 @@
 // meshrt-bench — every figure of the speed targets, measured in one run on this machine.
 // Prints a table and writes one JSON object (figures, machine, git commit).
+#include <algorithm>
 #include <chrono>
 #include <cstdint>
 #include <cstdio>
 #include <exception>
 #include <fstream>
 #include <string>
+#include <string_view>
 #include <thread>
 #include <vector>
 
@@ -41,6 +43,9 @@ int run(int argc, char** argv) {
   std::string count_socket;
   auto* count_lives = app.add_option("--count-lives", count_socket,
                                      "(internal) under callgrind: device buffer lives, tracked on this socket ('-': untracked)");
+  std::vector<std::string> sections;
+  app.add_option("--section", sections, "measure only these sections (repeatable; default: all)")
+      ->check(CLI::IsMember({"allocator", "tracking", "server", "workload", "python"}));
   app.add_option("count", count, "(internal) events to send, or allocations to hold");
   CLI11_PARSE(app, argc, argv);
   if (*blast) return meshrt::bench::blast(blast_socket, count);
@@ -51,16 +56,19 @@ int run(int argc, char** argv) {
   const std::string self = self_path();
   const meshrt::bench::Context context{self.substr(0, self.rfind('/')), self, scratch.path().string()};
   std::vector<meshrt::bench::Figure> figures;
+  const auto wanted = [&](std::string_view section) {
+    return sections.empty() || std::ranges::find(sections, section) != sections.end();
+  };
   const auto add = [&](std::vector<meshrt::bench::Figure> more, const char* section) {
     fmt::print("measured: {}\n", section);
     std::fflush(stdout);
     figures.insert(figures.end(), more.begin(), more.end());
   };
-  add(meshrt::bench::allocator_figures(), "allocator");
-  add(meshrt::bench::tracking_figures(context), "tracking");
-  add(meshrt::bench::server_figures(context), "server");
-  add(meshrt::bench::workload_figures(), "the seed's tensor workload");
-  add(meshrt::bench::python_figures(context), "Python");
+  if (wanted("allocator")) add(meshrt::bench::allocator_figures(), "allocator");
+  if (wanted("tracking")) add(meshrt::bench::tracking_figures(context), "tracking");
+  if (wanted("server")) add(meshrt::bench::server_figures(context), "server");
+  if (wanted("workload")) add(meshrt::bench::workload_figures(), "the seed's tensor workload");
+  if (wanted("python")) add(meshrt::bench::python_figures(context), "Python");
 
   nlohmann::json results{
       {"machine", {{"cores", std::thread::hardware_concurrency()}, {"compiler", fmt::format("clang {}", __clang_version__)}}},

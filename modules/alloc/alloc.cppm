@@ -1,4 +1,4 @@
-// meshrt.alloc — BankAllocator: best-fit allocation over one bank's address range.
+// meshrt.alloc — BankAllocator: first- or best-fit allocation over one bank's address range.
 //
 // Pure: no I/O, no globals, no locking (its owner serialises access). Bad requests return an
 // Error and change nothing. See ADR 0011 for the structure and its figures.
@@ -6,6 +6,7 @@ module;
 #include <array>
 #include <cstdint>
 #include <set>
+#include <string_view>
 #include <tuple>
 #include <vector>
 
@@ -17,8 +18,17 @@ import meshrt.core;
 
 export namespace meshrt {
 
-// DRAM is allocated from the bottom of the range, L1 from the top, as on the devices we model.
+// Which end of the bank a buffer grows from. tt-metal's defaults: DRAM bottom-up, L1 top-down.
 enum class AllocationDirection : std::uint8_t { bottom_up, top_down };
+
+// How a free block is chosen (ADR 0011). tt-metal's bank managers use first fit.
+enum class AllocatorPolicy : std::uint8_t {
+  first_fit,  // the lowest-address free block that holds the request (top-down: the highest)
+  best_fit,   // the smallest free block that holds it
+};
+
+[[nodiscard]] std::string_view to_string(AllocatorPolicy policy);
+[[nodiscard]] std::string_view to_string(AllocationDirection direction);
 
 struct AllocatorStatistics {
   std::uint64_t total_bytes{};
@@ -40,15 +50,26 @@ struct Block {
 class BankAllocator {
  public:
   // `alignment` (a power of two) is the allocation granule: every address and size is a multiple.
-  [[nodiscard]] static Result<BankAllocator> create(std::uint64_t base, std::uint64_t size, std::uint64_t alignment);
+  [[nodiscard]] static Result<BankAllocator> create(std::uint64_t base, std::uint64_t size, std::uint64_t alignment,
+                                                    AllocatorPolicy policy = AllocatorPolicy::first_fit);
 
-  // Best fit: a free block of the smallest size that holds `size` (rounded up to the granule);
-  // among blocks of that size, the most recently freed (large blocks: the lowest address). The
-  // allocation sits at the block's low end (bottom_up) or high end (top_down). `alignment` 0
-  // means the granule; a larger power of two is honoured by a slower first-fit search.
+  // Takes `size` bytes (rounded up to the granule) from the free block the policy chooses. First
+  // fit: the lowest-address block that holds it (top_down: the highest). Best fit: the smallest
+  // such block; among blocks of that size the most recently freed (large blocks: the lowest
+  // address). The allocation sits at the block's low end (bottom_up) or high end (top_down).
+  // `alignment` 0 means the granule; a larger power of two is honoured by a slower linear search.
   [[nodiscard]] Result<std::uint64_t> allocate(std::uint64_t size,
                                                AllocationDirection direction = AllocationDirection::bottom_up,
                                                std::uint64_t alignment = 0);
+  // Where allocate() would place the request, without taking it.
+  [[nodiscard]] Result<std::uint64_t> find(std::uint64_t size,
+                                           AllocationDirection direction = AllocationDirection::bottom_up,
+                                           std::uint64_t alignment = 0) const;
+  // Takes exactly [address, address + size rounded up): how lock-step allocation puts a buffer at
+  // the address another device's allocator chose. An Error unless the range is free.
+  [[nodiscard]] Result<void> allocate_at(std::uint64_t address, std::uint64_t size);
+  // True when [address, address + size rounded up) lies inside one free block.
+  [[nodiscard]] bool is_free(std::uint64_t address, std::uint64_t size) const;
   // Frees the block that starts at `address`, coalescing it with free neighbours.
   [[nodiscard]] Result<void> free(std::uint64_t address);
   // Frees every block at once (a device closing).
@@ -60,11 +81,12 @@ class BankAllocator {
   [[nodiscard]] std::uint64_t base() const { return base_; }
   [[nodiscard]] std::uint64_t size() const { return size_; }
   [[nodiscard]] std::uint64_t alignment() const { return alignment_; }
+  [[nodiscard]] AllocatorPolicy policy() const { return policy_; }
   // Size of the allocated block at `address`, if there is one.
   [[nodiscard]] Result<std::uint64_t> allocated_size(std::uint64_t address) const;
 
-  // Free blocks of up to this many granules live in exact-size buckets found through a bitmap
-  // (O(1)); larger ones in an ordered set (O(log n), and there are few of them).
+  // Best fit: free blocks of up to this many granules live in exact-size buckets found through a
+  // bitmap (O(1)); larger ones in an ordered set (O(log n), and there are few of them).
   static constexpr std::uint32_t bucketed_granules = 1024;
 
  private:
@@ -73,33 +95,63 @@ class BankAllocator {
   struct Slot {
     std::uint64_t address{};
     std::uint64_t size{};
-    Index previous{none};  // the physically adjacent blocks, free or not
+    std::uint64_t largest_below{};  // free tree: the largest free block in this subtree
+    Index previous{none};           // the physically adjacent blocks, free or not
     Index next{none};
-    Index position{none};  // where it sits in its bucket, when free and bucketed
+    Index left{none};  // free tree: a treap of free blocks by address
+    Index right{none};
+    Index position{none};  // where it sits in its bucket (best fit, bucketed sizes)
+    std::uint32_t priority{};
     bool allocated{false};
     bool in_use{false};
   };
+  struct Choice {
+    Index block{none};
+    std::uint64_t address{};
+  };
 
-  BankAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment);
+  BankAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment, AllocatorPolicy policy);
+  [[nodiscard]] Result<std::uint64_t> check_request(std::uint64_t size, std::uint64_t alignment) const;
+  [[nodiscard]] Choice choose(std::uint64_t rounded, AllocationDirection direction, std::uint64_t align) const;
+  void take(Index block, std::uint64_t address, std::uint64_t rounded);
   [[nodiscard]] Index new_slot(std::uint64_t address, std::uint64_t size);
   void drop_slot(Index index);
+  // A block joins or leaves the free indexes (tree, and buckets under best fit).
   void index_free(Index index);
   void unindex_free(Index index);
+  // A free block changes address or size without passing another free block.
+  void resize_free(Index index, std::uint64_t address, std::uint64_t size);
+  void bucket_add(Index index);
+  void bucket_remove(Index index);
+  // The treap of free blocks: O(log n) expected for each operation.
+  [[nodiscard]] std::uint64_t largest_in(Index tree) const;
+  void refresh(Index node);
+  [[nodiscard]] Index tree_insert(Index tree, Index node);
+  void tree_split(Index tree, std::uint64_t address, Index& below, Index& rest);
+  [[nodiscard]] Index tree_merge(Index below, Index above);
+  void tree_erase(Index node);
+  void tree_update(Index node, std::uint64_t old_address);
+  [[nodiscard]] Index lowest_fit(std::uint64_t rounded) const;
+  [[nodiscard]] Index highest_fit(std::uint64_t rounded) const;
+  [[nodiscard]] Index free_block_at(std::uint64_t address) const;
   [[nodiscard]] Index best_fit(std::uint64_t rounded) const;
-  [[nodiscard]] Index first_fit_aligned(std::uint64_t rounded, std::uint64_t align, AllocationDirection direction) const;
+  [[nodiscard]] Choice aligned_fit(std::uint64_t rounded, std::uint64_t align, AllocationDirection direction) const;
   [[nodiscard]] std::uint64_t place(const Slot& block, std::uint64_t rounded, std::uint64_t align,
                                     AllocationDirection direction) const;
-  Index split_off(Index index, std::uint64_t address, std::uint64_t size);
   [[nodiscard]] Error out_of_memory(std::uint64_t requested, std::uint64_t rounded) const;
   [[nodiscard]] Error not_allocated(std::uint64_t address) const;
 
   std::uint64_t base_{};
   std::uint64_t size_{};
   std::uint64_t alignment_{};
+  AllocatorPolicy policy_{};
   std::uint64_t allocated_bytes_{};
   std::uint64_t free_blocks_{};
+  std::uint32_t random_state_{0x9E3779B9U};  // treap priorities (xorshift)
+  Index root_{none};
   std::vector<Slot> slots_;
   std::vector<Index> free_slots_;
+  std::vector<Index> path_;  // scratch for tree_update
   std::vector<std::vector<Index>> buckets_;  // [granules] -> free blocks of exactly that size
   std::array<std::uint64_t, bucketed_granules / 64 + 1> bucket_bits_{};
   std::set<std::tuple<std::uint64_t, std::uint64_t, Index>> large_;  // (size, address, slot)

@@ -5,6 +5,7 @@ module;
 #include <cstdint>
 #include <limits>
 #include <set>
+#include <string_view>
 #include <tuple>
 #include <utility>
 #include <vector>
@@ -30,7 +31,16 @@ constexpr std::uint64_t round_down(std::uint64_t value, std::uint64_t alignment)
 
 }  // namespace
 
-Result<BankAllocator> BankAllocator::create(std::uint64_t base, std::uint64_t size, std::uint64_t alignment) {
+std::string_view to_string(AllocatorPolicy policy) {
+  return policy == AllocatorPolicy::first_fit ? "first_fit" : "best_fit";
+}
+
+std::string_view to_string(AllocationDirection direction) {
+  return direction == AllocationDirection::bottom_up ? "bottom_up" : "top_down";
+}
+
+Result<BankAllocator> BankAllocator::create(std::uint64_t base, std::uint64_t size, std::uint64_t alignment,
+                                            AllocatorPolicy policy) {
   if (alignment == 0 || !std::has_single_bit(alignment)) {
     return fail(ErrorCode::invalid_argument, fmt::format("allocator alignment {} is not a power of two", alignment));
   }
@@ -40,17 +50,19 @@ Result<BankAllocator> BankAllocator::create(std::uint64_t base, std::uint64_t si
                             alignment));
   }
   if (base > std::numeric_limits<std::uint64_t>::max() - size) {
-    return fail(ErrorCode::invalid_argument, fmt::format("allocator range [{:#x}, +{}) overflows", base, size));
-  }
-  if (base > std::numeric_limits<std::uint64_t>::max() - size) {
     return fail(ErrorCode::invalid_argument,
                 fmt::format("allocator range [{:#x}, +{}) passes the end of a 64-bit address space", base, size));
   }
-  return BankAllocator(base, size, alignment);
+  if (policy != AllocatorPolicy::first_fit && policy != AllocatorPolicy::best_fit) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("allocator policy {} is not first_fit or best_fit", static_cast<int>(policy)));
+  }
+  return BankAllocator(base, size, alignment, policy);
 }
 
-BankAllocator::BankAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment)
-    : base_(base), size_(size), alignment_(alignment), buckets_(bucketed_granules + 1) {
+BankAllocator::BankAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment, AllocatorPolicy policy)
+    : base_(base), size_(size), alignment_(alignment), policy_(policy) {
+  if (policy_ == AllocatorPolicy::best_fit) buckets_.resize(bucketed_granules + 1);
   index_free(new_slot(base_, size_));
 }
 
@@ -72,11 +84,141 @@ void BankAllocator::drop_slot(Index index) {
   free_slots_.push_back(index);
 }
 
-// Free blocks are findable by size: small ones in their exact-size bucket, large ones in the set.
-void BankAllocator::index_free(Index index) {
+// ---- the free tree: a treap by address whose nodes know the largest free block below them ----
+
+std::uint64_t BankAllocator::largest_in(Index tree) const { return tree == none ? 0 : slots_[tree].largest_below; }
+
+void BankAllocator::refresh(Index node) {
+  Slot& slot = slots_[node];
+  slot.largest_below = std::max({slot.size, largest_in(slot.left), largest_in(slot.right)});
+}
+
+// Splits `tree` into the blocks below `address` and the rest.
+void BankAllocator::tree_split(Index tree, std::uint64_t address, Index& below, Index& rest) {
+  if (tree == none) {
+    below = rest = none;
+    return;
+  }
+  if (slots_[tree].address < address) {
+    Index right = none;
+    tree_split(slots_[tree].right, address, right, rest);
+    slots_[tree].right = right;
+    below = tree;
+  } else {
+    Index left = none;
+    tree_split(slots_[tree].left, address, below, left);
+    slots_[tree].left = left;
+    rest = tree;
+  }
+  refresh(tree);
+}
+
+// Joins two trees, every address of `below` under every address of `above`.
+BankAllocator::Index BankAllocator::tree_merge(Index below, Index above) {
+  if (below == none) return above;
+  if (above == none) return below;
+  if (slots_[below].priority > slots_[above].priority) {
+    const Index right = tree_merge(slots_[below].right, above);
+    slots_[below].right = right;
+    refresh(below);
+    return below;
+  }
+  const Index left = tree_merge(below, slots_[above].left);
+  slots_[above].left = left;
+  refresh(above);
+  return above;
+}
+
+BankAllocator::Index BankAllocator::tree_insert(Index tree, Index node) {
+  if (tree == none) return node;
+  if (slots_[node].priority > slots_[tree].priority) {
+    Index below = none;
+    Index rest = none;
+    tree_split(tree, slots_[node].address, below, rest);
+    slots_[node].left = below;
+    slots_[node].right = rest;
+    refresh(node);
+    return node;
+  }
+  if (slots_[node].address < slots_[tree].address) {
+    const Index left = tree_insert(slots_[tree].left, node);
+    slots_[tree].left = left;
+  } else {
+    const Index right = tree_insert(slots_[tree].right, node);
+    slots_[tree].right = right;
+  }
+  refresh(tree);
+  return tree;
+}
+
+void BankAllocator::tree_erase(Index node) {
+  const std::uint64_t address = slots_[node].address;
+  Index* link = &root_;
+  path_.clear();
+  while (*link != node) {
+    Expects(*link != none);
+    path_.push_back(*link);
+    link = address < slots_[*link].address ? &slots_[*link].left : &slots_[*link].right;
+  }
+  *link = tree_merge(slots_[node].left, slots_[node].right);
+  for (auto it = path_.rbegin(); it != path_.rend(); ++it) refresh(*it);
+}
+
+// `node` changed its size, or its address without passing another free block: the tree's order
+// still holds, only the figures on its path are stale. One walk down by its old address.
+void BankAllocator::tree_update(Index node, std::uint64_t old_address) {
+  path_.clear();
+  for (Index at = root_; at != node;) {
+    Expects(at != none);
+    path_.push_back(at);
+    at = old_address < slots_[at].address ? slots_[at].left : slots_[at].right;
+  }
+  refresh(node);
+  for (auto it = path_.rbegin(); it != path_.rend(); ++it) refresh(*it);
+}
+
+BankAllocator::Index BankAllocator::lowest_fit(std::uint64_t rounded) const {
+  Index at = root_;
+  if (largest_in(at) < rounded) return none;
+  while (true) {
+    const Slot& slot = slots_[at];
+    if (largest_in(slot.left) >= rounded) at = slot.left;
+    else if (slot.size >= rounded) return at;
+    else at = slot.right;
+  }
+}
+
+BankAllocator::Index BankAllocator::highest_fit(std::uint64_t rounded) const {
+  Index at = root_;
+  if (largest_in(at) < rounded) return none;
+  while (true) {
+    const Slot& slot = slots_[at];
+    if (largest_in(slot.right) >= rounded) at = slot.right;
+    else if (slot.size >= rounded) return at;
+    else at = slot.left;
+  }
+}
+
+// The free block that contains `address`, if one does.
+BankAllocator::Index BankAllocator::free_block_at(std::uint64_t address) const {
+  Index found = none;
+  for (Index at = root_; at != none;) {
+    if (slots_[at].address <= address) {
+      found = at;
+      at = slots_[at].right;
+    } else {
+      at = slots_[at].left;
+    }
+  }
+  if (found == none || address - slots_[found].address >= slots_[found].size) return none;
+  return found;
+}
+
+// ---- best fit's buckets ----
+
+void BankAllocator::bucket_add(Index index) {
+  if (policy_ != AllocatorPolicy::best_fit) return;
   Slot& block = slots_[index];
-  block.allocated = false;
-  ++free_blocks_;
   const std::uint64_t granules = block.size / alignment_;
   if (granules > bucketed_granules) {
     large_.emplace(block.size, block.address, index);
@@ -88,9 +230,9 @@ void BankAllocator::index_free(Index index) {
   bucket_bits_[granules / 64] |= std::uint64_t{1} << (granules % 64);
 }
 
-void BankAllocator::unindex_free(Index index) {
+void BankAllocator::bucket_remove(Index index) {
+  if (policy_ != AllocatorPolicy::best_fit) return;
   const Slot& block = slots_[index];
-  --free_blocks_;
   const std::uint64_t granules = block.size / alignment_;
   if (granules > bucketed_granules) {
     large_.erase({block.size, block.address, index});
@@ -102,6 +244,35 @@ void BankAllocator::unindex_free(Index index) {
   slots_[moved].position = block.position;
   bucket.pop_back();
   if (bucket.empty()) bucket_bits_[granules / 64] &= ~(std::uint64_t{1} << (granules % 64));
+}
+
+void BankAllocator::index_free(Index index) {
+  Slot& block = slots_[index];
+  block.allocated = false;
+  block.left = block.right = none;
+  random_state_ ^= random_state_ << 13U;
+  random_state_ ^= random_state_ >> 17U;
+  random_state_ ^= random_state_ << 5U;
+  block.priority = random_state_;
+  block.largest_below = block.size;
+  ++free_blocks_;
+  root_ = tree_insert(root_, index);
+  bucket_add(index);
+}
+
+void BankAllocator::unindex_free(Index index) {
+  --free_blocks_;
+  bucket_remove(index);
+  tree_erase(index);
+}
+
+void BankAllocator::resize_free(Index index, std::uint64_t address, std::uint64_t size) {
+  bucket_remove(index);
+  const std::uint64_t old_address = slots_[index].address;
+  slots_[index].address = address;
+  slots_[index].size = size;
+  tree_update(index, old_address);
+  bucket_add(index);
 }
 
 // The smallest non-empty bucket at or above the request (a scan of at most 17 bitmap words),
@@ -127,55 +298,44 @@ std::uint64_t BankAllocator::place(const Slot& block, std::uint64_t rounded, std
                                                      : round_down(block.address + block.size - rounded, align);
 }
 
-// With an alignment above the granule a block may need padding: take the first block, from the
-// smallest size up, that holds the request once aligned. Rare, and linear in the worst case.
-BankAllocator::Index BankAllocator::first_fit_aligned(std::uint64_t rounded, std::uint64_t align,
-                                                      AllocationDirection direction) const {
+// With an alignment above the granule a block may need padding. Best fit: the first block, from
+// the smallest size up, that holds the request once aligned; first fit: the first in address
+// order (from the top, top-down). Rare, and linear in the worst case.
+BankAllocator::Choice BankAllocator::aligned_fit(std::uint64_t rounded, std::uint64_t align,
+                                                 AllocationDirection direction) const {
   const auto fits = [&](Index index) {
     const Slot& block = slots_[index];
+    if (block.size < rounded) return false;
     const std::uint64_t address = place(block, rounded, align, direction);
-    return block.size >= rounded && address >= block.address && address + rounded <= block.address + block.size;
+    return address >= block.address && address - block.address <= block.size - rounded;
   };
-  for (std::uint64_t granules = rounded / alignment_; granules <= bucketed_granules; ++granules) {
-    for (const Index index : buckets_[granules]) {
-      if (fits(index)) return index;
+  const auto chosen = [&](Index index) { return Choice{index, place(slots_[index], rounded, align, direction)}; };
+  if (policy_ == AllocatorPolicy::best_fit) {
+    for (std::uint64_t granules = rounded / alignment_; granules <= bucketed_granules; ++granules) {
+      for (const Index index : buckets_[granules]) {
+        if (fits(index)) return chosen(index);
+      }
     }
+    for (auto it = large_.lower_bound({rounded, 0, 0}); it != large_.end(); ++it) {
+      if (fits(std::get<2>(*it))) return chosen(std::get<2>(*it));
+    }
+    return {};
   }
-  for (auto it = large_.lower_bound({rounded, 0, 0}); it != large_.end(); ++it) {
-    if (fits(std::get<2>(*it))) return std::get<2>(*it);
-  }
-  return none;
+  // In-order walk of the free tree (from the top, top-down), skipping subtrees too small to
+  // hold the request.
+  const bool upward = direction == AllocationDirection::bottom_up;
+  const auto walk = [&](const auto& self, Index at) -> Index {
+    if (at == none || largest_in(at) < rounded) return none;
+    const Slot& slot = slots_[at];
+    if (const Index found = self(self, upward ? slot.left : slot.right); found != none) return found;
+    if (fits(at)) return at;
+    return self(self, upward ? slot.right : slot.left);
+  };
+  const Index found = walk(walk, root_);
+  return found == none ? Choice{} : chosen(found);
 }
 
-// Cuts [address, address + size) out of the free block `index` (already unindexed); what is
-// left on either side becomes free blocks of their own. Returns the slot of the cut piece.
-BankAllocator::Index BankAllocator::split_off(Index index, std::uint64_t address, std::uint64_t size) {
-  Slot block = slots_[index];
-  if (address > block.address) {  // a free piece below
-    const Index below = new_slot(block.address, address - block.address);
-    slots_[below].previous = block.previous;
-    slots_[below].next = index;
-    if (block.previous != none) slots_[block.previous].next = below;
-    slots_[index].previous = below;
-    slots_[index].address = address;
-    slots_[index].size -= address - block.address;
-    index_free(below);
-  }
-  block = slots_[index];
-  if (block.size > size) {  // a free piece above
-    const Index above = new_slot(address + size, block.size - size);
-    slots_[above].previous = index;
-    slots_[above].next = block.next;
-    if (block.next != none) slots_[block.next].previous = above;
-    slots_[index].next = above;
-    slots_[index].size = size;
-    index_free(above);
-  }
-  return index;
-}
-
-Result<std::uint64_t> BankAllocator::allocate(std::uint64_t size, AllocationDirection direction,
-                                              std::uint64_t alignment) {
+Result<std::uint64_t> BankAllocator::check_request(std::uint64_t size, std::uint64_t alignment) const {
   if (size == 0) {
     return fail(ErrorCode::invalid_argument, "allocation of 0 bytes: a buffer needs at least one byte");
   }
@@ -187,45 +347,135 @@ Result<std::uint64_t> BankAllocator::allocate(std::uint64_t size, AllocationDire
     return fail(ErrorCode::invalid_argument,
                 fmt::format("requested {} bytes, larger than the whole bank of {} bytes", size, size_));
   }
-  const std::uint64_t align = std::max(alignment, alignment_);
-  const std::uint64_t rounded = round_up(size, alignment_);
-  const Index index = align == alignment_ ? best_fit(rounded) : first_fit_aligned(rounded, align, direction);
-  if (index == none) return tl::unexpected(out_of_memory(size, rounded));
+  return round_up(size, alignment_);
+}
 
-  unindex_free(index);
-  const std::uint64_t address = place(slots_[index], rounded, align, direction);
-  const Index taken = split_off(index, address, rounded);
+BankAllocator::Choice BankAllocator::choose(std::uint64_t rounded, AllocationDirection direction,
+                                            std::uint64_t align) const {
+  if (align != alignment_) return aligned_fit(rounded, align, direction);
+  Index block = none;
+  if (policy_ == AllocatorPolicy::best_fit) block = best_fit(rounded);
+  else block = direction == AllocationDirection::bottom_up ? lowest_fit(rounded) : highest_fit(rounded);
+  if (block == none) return {};
+  return Choice{block, place(slots_[block], rounded, align, direction)};
+}
+
+// Cuts [address, address + rounded) out of the free block `index`. What is left on either side
+// stays free; the piece below keeps the block's slot (and its place in the free tree), so the
+// common cases change the tree in place.
+void BankAllocator::take(Index index, std::uint64_t address, std::uint64_t rounded) {
+  const Slot block = slots_[index];
+  const std::uint64_t below = address - block.address;
+  const std::uint64_t above = block.address + block.size - address - rounded;
+  Index taken = index;
+  if (below == 0 && above == 0) {
+    unindex_free(index);
+  } else {
+    taken = new_slot(address, rounded);
+    if (below == 0) {  // the remainder above keeps the slot, moved up past the cut
+      slots_[taken].previous = block.previous;
+      slots_[taken].next = index;
+      if (block.previous != none) slots_[block.previous].next = taken;
+      slots_[index].previous = taken;
+      resize_free(index, address + rounded, above);
+    } else {
+      slots_[taken].previous = index;
+      slots_[taken].next = block.next;
+      if (block.next != none) slots_[block.next].previous = taken;
+      slots_[index].next = taken;
+      resize_free(index, block.address, below);
+      if (above != 0) {
+        const Index rest = new_slot(address + rounded, above);
+        slots_[rest].previous = taken;
+        slots_[rest].next = block.next;
+        if (block.next != none) slots_[block.next].previous = rest;
+        slots_[taken].next = rest;
+        index_free(rest);
+      }
+    }
+  }
   slots_[taken].allocated = true;
   allocated_.emplace(address, taken);
   allocated_bytes_ += rounded;
-  return address;
+}
+
+Result<std::uint64_t> BankAllocator::find(std::uint64_t size, AllocationDirection direction,
+                                          std::uint64_t alignment) const {
+  auto rounded = check_request(size, alignment);
+  if (!rounded) return rounded;
+  const Choice choice = choose(*rounded, direction, std::max(alignment, alignment_));
+  if (choice.block == none) return tl::unexpected(out_of_memory(size, *rounded));
+  return choice.address;
+}
+
+Result<std::uint64_t> BankAllocator::allocate(std::uint64_t size, AllocationDirection direction,
+                                              std::uint64_t alignment) {
+  auto rounded = check_request(size, alignment);
+  if (!rounded) return rounded;
+  const Choice choice = choose(*rounded, direction, std::max(alignment, alignment_));
+  if (choice.block == none) return tl::unexpected(out_of_memory(size, *rounded));
+  take(choice.block, choice.address, *rounded);
+  return choice.address;
+}
+
+bool BankAllocator::is_free(std::uint64_t address, std::uint64_t size) const {
+  if (size == 0 || size > size_ || address % alignment_ != 0) return false;
+  const std::uint64_t rounded = round_up(size, alignment_);
+  const Index block = free_block_at(address);
+  if (block == none) return false;
+  const std::uint64_t end = slots_[block].address + slots_[block].size;  // no overflow: create() checked
+  return rounded <= end - address;
+}
+
+Result<void> BankAllocator::allocate_at(std::uint64_t address, std::uint64_t size) {
+  auto rounded = check_request(size, 0);
+  if (!rounded) return tl::unexpected(std::move(rounded.error()));
+  if (!is_free(address, size)) {
+    return fail(ErrorCode::out_of_memory,
+                fmt::format("[{:#x}, +{}) is not free in the bank [{:#x}, {:#x})", address, *rounded, base_,
+                            base_ + size_));
+  }
+  take(free_block_at(address), address, *rounded);
+  return {};
 }
 
 Result<void> BankAllocator::free(std::uint64_t address) {
   const auto found = allocated_.find(address);
   if (found == allocated_.end()) return tl::unexpected(not_allocated(address));
-  Index index = found->second;
+  const Index index = found->second;
   allocated_.erase(found);
-  allocated_bytes_ -= slots_[index].size;
-  slots_[index].allocated = false;
+  const Slot block = slots_[index];
+  allocated_bytes_ -= block.size;
 
-  // Coalesce: absorb a free block after, then let a free block before absorb this one.
-  if (const Index next = slots_[index].next; next != none && !slots_[next].allocated) {
-    unindex_free(next);
-    slots_[index].size += slots_[next].size;
-    slots_[index].next = slots_[next].next;
-    if (slots_[next].next != none) slots_[slots_[next].next].previous = index;
-    drop_slot(next);
+  // Coalesce: a free neighbour absorbs this block (in place in the free tree); with free
+  // neighbours on both sides the one below absorbs both.
+  const bool free_below = block.previous != none && !slots_[block.previous].allocated;
+  const bool free_above = block.next != none && !slots_[block.next].allocated;
+  const auto unlink = [this](Index gone) {
+    const Slot slot = slots_[gone];
+    if (slot.previous != none) slots_[slot.previous].next = slot.next;
+    if (slot.next != none) slots_[slot.next].previous = slot.previous;
+    drop_slot(gone);
+  };
+  if (free_below && free_above) {
+    const Index below = block.previous;
+    const Index above = block.next;
+    const std::uint64_t merged = slots_[below].size + block.size + slots_[above].size;
+    unindex_free(above);
+    unlink(above);
+    unlink(index);
+    resize_free(below, slots_[below].address, merged);
+  } else if (free_below) {
+    const Index below = block.previous;
+    unlink(index);
+    resize_free(below, slots_[below].address, slots_[below].size + block.size);
+  } else if (free_above) {
+    const Index above = block.next;
+    unlink(index);
+    resize_free(above, block.address, slots_[above].size + block.size);
+  } else {
+    index_free(index);
   }
-  if (const Index previous = slots_[index].previous; previous != none && !slots_[previous].allocated) {
-    unindex_free(previous);
-    slots_[previous].size += slots_[index].size;
-    slots_[previous].next = slots_[index].next;
-    if (slots_[index].next != none) slots_[slots_[index].next].previous = previous;
-    drop_slot(index);
-    index = previous;
-  }
-  index_free(index);
   return {};
 }
 
@@ -238,19 +488,12 @@ void BankAllocator::reset() {
   allocated_.clear();
   allocated_bytes_ = 0;
   free_blocks_ = 0;
+  root_ = none;
   index_free(new_slot(base_, size_));
 }
 
 AllocatorStatistics BankAllocator::statistics() const {
-  std::uint64_t largest = large_.empty() ? 0 : std::get<0>(*large_.rbegin());
-  if (largest == 0) {
-    for (std::size_t word = bucket_bits_.size(); word-- > 0;) {
-      if (bucket_bits_[word] != 0) {
-        largest = (word * 64 + 63 - static_cast<std::size_t>(std::countl_zero(bucket_bits_[word]))) * alignment_;
-        break;
-      }
-    }
-  }
+  const std::uint64_t largest = largest_in(root_);
   return AllocatorStatistics{
       .total_bytes = size_,
       .allocated_bytes = allocated_bytes_,

@@ -1,4 +1,5 @@
 #include <algorithm>
+#include <array>
 #include <cstdint>
 #include <iterator>
 #include <map>
@@ -15,8 +16,9 @@ using namespace meshrt;
 
 namespace {
 
-BankAllocator make(std::uint64_t base, std::uint64_t size, std::uint64_t alignment) {
-  auto allocator = BankAllocator::create(base, size, alignment);
+BankAllocator make(std::uint64_t base, std::uint64_t size, std::uint64_t alignment,
+                   AllocatorPolicy policy = AllocatorPolicy::first_fit) {
+  auto allocator = BankAllocator::create(base, size, alignment, policy);
   REQUIRE(allocator.has_value());
   return std::move(*allocator);
 }
@@ -24,7 +26,8 @@ BankAllocator make(std::uint64_t base, std::uint64_t size, std::uint64_t alignme
 bool contains(const std::string& text, const std::string& part) { return text.find(part) != std::string::npos; }
 
 // The obvious model: free blocks in an address-ordered map. It does not pick blocks itself; it
-// judges the allocator's choice against the rules (best fit by size, placement by direction).
+// judges the allocator's choice against the rules (best fit by size, or first fit by address;
+// placement by direction).
 class ReferenceAllocator {
  public:
   ReferenceAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment)
@@ -43,16 +46,55 @@ class ReferenceAllocator {
     return best;
   }
 
+  // The address of the first free block that holds `size`: the lowest (bottom-up) or the
+  // highest (top-down).
+  [[nodiscard]] std::optional<std::uint64_t> first_fit_block(std::uint64_t size, AllocationDirection direction) const {
+    std::optional<std::uint64_t> first;
+    for (const auto& [address, block] : free_) {
+      if (block < size) continue;
+      first = address;
+      if (direction == AllocationDirection::bottom_up) break;
+    }
+    return first;
+  }
+
+  // Where an allocation aligned above the granule could go in each free block, in address order:
+  // (block address, block size, placed address) for the blocks it fits.
+  [[nodiscard]] std::vector<std::array<std::uint64_t, 3>> aligned_fits(std::uint64_t size, std::uint64_t align,
+                                                                       AllocationDirection direction) const {
+    std::vector<std::array<std::uint64_t, 3>> fits;
+    for (const auto& [address, block] : free_) {
+      if (block < size) continue;
+      const std::uint64_t placed = direction == AllocationDirection::bottom_up
+                                       ? (address + align - 1) / align * align
+                                       : (address + block - size) / align * align;
+      if (placed >= address && placed + size <= address + block) fits.push_back({address, block, placed});
+    }
+    return fits;
+  }
+
+  // The free block [address, +size) that holds `address`, if any.
+  [[nodiscard]] std::optional<std::pair<std::uint64_t, std::uint64_t>> free_block_at(std::uint64_t address) const {
+    auto it = free_.upper_bound(address);
+    if (it == free_.begin()) return std::nullopt;
+    --it;
+    if (address >= it->first + it->second) return std::nullopt;
+    return *it;
+  }
+
   // Applies an allocation the allocator made; returns the size of the free block it came from,
   // or nullopt if [address, address + size) is not inside one free block.
-  std::optional<std::uint64_t> take(std::uint64_t address, std::uint64_t size, AllocationDirection direction) {
+  // With no direction the range may sit anywhere inside the block (allocate_at).
+  std::optional<std::uint64_t> take(std::uint64_t address, std::uint64_t size,
+                                    std::optional<AllocationDirection> direction) {
     auto it = free_.upper_bound(address);
     if (it == free_.begin()) return std::nullopt;
     --it;
     const auto [block, block_size] = *it;
     if (address + size > block + block_size) return std::nullopt;
-    const bool placed = direction == AllocationDirection::bottom_up ? address == block
-                                                                    : address + size == block + block_size;
+    const bool placed = !direction || (*direction == AllocationDirection::bottom_up
+                                           ? address == block
+                                           : address + size == block + block_size);
     if (!placed) return std::nullopt;
     free_.erase(it);
     if (address > block) free_[block] = address - block;
@@ -138,7 +180,7 @@ TEST_SUITE("alloc") {
   }
 
   TEST_CASE("best fit picks the smallest block that holds the request") {
-    BankAllocator allocator = make(0, 1024, 32);
+    BankAllocator allocator = make(0, 1024, 32, AllocatorPolicy::best_fit);
     const auto a = allocator.allocate(64).value();   // [0, 64)
     const auto b = allocator.allocate(32).value();   // [64, 96)
     const auto c = allocator.allocate(128).value();  // [96, 224)
@@ -149,6 +191,74 @@ TEST_SUITE("alloc") {
     CHECK(allocator.allocate(40).value() == 0);      // 64 block
     (void)b;
     (void)d;
+  }
+
+  // tt-metal: tests/tt_metal/tt_metal/api/allocator/test_free_list_opt_allocator.cpp, FirstFit
+  // (1 GiB, 1 KiB granule): with a 3 KiB hole at 1 KiB and a 1 KiB hole at 5 KiB, first fit puts
+  // a 1 KiB buffer at 1 KiB; best fit takes the exact hole at 5 KiB.
+  TEST_CASE("first fit takes the lowest hole that holds the request, as tt-metal's bank managers do") {
+    constexpr std::uint64_t kib = 1024;
+    for (const AllocatorPolicy policy : {AllocatorPolicy::first_fit, AllocatorPolicy::best_fit}) {
+      CAPTURE(to_string(policy));
+      BankAllocator allocator = make(0, kib * kib * kib, kib, policy);
+      CHECK(allocator.allocate(1 * kib).value() == 0);
+      const auto b = allocator.allocate(3 * kib).value();
+      CHECK(b == 1 * kib);
+      CHECK(allocator.allocate(1 * kib).value() == 4 * kib);
+      const auto d = allocator.allocate(1 * kib).value();
+      CHECK(d == 5 * kib);
+      CHECK(allocator.allocate(1 * kib).value() == 6 * kib);
+      REQUIRE(allocator.free(b).has_value());
+      REQUIRE(allocator.free(d).has_value());
+      CHECK(allocator.allocate(1 * kib).value() == (policy == AllocatorPolicy::first_fit ? 1 * kib : 5 * kib));
+    }
+  }
+
+  // tt-metal: test_free_list_opt_allocator.cpp, AllocateAtAddressInteractions (best) and
+  // FirstFitAllocateAtAddressInteractions (first): a 1 KiB wedge at 32 KiB, then a top-down
+  // 1 KiB buffer lands under the wedge with best fit and at the top of the bank with first fit.
+  TEST_CASE("a top-down first fit takes the highest block, best fit the smallest") {
+    constexpr std::uint64_t kib = 1024;
+    constexpr std::uint64_t gib = kib * kib * kib;
+    for (const AllocatorPolicy policy : {AllocatorPolicy::first_fit, AllocatorPolicy::best_fit}) {
+      CAPTURE(to_string(policy));
+      BankAllocator allocator = make(0, gib, kib, policy);
+      REQUIRE(allocator.allocate_at(32 * kib, 1 * kib).has_value());
+      CHECK(allocator.allocate(1 * kib).value() == 0);
+      CHECK(allocator.allocate(1 * kib, AllocationDirection::top_down).value() ==
+            (policy == AllocatorPolicy::first_fit ? gib - 1 * kib : 32 * kib - 1 * kib));
+      CHECK(allocator.allocate(1 * kib).value() == 1 * kib);
+    }
+  }
+
+  // tt-metal: test_free_list_opt_allocator.cpp, AllocateFromTop.
+  TEST_CASE("top-down and bottom-up buffers share a bank from its two ends") {
+    constexpr std::uint64_t kib = 1024;
+    constexpr std::uint64_t gib = kib * kib * kib;
+    BankAllocator allocator = make(0, gib, kib);
+    CHECK(allocator.allocate(1 * kib, AllocationDirection::top_down).value() == gib - 1 * kib);
+    CHECK(allocator.allocate(1 * kib, AllocationDirection::top_down).value() == gib - 2 * kib);
+    CHECK(allocator.allocate(1 * kib).value() == 0);
+  }
+
+  TEST_CASE("allocate_at takes exactly a free range and refuses one that is not free") {
+    BankAllocator allocator = make(0, 4096, 32);
+    CHECK(allocator.is_free(1024, 100));
+    REQUIRE(allocator.allocate_at(1024, 100).has_value());  // rounds up to [1024, 1152)
+    CHECK(allocator.allocated_size(1024).value() == 128);
+    CHECK_FALSE(allocator.is_free(1024, 32));
+    CHECK_FALSE(allocator.is_free(1000, 32));  // ends inside the block
+    CHECK_FALSE(allocator.is_free(1030, 32));  // not on the granule
+    const AllocatorStatistics before = allocator.statistics();
+    const auto taken = allocator.allocate_at(1120, 64);
+    REQUIRE_FALSE(taken.has_value());
+    CHECK(taken.error().code == ErrorCode::out_of_memory);
+    CHECK(contains(taken.error().message, "0x460"));
+    CHECK(allocator.statistics() == before);
+    CHECK(allocator.allocate_at(4096, 32).error().code == ErrorCode::out_of_memory);  // past the end
+    CHECK(allocator.block_table() == std::vector<Block>{{0, 1024, false}, {1024, 128, true}, {1152, 2944, false}});
+    REQUIRE(allocator.free(1024).has_value());
+    CHECK(allocator.statistics() == AllocatorStatistics{4096, 0, 4096, 4096, 0, 1});
   }
 
   TEST_CASE("freeing coalesces with both neighbours") {
@@ -262,29 +372,66 @@ TEST_SUITE("alloc") {
     }
   }
 
-  TEST_CASE("randomised: every choice is a best fit, placed by direction, and the figures match a model") {
-    for (const std::uint64_t seed : {1ULL, 2ULL, 3ULL, 42ULL}) {
-      for (const AllocationDirection direction : {AllocationDirection::bottom_up, AllocationDirection::top_down}) {
+  TEST_CASE("randomised: every choice follows the policy, placed by direction, and the figures match a model") {
+    for (const AllocatorPolicy policy : {AllocatorPolicy::first_fit, AllocatorPolicy::best_fit}) {
+      for (const std::uint64_t seed : {1ULL, 2ULL, 3ULL, 42ULL}) {
+        CAPTURE(to_string(policy));
         CAPTURE(seed);
-        CAPTURE(static_cast<int>(direction));
         std::mt19937_64 random(seed);
         // Small enough that both the bucketed sizes and the large ones are exercised.
-        BankAllocator allocator = make(0, 1 << 18, 32);
+        BankAllocator allocator = make(0, 1 << 18, 32, policy);
         ReferenceAllocator model(0, 1 << 18, 32);
         for (int step = 0; step < 3000; ++step) {
           CAPTURE(step);
+          // Both directions in one bank, as DRAM buffers that ask for top-down do.
+          const AllocationDirection direction =
+              random() % 3 == 0 ? AllocationDirection::top_down : AllocationDirection::bottom_up;
+          CAPTURE(to_string(direction));
           const auto live = model.live();
-          if (live.empty() || random() % 5 < 3) {
+          if (random() % 10 == 0) {  // lock-step: a range another device's allocator chose
+            const std::uint64_t address = (random() % (1 << 18)) / 32 * 32;
+            const std::uint64_t size = 1 + random() % 4096;
+            const auto block = model.free_block_at(address);
+            const bool free = block && address + model.rounded(size) <= block->first + block->second;
+            REQUIRE(allocator.is_free(address, size) == free);
+            const auto taken = allocator.allocate_at(address, size);
+            REQUIRE(taken.has_value() == free);
+            if (free) REQUIRE(model.take(address, model.rounded(size), std::nullopt).has_value());
+          } else if (random() % 10 == 0) {  // aligned above the granule: the slow search
+            const std::uint64_t align = std::uint64_t{64} << (random() % 5);
+            const std::uint64_t size = 1 + random() % 2048;
+            const auto fits = model.aligned_fits(model.rounded(size), align, direction);
+            const auto got = allocator.allocate(size, direction, align);
+            REQUIRE(got.has_value() == !fits.empty());
+            if (got) {
+              REQUIRE(*got % align == 0);
+              const auto chosen = std::ranges::find(fits, *got, [](const auto& fit) { return fit[2]; });
+              REQUIRE(chosen != fits.end());
+              if (policy == AllocatorPolicy::first_fit) {
+                REQUIRE(*chosen == (direction == AllocationDirection::bottom_up ? fits.front() : fits.back()));
+              } else {
+                REQUIRE((*chosen)[1] == std::ranges::min(fits, {}, [](const auto& fit) { return fit[1]; })[1]);
+              }
+              REQUIRE(model.take(*got, model.rounded(size), std::nullopt).has_value());
+            }
+          } else if (live.empty() || random() % 5 < 3) {
             const std::uint64_t size = 1 + random() % (random() % 8 == 0 ? 65536 : 2048);
+            const auto found = allocator.find(size, direction);
             const auto got = allocator.allocate(size, direction);
             const auto best = model.best_fit_size(model.rounded(size));
+            const auto first = model.first_fit_block(model.rounded(size), direction);
             REQUIRE(got.has_value() == best.has_value());
+            REQUIRE(found.has_value() == got.has_value());
             if (!best) {
               REQUIRE(got.error().code == ErrorCode::out_of_memory);
             } else {
+              REQUIRE(*found == *got);  // find() says where allocate() puts it
+              const auto block = model.free_block_at(*got);
+              REQUIRE(block.has_value());
               const auto from = model.take(*got, model.rounded(size), direction);
               REQUIRE(from.has_value());  // inside one free block, at the right end of it
-              REQUIRE(*from == *best);    // and that block is a best fit by size
+              if (policy == AllocatorPolicy::best_fit) REQUIRE(*from == *best);  // a best fit by size
+              else REQUIRE(block->first == *first);                               // the first fit by address
             }
           } else {
             const std::uint64_t address = live[random() % live.size()];
