@@ -17,18 +17,22 @@ struct BankLayout {
   std::uint32_t bank_count{};
   std::uint64_t bank_size{};
   std::uint64_t base_address{};
-  std::uint64_t alignment{};
-  AllocationDirection direction{AllocationDirection::bottom_up};
+  std::uint64_t alignment{};  // pages are padded to this: the buffer type's alignment
+  // Every address and size the bank's allocator hands out is a multiple of this. On the devices
+  // we model it is the DRAM alignment for every bank, L1 included (ADR 0006).
+  std::uint64_t granule{};
+  AllocationDirection direction{AllocationDirection::bottom_up};  // unless a buffer asks otherwise
 
   [[nodiscard]] std::uint64_t total_bytes() const { return std::uint64_t{bank_count} * bank_size; }
 };
 
-// Carve-outs of a device: L1_SMALL from the top of every L1 bank, the trace region from the top of
-// every DRAM bank (sizes per bank). As in the runtime we model, they are chosen when the device is
-// opened; our defaults are non-zero so that every buffer type works out of the box.
+// Carve-outs chosen when a device is opened, in bytes per bank, rounded up to the DRAM alignment:
+// L1_SMALL from the top of every L1 bank, the trace region from the top of every DRAM bank. Zero
+// by default, as tt-metal's DEFAULT_L1_SMALL_SIZE and DEFAULT_TRACE_REGION_SIZE; buffers of an
+// empty region are refused with an error that names it.
 struct DeviceRegions {
-  std::uint64_t l1_small_size{std::uint64_t{32} * 1024};
-  std::uint64_t trace_region_size{std::uint64_t{32} * 1024 * 1024};
+  std::uint64_t l1_small_size{};
+  std::uint64_t trace_region_size{};
 };
 
 // The device's own buffers: a command queue and dispatch buffers, allocated when a mesh opens
@@ -55,12 +59,17 @@ struct DeviceSpec {
   BankLayout l1_small;
   BankLayout trace;
   SystemBuffers system_buffers;
+  // How every bank's allocator chooses a free block; tt-metal's bank managers use first fit.
+  AllocatorPolicy allocator_policy{AllocatorPolicy::first_fit};
 
   [[nodiscard]] const BankLayout& layout(BufferType type) const;
 
-  // Wormhole B0: 12 DRAM banks of 1 GiB, 8x8 worker cores with 1,499,136 B of L1 each.
+  // The presets start their banks above the reserved regions tt-metal keeps (ADR 0006).
+  // Wormhole B0: 12 DRAM banks of 1 GiB (usable from 32 B), 8x8 worker cores with 1,499,136 B of
+  // L1 each (usable from 100,416 B); DRAM alignment 32 B, L1 16 B.
   [[nodiscard]] static DeviceSpec wormhole_b0(DeviceRegions regions = {});
-  // Blackhole: 8 DRAM banks of 4,278,190,080 B, 14x10 worker cores with 1,499,136 B of L1 each.
+  // Blackhole: 8 DRAM banks of 4,278,190,080 B (usable from 64 B), 14x10 worker cores with
+  // 1,572,864 B of L1 each (usable from 100,416 B); DRAM alignment 64 B, L1 16 B.
   [[nodiscard]] static DeviceSpec blackhole(DeviceRegions regions = {});
   // "wormhole_b0" or "blackhole".
   [[nodiscard]] static Result<DeviceSpec> named(std::string_view name, DeviceRegions regions = {});

@@ -1,6 +1,7 @@
 // The vocabulary shared by buffer handles and the state machine behind them.
 module;
 #include <cstdint>
+#include <optional>
 #include <string_view>
 
 export module meshrt.mesh:buffer_state;
@@ -21,6 +22,9 @@ struct DeviceLocalBufferConfig {
   BufferType buffer_type{BufferType::dram};
   // What the memory is for (ADR 0020); the program and tensor modules set theirs.
   AllocationCategory category{AllocationCategory::buffer};
+  // Which end of the banks the buffer grows from, as tt-metal's DeviceLocalBufferConfig::bottom_up:
+  // unset takes the buffer type's default (DRAM and trace bottom-up, L1 and L1_SMALL top-down).
+  std::optional<bool> bottom_up;
 };
 
 }  // namespace meshrt

@@ -60,9 +60,9 @@ class MeshDevice {
   [[nodiscard]] Result<DeviceId> device_id(MeshCoordinate coordinate) const;
   [[nodiscard]] const DeviceSpec& spec() const;
   [[nodiscard]] Tracker& tracker() const;
-  // Allocator figures are per device; lock-step makes them the same on every device of the mesh.
-  [[nodiscard]] AllocatorStatistics allocator_statistics(BufferType type) const;
-  [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
+  // One device's allocator figures: an Error for a device outside the mesh. Mesh buffers take
+  // the same range on every device; a lone DeviceBuffer only on its own.
+  [[nodiscard]] Result<AllocatorStatistics> allocator_statistics(DeviceId device, BufferType type) const;
   // The memory view of one device: an Error for a device outside the mesh or a closed mesh.
   [[nodiscard]] Result<MemoryView> memory_view(DeviceId device, BufferType type) const;
   // Bytes of simulated memory actually held by one device; an Error for a coordinate outside the mesh.

@@ -75,6 +75,12 @@ void SimulatedMemory::discard(BufferType type, std::uint32_t bank_count, std::ui
       }
       std::fill(it->second->begin() + static_cast<std::ptrdiff_t>(from - chunk_start),
                 it->second->begin() + static_cast<std::ptrdiff_t>(to - chunk_start), std::byte{0});
+      // A chunk left all zeros reads as if never written: let it go (banks start above their
+      // reserved bases, so buffers rarely start on a chunk boundary).
+      if (std::ranges::all_of(*it->second, [](std::byte b) { return b == std::byte{0}; })) {
+        it = chunks.erase(it);
+        continue;
+      }
       ++it;
     }
   }

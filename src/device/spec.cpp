@@ -1,4 +1,5 @@
 module;
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cstdint>
@@ -19,25 +20,52 @@ namespace meshrt {
 
 namespace {
 
-constexpr std::uint64_t l1_bank_size = 1'499'136;
+// A device's banks as tt-metal lays them out (its allocator's bank managers, ADR 0006):
+//   DRAM bank: [reserved | DRAM buffers | trace region]
+//   L1 bank:   [reserved | L1 buffers | L1_SMALL]
+// Every bank allocates in steps of the DRAM alignment; pages pad to their type's alignment.
+struct Chip {
+  std::string name;
+  std::uint32_t worker_rows{};
+  std::uint32_t worker_cols{};
+  std::uint32_t dram_banks{};
+  std::uint64_t dram_bank_size{};
+  std::uint64_t dram_alignment{};
+  std::uint64_t dram_unreserved_base{};
+  std::uint64_t l1_bank_size{};
+  std::uint64_t l1_unreserved_base{};
+};
 
-DeviceSpec make_spec(std::string name, std::uint32_t worker_rows, std::uint32_t worker_cols,
-                     std::uint32_t dram_banks, std::uint64_t dram_bank_size, std::uint64_t dram_alignment,
-                     DeviceRegions regions) {
-  constexpr std::uint64_t l1_alignment = 16;
-  const std::uint32_t l1_banks = worker_rows * worker_cols;
-  // Oversized regions are caught by validate(); clamp here so the arithmetic stays defined.
-  const std::uint64_t trace = regions.trace_region_size <= dram_bank_size ? regions.trace_region_size : dram_bank_size;
-  const std::uint64_t l1_small = regions.l1_small_size <= l1_bank_size ? regions.l1_small_size : l1_bank_size;
+constexpr std::uint64_t l1_alignment = 16;
+
+constexpr std::uint64_t round_up(std::uint64_t value, std::uint64_t alignment) {
+  return value > std::numeric_limits<std::uint64_t>::max() - alignment ? value
+                                                                        : (value + alignment - 1) / alignment * alignment;
+}
+
+DeviceSpec make_spec(Chip chip, DeviceRegions regions) {
+  const std::uint64_t granule = chip.dram_alignment;
+  const std::uint32_t l1_banks = chip.worker_rows * chip.worker_cols;
+  // Oversized regions leave DRAM or L1 empty, which validate() refuses; clamp so the arithmetic
+  // stays defined.
+  const std::uint64_t dram_room = chip.dram_bank_size - chip.dram_unreserved_base;
+  const std::uint64_t l1_room = chip.l1_bank_size - chip.l1_unreserved_base;
+  const std::uint64_t trace = std::min(round_up(regions.trace_region_size, granule), dram_room);
+  const std::uint64_t l1_small = std::min(round_up(regions.l1_small_size, granule), l1_room);
   return DeviceSpec{
-      .name = std::move(name),
-      .worker_rows = worker_rows,
-      .worker_cols = worker_cols,
-      .dram = {dram_banks, dram_bank_size - trace, 0, dram_alignment, AllocationDirection::bottom_up},
-      .l1 = {l1_banks, l1_bank_size - l1_small, 0, l1_alignment, AllocationDirection::top_down},
-      .l1_small = {l1_banks, l1_small, l1_bank_size - l1_small, l1_alignment, AllocationDirection::top_down},
-      .trace = {dram_banks, trace, dram_bank_size - trace, dram_alignment, AllocationDirection::bottom_up},
+      .name = std::move(chip.name),
+      .worker_rows = chip.worker_rows,
+      .worker_cols = chip.worker_cols,
+      .dram = {chip.dram_banks, dram_room - trace, chip.dram_unreserved_base, chip.dram_alignment, granule,
+               AllocationDirection::bottom_up},
+      .l1 = {l1_banks, l1_room - l1_small, chip.l1_unreserved_base, l1_alignment, granule,
+             AllocationDirection::top_down},
+      .l1_small = {l1_banks, l1_small, chip.l1_bank_size - l1_small, l1_alignment, granule,
+                   AllocationDirection::top_down},
+      .trace = {chip.dram_banks, trace, chip.dram_bank_size - trace, chip.dram_alignment, granule,
+                AllocationDirection::bottom_up},
       .system_buffers = SystemBuffers::defaults(l1_banks),
+      .allocator_policy = AllocatorPolicy::first_fit,
   };
 }
 
@@ -58,12 +86,31 @@ const BankLayout& DeviceSpec::layout(BufferType type) const {
   return dram;
 }
 
+// Figures and their tt-metal sources are in ADR 0006.
 DeviceSpec DeviceSpec::wormhole_b0(DeviceRegions regions) {
-  return make_spec("wormhole_b0", 8, 8, 12, 1'073'741'824, 32, regions);
+  return make_spec(Chip{.name = "wormhole_b0",
+                        .worker_rows = 8,
+                        .worker_cols = 8,
+                        .dram_banks = 12,
+                        .dram_bank_size = 1'073'741'824,
+                        .dram_alignment = 32,
+                        .dram_unreserved_base = 32,
+                        .l1_bank_size = 1'499'136,
+                        .l1_unreserved_base = 100'416},
+                   regions);
 }
 
 DeviceSpec DeviceSpec::blackhole(DeviceRegions regions) {
-  return make_spec("blackhole", 14, 10, 8, 4'278'190'080, 64, regions);
+  return make_spec(Chip{.name = "blackhole",
+                        .worker_rows = 14,
+                        .worker_cols = 10,
+                        .dram_banks = 8,
+                        .dram_bank_size = 4'278'190'080,
+                        .dram_alignment = 64,
+                        .dram_unreserved_base = 64,
+                        .l1_bank_size = 1'572'864,
+                        .l1_unreserved_base = 100'416},
+                   regions);
 }
 
 Result<DeviceSpec> DeviceSpec::named(std::string_view name, DeviceRegions regions) {
@@ -94,12 +141,22 @@ Result<void> validate(const DeviceSpec& spec) {
                   fmt::format("device spec '{}': {} banks [{:#x}, +{}) x {} pass the end of a 64-bit address space",
                               spec.name, to_string(type), banks.base_address, banks.bank_size, banks.bank_count));
     }
-    if (!std::has_single_bit(banks.alignment) || banks.bank_size % banks.alignment != 0 ||
-        banks.base_address % banks.alignment != 0) {
+    if (!std::has_single_bit(banks.alignment) || !std::has_single_bit(banks.granule)) {
       return fail(ErrorCode::invalid_argument,
-                  fmt::format("device spec '{}': {} banks [{:#x}, +{}) are not aligned to {} bytes", spec.name,
-                              to_string(type), banks.base_address, banks.bank_size, banks.alignment));
+                  fmt::format("device spec '{}': {} has page alignment {} and allocation granule {}: both must be "
+                              "powers of two",
+                              spec.name, to_string(type), banks.alignment, banks.granule));
     }
+    if (banks.bank_size % banks.granule != 0 || banks.base_address % banks.granule != 0) {
+      return fail(ErrorCode::invalid_argument,
+                  fmt::format("device spec '{}': {} banks [{:#x}, +{}) are not aligned to their {}-byte granule",
+                              spec.name, to_string(type), banks.base_address, banks.bank_size, banks.granule));
+    }
+  }
+  if (spec.allocator_policy != AllocatorPolicy::first_fit && spec.allocator_policy != AllocatorPolicy::best_fit) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("device spec '{}': allocator policy {} is not first_fit or best_fit", spec.name,
+                            static_cast<unsigned>(spec.allocator_policy)));
   }
   const SystemBuffers& system = spec.system_buffers;
   for (const auto& [what, size] : {std::pair{"command queue", system.command_queue},

@@ -20,6 +20,7 @@ module;
 module meshrt.mesh;
 
 import meshrt.core;
+import meshrt.alloc;
 import meshrt.tracking;
 import meshrt.device;
 import :mesh_memory;
@@ -92,12 +93,17 @@ Result<BufferPlan> plan_buffer(const MeshDevice& mesh, std::uint64_t size_per_de
                             size_per_device, to_string(config.buffer_type), mesh.spec().name, banks.total_bytes()));
   }
   const InterleavedLayout layout = InterleavedLayout::of(banks, config.page_size);
+  // The banks hand out whole granules: what each reserves is its pages rounded up to one.
+  const std::uint64_t pages_per_bank = layout.bytes_per_bank(size_per_device / config.page_size);
+  AllocationDirection direction = banks.direction;
+  if (config.bottom_up) direction = *config.bottom_up ? AllocationDirection::bottom_up : AllocationDirection::top_down;
   return BufferPlan{
       .type = config.buffer_type,
       .category = config.category,
+      .direction = direction,
       .layout = layout,
       .size_per_device = size_per_device,
-      .bytes_per_bank = layout.bytes_per_bank(size_per_device / config.page_size),
+      .bytes_per_bank = (pages_per_bank + banks.granule - 1) / banks.granule * banks.granule,
       .mesh_buffer = mesh_buffer,
       .first_device = first_device,
       .device_count = device_count,
@@ -124,7 +130,8 @@ Result<std::shared_ptr<BufferAllocation>> BufferAllocation::allocate(const std::
   if (intercepted) {
     address = *intercepted;
   } else {
-    auto reserved = memory->allocate(lock, plan.type, plan.bytes_per_bank);
+    auto reserved =
+        memory->allocate(lock, plan.type, plan.bytes_per_bank, plan.direction, plan.first_device, plan.device_count);
     if (!reserved) return tl::unexpected(std::move(reserved.error()));
     address = *reserved;
   }
@@ -238,7 +245,7 @@ void BufferAllocation::mark_deallocated(const MeshLock& lock, std::uint32_t firs
     states_[slot].store(DeviceBufferState::deallocated, std::memory_order_release);
   }
   batch.push_back(event(first, count, EventKind::free, reason, time_ns));
-  count_freed_slots(lock, count);
+  count_freed_slots(lock, first, count);
 }
 
 void BufferAllocation::mark_device_closed(const MeshLock& lock, std::uint32_t first, std::uint32_t count,
@@ -248,17 +255,17 @@ void BufferAllocation::mark_device_closed(const MeshLock& lock, std::uint32_t fi
     states_[slot].store(DeviceBufferState::device_closed, std::memory_order_release);
   }
   batch.push_back(event(first, count, EventKind::free, FreeReason::device_closed, time_ns));
-  count_freed_slots(lock, count);
+  count_freed_slots(lock, first, count);
 }
 
-void BufferAllocation::count_freed_slots(const MeshLock& lock, std::uint32_t count) {
+void BufferAllocation::count_freed_slots(const MeshLock& lock, std::uint32_t first, std::uint32_t count) {
   Expects(live_slots_ >= count);
   live_slots_ -= count;
-  if (live_slots_ != 0) return;
-  // The last device let go: free the lock-step allocation (a closed mesh already did, and a
-  // hooked buffer never took one) and stop being a resident of the mesh.
-  if (!hooked_) memory_->free(lock, plan_.type, address_, plan_.bytes_per_bank);
-  memory_->remove_resident(lock, *this);
+  // Those devices' memory goes back now, so each allocator holds exactly what the tracker does
+  // (a closed mesh already emptied them, and a hooked buffer never took any).
+  if (!hooked_) memory_->free(lock, plan_.type, address_, plan_.bytes_per_bank, plan_.first_device + first, count);
+  // The last device let go: stop being a resident of the mesh.
+  if (live_slots_ == 0) memory_->remove_resident(lock, *this);
 }
 
 Result<void> BufferAllocation::check_transfer(const MeshLock& lock, std::uint32_t slot, std::size_t bytes) const {

@@ -14,6 +14,7 @@ module;
 module meshrt.mesh:allocation;
 
 import meshrt.core;
+import meshrt.alloc;
 import meshrt.tracking;
 import meshrt.device;
 import :buffer_state;
@@ -26,6 +27,7 @@ namespace meshrt::detail {
 struct BufferPlan {
   BufferType type{};
   AllocationCategory category{};
+  AllocationDirection direction{};
   InterleavedLayout layout{};
   std::uint64_t size_per_device{};
   std::uint64_t bytes_per_bank{};
@@ -88,9 +90,9 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
                         std::int64_t time_ns, EventBatch& batch);
   void mark_device_closed(const MeshLock& lock, std::uint32_t first, std::uint32_t count, std::int64_t time_ns,
                           EventBatch& batch);
-  // `count` slots left `allocated`: after the last one the memory is freed and the mesh forgets
-  // this resident.
-  void count_freed_slots(const MeshLock& lock, std::uint32_t count);
+  // Slots [first, first + count) left `allocated`: their devices' memory is freed, and after the
+  // last one the mesh forgets this resident.
+  void count_freed_slots(const MeshLock& lock, std::uint32_t first, std::uint32_t count);
   // Calls `transition(first, count)` for each run of consecutive allocated slots among `slots`.
   template <class Transition>
   void for_each_allocated_run(std::span<const std::uint32_t> slots, Transition transition) const;

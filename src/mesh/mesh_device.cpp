@@ -116,23 +116,34 @@ Tracker& MeshDevice::tracker() const {
   return memory_->tracker();
 }
 
-AllocatorStatistics MeshDevice::allocator_statistics(BufferType type) const {
-  Expects(memory_ != nullptr);
-  return memory_->statistics(type);
+namespace {
+
+Result<void> check_device(DeviceId device, MeshShape shape) {
+  if (device.value() < shape.device_count()) return {};
+  return fail(ErrorCode::not_found, fmt::format("device {} is not on this {} mesh (devices 0 to {})", device.value(),
+                                                to_string(shape), shape.device_count() - 1));
 }
 
-std::vector<Block> MeshDevice::block_table(BufferType type) const {
+Result<void> check_type(BufferType type) {
+  if (index_of(type) < buffer_type_count) return {};
+  return fail(ErrorCode::invalid_argument, fmt::format("buffer type {} is not one of dram, l1, l1_small, trace",
+                                                       static_cast<unsigned>(type)));
+}
+
+}  // namespace
+
+Result<AllocatorStatistics> MeshDevice::allocator_statistics(DeviceId device, BufferType type) const {
   Expects(memory_ != nullptr);
-  return memory_->block_table(type);
+  if (auto ok = check_device(device, shape()); !ok) return tl::unexpected(std::move(ok.error()));
+  if (auto ok = check_type(type); !ok) return tl::unexpected(std::move(ok.error()));
+  return memory_->statistics(device.value(), type);
 }
 
 Result<MemoryView> MeshDevice::memory_view(DeviceId device, BufferType type) const {
   Expects(memory_ != nullptr);
-  if (device.value() >= device_count()) {
-    return fail(ErrorCode::not_found, fmt::format("device {} is not on this {} mesh (devices 0 to {})",
-                                                         device.value(), to_string(shape()), device_count() - 1));
-  }
-  auto view = memory_->memory_view(type);
+  if (auto ok = check_device(device, shape()); !ok) return tl::unexpected(std::move(ok.error()));
+  if (auto ok = check_type(type); !ok) return tl::unexpected(std::move(ok.error()));
+  auto view = memory_->memory_view(device.value(), type);
   if (!view) {
     return fail(ErrorCode::device_closed, fmt::format("memory view of device {}: the mesh is closed", device.value()));
   }

@@ -1,4 +1,5 @@
 module;
+#include <algorithm>
 #include <array>
 #include <functional>
 #include <thread>
@@ -8,6 +9,7 @@ module;
 #include <mutex>
 #include <optional>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -80,14 +82,15 @@ Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSp
                                                          to_string(shape), max_mesh_dimension));
   }
   if (auto valid = validate(spec); !valid) return tl::unexpected(std::move(valid.error()));
-  std::array<std::optional<BankAllocator>, buffer_type_count> allocators;
+  DeviceAllocators first;
   for (const BufferType type : all_buffer_types) {
     const BankLayout& banks = spec.layout(type);
     if (banks.bank_size == 0) continue;  // an empty carve-out: buffers of this type are refused
-    auto allocator = BankAllocator::create(banks.base_address, banks.bank_size, banks.alignment);
+    auto allocator = BankAllocator::create(banks.base_address, banks.bank_size, banks.granule, spec.allocator_policy);
     if (!allocator) return tl::unexpected(std::move(allocator.error()));
-    allocators[index_of(type)].emplace(std::move(*allocator));
+    first[index_of(type)].emplace(std::move(*allocator));
   }
+  std::vector<DeviceAllocators> allocators(shape.device_count(), first);
   Expects(tracker != nullptr);
   std::vector<DeviceDescription> devices(shape.device_count());
   for (std::uint32_t index = 0; index < shape.device_count(); ++index) {
@@ -104,7 +107,7 @@ Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSp
 }
 
 MeshMemory::MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker,
-                       std::array<std::optional<BankAllocator>, buffer_type_count> allocators)
+                       std::vector<DeviceAllocators> allocators)
     : shape_(shape), spec_(std::move(spec)), tracker_(std::move(tracker)), allocators_(std::move(allocators)) {
   devices_.reserve(shape_.device_count());
   for (std::uint32_t index = 0; index < shape_.device_count(); ++index) {
@@ -117,28 +120,101 @@ bool MeshMemory::is_open(const MeshLock& lock) const {
   return open_;
 }
 
-Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank) {
+// The first device's allocator chooses; when that range is free on the others too (always, while
+// no lone device buffer makes the devices differ) that is the answer. Otherwise the free ranges
+// common to all of them are intersected and the policy applied to those: linear, and rare.
+Result<std::uint64_t> MeshMemory::common_address(BufferType type, std::uint64_t bytes_per_bank,
+                                                 AllocationDirection direction, std::uint32_t first_device,
+                                                 std::uint32_t device_count) const {
+  const auto allocator = [&](std::uint32_t device) -> const BankAllocator& {
+    return *allocators_[device][index_of(type)];
+  };
+  auto chosen = allocator(first_device).find(bytes_per_bank, direction);
+  if (!chosen) return chosen;
+  const auto free_everywhere = [&](std::uint64_t address) {
+    for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
+      if (!allocator(device).is_free(address, bytes_per_bank)) return false;
+    }
+    return true;
+  };
+  if (free_everywhere(*chosen)) return chosen;
+
+  // Free ranges as [start, end), address order; intersected device by device.
+  using Range = std::pair<std::uint64_t, std::uint64_t>;
+  const auto free_ranges = [&](std::uint32_t device) {
+    std::vector<Range> ranges;
+    for (const Block& block : allocator(device).block_table()) {
+      if (!block.allocated) ranges.emplace_back(block.address, block.address + block.size);
+    }
+    return ranges;
+  };
+  std::vector<Range> common = free_ranges(first_device);
+  for (std::uint32_t device = first_device + 1; device < first_device + device_count && !common.empty(); ++device) {
+    const std::vector<Range> other = free_ranges(device);
+    std::vector<Range> both;
+    for (std::size_t a = 0, b = 0; a < common.size() && b < other.size();) {
+      const std::uint64_t start = std::max(common[a].first, other[b].first);
+      const std::uint64_t end = std::min(common[a].second, other[b].second);
+      if (start < end) both.emplace_back(start, end);
+      (common[a].second < other[b].second ? a : b) += 1;
+    }
+    common = std::move(both);
+  }
+  const BankAllocator& reference = allocator(first_device);
+  const std::uint64_t granule = reference.alignment();
+  const std::uint64_t rounded = (bytes_per_bank + granule - 1) / granule * granule;
+  std::optional<Range> pick;
+  for (const Range& range : common) {
+    if (range.second - range.first < rounded) continue;
+    const bool better = !pick || (reference.policy() == AllocatorPolicy::best_fit
+                                      ? range.second - range.first < pick->second - pick->first
+                                      : direction == AllocationDirection::top_down);
+    if (better) pick = range;
+    if (reference.policy() == AllocatorPolicy::first_fit && direction == AllocationDirection::bottom_up) break;
+  }
+  if (!pick) {
+    return fail(ErrorCode::out_of_memory,
+                fmt::format("no address range of {} bytes is free on all {} devices at once (each device's largest "
+                            "free block alone may be larger: lone device buffers fragment them differently)",
+                            rounded, device_count));
+  }
+  return direction == AllocationDirection::bottom_up ? pick->first : pick->second - rounded;
+}
+
+Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank,
+                                           AllocationDirection direction, std::uint32_t first_device,
+                                           std::uint32_t device_count) {
   Expects(lock.holds(*this));
+  Expects(device_count >= 1 && first_device + device_count <= allocators_.size());
   if (!open_) return fail(ErrorCode::device_closed, "the mesh device is closed: open a new one to allocate");
-  auto& allocator = allocators_[index_of(type)];
-  Expects(allocator.has_value());  // buffers of an empty region are refused when planned
-  auto address = allocator->allocate(bytes_per_bank, spec_.layout(type).direction);
+  Expects(allocators_[first_device][index_of(type)].has_value());  // buffers of an empty region are refused when planned
+  auto address = common_address(type, bytes_per_bank, direction, first_device, device_count);
   if (!address) {
-    return fail(address.error().code, fmt::format("{} on {} ({} banks per device): {}", to_string(type),
-                                                  spec_.name, spec_.layout(type).bank_count, address.error().message));
+    const std::string devices = device_count == 1 ? fmt::format("device {}", first_device)
+                                                  : fmt::format("devices {}-{}", first_device,
+                                                                first_device + device_count - 1);
+    return fail(address.error().code, fmt::format("{} on {} ({} banks per device, {}): {}", to_string(type),
+                                                  spec_.name, spec_.layout(type).bank_count, devices,
+                                                  address.error().message));
+  }
+  for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
+    const auto taken = allocators_[device][index_of(type)]->allocate_at(*address, bytes_per_bank);
+    Ensures(taken.has_value());  // common_address() found it free on every one of them
   }
   return *address;
 }
 
-void MeshMemory::free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank) {
+void MeshMemory::free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank,
+                      std::uint32_t first_device, std::uint32_t device_count) {
   Expects(lock.holds(*this));
+  Expects(first_device + device_count <= allocators_.size());
   if (!open_) return;  // close() already emptied everything
-  auto& allocator = allocators_[index_of(type)];
-  Expects(allocator.has_value());
-  const auto freed = allocator->free(address);
-  Ensures(freed.has_value());  // the buffer state machine frees each reservation exactly once
   const std::uint32_t banks = spec_.layout(type).bank_count;
-  for (Device& device : devices_) device.memory().discard(type, banks, address, bytes_per_bank);
+  for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
+    const auto freed = allocators_[device][index_of(type)]->free(address);
+    Ensures(freed.has_value());  // the buffer state machine frees each reservation exactly once
+    devices_[device].memory().discard(type, banks, address, bytes_per_bank);
+  }
 }
 
 void MeshMemory::add_resident(const MeshLock& lock, MeshResident& resident) {
@@ -165,22 +241,18 @@ Device& MeshMemory::device(const MeshLock& lock, std::uint32_t index) {
   return devices_[index];
 }
 
-AllocatorStatistics MeshMemory::statistics(BufferType type) const {
+AllocatorStatistics MeshMemory::statistics(std::uint32_t device_index, BufferType type) const {
   const MeshLock lock = this->lock();
-  const auto& allocator = allocators_[index_of(type)];
+  Expects(device_index < allocators_.size());
+  const auto& allocator = allocators_[device_index][index_of(type)];
   return allocator ? allocator->statistics() : AllocatorStatistics{};
 }
 
-std::vector<Block> MeshMemory::block_table(BufferType type) const {
+std::optional<MemoryView> MeshMemory::memory_view(std::uint32_t device_index, BufferType type) const {
   const MeshLock lock = this->lock();
-  const auto& allocator = allocators_[index_of(type)];
-  return allocator ? allocator->block_table() : std::vector<Block>{};
-}
-
-std::optional<MemoryView> MeshMemory::memory_view(BufferType type) const {
-  const MeshLock lock = this->lock();
+  Expects(device_index < allocators_.size());
   if (!open_) return std::nullopt;
-  const auto& allocator = allocators_[index_of(type)];
+  const auto& allocator = allocators_[device_index][index_of(type)];
   const AllocatorStatistics figures = allocator ? allocator->statistics() : AllocatorStatistics{};
   return MemoryView{
       .num_banks = spec_.layout(type).bank_count,
@@ -219,8 +291,10 @@ void MeshMemory::close() {
     kept_alive.push_back(resident.keep_alive());
     resident.on_mesh_close(lock);
   }
-  for (auto& allocator : allocators_) {
-    if (allocator) allocator->reset();
+  for (auto& device : allocators_) {
+    for (auto& allocator : device) {
+      if (allocator) allocator->reset();
+    }
   }
   for (Device& device : devices_) device.memory().clear();
 }

@@ -117,10 +117,14 @@ class MeshMemory {
   [[nodiscard]] const DeviceSpec& spec() const { return spec_; }
   [[nodiscard]] Tracker& tracker() const { return *tracker_; }
 
-  // Allocates `bytes_per_bank` at one address in every bank of `type`, on every device at once.
-  [[nodiscard]] Result<std::uint64_t> allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank);
-  // Frees what allocate() gave, on every device, and forgets those bytes of simulated memory.
-  void free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank);
+  // Allocates `bytes_per_bank` at one address in every bank of `type` on devices
+  // [first_device, first_device + device_count): lock-step across them (ADR 0004).
+  [[nodiscard]] Result<std::uint64_t> allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank,
+                                               AllocationDirection direction, std::uint32_t first_device,
+                                               std::uint32_t device_count);
+  // Frees what allocate() gave on those devices, and forgets those bytes of simulated memory.
+  void free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank,
+            std::uint32_t first_device, std::uint32_t device_count);
   void add_resident(const MeshLock& lock, MeshResident& resident);
   void remove_resident(const MeshLock& lock, MeshResident& resident);
   // Keeps a system buffer (ADR 0020) until the mesh closes: the mesh owns it, no handle does.
@@ -129,18 +133,23 @@ class MeshMemory {
   void keep_system_buffer(const MeshLock& lock, std::shared_ptr<MeshResident> buffer);
   [[nodiscard]] Device& device(const MeshLock& lock, std::uint32_t index);
 
-  [[nodiscard]] AllocatorStatistics statistics(BufferType type) const;
-  [[nodiscard]] std::vector<Block> block_table(BufferType type) const;
+  // One device's allocator (Expects a device of the mesh).
+  [[nodiscard]] AllocatorStatistics statistics(std::uint32_t device_index, BufferType type) const;
   // Figures and block table taken under one lock, so they agree; nullopt once closed.
-  [[nodiscard]] std::optional<MemoryView> memory_view(BufferType type) const;
+  [[nodiscard]] std::optional<MemoryView> memory_view(std::uint32_t device_index, BufferType type) const;
   [[nodiscard]] std::uint64_t resident_bytes(std::uint32_t device_index) const;
   // Closes the mesh: tells every resident (each moves its live buffers to device_closed and
   // emits their Frees), then empties the allocators and memory. Idempotent.
   void close();
 
  private:
+  using DeviceAllocators = std::array<std::optional<BankAllocator>, buffer_type_count>;
   MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker,
-             std::array<std::optional<BankAllocator>, buffer_type_count> allocators);
+             std::vector<DeviceAllocators> allocators);
+  // Where a lock-step buffer fits on every one of the devices, if anywhere.
+  [[nodiscard]] Result<std::uint64_t> common_address(BufferType type, std::uint64_t bytes_per_bank,
+                                                     AllocationDirection direction, std::uint32_t first_device,
+                                                     std::uint32_t device_count) const;
 
   friend class MeshLock;
   void unlock(std::unique_lock<std::mutex>& lock) const;
@@ -152,8 +161,9 @@ class MeshMemory {
   DeviceSpec spec_;
   std::shared_ptr<Tracker> tracker_;
   bool open_{true};
-  // Lock-step: one allocator per buffer type serves every device of the mesh (see ADR 0004).
-  std::array<std::optional<BankAllocator>, buffer_type_count> allocators_;
+  // One allocator per device and buffer type; a mesh buffer takes one address on all of them
+  // (lock-step, ADR 0004), a lone device buffer only its own device's (ADR 0006).
+  std::vector<DeviceAllocators> allocators_;
   std::vector<Device> devices_;
   MeshResident* residents_{nullptr};
   // Owned until close(), which lets them go after releasing the lock. They hold this memory too:

@@ -87,7 +87,8 @@ Result<MeshBuffer> allocate_circular_buffer(MeshDevice& mesh, const Program& pro
                               .category = AllocationCategory::circular_buffer});
   if (buffer) return buffer;
   if (buffer.error().code != ErrorCode::out_of_memory) return tl::unexpected(std::move(buffer.error()));
-  const AllocatorStatistics l1 = mesh.allocator_statistics(BufferType::l1);
+  // Circular buffers are lock-step across the mesh: device 0's figures stand for the rest.
+  const AllocatorStatistics l1 = mesh.allocator_statistics(DeviceId{0}, BufferType::l1).value();
   return fail(ErrorCode::out_of_memory,
               fmt::format("program {}: circular buffer {} of {} bytes per core does not fit beside the live L1 "
                           "buffers ({} of {} bytes per core in use in {} blocks, largest free block {} bytes): {}",

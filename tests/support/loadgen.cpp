@@ -35,7 +35,7 @@ import meshrt.testing;
 namespace {
 // A test client counts every device buffer it makes: its meshes open without system buffers
 // (ADR 0020), which the demo's tests cover.
-meshrt::DeviceSpec client_spec() { return meshrt::testing::without_system_buffers(meshrt::DeviceSpec::wormhole_b0()); }
+meshrt::DeviceSpec client_spec() { return meshrt::testing::without_system_buffers(meshrt::DeviceSpec::wormhole_b0(meshrt::testing::every_region)); }
 }  // namespace
 
 using namespace meshrt;

@@ -38,6 +38,11 @@ inline constexpr bool sanitized_build = false;
   return spec;
 }
 
+// tt-metal opens a device with no L1_SMALL and no trace region unless asked (so do the presets);
+// tests that make buffers of every type open theirs with both.
+inline constexpr DeviceRegions every_region{.l1_small_size = std::uint64_t{32} * 1024,
+                                            .trace_region_size = std::uint64_t{32} * 1024 * 1024};
+
 // Records every event a tracker reports, one per device buffer (range events are split), and
 // checks the invariant of DESIGN.md over them: each buffer id has exactly one Alloc followed by
 // exactly one Free.

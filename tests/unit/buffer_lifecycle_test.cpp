@@ -95,7 +95,7 @@ TEST_SUITE("buffer lifecycle") {
     CHECK(events[1].kind == EventKind::free);
     CHECK(events[1].reason == FreeReason::explicit_deallocate);
     CHECK(events[1].device == DeviceId{6});
-    CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+    CHECK(m.mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
   }
 
   TEST_CASE("allocated -> deallocated by the destructor: one Free, reason destructor") {
@@ -108,7 +108,7 @@ TEST_SUITE("buffer lifecycle") {
     const auto events = m.log->of_buffer(id);
     REQUIRE(events.size() == 2);
     CHECK(events[1].reason == FreeReason::destructor);
-    CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+    CHECK(m.mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
   }
 
   TEST_CASE("deallocate() twice, then the destructor: still exactly one Free") {
@@ -214,7 +214,7 @@ TEST_SUITE("buffer lifecycle") {
       CHECK(buffer.device_buffer(m.mesh.shape().coordinate_of(device)).value()->state() == DeviceBufferState::deallocated);
     }
     CHECK(count_frees(*m.log, FreeReason::mesh_deallocate) == 8);
-    CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+    CHECK(m.mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
     CHECK_FALSE(buffer.is_allocated());
     buffer.deallocate();  // idempotent
     CHECK(m.log->of_kind(EventKind::free).size() == 8);
@@ -246,18 +246,22 @@ TEST_SUITE("buffer lifecycle") {
     CHECK(m.log->of_kind(EventKind::free).size() == 128 + 3 * 8);
   }
 
-  TEST_CASE("a device buffer deallocated alone keeps the lock-step range until the last one goes") {
+  TEST_CASE("a device buffer deallocated alone gives its own device's range back at once") {
     Mesh m;
     MeshBuffer buffer = replicated(m.mesh, 2048);
-    const std::uint64_t reserved = m.mesh.allocator_statistics(BufferType::dram).allocated_bytes;
+    const auto dram_of = [&](std::uint32_t device) {
+      return m.mesh.allocator_statistics(DeviceId{device}, BufferType::dram).value().allocated_bytes;
+    };
+    const std::uint64_t reserved = dram_of(0);
     CHECK(reserved > 0);
     buffer.device_buffer({0, 0}).value()->deallocate();
     CHECK(m.live->live_buffers_of(buffer.id()).size() == 7);
-    CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == reserved);
+    CHECK(dram_of(0) == 0);  // the allocator agrees with the tracker, device by device
+    CHECK(dram_of(1) == reserved);
     CHECK_FALSE(buffer.is_allocated());
     buffer.deallocate();
     CHECK(m.live->live_buffers_of(buffer.id()).empty());
-    CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+    CHECK(dram_of(1) == 0);
     CHECK(count_frees(*m.log, FreeReason::explicit_deallocate) == 1);
     CHECK(count_frees(*m.log, FreeReason::mesh_deallocate) == 7);
   }
@@ -279,7 +283,7 @@ TEST_SUITE("buffer lifecycle") {
     taken.deallocate();
     CHECK(m.log->of_buffer(taken_id).back().reason == FreeReason::explicit_deallocate);
     CHECK(m.log->audit().still_live == 0);
-    CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+    CHECK(m.mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
   }
 
   TEST_CASE("a failed allocation creates no handle and reports nothing") {
@@ -289,7 +293,8 @@ TEST_SUITE("buffer lifecycle") {
                                             dram_pages);
     REQUIRE_FALSE(too_big.has_value());
     CHECK(too_big.error().code == ErrorCode::out_of_memory);
-    MeshBuffer big = replicated(m.mesh, m.mesh.spec().dram.total_bytes() - 12 * 2048);
+    // All of DRAM but one page per bank, in whole 2 KiB pages per bank.
+    MeshBuffer big = replicated(m.mesh, (m.mesh.spec().dram.bank_size / 2048 - 1) * 12 * 2048);
     const auto no_room = MeshBuffer::create(m.mesh, ReplicatedBufferConfig{.size = 24 * 2048}, dram_pages);
     REQUIRE_FALSE(no_room.has_value());
     CHECK(no_room.error().code == ErrorCode::out_of_memory);
@@ -321,7 +326,7 @@ TEST_SUITE("buffer lifecycle") {
     {
       MeshBuffer buffer = replicated(m.mesh, 4 * 2048);
       CHECK(buffer.address() == 0x4000);
-      CHECK(m.mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+      CHECK(m.mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
       const auto allocs = m.log->of_kind(EventKind::allocate);
       REQUIRE(allocs.size() == 8);
       CHECK(std::ranges::all_of(allocs, &AllocationEvent::hooked));

@@ -47,7 +47,7 @@ TEST_SUITE("concurrency") {
     CHECK(audit.double_frees == 0);
     CHECK(audit.unknown_frees == 0);
     CHECK(audit.still_live == 0);
-    CHECK(mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+    CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
   }
 
   TEST_CASE("close() racing with buffers being freed on other threads: one Free each") {

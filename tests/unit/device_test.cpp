@@ -12,36 +12,64 @@ import meshrt.testing;
 using namespace meshrt;
 
 TEST_SUITE("device") {
+  // tt-metal: the DRAM bank starts at the unreserved base (hal: DRAM_BARRIER_SIZE aligned to the
+  // DRAM alignment, 32 B on Wormhole), the trace region takes the top of each DRAM bank; the L1
+  // bank starts at the L1 unreserved base (100,416 B, tests/tt_metal/.../test_overlapped_bank_
+  // manager.cpp's Wormhole figures) and L1_SMALL takes its top (l1_banking_allocator.cpp). Both
+  // carve-outs default to 0 (hostdevcommon/common_values.hpp); every bank allocates in steps of
+  // the DRAM alignment (bank_manager.cpp), pages pad to their type's (buffer.cpp).
   TEST_CASE("wormhole_b0 has the figures of the chip") {
     const DeviceSpec spec = DeviceSpec::wormhole_b0();
     CHECK(spec.dram.bank_count == 12);
-    CHECK(spec.dram.bank_size + spec.trace.bank_size == 1'073'741'824);
+    CHECK(spec.dram.base_address == 32);
+    CHECK(spec.dram.bank_size == 1'073'741'824 - 32);
+    CHECK(spec.trace.bank_size == 0);
     CHECK(spec.dram.alignment == 32);
+    CHECK(spec.dram.granule == 32);
     CHECK(spec.l1.bank_count == 64);
-    CHECK(spec.l1.bank_size + spec.l1_small.bank_size == 1'499'136);
+    CHECK(spec.l1.base_address == 100'416);
+    CHECK(spec.l1.bank_size == 1'499'136 - 100'416);  // 1,398,720: tt-metal's allocatable L1
+    CHECK(spec.l1_small.bank_size == 0);
     CHECK(spec.l1.alignment == 16);
+    CHECK(spec.l1.granule == 32);  // L1 too allocates in DRAM-alignment steps
     CHECK(spec.dram.direction == AllocationDirection::bottom_up);
     CHECK(spec.l1.direction == AllocationDirection::top_down);
+    CHECK(spec.allocator_policy == AllocatorPolicy::first_fit);
     CHECK(validate(spec).has_value());
   }
 
   TEST_CASE("blackhole has the figures of the chip") {
     const DeviceSpec spec = DeviceSpec::blackhole();
     CHECK(spec.dram.bank_count == 8);
-    CHECK(spec.dram.bank_size + spec.trace.bank_size == 4'278'190'080);
+    CHECK(spec.dram.base_address == 64);
+    CHECK(spec.dram.bank_size == 4'278'190'080 - 64);
     CHECK(spec.dram.alignment == 64);
     CHECK(spec.l1.bank_count == 140);
-    CHECK(spec.l1.bank_size + spec.l1_small.bank_size == 1'499'136);
+    CHECK(spec.l1.base_address + spec.l1.bank_size == 1'572'864);
+    CHECK(spec.l1.alignment == 16);
+    CHECK(spec.l1.granule == 64);
     CHECK(validate(spec).has_value());
   }
 
-  TEST_CASE("regions can be resized, and an empty carve-out is allowed") {
-    const DeviceSpec spec = DeviceSpec::wormhole_b0({.l1_small_size = 0, .trace_region_size = 0});
-    CHECK(spec.dram.bank_size == 1'073'741'824);
-    CHECK(spec.l1.bank_size == 1'499'136);
+  TEST_CASE("regions are carved from the top of their banks and rounded up to the DRAM alignment") {
+    const DeviceSpec spec = DeviceSpec::wormhole_b0({.l1_small_size = 32 * 1024, .trace_region_size = 32 << 20});
+    CHECK(spec.dram.base_address + spec.dram.bank_size == spec.trace.base_address);
+    CHECK(spec.trace.base_address + spec.trace.bank_size == 1'073'741'824);
+    CHECK(spec.trace.bank_size == 32 << 20);
+    CHECK(spec.l1.base_address + spec.l1.bank_size == spec.l1_small.base_address);
+    CHECK(spec.l1_small.base_address + spec.l1_small.bank_size == 1'499'136);
     CHECK(validate(spec).has_value());
-    const DeviceSpec unaligned = DeviceSpec::wormhole_b0({.l1_small_size = 100, .trace_region_size = 0});
-    CHECK(validate(unaligned).error().code == ErrorCode::invalid_argument);
+    const DeviceSpec odd = DeviceSpec::wormhole_b0({.l1_small_size = 100, .trace_region_size = 1});
+    CHECK(odd.l1_small.bank_size == 128);
+    CHECK(odd.trace.bank_size == 32);
+    CHECK(validate(odd).has_value());
+    const DeviceSpec oversized = DeviceSpec::wormhole_b0({.l1_small_size = 2'000'000});
+    const auto refused = validate(oversized);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message.find("l1 has no memory") != std::string::npos);
+    DeviceSpec unaligned = DeviceSpec::wormhole_b0();
+    unaligned.l1.base_address = 100'400;  // on the 16-byte page alignment, off the 32-byte granule
+    CHECK(validate(unaligned).error().message.find("32-byte granule") != std::string::npos);
     CHECK(DeviceSpec::named("blackhole").value().name == "blackhole");
     CHECK(DeviceSpec::named("grayskull").error().code == ErrorCode::not_found);
   }
@@ -84,10 +112,16 @@ TEST_SUITE("device") {
     memory.read(BufferType::dram, 3, 4096 * 10 + 100, back);
     CHECK(back == data);
 
+    const std::vector<std::byte> neighbour(8, std::byte{0xCD});
+    memory.write(BufferType::dram, 3, 4096 * 10, neighbour);  // another buffer shares chunk 10
     memory.discard(BufferType::dram, 12, 4096 * 10 + 100, 10000);
-    CHECK(memory.resident_bytes() == 2 * SimulatedMemory::chunk_size);  // chunk 11 was wholly inside
+    // Chunk 11 was wholly inside; chunk 12 is all zeros once discarded; chunk 10 holds the neighbour.
+    CHECK(memory.resident_bytes() == 1 * SimulatedMemory::chunk_size);
     memory.read(BufferType::dram, 3, 4096 * 10 + 100, back);
     CHECK(back == std::vector<std::byte>(10000, std::byte{0}));
+    std::vector<std::byte> kept(8);
+    memory.read(BufferType::dram, 3, 4096 * 10, kept);
+    CHECK(kept == neighbour);
   }
 
   TEST_CASE("a mesh of every shape from 1x1 to 8x8 opens with one device per coordinate") {
@@ -124,9 +158,10 @@ TEST_SUITE("device") {
     CHECK(empty.total_bytes_allocated_per_bank == 0);
     CHECK(empty.total_bytes_free_per_bank == bank);
     CHECK(empty.largest_contiguous_bytes_free_per_bank == bank);
-    CHECK(empty.block_table == std::vector<Block>{{.address = 0, .size = bank, .allocated = false}});
+    const std::uint64_t base = 32;  // tt-metal's DRAM unreserved base on a Wormhole
+    CHECK(empty.block_table == std::vector<Block>{{.address = base, .size = bank, .allocated = false}});
 
-    // 25 pages of 2 KiB over 12 banks: 3 pages (6 KiB) in every bank, bottom-up from address 0.
+    // 25 pages of 2 KiB over 12 banks: 3 pages (6 KiB) in every bank, bottom-up from the base.
     auto first = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 25 * 2048},
                                     {.page_size = 2048, .buffer_type = BufferType::dram})
                      .value();
@@ -138,9 +173,9 @@ TEST_SUITE("device") {
     CHECK(view.total_bytes_allocated_per_bank == 1024);
     CHECK(view.total_bytes_free_per_bank == bank - 1024);
     CHECK(view.largest_contiguous_bytes_free_per_bank == bank - 6144 - 1024);
-    CHECK(view.block_table == std::vector<Block>{{.address = 0, .size = 6144, .allocated = false},
-                                                 {.address = 6144, .size = 1024, .allocated = true},
-                                                 {.address = 7168, .size = bank - 7168, .allocated = false}});
+    CHECK(view.block_table == std::vector<Block>{{.address = base, .size = 6144, .allocated = false},
+                                                 {.address = base + 6144, .size = 1024, .allocated = true},
+                                                 {.address = base + 7168, .size = bank - 7168, .allocated = false}});
     CHECK(mesh.memory_view(DeviceId{3}, BufferType::dram).value().block_table == view.block_table);  // lock-step
     CHECK(mesh.memory_view(DeviceId{0}, BufferType::l1).value().num_banks == 64);
 
@@ -156,10 +191,10 @@ TEST_SUITE("device") {
 
   TEST_CASE("allocator figures of a new mesh: everything free") {
     auto mesh = MeshDevice::create({2, 4}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), std::make_shared<Tracker>()).value();
-    const AllocatorStatistics dram = mesh.allocator_statistics(BufferType::dram);
+    const AllocatorStatistics dram = mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value();
     CHECK(dram.allocated_bytes == 0);
     CHECK(dram.total_bytes == mesh.spec().dram.bank_size);
-    CHECK(mesh.block_table(BufferType::l1).size() == 1);
+    CHECK(mesh.memory_view(DeviceId{0}, BufferType::l1).value().block_table.size() == 1);
     mesh.close();
     CHECK_FALSE(mesh.is_open());
     mesh.close();  // idempotent

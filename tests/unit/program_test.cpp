@@ -53,7 +53,7 @@ TEST_SUITE("programs") {
       CHECK(observed.on(device, BufferType::l1, AllocationCategory::circular_buffer) == LiveBufferSummary{});
       CHECK(observed.on(device, BufferType::dram, AllocationCategory::program) == LiveBufferSummary{1, 12288});
     }
-    CHECK(mesh.allocator_statistics(BufferType::l1).allocated_bytes == 0);
+    CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::l1).value().allocated_bytes == 0);
     const ProgramCacheStatistics cache = mesh.program_cache().statistics();
     CHECK(cache.entries == 1);
     CHECK(cache.bytes_per_device == 12288);
@@ -77,7 +77,7 @@ TEST_SUITE("programs") {
       CHECK(frees[i].reason == FreeReason::mesh_deallocate);
     }
     CHECK(mesh.program_cache().statistics().entries == 0);
-    CHECK(mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
+    CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
     const auto audit = observed.log->audit();
     CHECK(audit.still_live == 0);
     CHECK(audit.double_frees == 0);
@@ -95,7 +95,7 @@ TEST_SUITE("programs") {
     REQUIRE_FALSE(run.has_value());
     CHECK(run.error().code == ErrorCode::io_error);
     CHECK(run.error().message == "program sample on device 5: the simulated core hung");
-    CHECK(mesh.allocator_statistics(BufferType::l1).allocated_bytes == 0);
+    CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::l1).value().allocated_bytes == 0);
     for (std::uint32_t device = 0; device < 8; ++device) {
       CHECK(observed.on(device, BufferType::l1, AllocationCategory::circular_buffer) == LiveBufferSummary{});
     }
@@ -119,7 +119,7 @@ TEST_SUITE("programs") {
                                    "live L1 buffers") == 0);
     CHECK(run.error().message.find("largest free block 2048 bytes") != std::string::npos);
     // Nothing of the run is left: the first circular buffer was freed; only the filler remains in L1.
-    CHECK(mesh.allocator_statistics(BufferType::l1).allocated_bytes == bank - 6144);
+    CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::l1).value().allocated_bytes == bank - 6144);
     CHECK(observed.on(0, BufferType::l1, AllocationCategory::circular_buffer) == LiveBufferSummary{});
     filler.deallocate();
     CHECK(run_program(mesh, sample_program()).has_value());

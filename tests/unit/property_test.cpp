@@ -23,7 +23,7 @@ class Scenario {
     tracker_->add_processor(log_);
     tracker_->add_processor(live_);
     const MeshShape shape{pick(1, 8), pick(1, 8)};
-    mesh_.emplace(MeshDevice::create(shape, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker_).value());
+    mesh_.emplace(MeshDevice::create(shape, testing::without_system_buffers(DeviceSpec::wormhole_b0(testing::every_region)), tracker_).value());
   }
 
   void step() {
@@ -47,8 +47,8 @@ class Scenario {
       device_buffers_.clear();
       for (const BufferType type : all_buffer_types) {
         CAPTURE(to_string(type));
-        REQUIRE(mesh_->allocator_statistics(type).allocated_bytes == 0);
-        REQUIRE(mesh_->allocator_statistics(type).allocated_blocks == 0);
+        REQUIRE(mesh_->allocator_statistics(DeviceId{0}, type).value().allocated_bytes == 0);
+        REQUIRE(mesh_->allocator_statistics(DeviceId{0}, type).value().allocated_blocks == 0);
       }
       mesh_.reset();
     } else {

@@ -55,8 +55,8 @@ TEST_SUITE("system buffers") {
     // They hold real memory: each bank's allocator shows its pages (2048 and 1536 pages of 4 KiB
     // over 12 DRAM banks, rounded up per bank; one page in each of the 64 L1 banks).
     const std::uint64_t dram_per_bank = ((2048 + 11) / 12 + (1536 + 11) / 12) * 4096;
-    CHECK(mesh.allocator_statistics(BufferType::dram).allocated_bytes == dram_per_bank);
-    CHECK(mesh.allocator_statistics(BufferType::l1).allocated_bytes == 4096);
+    CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == dram_per_bank);
+    CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::l1).value().allocated_bytes == 4096);
 
     auto user = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 1 << 20},
                                    {.page_size = 2048, .buffer_type = BufferType::dram})

@@ -444,13 +444,13 @@ TEST_SUITE("tensors") {
       if (!closed) {
         tensors.clear();
         mesh.clear_program_cache();
-        CHECK(mesh.allocator_statistics(BufferType::l1).allocated_bytes ==
+        CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::l1).value().allocated_bytes ==
               (spec.system_buffers.l1_dispatch == 0 ? 0 : SystemBuffers::page_size));
       }
       mesh.close();
       tensors.clear();
-      CHECK(mesh.allocator_statistics(BufferType::dram).allocated_bytes == 0);
-      CHECK(mesh.allocator_statistics(BufferType::l1).allocated_bytes == 0);
+      CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes == 0);
+      CHECK(mesh.allocator_statistics(DeviceId{0}, BufferType::l1).value().allocated_bytes == 0);
       const auto audit = observed.log->audit();
       CHECK(audit.still_live == 0);
       CHECK(audit.double_allocs == 0);

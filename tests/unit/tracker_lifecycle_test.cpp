@@ -171,7 +171,7 @@ TEST_SUITE("tracker lifecycle") {
                                        ReplicatedBufferConfig{.size = 1024},
                                        {.page_size = 1024, .buffer_type = BufferType::dram});
       if (!nested) refused = nested.error();
-      allocated_seen = mesh.allocator_statistics(BufferType::dram).allocated_bytes;  // a read: answered
+      allocated_seen = mesh.allocator_statistics(DeviceId{0}, BufferType::dram).value().allocated_bytes;  // a read: answered
       victim.reset();  // a release: deferred until the allocation that called us returns
       CHECK(log->of_buffer(victim_id).size() == 1);  // not yet freed
     });
