@@ -62,7 +62,6 @@ Result<BankAllocator> BankAllocator::create(std::uint64_t base, std::uint64_t si
 
 BankAllocator::BankAllocator(std::uint64_t base, std::uint64_t size, std::uint64_t alignment, AllocatorPolicy policy)
     : base_(base), size_(size), alignment_(alignment), policy_(policy) {
-  if (policy_ == AllocatorPolicy::best_fit) buckets_.resize(bucketed_granules + 1);
   index_free(new_slot(base_, size_));
 }
 
@@ -224,6 +223,8 @@ void BankAllocator::bucket_add(Index index) {
     large_.emplace(block.size, block.address, index);
     return;
   }
+  // Made with the first small free block: a new (or copied) allocator holds one large block.
+  if (buckets_.empty()) buckets_.resize(bucketed_granules + 1);
   auto& bucket = buckets_[granules];
   block.position = static_cast<Index>(bucket.size());
   bucket.push_back(index);
@@ -311,7 +312,7 @@ BankAllocator::Choice BankAllocator::aligned_fit(std::uint64_t rounded, std::uin
   };
   const auto chosen = [&](Index index) { return Choice{index, place(slots_[index], rounded, align, direction)}; };
   if (policy_ == AllocatorPolicy::best_fit) {
-    for (std::uint64_t granules = rounded / alignment_; granules <= bucketed_granules; ++granules) {
+    for (std::uint64_t granules = rounded / alignment_; granules < buckets_.size(); ++granules) {
       for (const Index index : buckets_[granules]) {
         if (fits(index)) return chosen(index);
       }

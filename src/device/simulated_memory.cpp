@@ -77,7 +77,8 @@ void SimulatedMemory::discard(BufferType type, std::uint32_t bank_count, std::ui
                 it->second->begin() + static_cast<std::ptrdiff_t>(to - chunk_start), std::byte{0});
       // A chunk left all zeros reads as if never written: let it go (banks start above their
       // reserved bases, so buffers rarely start on a chunk boundary).
-      if (std::ranges::all_of(*it->second, [](std::byte b) { return b == std::byte{0}; })) {
+      const Chunk& bytes = *it->second;  // all zeros: the first is, and each equals the next
+      if (bytes[0] == std::byte{0} && std::memcmp(bytes.data(), bytes.data() + 1, bytes.size() - 1) == 0) {
         it = chunks.erase(it);
         continue;
       }

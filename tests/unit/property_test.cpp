@@ -1,5 +1,7 @@
 // Random sequences of create / deallocate / move / destroy / close on random meshes: whatever
-// happens, every buffer id gets exactly one Alloc and one Free, and the allocators end empty.
+// happens, every buffer id gets exactly one Alloc and one Free, each device's allocators hold
+// what the tracker has live on that device (lone device buffers included), and the allocators
+// end empty. Both allocator policies, both directions.
 #include <cstddef>
 #include <cstdint>
 #include <memory>
@@ -23,7 +25,9 @@ class Scenario {
     tracker_->add_processor(log_);
     tracker_->add_processor(live_);
     const MeshShape shape{pick(1, 8), pick(1, 8)};
-    mesh_.emplace(MeshDevice::create(shape, testing::without_system_buffers(DeviceSpec::wormhole_b0(testing::every_region)), tracker_).value());
+    DeviceSpec spec = testing::without_system_buffers(DeviceSpec::wormhole_b0(testing::every_region));
+    spec.allocator_policy = seed % 2 == 0 ? AllocatorPolicy::first_fit : AllocatorPolicy::best_fit;
+    mesh_.emplace(MeshDevice::create(shape, spec, tracker_).value());
   }
 
   void step() {
@@ -37,18 +41,39 @@ class Scenario {
       case 8: write_something(); break;
       case 9: if (pick(0, 5) == 0) close_mesh(); break;
     }
-    // Between steps, the tracker's view equals what the handles say is allocated.
+    // Between steps, the tracker's view equals what the handles say is allocated, and each
+    // device's allocators hold exactly the footprint the tracker has live on that device.
     REQUIRE(live_->active_allocations() == allocated_device_buffers());
+    // (Every fifth step: the check reads every device's allocators and the tracker's table.)
+    if (mesh_open_ && ++steps_ % 5 == 0) check_allocators_match_tracker();
+  }
+
+  void check_allocators_match_tracker() const {
+    for (std::uint32_t device = 0; device < mesh_->device_count(); ++device) {
+      for (const BufferType type : all_buffer_types) {
+        std::uint64_t per_bank = 0;
+        const auto live = live_->live_buffers(DeviceId{device}, type);
+        for (const AllocationEvent& event : live) per_bank += event.footprint / mesh_->spec().layout(type).bank_count;
+        const AllocatorStatistics stats = mesh_->allocator_statistics(DeviceId{device}, type).value();
+        CAPTURE(device);
+        CAPTURE(to_string(type));
+        REQUIRE(stats.allocated_bytes == per_bank);
+        REQUIRE(stats.allocated_blocks == live.size());
+      }
+    }
   }
 
   void finish() {
     if (mesh_open_) {
       mesh_buffers_.clear();
       device_buffers_.clear();
-      for (const BufferType type : all_buffer_types) {
-        CAPTURE(to_string(type));
-        REQUIRE(mesh_->allocator_statistics(DeviceId{0}, type).value().allocated_bytes == 0);
-        REQUIRE(mesh_->allocator_statistics(DeviceId{0}, type).value().allocated_blocks == 0);
+      for (std::uint32_t device = 0; device < mesh_->device_count(); ++device) {
+        for (const BufferType type : all_buffer_types) {
+          CAPTURE(device);
+          CAPTURE(to_string(type));
+          REQUIRE(mesh_->allocator_statistics(DeviceId{device}, type).value().allocated_bytes == 0);
+          REQUIRE(mesh_->allocator_statistics(DeviceId{device}, type).value().allocated_blocks == 0);
+        }
       }
       mesh_.reset();
     } else {
@@ -74,7 +99,10 @@ class Scenario {
   }
 
   DeviceLocalBufferConfig device_config() {
-    return {.page_size = std::uint64_t{32} << pick(0, 7), .buffer_type = all_buffer_types[pick(0, 3)]};
+    std::optional<bool> bottom_up;
+    if (pick(0, 2) == 0) bottom_up = pick(0, 1) == 0;
+    return {.page_size = std::uint64_t{16} << pick(0, 8), .buffer_type = all_buffer_types[pick(0, 3)],
+            .bottom_up = bottom_up};
   }
 
   void create_mesh_buffer() {
@@ -174,6 +202,7 @@ class Scenario {
   }
 
   std::mt19937_64 random_;
+  std::uint64_t steps_ = 0;
   std::shared_ptr<Tracker> tracker_ = std::make_shared<Tracker>();
   std::shared_ptr<testing::EventLog> log_ = std::make_shared<testing::EventLog>();
   std::shared_ptr<LiveBufferTable> live_ = std::make_shared<LiveBufferTable>();
