@@ -13,6 +13,7 @@ module;
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -46,13 +47,22 @@ struct Shape2D {
   friend bool operator==(const Shape2D&, const Shape2D&) = default;
 };
 
+// The order in which shards are given to the devices of the mesh, as tt-metal's ShardOrientation.
+enum class ShardOrientation : std::uint8_t { row_major, col_major };
+
 // A row-major 2D tensor of `global_shape` elements (`global_size` bytes in all) cut into shards of
-// `shard_shape`; shard (r, c) lives on the device at mesh coordinate (r, c), so the shard grid
-// must match the mesh shape.
+// `shard_shape`, at most one shard per device, as tt-metal's ShardedBufferConfig:
+// - a 0 in a shard dimension replicates along it: the shard spans the whole global dimension;
+// - with no 0, shard i (row-major over the shard grid) goes to device i of the mesh in row-major
+//   order (col_major: column-major order); devices beyond the last shard hold nothing;
+// - with one 0, shard i goes to every device of mesh column i (col_major: of mesh row i);
+// - with both 0, the one shard goes to every device.
+// The buffer takes its shard's size on every device of the mesh (lock-step), as tt-metal's does.
 struct ShardedBufferConfig {
   std::uint64_t global_size{};
   Shape2D global_shape;
   Shape2D shard_shape;
+  ShardOrientation shard_orientation{ShardOrientation::row_major};
   std::string name;
 };
 
@@ -160,8 +170,10 @@ class MeshBuffer {
   std::uint64_t global_size_{};
   std::uint64_t size_per_device_{};
   Shape2D global_shape_{};
-  Shape2D shard_shape_{};
+  Shape2D shard_shape_{};  // physical: a replicated (0) dimension spans the global one
   std::uint64_t element_size_{};
+  // Per device slot, the shard grid coordinate it holds, if any (sharded buffers only).
+  std::vector<std::optional<MeshCoordinate>> shard_of_slot_;
   std::shared_ptr<detail::BufferAllocation> allocation_;  // null for a zero-size buffer
   std::vector<DeviceBuffer> device_buffers_;
 };

@@ -6,6 +6,7 @@ module;
 #include <memory>
 #include <numeric>
 #include <optional>
+#include <set>
 #include <span>
 #include <string>
 #include <utility>
@@ -31,29 +32,51 @@ namespace {
 struct ShardGeometry {
   std::uint64_t element_size{};
   std::uint64_t size_per_device{};
+  Shape2D shard;  // physical: replicated dimensions span the global one
+  std::vector<std::optional<MeshCoordinate>> shard_of_slot;
 };
 
+std::string describe(const ShardedBufferConfig& config) {
+  const auto dimension = [](std::uint64_t value) { return value == 0 ? std::string("0 (replicated)") : std::to_string(value); };
+  return fmt::format("global shape {}x{} in shards of {}x{} ({})", config.global_shape.height,
+                     config.global_shape.width, dimension(config.shard_shape.height),
+                     dimension(config.shard_shape.width),
+                     config.shard_orientation == ShardOrientation::row_major ? "row_major" : "col_major");
+}
+
+// tt-metal's rules (distributed/mesh_buffer.cpp validate_mesh_buffer_config and the mesh
+// command queue's write_sharded_buffer): see ShardedBufferConfig.
 Result<ShardGeometry> shard_geometry(const ShardedBufferConfig& config, MeshShape mesh) {
   const Shape2D global = config.global_shape;
-  const Shape2D shard = config.shard_shape;
-  if (global.height == 0 || global.width == 0 || shard.height == 0 || shard.width == 0) {
-    return fail(ErrorCode::invalid_argument,
-                fmt::format("sharded buffer shapes must be non-empty: global {}x{}, shard {}x{}", global.height,
-                            global.width, shard.height, shard.width));
+  if (config.shard_orientation != ShardOrientation::row_major && config.shard_orientation != ShardOrientation::col_major) {
+    return fail(ErrorCode::invalid_argument, fmt::format("shard orientation {} is not row_major or col_major",
+                                                         static_cast<unsigned>(config.shard_orientation)));
   }
+  if (global.height == 0 || global.width == 0) {
+    return fail(ErrorCode::invalid_argument, fmt::format("{}: the global shape must be non-empty", describe(config)));
+  }
+  const bool height_replicated = config.shard_shape.height == 0;
+  const bool width_replicated = config.shard_shape.width == 0;
+  const Shape2D shard{height_replicated ? global.height : config.shard_shape.height,
+                      width_replicated ? global.width : config.shard_shape.width};
   if (global.height % shard.height != 0 || global.width % shard.width != 0) {
-    return fail(ErrorCode::invalid_argument,
-                fmt::format("shard shape {}x{} does not tile the global shape {}x{}", shard.height, shard.width,
-                            global.height, global.width));
+    return fail(ErrorCode::invalid_argument, fmt::format("{}: the shard shape does not tile the global shape",
+                                                         describe(config)));
   }
   const std::uint64_t grid_rows = global.height / shard.height;
   const std::uint64_t grid_cols = global.width / shard.width;
-  if (grid_rows != mesh.rows || grid_cols != mesh.cols) {
+  const bool row_major = config.shard_orientation == ShardOrientation::row_major;
+  // How many devices the shards take: one each, or a mesh column (row) each along a replicated
+  // dimension, or every device for a wholly replicated buffer.
+  const std::uint64_t shards = grid_rows * grid_cols;  // each side <= its global dimension: no overflow
+  std::uint64_t devices_needed = shards;
+  if (height_replicated && width_replicated) devices_needed = mesh.device_count();
+  else if (height_replicated || width_replicated) devices_needed = shards * (row_major ? mesh.rows : mesh.cols);
+  if (shards > mesh.device_count() || devices_needed > mesh.device_count()) {
     return fail(ErrorCode::invalid_argument,
-                fmt::format("global shape {}x{} in shards of {}x{} makes a {}x{} grid, but the mesh is {}: one "
-                            "shard per device",
-                            global.height, global.width, shard.height, shard.width, grid_rows, grid_cols,
-                            to_string(mesh)));
+                fmt::format("{}: {} shards (a {}x{} grid) need {} devices, but the {} mesh has {}", describe(config),
+                            shards, grid_rows, grid_cols, shards > mesh.device_count() ? shards : devices_needed,
+                            to_string(mesh), mesh.device_count()));
   }
   const std::optional<std::uint64_t> elements = checked_multiply(global.height, global.width);
   if (!elements || *elements > config.global_size) {
@@ -68,11 +91,34 @@ Result<ShardGeometry> shard_geometry(const ShardedBufferConfig& config, MeshShap
                             config.global_size, global.height, global.width));
   }
   const std::uint64_t element_size = config.global_size / *elements;
-  // A shard is a 1/(grid cells) part of the global shape, so this is at most global_size.
-  return ShardGeometry{element_size, shard.height * shard.width * element_size};
+
+  std::vector<std::optional<MeshCoordinate>> shard_of_slot(mesh.device_count());
+  const auto give = [&](std::uint32_t row, std::uint32_t col, std::uint64_t shard_index) {
+    shard_of_slot[mesh.index_of({row, col})] =
+        MeshCoordinate{static_cast<std::uint32_t>(shard_index / grid_cols), static_cast<std::uint32_t>(shard_index % grid_cols)};
+  };
+  for (std::uint64_t index = 0; index < shards; ++index) {
+    const auto at = static_cast<std::uint32_t>(index);
+    if (height_replicated && width_replicated) {
+      for (std::uint32_t slot = 0; slot < mesh.device_count(); ++slot) give(slot / mesh.cols, slot % mesh.cols, index);
+    } else if (height_replicated || width_replicated) {
+      if (row_major) {
+        for (std::uint32_t row = 0; row < mesh.rows; ++row) give(row, at, index);  // mesh column `at`
+      } else {
+        for (std::uint32_t col = 0; col < mesh.cols; ++col) give(at, col, index);  // mesh row `at`
+      }
+    } else if (row_major) {
+      give(at / mesh.cols, at % mesh.cols, index);
+    } else {
+      give(at % mesh.rows, at / mesh.rows, index);
+    }
+  }
+  // A shard is at most the global shape, so this is at most global_size.
+  return ShardGeometry{element_size, shard.height * shard.width * element_size, shard, std::move(shard_of_slot)};
 }
 
-// Copies shard (r, c) between the row-major global layout and a device's contiguous shard.
+// Copies shard (r, c) of the shard grid between the row-major global layout and a device's
+// contiguous shard.
 template <class Copy>
 void for_each_shard_row(Shape2D global, Shape2D shard, std::uint64_t element_size, MeshCoordinate at, Copy copy) {
   const std::uint64_t row_bytes = shard.width * element_size;
@@ -104,7 +150,8 @@ Result<MeshBuffer> MeshBuffer::create(MeshDevice& mesh, const MeshBufferConfig& 
     buffer.size_per_device_ = geometry->size_per_device;
     buffer.element_size_ = geometry->element_size;
     buffer.global_shape_ = sharded.global_shape;
-    buffer.shard_shape_ = sharded.shard_shape;
+    buffer.shard_shape_ = geometry->shard;
+    buffer.shard_of_slot_ = std::move(geometry->shard_of_slot);
   }
   const std::uint32_t devices = buffer.mesh_shape_.device_count();
   buffer.id_ = detail::next_mesh_buffer_id();
@@ -137,6 +184,7 @@ MeshBuffer& MeshBuffer::operator=(MeshBuffer&& other) noexcept {
     global_shape_ = other.global_shape_;
     shard_shape_ = other.shard_shape_;
     element_size_ = other.element_size_;
+    shard_of_slot_ = std::move(other.shard_of_slot_);
     allocation_ = std::move(other.allocation_);
     device_buffers_ = std::move(other.device_buffers_);
     other.allocation_.reset();
@@ -209,8 +257,9 @@ Result<void> MeshBuffer::write(std::span<const std::byte> bytes) {
       if (auto ok = allocation_->write(slot, bytes); !ok) return ok;
       continue;
     }
+    if (!shard_of_slot_[slot]) continue;  // a device past the last shard holds nothing
     for_each_shard_row(global_shape_, shard_shape_, element_size_,
-                       mesh_shape_.coordinate_of(slot), [&](std::uint64_t from, std::uint64_t to, std::uint64_t n) {
+                       *shard_of_slot_[slot], [&](std::uint64_t from, std::uint64_t to, std::uint64_t n) {
                          std::copy_n(bytes.subspan(from, n).begin(), n, shard.begin() + static_cast<std::ptrdiff_t>(to));
                        });
     if (auto ok = allocation_->write(slot, shard); !ok) return ok;
@@ -227,11 +276,14 @@ Result<std::vector<std::byte>> MeshBuffer::read() const {
     if (auto ok = allocation_->read(0, bytes); !ok) return tl::unexpected(std::move(ok.error()));
     return bytes;
   }
+  // Each shard from the first device that holds it (a replicated one is on several).
   std::vector<std::byte> shard(size_per_device_);
+  std::set<MeshCoordinate> read_already;
   for (std::uint32_t slot = 0; slot < device_buffers_.size(); ++slot) {
+    if (!shard_of_slot_[slot] || !read_already.insert(*shard_of_slot_[slot]).second) continue;
     if (auto ok = allocation_->read(slot, shard); !ok) return tl::unexpected(std::move(ok.error()));
     for_each_shard_row(global_shape_, shard_shape_, element_size_,
-                       mesh_shape_.coordinate_of(slot), [&](std::uint64_t to, std::uint64_t from, std::uint64_t n) {
+                       *shard_of_slot_[slot], [&](std::uint64_t to, std::uint64_t from, std::uint64_t n) {
                          std::copy_n(shard.begin() + static_cast<std::ptrdiff_t>(from), n,
                                      bytes.begin() + static_cast<std::ptrdiff_t>(to));
                        });

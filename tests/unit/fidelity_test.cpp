@@ -143,4 +143,87 @@ TEST_SUITE("tt-metal fidelity") {
     CHECK(refused.error().message.find("free on all 2 devices at once") != std::string::npos);
     CHECK(refused.error().message.find("devices 0-1") != std::string::npos);
   }
+
+  // tt-metal: distributed/mesh_buffer.cpp (ShardedBufferConfig: replicated_dims, physical_shard_
+  // shape, "The sharded tensor does not fit on the Mesh") and the mesh command queue's
+  // write_sharded_buffer (which device gets which shard).
+  TEST_CASE("sharding: any grid of at most one shard per device, in row- or column-major order") {
+    MeshDevice mesh = open({2, 4});
+    const DeviceLocalBufferConfig config{.page_size = 1, .buffer_type = BufferType::dram};
+    std::vector<std::byte> data(2 * 3);
+    for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>(10 + i);
+    // A 1x6 tensor of bytes in 1x1 shards: six shards on a mesh of eight.
+    const auto first_byte = [&](const MeshBuffer& buffer, MeshCoordinate at) {
+      std::vector<std::byte> shard(buffer.size_per_device());
+      REQUIRE(buffer.device_buffer(at).value()->read(shard).has_value());
+      return std::to_integer<int>(shard[0]);
+    };
+    for (const ShardOrientation orientation : {ShardOrientation::row_major, ShardOrientation::col_major}) {
+      CAPTURE(static_cast<int>(orientation));
+      MeshBuffer buffer = MeshBuffer::create(mesh,
+                                             ShardedBufferConfig{.global_size = 6,
+                                                                 .global_shape = {1, 6},
+                                                                 .shard_shape = {1, 1},
+                                                                 .shard_orientation = orientation},
+                                             config)
+                              .value();
+      REQUIRE(buffer.write(data).has_value());
+      CHECK(buffer.read().value() == data);
+      if (orientation == ShardOrientation::row_major) {
+        CHECK(first_byte(buffer, {0, 3}) == 13);  // shard 3: device 3 in row-major order
+        CHECK(first_byte(buffer, {1, 1}) == 15);  // shard 5: device 5
+        CHECK(first_byte(buffer, {1, 3}) == 0);   // past the last shard: nothing written
+      } else {
+        CHECK(first_byte(buffer, {1, 0}) == 11);  // shard 1: down the first column
+        CHECK(first_byte(buffer, {0, 2}) == 14);  // shard 4: top of the third column
+        CHECK(first_byte(buffer, {1, 3}) == 0);
+      }
+    }
+  }
+
+  TEST_CASE("sharding: a 0 in a shard dimension replicates along it") {
+    MeshDevice mesh = open({2, 4});
+    const DeviceLocalBufferConfig config{.page_size = 1, .buffer_type = BufferType::dram};
+    std::vector<std::byte> data(2 * 4);
+    for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>(20 + i);
+    // A 2x4 tensor in shards of 2 rows x 1 column, height replicated: shard c (column c of the
+    // tensor) goes to every device of mesh column c (row_major).
+    MeshBuffer columns = MeshBuffer::create(mesh,
+                                            ShardedBufferConfig{.global_size = 8,
+                                                                .global_shape = {2, 4},
+                                                                .shard_shape = {0, 1}},
+                                            config)
+                             .value();
+    CHECK(columns.size_per_device() == 2);
+    REQUIRE(columns.write(data).has_value());
+    CHECK(columns.read().value() == data);
+    std::vector<std::byte> shard(2);
+    for (std::uint32_t row = 0; row < 2; ++row) {
+      REQUIRE(columns.device_buffer({row, 2}).value()->read(shard).has_value());
+      CHECK(shard == std::vector<std::byte>{std::byte{22}, std::byte{26}});  // column 2: elements 2 and 6
+    }
+    // Both replicated: the whole tensor on every device.
+    MeshBuffer everywhere = MeshBuffer::create(mesh,
+                                               ShardedBufferConfig{.global_size = 8,
+                                                                   .global_shape = {2, 4},
+                                                                   .shard_shape = {0, 0}},
+                                               config)
+                                .value();
+    REQUIRE(everywhere.write(data).has_value());
+    std::vector<std::byte> whole(8);
+    REQUIRE(everywhere.device_buffer({1, 3}).value()->read(whole).has_value());
+    CHECK(whole == data);
+    // Height replicated, column-major: shard r goes to every device of mesh row r, so 4 column
+    // shards need 4 mesh rows; the mesh has 2.
+    const auto refused = MeshBuffer::create(mesh,
+                                            ShardedBufferConfig{.global_size = 8,
+                                                                .global_shape = {2, 4},
+                                                                .shard_shape = {0, 1},
+                                                                .shard_orientation = ShardOrientation::col_major},
+                                            config);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message ==
+          "global shape 2x4 in shards of 0 (replicated)x1 (col_major): 4 shards (a 1x4 grid) need 16 devices, but "
+          "the 2x4 mesh has 8");
+  }
 }
