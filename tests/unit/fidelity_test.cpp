@@ -81,7 +81,7 @@ TEST_SUITE("tt-metal fidelity") {
 
   // tt-metal: DeviceLocalBufferConfig::bottom_up (std::optional<bool>); buffer.cpp defaults it to
   // is_dram(): DRAM and trace bottom-up, L1 and L1_SMALL top-down.
-  TEST_CASE("a buffer can choose its direction; unset keeps its type's") {
+  TEST_CASE("a buffer can choose its direction, and unset keeps its type's") {
     MeshDevice mesh = open({1, 2});
     const std::uint64_t dram_top = mesh.spec().dram.base_address + mesh.spec().dram.bank_size;
     const std::uint64_t l1_base = mesh.spec().l1.base_address;
