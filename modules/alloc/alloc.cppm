@@ -100,6 +100,7 @@ class BankAllocator {
     Index next{none};
     Index left{none};  // free tree: a treap of free blocks by address
     Index right{none};
+    Index parent{none};
     Index position{none};  // where it sits in its bucket (best fit, bucketed sizes)
     std::uint32_t priority{};
     bool allocated{false};
@@ -130,7 +131,10 @@ class BankAllocator {
   void tree_split(Index tree, std::uint64_t address, Index& below, Index& rest);
   [[nodiscard]] Index tree_merge(Index below, Index above);
   void tree_erase(Index node);
-  void tree_update(Index node, std::uint64_t old_address);
+  // Refreshes the figures from `node` up, while they change.
+  void tree_update(Index node);
+  void set_left(Index node, Index child);
+  void set_right(Index node, Index child);
   [[nodiscard]] Index lowest_fit(std::uint64_t rounded) const;
   [[nodiscard]] Index highest_fit(std::uint64_t rounded) const;
   [[nodiscard]] Index free_block_at(std::uint64_t address) const;
@@ -151,7 +155,6 @@ class BankAllocator {
   Index root_{none};
   std::vector<Slot> slots_;
   std::vector<Index> free_slots_;
-  std::vector<Index> path_;  // scratch for tree_update
   std::vector<std::vector<Index>> buckets_;  // [granules] -> free blocks of exactly that size
   std::array<std::uint64_t, bucketed_granules / 64 + 1> bucket_bits_{};
   std::set<std::tuple<std::uint64_t, std::uint64_t, Index>> large_;  // (size, address, slot)

@@ -92,7 +92,17 @@ void BankAllocator::refresh(Index node) {
   slot.largest_below = std::max({slot.size, largest_in(slot.left), largest_in(slot.right)});
 }
 
-// Splits `tree` into the blocks below `address` and the rest.
+void BankAllocator::set_left(Index node, Index child) {
+  slots_[node].left = child;
+  if (child != none) slots_[child].parent = node;
+}
+
+void BankAllocator::set_right(Index node, Index child) {
+  slots_[node].right = child;
+  if (child != none) slots_[child].parent = node;
+}
+
+// Splits `tree` into the blocks below `address` and the rest (their roots' parents unset).
 void BankAllocator::tree_split(Index tree, std::uint64_t address, Index& below, Index& rest) {
   if (tree == none) {
     below = rest = none;
@@ -101,14 +111,15 @@ void BankAllocator::tree_split(Index tree, std::uint64_t address, Index& below, 
   if (slots_[tree].address < address) {
     Index right = none;
     tree_split(slots_[tree].right, address, right, rest);
-    slots_[tree].right = right;
+    set_right(tree, right);
     below = tree;
   } else {
     Index left = none;
     tree_split(slots_[tree].left, address, below, left);
-    slots_[tree].left = left;
+    set_left(tree, left);
     rest = tree;
   }
+  slots_[tree].parent = none;
   refresh(tree);
 }
 
@@ -117,13 +128,11 @@ BankAllocator::Index BankAllocator::tree_merge(Index below, Index above) {
   if (below == none) return above;
   if (above == none) return below;
   if (slots_[below].priority > slots_[above].priority) {
-    const Index right = tree_merge(slots_[below].right, above);
-    slots_[below].right = right;
+    set_right(below, tree_merge(slots_[below].right, above));
     refresh(below);
     return below;
   }
-  const Index left = tree_merge(below, slots_[above].left);
-  slots_[above].left = left;
+  set_left(above, tree_merge(below, slots_[above].left));
   refresh(above);
   return above;
 }
@@ -134,46 +143,40 @@ BankAllocator::Index BankAllocator::tree_insert(Index tree, Index node) {
     Index below = none;
     Index rest = none;
     tree_split(tree, slots_[node].address, below, rest);
-    slots_[node].left = below;
-    slots_[node].right = rest;
+    set_left(node, below);
+    set_right(node, rest);
     refresh(node);
     return node;
   }
-  if (slots_[node].address < slots_[tree].address) {
-    const Index left = tree_insert(slots_[tree].left, node);
-    slots_[tree].left = left;
-  } else {
-    const Index right = tree_insert(slots_[tree].right, node);
-    slots_[tree].right = right;
-  }
+  if (slots_[node].address < slots_[tree].address) set_left(tree, tree_insert(slots_[tree].left, node));
+  else set_right(tree, tree_insert(slots_[tree].right, node));
   refresh(tree);
   return tree;
 }
 
 void BankAllocator::tree_erase(Index node) {
-  const std::uint64_t address = slots_[node].address;
-  Index* link = &root_;
-  path_.clear();
-  while (*link != node) {
-    Expects(*link != none);
-    path_.push_back(*link);
-    link = address < slots_[*link].address ? &slots_[*link].left : &slots_[*link].right;
+  const Index parent = slots_[node].parent;
+  const Index merged = tree_merge(slots_[node].left, slots_[node].right);
+  if (parent == none) {
+    root_ = merged;
+    if (merged != none) slots_[merged].parent = none;
+  } else if (slots_[parent].left == node) {
+    set_left(parent, merged);
+  } else {
+    set_right(parent, merged);
   }
-  *link = tree_merge(slots_[node].left, slots_[node].right);
-  for (auto it = path_.rbegin(); it != path_.rend(); ++it) refresh(*it);
+  if (parent != none) tree_update(parent);
 }
 
 // `node` changed its size, or its address without passing another free block: the tree's order
-// still holds, only the figures on its path are stale. One walk down by its old address.
-void BankAllocator::tree_update(Index node, std::uint64_t old_address) {
-  path_.clear();
-  for (Index at = root_; at != node;) {
-    Expects(at != none);
-    path_.push_back(at);
-    at = old_address < slots_[at].address ? slots_[at].left : slots_[at].right;
+// still holds, only the figures above it may be stale. Up from the node while they change:
+// usually a step or two, as a small block is rarely the largest of a big subtree.
+void BankAllocator::tree_update(Index node) {
+  for (Index at = node; at != none; at = slots_[at].parent) {
+    const std::uint64_t before = slots_[at].largest_below;
+    refresh(at);
+    if (slots_[at].largest_below == before && at != node) break;
   }
-  refresh(node);
-  for (auto it = path_.rbegin(); it != path_.rend(); ++it) refresh(*it);
 }
 
 BankAllocator::Index BankAllocator::lowest_fit(std::uint64_t rounded) const {
@@ -250,7 +253,7 @@ void BankAllocator::bucket_remove(Index index) {
 void BankAllocator::index_free(Index index) {
   Slot& block = slots_[index];
   block.allocated = false;
-  block.left = block.right = none;
+  block.left = block.right = block.parent = none;
   random_state_ ^= random_state_ << 13U;
   random_state_ ^= random_state_ >> 17U;
   random_state_ ^= random_state_ << 5U;
@@ -258,6 +261,7 @@ void BankAllocator::index_free(Index index) {
   block.largest_below = block.size;
   ++free_blocks_;
   root_ = tree_insert(root_, index);
+  slots_[root_].parent = none;
   bucket_add(index);
 }
 
@@ -269,10 +273,9 @@ void BankAllocator::unindex_free(Index index) {
 
 void BankAllocator::resize_free(Index index, std::uint64_t address, std::uint64_t size) {
   bucket_remove(index);
-  const std::uint64_t old_address = slots_[index].address;
   slots_[index].address = address;
   slots_[index].size = size;
-  tree_update(index, old_address);
+  tree_update(index);
   bucket_add(index);
 }
 
