@@ -6,6 +6,7 @@ module;
 #include <array>
 #include <cstdint>
 #include <set>
+#include <span>
 #include <string_view>
 #include <tuple>
 #include <vector>
@@ -160,5 +161,12 @@ class BankAllocator {
   std::set<std::tuple<std::uint64_t, std::uint64_t, Index>> large_;  // (size, address, slot)
   absl::flat_hash_map<std::uint64_t, Index> allocated_;               // address -> slot
 };
+
+// Lock-step allocation (ADR 0004): where `size` bytes fit at one address in every allocator given.
+// The first one's own choice when that range is free in all of them; otherwise the first one's
+// policy applied to the ranges free in every one (linear in their blocks, and only needed while
+// lone allocations make them differ). All share base, size, granule and policy.
+[[nodiscard]] Result<std::uint64_t> find_in_all(std::span<const BankAllocator* const> allocators, std::uint64_t size,
+                                                AllocationDirection direction);
 
 }  // namespace meshrt

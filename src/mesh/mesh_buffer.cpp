@@ -257,9 +257,10 @@ Result<void> MeshBuffer::write(std::span<const std::byte> bytes) {
       if (auto ok = allocation_->write(slot, bytes); !ok) return ok;
       continue;
     }
-    if (!shard_of_slot_[slot]) continue;  // a device past the last shard holds nothing
+    const std::optional<MeshCoordinate> shard_index = shard_of_slot_[slot];
+    if (!shard_index) continue;  // a device past the last shard holds nothing
     for_each_shard_row(global_shape_, shard_shape_, element_size_,
-                       *shard_of_slot_[slot], [&](std::uint64_t from, std::uint64_t to, std::uint64_t n) {
+                       *shard_index, [&](std::uint64_t from, std::uint64_t to, std::uint64_t n) {
                          std::copy_n(bytes.subspan(from, n).begin(), n, shard.begin() + static_cast<std::ptrdiff_t>(to));
                        });
     if (auto ok = allocation_->write(slot, shard); !ok) return ok;
@@ -280,10 +281,11 @@ Result<std::vector<std::byte>> MeshBuffer::read() const {
   std::vector<std::byte> shard(size_per_device_);
   std::set<MeshCoordinate> read_already;
   for (std::uint32_t slot = 0; slot < device_buffers_.size(); ++slot) {
-    if (!shard_of_slot_[slot] || !read_already.insert(*shard_of_slot_[slot]).second) continue;
+    const std::optional<MeshCoordinate> shard_index = shard_of_slot_[slot];
+    if (!shard_index || !read_already.insert(*shard_index).second) continue;
     if (auto ok = allocation_->read(slot, shard); !ok) return tl::unexpected(std::move(ok.error()));
     for_each_shard_row(global_shape_, shard_shape_, element_size_,
-                       *shard_of_slot_[slot], [&](std::uint64_t to, std::uint64_t from, std::uint64_t n) {
+                       *shard_index, [&](std::uint64_t to, std::uint64_t from, std::uint64_t n) {
                          std::copy_n(shard.begin() + static_cast<std::ptrdiff_t>(from), n,
                                      bytes.begin() + static_cast<std::ptrdiff_t>(to));
                        });

@@ -120,65 +120,10 @@ bool MeshMemory::is_open(const MeshLock& lock) const {
   return open_;
 }
 
-// The first device's allocator chooses; when that range is free on the others too (always, while
-// no lone device buffer makes the devices differ) that is the answer. Otherwise the free ranges
-// common to all of them are intersected and the policy applied to those: linear, and rare.
-Result<std::uint64_t> MeshMemory::common_address(BufferType type, std::uint64_t bytes_per_bank,
-                                                 AllocationDirection direction, std::uint32_t first_device,
-                                                 std::uint32_t device_count) const {
-  const auto allocator = [&](std::uint32_t device) -> const BankAllocator& {
-    return *allocators_[device][index_of(type)];
-  };
-  auto chosen = allocator(first_device).find(bytes_per_bank, direction);
-  if (!chosen) return chosen;
-  const auto free_everywhere = [&](std::uint64_t address) {
-    for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
-      if (!allocator(device).is_free(address, bytes_per_bank)) return false;
-    }
-    return true;
-  };
-  if (free_everywhere(*chosen)) return chosen;
-
-  // Free ranges as [start, end), address order; intersected device by device.
-  using Range = std::pair<std::uint64_t, std::uint64_t>;
-  const auto free_ranges = [&](std::uint32_t device) {
-    std::vector<Range> ranges;
-    for (const Block& block : allocator(device).block_table()) {
-      if (!block.allocated) ranges.emplace_back(block.address, block.address + block.size);
-    }
-    return ranges;
-  };
-  std::vector<Range> common = free_ranges(first_device);
-  for (std::uint32_t device = first_device + 1; device < first_device + device_count && !common.empty(); ++device) {
-    const std::vector<Range> other = free_ranges(device);
-    std::vector<Range> both;
-    for (std::size_t a = 0, b = 0; a < common.size() && b < other.size();) {
-      const std::uint64_t start = std::max(common[a].first, other[b].first);
-      const std::uint64_t end = std::min(common[a].second, other[b].second);
-      if (start < end) both.emplace_back(start, end);
-      (common[a].second < other[b].second ? a : b) += 1;
-    }
-    common = std::move(both);
-  }
-  const BankAllocator& reference = allocator(first_device);
-  const std::uint64_t granule = reference.alignment();
-  const std::uint64_t rounded = (bytes_per_bank + granule - 1) / granule * granule;
-  std::optional<Range> pick;
-  for (const Range& range : common) {
-    if (range.second - range.first < rounded) continue;
-    const bool better = !pick || (reference.policy() == AllocatorPolicy::best_fit
-                                      ? range.second - range.first < pick->second - pick->first
-                                      : direction == AllocationDirection::top_down);
-    if (better) pick = range;
-    if (reference.policy() == AllocatorPolicy::first_fit && direction == AllocationDirection::bottom_up) break;
-  }
-  if (!pick) {
-    return fail(ErrorCode::out_of_memory,
-                fmt::format("no address range of {} bytes is free on all {} devices at once (each device's largest "
-                            "free block alone may be larger: lone device buffers fragment them differently)",
-                            rounded, device_count));
-  }
-  return direction == AllocationDirection::bottom_up ? pick->first : pick->second - rounded;
+BankAllocator& MeshMemory::allocator(std::uint32_t device, BufferType type) {
+  auto& slot = allocators_[device][index_of(type)];
+  Expects(slot.has_value());  // buffers of an empty region are refused when planned
+  return *slot;
 }
 
 Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank,
@@ -187,8 +132,11 @@ Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type
   Expects(lock.holds(*this));
   Expects(device_count >= 1 && first_device + device_count <= allocators_.size());
   if (!open_) return fail(ErrorCode::device_closed, "the mesh device is closed: open a new one to allocate");
-  Expects(allocators_[first_device][index_of(type)].has_value());  // buffers of an empty region are refused when planned
-  auto address = common_address(type, bytes_per_bank, direction, first_device, device_count);
+  std::vector<const BankAllocator*> lock_step;
+  for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
+    lock_step.push_back(&allocator(device, type));
+  }
+  auto address = find_in_all(lock_step, bytes_per_bank, direction);
   if (!address) {
     const std::string devices = device_count == 1 ? fmt::format("device {}", first_device)
                                                   : fmt::format("devices {}-{}", first_device,
@@ -198,8 +146,8 @@ Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type
                                                   address.error().message));
   }
   for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
-    const auto taken = allocators_[device][index_of(type)]->allocate_at(*address, bytes_per_bank);
-    Ensures(taken.has_value());  // common_address() found it free on every one of them
+    const auto taken = allocator(device, type).allocate_at(*address, bytes_per_bank);
+    Ensures(taken.has_value());  // find_in_all() found it free in every one of them
   }
   return *address;
 }
@@ -211,7 +159,7 @@ void MeshMemory::free(const MeshLock& lock, BufferType type, std::uint64_t addre
   if (!open_) return;  // close() already emptied everything
   const std::uint32_t banks = spec_.layout(type).bank_count;
   for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
-    const auto freed = allocators_[device][index_of(type)]->free(address);
+    const auto freed = allocator(device, type).free(address);
     Ensures(freed.has_value());  // the buffer state machine frees each reservation exactly once
     devices_[device].memory().discard(type, banks, address, bytes_per_bank);
   }

@@ -146,10 +146,7 @@ class MeshMemory {
   using DeviceAllocators = std::array<std::optional<BankAllocator>, buffer_type_count>;
   MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker,
              std::vector<DeviceAllocators> allocators);
-  // Where a lock-step buffer fits on every one of the devices, if anywhere.
-  [[nodiscard]] Result<std::uint64_t> common_address(BufferType type, std::uint64_t bytes_per_bank,
-                                                     AllocationDirection direction, std::uint32_t first_device,
-                                                     std::uint32_t device_count) const;
+  [[nodiscard]] BankAllocator& allocator(std::uint32_t device, BufferType type);
 
   friend class MeshLock;
   void unlock(std::unique_lock<std::mutex>& lock) const;

@@ -261,6 +261,47 @@ TEST_SUITE("alloc") {
     CHECK(allocator.statistics() == AllocatorStatistics{4096, 0, 4096, 4096, 0, 1});
   }
 
+  TEST_CASE("find_in_all: the first allocator's choice while all agree, else its policy over the ranges free in all") {
+    for (const AllocatorPolicy policy : {AllocatorPolicy::first_fit, AllocatorPolicy::best_fit}) {
+      CAPTURE(to_string(policy));
+      BankAllocator one = make(0, 4096, 32, policy);
+      BankAllocator two = make(0, 4096, 32, policy);
+      const std::array<const BankAllocator*, 2> both{&one, &two};
+      CHECK(find_in_all(both, 100, AllocationDirection::bottom_up).value() == 0);
+      CHECK(find_in_all(both, 100, AllocationDirection::top_down).value() == 4096 - 128);
+      // Lone allocations: `one` holds [0, 256), `two` holds [256, 512) and [3840, 4096).
+      REQUIRE(one.allocate_at(0, 256).has_value());
+      REQUIRE(two.allocate_at(256, 256).has_value());
+      REQUIRE(two.allocate_at(3840, 256).has_value());
+      CHECK(find_in_all(both, 100, AllocationDirection::bottom_up).value() == 512);
+      CHECK(find_in_all(both, 100, AllocationDirection::top_down).value() == 3840 - 128);
+      // Nothing of 3.5 KiB is free in both, though each has a larger free block alone.
+      CHECK(one.statistics().largest_free_block == 3840);
+      CHECK(two.statistics().largest_free_block == 3328);
+      const auto refused = find_in_all(both, 3360, AllocationDirection::bottom_up);
+      REQUIRE_FALSE(refused.has_value());
+      CHECK(refused.error().code == ErrorCode::out_of_memory);
+      CHECK(contains(refused.error().message, "free in all 2 of them at once"));
+    }
+    // Over the common ranges [128, 1024) and [1088, 1216): first fit takes the lowest, best fit
+    // the smallest that holds the request.
+    for (const AllocatorPolicy policy : {AllocatorPolicy::first_fit, AllocatorPolicy::best_fit}) {
+      CAPTURE(to_string(policy));
+      BankAllocator one = make(0, 4096, 32, policy);
+      BankAllocator two = make(0, 4096, 32, policy);
+      REQUIRE(one.allocate_at(0, 64).has_value());       // one: free [64, 4096)
+      REQUIRE(two.allocate_at(64, 64).has_value());      // two: free [0, 64), [128, 1024), [1088, 1216)
+      REQUIRE(two.allocate_at(1024, 64).has_value());
+      REQUIRE(two.allocate_at(1216, 2880).has_value());
+      const std::array<const BankAllocator*, 2> both{&one, &two};
+      CHECK(find_in_all(both, 100, AllocationDirection::bottom_up).value() ==
+            (policy == AllocatorPolicy::best_fit ? 1088 : 128));
+      // The search leaves the allocators as they were.
+      CHECK(one.statistics().allocated_blocks == 1);
+      CHECK(two.statistics().allocated_blocks == 3);
+    }
+  }
+
   TEST_CASE("freeing coalesces with both neighbours") {
     BankAllocator allocator = make(0, 1024, 32);
     const auto a = allocator.allocate(256).value();

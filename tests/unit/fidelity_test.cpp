@@ -140,7 +140,7 @@ TEST_SUITE("tt-metal fidelity") {
     const auto refused = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = 12 * 1024}, dram);
     REQUIRE_FALSE(refused.has_value());
     CHECK(refused.error().code == ErrorCode::out_of_memory);
-    CHECK(refused.error().message.find("free on all 2 devices at once") != std::string::npos);
+    CHECK(refused.error().message.find("free in all 2 of them at once") != std::string::npos);
     CHECK(refused.error().message.find("devices 0-1") != std::string::npos);
   }
 
