@@ -4,6 +4,7 @@
 // Error and change nothing. See ADR 0011 for the structure and its figures.
 module;
 #include <array>
+#include <optional>
 #include <cstdint>
 #include <set>
 #include <span>
@@ -85,6 +86,8 @@ class BankAllocator {
   [[nodiscard]] AllocatorPolicy policy() const { return policy_; }
   // Size of the allocated block at `address`, if there is one.
   [[nodiscard]] Result<std::uint64_t> allocated_size(std::uint64_t address) const;
+  // True when both hold exactly the same allocated blocks (address and size). O(n).
+  [[nodiscard]] bool holds_same_blocks(const BankAllocator& other) const;
 
   // Best fit: free blocks of up to this many granules live in exact-size buckets found through a
   // bitmap (O(1)); larger ones in an ordered set (O(log n), and there are few of them).
@@ -168,5 +171,52 @@ class BankAllocator {
 // lone allocations make them differ). All share base, size, granule and policy.
 [[nodiscard]] Result<std::uint64_t> find_in_all(std::span<const BankAllocator* const> allocators, std::uint64_t size,
                                                 AllocationDirection direction);
+
+// The allocators of identical banks that mostly move in lock-step (the devices of a mesh, for one
+// buffer type; ADR 0004): an allocation over several members takes one address on each. Members
+// that hold the same blocks share one BankAllocator, so a lock-step allocation costs the same on
+// 64 devices as on one. A member that comes to differ (an allocation on it alone, or a range
+// freed on it alone) gets its own copy, and rejoins when it holds the same blocks again: that is
+// checked at most once per as many of its own operations as the shared allocator has blocks, so
+// copies and checks stay amortised O(1) per operation.
+class LockStepAllocator {
+ public:
+  [[nodiscard]] static Result<LockStepAllocator> create(std::uint32_t members, std::uint64_t base, std::uint64_t size,
+                                                        std::uint64_t granule,
+                                                        AllocatorPolicy policy = AllocatorPolicy::first_fit);
+
+  // One address for `size` bytes, free on every member in [first, first + count): where the
+  // first of them would place it, else (when they differ) find_in_all()'s answer.
+  [[nodiscard]] Result<std::uint64_t> allocate(std::uint32_t first, std::uint32_t count, std::uint64_t size,
+                                               AllocationDirection direction = AllocationDirection::bottom_up);
+  // Frees the block at `address` on every member in [first, first + count). An Error, changing
+  // nothing, unless each of them holds a block there.
+  [[nodiscard]] Result<void> free(std::uint32_t first, std::uint32_t count, std::uint64_t address);
+  // Frees everything on every member; all are in step again.
+  void reset();
+
+  [[nodiscard]] const BankAllocator& member(std::uint32_t index) const;
+  [[nodiscard]] std::uint32_t members() const { return static_cast<std::uint32_t>(own_.size()); }
+  // How many members share the one allocator now (for tests and benchmarks).
+  [[nodiscard]] std::uint32_t members_in_step() const { return in_step_; }
+
+ private:
+  struct Own {
+    std::optional<BankAllocator> allocator;  // set while the member differs from the shared one
+    std::uint64_t operations{};              // its own operations since it came to differ
+    std::uint64_t next_check{};              // when to see whether it may rejoin
+  };
+  LockStepAllocator(BankAllocator shared, std::uint32_t members);
+  [[nodiscard]] Result<void> check_range(std::uint32_t first, std::uint32_t count) const;
+  // Members of the range still in step leave it, unless every member in step is in the range.
+  void split_off(std::uint32_t first, std::uint32_t count);
+  [[nodiscard]] std::span<BankAllocator* const> targets(std::uint32_t first, std::uint32_t count);
+  void count_and_rejoin(std::uint32_t first, std::uint32_t count);
+
+  BankAllocator shared_;
+  std::uint32_t in_step_{};
+  std::vector<Own> own_;
+  std::vector<BankAllocator*> targets_;  // targets()' answer; points into this object
+};
 
 }  // namespace meshrt

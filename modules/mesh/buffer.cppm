@@ -73,8 +73,8 @@ using MeshBufferConfig = std::variant<ReplicatedBufferConfig, ShardedBufferConfi
 class DeviceBuffer {
  public:
   DeviceBuffer() = default;
-  // A buffer of `size` bytes on one device of `mesh` (lock-step: its address range is reserved
-  // on every device of the mesh, as for mesh buffers).
+  // A buffer of `size` bytes on one device of `mesh`, from that device's allocators alone (as
+  // tt-metal's Buffer on one device; mesh buffers stay lock-step across all of them, ADR 0004).
   [[nodiscard]] static Result<DeviceBuffer> create(MeshDevice& mesh, MeshCoordinate coordinate, std::uint64_t size,
                                                    const DeviceLocalBufferConfig& config, std::string name = {});
   DeviceBuffer(DeviceBuffer&& other) noexcept;

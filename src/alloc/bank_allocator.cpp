@@ -390,6 +390,14 @@ Result<std::uint64_t> BankAllocator::allocated_size(std::uint64_t address) const
   return tl::unexpected(not_allocated(address));
 }
 
+bool BankAllocator::holds_same_blocks(const BankAllocator& other) const {
+  if (allocated_.size() != other.allocated_.size() || allocated_bytes_ != other.allocated_bytes_) return false;
+  return std::ranges::all_of(allocated_, [&](const auto& entry) {
+    const auto theirs = other.allocated_.find(entry.first);
+    return theirs != other.allocated_.end() && other.slots_[theirs->second].size == slots_[entry.second].size;
+  });
+}
+
 Error BankAllocator::out_of_memory(std::uint64_t requested, std::uint64_t rounded) const {
   const AllocatorStatistics stats = statistics();
   return Error{ErrorCode::out_of_memory,

@@ -1,7 +1,9 @@
-// find_in_all: one address free in several allocators at once, chosen by their own rules.
+// find_in_all and LockStepAllocator: one address free in several allocators at once, chosen by
+// their own rules.
 module;
 #include <algorithm>
 #include <cstdint>
+#include <optional>
 #include <span>
 #include <utility>
 #include <vector>
@@ -40,26 +42,26 @@ std::vector<Range> intersect(const std::vector<Range>& one, const std::vector<Ra
   return both;
 }
 
-}  // namespace
-
-Result<std::uint64_t> find_in_all(std::span<const BankAllocator* const> allocators, std::uint64_t size,
-                                  AllocationDirection direction) {
+// For const and mutable allocators alike: LockStepAllocator searches the ones it then changes.
+template <class Allocator>
+Result<std::uint64_t> find_in(std::span<Allocator* const> allocators, std::uint64_t size,
+                              AllocationDirection direction) {
   Expects(!allocators.empty());
   const BankAllocator& first = *allocators.front();
-  for (const BankAllocator* other : allocators) {
+  for (const Allocator* other : allocators) {
     Expects(other != nullptr && other->base() == first.base() && other->size() == first.size() &&
             other->alignment() == first.alignment() && other->policy() == first.policy());
   }
   auto chosen = first.find(size, direction);
   if (!chosen) return chosen;
   const auto free_in_all = [&](std::uint64_t address) {
-    return std::ranges::all_of(allocators, [&](const BankAllocator* one) { return one->is_free(address, size); });
+    return std::ranges::all_of(allocators, [&](const Allocator* one) { return one->is_free(address, size); });
   };
   if (free_in_all(*chosen)) return chosen;
 
   // The ranges free in all of them, made into a bank of their own, so the same policy chooses.
   std::vector<Range> common = free_ranges(first);
-  for (const BankAllocator* other : allocators.subspan(1)) {
+  for (const Allocator* other : allocators.subspan(1)) {
     if (common.empty()) break;
     common = intersect(common, free_ranges(*other));
   }
@@ -82,6 +84,113 @@ Result<std::uint64_t> find_in_all(std::span<const BankAllocator* const> allocato
               fmt::format("no address range of {} bytes is free in all {} of them at once (each one's largest free "
                           "block alone may be larger: lone allocations fragment them differently)",
                           size, allocators.size()));
+}
+
+}  // namespace
+
+Result<std::uint64_t> find_in_all(std::span<const BankAllocator* const> allocators, std::uint64_t size,
+                                  AllocationDirection direction) {
+  return find_in(allocators, size, direction);
+}
+
+Result<LockStepAllocator> LockStepAllocator::create(std::uint32_t members, std::uint64_t base, std::uint64_t size,
+                                                    std::uint64_t granule, AllocatorPolicy policy) {
+  if (members == 0) return fail(ErrorCode::invalid_argument, "a lock-step allocator needs at least one member");
+  auto shared = BankAllocator::create(base, size, granule, policy);
+  if (!shared) return tl::unexpected(std::move(shared.error()));
+  return LockStepAllocator(std::move(*shared), members);
+}
+
+LockStepAllocator::LockStepAllocator(BankAllocator shared, std::uint32_t members)
+    : shared_(std::move(shared)), in_step_(members), own_(members) {}
+
+const BankAllocator& LockStepAllocator::member(std::uint32_t index) const {
+  Expects(index < own_.size());
+  const std::optional<BankAllocator>& own = own_[index].allocator;
+  return own ? *own : shared_;
+}
+
+Result<void> LockStepAllocator::check_range(std::uint32_t first, std::uint32_t count) const {
+  if (count == 0 || first >= own_.size() || count > own_.size() - first) {
+    return fail(ErrorCode::invalid_argument,
+                fmt::format("members [{}, +{}) are not a range of the {} members", first, count, own_.size()));
+  }
+  return {};
+}
+
+void LockStepAllocator::split_off(std::uint32_t first, std::uint32_t count) {
+  std::uint32_t in_step_inside = 0;
+  for (std::uint32_t index = first; index < first + count; ++index) in_step_inside += own_[index].allocator ? 0 : 1;
+  if (in_step_inside == 0 || in_step_inside == in_step_) return;  // the shared allocator serves them all
+  for (std::uint32_t index = first; index < first + count; ++index) {
+    Own& own = own_[index];
+    if (own.allocator) continue;
+    own.allocator.emplace(shared_);  // O(n) in the shared blocks: the next check waits as many operations
+    own.operations = 0;
+    own.next_check = shared_.statistics().allocated_blocks + 1;
+    --in_step_;
+  }
+}
+
+// The shared allocator first (when a member in step is in the range), then each member that
+// differs. Into a kept vector: no allocation per operation.
+std::span<BankAllocator* const> LockStepAllocator::targets(std::uint32_t first, std::uint32_t count) {
+  targets_.clear();
+  targets_.push_back(&shared_);
+  bool shared = false;
+  for (std::uint32_t index = first; index < first + count; ++index) {
+    std::optional<BankAllocator>& own = own_[index].allocator;
+    if (own) targets_.push_back(&*own);
+    else shared = true;
+  }
+  return std::span<BankAllocator* const>(targets_).subspan(shared ? 0 : 1);
+}
+
+void LockStepAllocator::count_and_rejoin(std::uint32_t first, std::uint32_t count) {
+  for (std::uint32_t index = first; index < first + count; ++index) {
+    Own& own = own_[index];
+    if (!own.allocator || ++own.operations < own.next_check) continue;
+    if (own.allocator->holds_same_blocks(shared_)) {
+      own.allocator.reset();
+      ++in_step_;
+    } else {
+      own.next_check = own.operations + shared_.statistics().allocated_blocks + 1;
+    }
+  }
+}
+
+Result<std::uint64_t> LockStepAllocator::allocate(std::uint32_t first, std::uint32_t count, std::uint64_t size,
+                                                  AllocationDirection direction) {
+  if (auto valid = check_range(first, count); !valid) return tl::unexpected(std::move(valid.error()));
+  auto address = find_in(targets(first, count), size, direction);
+  if (!address) return address;
+  split_off(first, count);  // only now: a refused request changes nothing
+  for (BankAllocator* allocator : targets(first, count)) {
+    const auto taken = allocator->allocate_at(*address, size);
+    Ensures(taken.has_value());  // find_in_all() found it free in every one of them
+  }
+  count_and_rejoin(first, count);
+  return address;
+}
+
+Result<void> LockStepAllocator::free(std::uint32_t first, std::uint32_t count, std::uint64_t address) {
+  if (auto valid = check_range(first, count); !valid) return valid;
+  for (BankAllocator* allocator : targets(first, count)) {
+    if (auto held = allocator->allocated_size(address); !held) return tl::unexpected(std::move(held.error()));
+  }
+  split_off(first, count);
+  for (BankAllocator* allocator : targets(first, count)) {
+    const auto freed = allocator->free(address);
+    Ensures(freed.has_value());  // each of them holds a block there, checked above
+  }
+  count_and_rejoin(first, count);
+  return {};
+}
+
+void LockStepAllocator::reset() {
+  shared_.reset();
+  for (Own& own : own_) own = Own{};
+  in_step_ = static_cast<std::uint32_t>(own_.size());
 }
 
 }  // namespace meshrt

@@ -82,15 +82,15 @@ Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSp
                                                          to_string(shape), max_mesh_dimension));
   }
   if (auto valid = validate(spec); !valid) return tl::unexpected(std::move(valid.error()));
-  DeviceAllocators first;
+  TypeAllocators allocators;
   for (const BufferType type : all_buffer_types) {
     const BankLayout& banks = spec.layout(type);
     if (banks.bank_size == 0) continue;  // an empty carve-out: buffers of this type are refused
-    auto allocator = BankAllocator::create(banks.base_address, banks.bank_size, banks.granule, spec.allocator_policy);
+    auto allocator = LockStepAllocator::create(shape.device_count(), banks.base_address, banks.bank_size,
+                                               banks.granule, spec.allocator_policy);
     if (!allocator) return tl::unexpected(std::move(allocator.error()));
-    first[index_of(type)].emplace(std::move(*allocator));
+    allocators[index_of(type)].emplace(std::move(*allocator));
   }
-  std::vector<DeviceAllocators> allocators(shape.device_count(), first);
   Expects(tracker != nullptr);
   std::vector<DeviceDescription> devices(shape.device_count());
   for (std::uint32_t index = 0; index < shape.device_count(); ++index) {
@@ -107,7 +107,7 @@ Result<std::shared_ptr<MeshMemory>> MeshMemory::create(MeshShape shape, DeviceSp
 }
 
 MeshMemory::MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker,
-                       std::vector<DeviceAllocators> allocators)
+                       TypeAllocators allocators)
     : shape_(shape), spec_(std::move(spec)), tracker_(std::move(tracker)), allocators_(std::move(allocators)) {
   devices_.reserve(shape_.device_count());
   for (std::uint32_t index = 0; index < shape_.device_count(); ++index) {
@@ -120,23 +120,19 @@ bool MeshMemory::is_open(const MeshLock& lock) const {
   return open_;
 }
 
-BankAllocator& MeshMemory::allocator(std::uint32_t device, BufferType type) {
-  auto& slot = allocators_[device][index_of(type)];
-  Expects(slot.has_value());  // buffers of an empty region are refused when planned
-  return *slot;
+LockStepAllocator& MeshMemory::allocator(BufferType type) {
+  auto& allocator = allocators_[index_of(type)];
+  Expects(allocator.has_value());  // buffers of an empty region are refused when planned
+  return *allocator;
 }
 
 Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type, std::uint64_t bytes_per_bank,
                                            AllocationDirection direction, std::uint32_t first_device,
                                            std::uint32_t device_count) {
   Expects(lock.holds(*this));
-  Expects(device_count >= 1 && first_device + device_count <= allocators_.size());
+  Expects(device_count >= 1 && first_device + device_count <= devices_.size());
   if (!open_) return fail(ErrorCode::device_closed, "the mesh device is closed: open a new one to allocate");
-  std::vector<const BankAllocator*> lock_step;
-  for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
-    lock_step.push_back(&allocator(device, type));
-  }
-  auto address = find_in_all(lock_step, bytes_per_bank, direction);
+  auto address = allocator(type).allocate(first_device, device_count, bytes_per_bank, direction);
   if (!address) {
     const std::string devices = device_count == 1 ? fmt::format("device {}", first_device)
                                                   : fmt::format("devices {}-{}", first_device,
@@ -145,22 +141,18 @@ Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type
                                                   spec_.name, spec_.layout(type).bank_count, devices,
                                                   address.error().message));
   }
-  for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
-    const auto taken = allocator(device, type).allocate_at(*address, bytes_per_bank);
-    Ensures(taken.has_value());  // find_in_all() found it free in every one of them
-  }
   return *address;
 }
 
 void MeshMemory::free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank,
                       std::uint32_t first_device, std::uint32_t device_count) {
   Expects(lock.holds(*this));
-  Expects(first_device + device_count <= allocators_.size());
+  Expects(first_device + device_count <= devices_.size());
   if (!open_) return;  // close() already emptied everything
+  const auto freed = allocator(type).free(first_device, device_count, address);
+  Ensures(freed.has_value());  // the buffer state machine frees each reservation exactly once
   const std::uint32_t banks = spec_.layout(type).bank_count;
   for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
-    const auto freed = allocator(device, type).free(address);
-    Ensures(freed.has_value());  // the buffer state machine frees each reservation exactly once
     devices_[device].memory().discard(type, banks, address, bytes_per_bank);
   }
 }
@@ -191,24 +183,25 @@ Device& MeshMemory::device(const MeshLock& lock, std::uint32_t index) {
 
 AllocatorStatistics MeshMemory::statistics(std::uint32_t device_index, BufferType type) const {
   const MeshLock lock = this->lock();
-  Expects(device_index < allocators_.size());
-  const auto& allocator = allocators_[device_index][index_of(type)];
-  return allocator ? allocator->statistics() : AllocatorStatistics{};
+  Expects(device_index < devices_.size());
+  const auto& allocator = allocators_[index_of(type)];
+  return allocator ? allocator->member(device_index).statistics() : AllocatorStatistics{};
 }
 
 std::optional<MemoryView> MeshMemory::memory_view(std::uint32_t device_index, BufferType type) const {
   const MeshLock lock = this->lock();
-  Expects(device_index < allocators_.size());
+  Expects(device_index < devices_.size());
   if (!open_) return std::nullopt;
-  const auto& allocator = allocators_[device_index][index_of(type)];
-  const AllocatorStatistics figures = allocator ? allocator->statistics() : AllocatorStatistics{};
+  const auto& lock_step = allocators_[index_of(type)];
+  const BankAllocator* allocator = lock_step ? &lock_step->member(device_index) : nullptr;
+  const AllocatorStatistics figures = allocator != nullptr ? allocator->statistics() : AllocatorStatistics{};
   return MemoryView{
       .num_banks = spec_.layout(type).bank_count,
       .total_bytes_per_bank = figures.total_bytes,
       .total_bytes_allocated_per_bank = figures.allocated_bytes,
       .total_bytes_free_per_bank = figures.free_bytes,
       .largest_contiguous_bytes_free_per_bank = figures.largest_free_block,
-      .block_table = allocator ? allocator->block_table() : std::vector<Block>{},
+      .block_table = allocator != nullptr ? allocator->block_table() : std::vector<Block>{},
   };
 }
 
@@ -239,10 +232,8 @@ void MeshMemory::close() {
     kept_alive.push_back(resident.keep_alive());
     resident.on_mesh_close(lock);
   }
-  for (auto& device : allocators_) {
-    for (auto& allocator : device) {
-      if (allocator) allocator->reset();
-    }
+  for (auto& allocator : allocators_) {
+    if (allocator) allocator->reset();
   }
   for (Device& device : devices_) device.memory().clear();
 }

@@ -143,10 +143,9 @@ class MeshMemory {
   void close();
 
  private:
-  using DeviceAllocators = std::array<std::optional<BankAllocator>, buffer_type_count>;
-  MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker,
-             std::vector<DeviceAllocators> allocators);
-  [[nodiscard]] BankAllocator& allocator(std::uint32_t device, BufferType type);
+  using TypeAllocators = std::array<std::optional<LockStepAllocator>, buffer_type_count>;
+  MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker, TypeAllocators allocators);
+  [[nodiscard]] LockStepAllocator& allocator(BufferType type);
 
   friend class MeshLock;
   void unlock(std::unique_lock<std::mutex>& lock) const;
@@ -158,9 +157,9 @@ class MeshMemory {
   DeviceSpec spec_;
   std::shared_ptr<Tracker> tracker_;
   bool open_{true};
-  // One allocator per device and buffer type; a mesh buffer takes one address on all of them
-  // (lock-step, ADR 0004), a lone device buffer only its own device's (ADR 0006).
-  std::vector<DeviceAllocators> allocators_;
+  // Per buffer type, one allocator per device, shared while the devices hold the same blocks: a
+  // mesh buffer takes one address on all of them, a lone device buffer only its own (ADR 0004).
+  TypeAllocators allocators_;
   std::vector<Device> devices_;
   MeshResident* residents_{nullptr};
   // Owned until close(), which lets them go after releasing the lock. They hold this memory too:

@@ -484,4 +484,133 @@ TEST_SUITE("alloc") {
       }
     }
   }
+
+  TEST_CASE("lock-step: members share one allocator while in step, a lone allocation splits one off") {
+    auto made = LockStepAllocator::create(8, 0, 1 << 20, 32);
+    REQUIRE(made.has_value());
+    LockStepAllocator lock_step = std::move(*made);
+    const auto everywhere = lock_step.allocate(0, 8, 4096);
+    REQUIRE(everywhere.has_value());
+    CHECK(lock_step.members_in_step() == 8);
+    // A lone allocation on member 3: only it takes the range.
+    const auto lone = lock_step.allocate(3, 1, 1024);
+    REQUIRE(lone.has_value());
+    CHECK(*lone == 4096);
+    CHECK(lock_step.members_in_step() == 7);
+    CHECK(lock_step.member(3).statistics().allocated_bytes == 4096 + 1024);
+    CHECK(lock_step.member(2).statistics().allocated_bytes == 4096);
+    // The next lock-step allocation avoids the lone range on every member.
+    const auto next = lock_step.allocate(0, 8, 4096);
+    REQUIRE(next.has_value());
+    CHECK(*next == 4096 + 1024);
+    for (std::uint32_t member = 0; member < 8; ++member) CHECK(lock_step.member(member).is_free(4096, 1024) == (member != 3));
+    // Freed, member 3 holds what the others do, and rejoins within a few of its own operations.
+    REQUIRE(lock_step.free(3, 1, *lone).has_value());
+    CHECK(lock_step.member(3).holds_same_blocks(lock_step.member(0)));
+    for (int round = 0; round < 4 && lock_step.members_in_step() < 8; ++round) {
+      const auto extra = lock_step.allocate(0, 8, 64);
+      REQUIRE(extra.has_value());
+      REQUIRE(lock_step.free(0, 8, *extra).has_value());
+    }
+    CHECK(lock_step.members_in_step() == 8);
+  }
+
+  TEST_CASE("lock-step: refused requests and bad ranges change nothing") {
+    LockStepAllocator lock_step = LockStepAllocator::create(4, 0, 4096, 32).value();
+    CHECK(LockStepAllocator::create(0, 0, 4096, 32).error().code == ErrorCode::invalid_argument);
+    CHECK(lock_step.allocate(2, 3, 64).error().code == ErrorCode::invalid_argument);
+    CHECK(lock_step.allocate(0, 0, 64).error().code == ErrorCode::invalid_argument);
+    CHECK(lock_step.allocate(1, 1, 8192).error().code == ErrorCode::invalid_argument);  // larger than the bank
+    REQUIRE(lock_step.allocate(0, 4, 2048).value() == 0);
+    CHECK(lock_step.allocate(1, 1, 4096).error().code == ErrorCode::out_of_memory);
+    CHECK(lock_step.members_in_step() == 4);  // the refused lone request split nothing off
+    const auto lone = lock_step.allocate(1, 1, 64).value();
+    CHECK(lone == 2048);
+    // Freeing on members that do not all hold the block: an Error (to member 0 that range is
+    // free), and member 1 keeps it.
+    const auto refused = lock_step.free(0, 2, lone);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().code == ErrorCode::double_free);
+    CHECK(lock_step.member(1).allocated_size(lone).value() == 64);
+    CHECK(lock_step.free(1, 1, lone).has_value());
+    CHECK(lock_step.free(1, 1, lone).error().code == ErrorCode::double_free);
+  }
+
+  TEST_CASE("lock-step, randomised: every member holds what separate allocators would") {
+    for (const AllocatorPolicy policy : {AllocatorPolicy::first_fit, AllocatorPolicy::best_fit}) {
+      CAPTURE(to_string(policy));
+      constexpr std::uint32_t members = 6;
+      LockStepAllocator lock_step = LockStepAllocator::create(members, 64, 1 << 16, 32, policy).value();
+      std::vector<BankAllocator> separate;
+      for (std::uint32_t member = 0; member < members; ++member) separate.push_back(make(64, 1 << 16, 32, policy));
+      struct Live {
+        std::uint64_t address;
+        std::uint32_t first;
+        std::uint32_t count;
+      };
+      std::vector<Live> live;
+      std::mt19937_64 random(policy == AllocatorPolicy::first_fit ? 7 : 11);
+      std::uint32_t fewest_in_step = members;
+      for (int step = 0; step < 4000; ++step) {
+        CAPTURE(step);
+        const bool allocate = live.empty() || random() % 100 < 55;
+        if (allocate) {
+          // Mostly over every member; sometimes one member alone, sometimes a run of them.
+          const std::uint64_t kind = random() % 10;
+          const std::uint32_t count = kind < 6 ? members : kind < 9 ? 1 : 2 + static_cast<std::uint32_t>(random() % 3);
+          const std::uint32_t first = static_cast<std::uint32_t>(random() % (members - count + 1));
+          const std::uint64_t size = 1 + random() % 2048;
+          const auto direction = random() % 2 == 0 ? AllocationDirection::bottom_up : AllocationDirection::top_down;
+          std::vector<const BankAllocator*> range;
+          for (std::uint32_t member = first; member < first + count; ++member) range.push_back(&separate[member]);
+          const auto expected = find_in_all(range, size, direction);
+          const auto got = lock_step.allocate(first, count, size, direction);
+          REQUIRE(got.has_value() == expected.has_value());
+          if (!got) continue;
+          // Best fit may break ties differently once members rejoin; every answer must be free
+          // on each separate allocator of the range, and the same one under first fit.
+          if (policy == AllocatorPolicy::first_fit) CHECK(*got == *expected);
+          for (std::uint32_t member = first; member < first + count; ++member) {
+            REQUIRE(separate[member].allocate_at(*got, size).has_value());
+          }
+          live.push_back({*got, first, count});
+        } else {
+          const std::size_t pick = random() % live.size();
+          Live& chosen = live[pick];
+          // Sometimes one member of a lock-step allocation lets go alone.
+          std::uint32_t first = chosen.first;
+          std::uint32_t count = chosen.count;
+          if (count > 1 && random() % 4 == 0) {
+            count = 1;
+            if (random() % 2 == 0) ++chosen.first;
+            else first += chosen.count - 1;
+            --chosen.count;
+          }
+          REQUIRE(lock_step.free(first, count, chosen.address).has_value());
+          for (std::uint32_t member = first; member < first + count; ++member) {
+            REQUIRE(separate[member].free(chosen.address).has_value());
+          }
+          if (count == chosen.count && first == chosen.first) live.erase(live.begin() + static_cast<std::ptrdiff_t>(pick));
+        }
+        fewest_in_step = std::min(fewest_in_step, lock_step.members_in_step());
+        if (step % 50 == 0) {
+          for (std::uint32_t member = 0; member < members; ++member) {
+            CAPTURE(member);
+            REQUIRE(lock_step.member(member).holds_same_blocks(separate[member]));
+            CHECK(lock_step.member(member).statistics() .allocated_bytes == separate[member].statistics().allocated_bytes);
+          }
+        }
+      }
+      CHECK(fewest_in_step < members);  // members did split off
+      while (!live.empty()) {
+        REQUIRE(lock_step.free(live.back().first, live.back().count, live.back().address).has_value());
+        live.pop_back();
+      }
+      for (int round = 0; round < 64 && lock_step.members_in_step() < members; ++round) {
+        const auto extra = lock_step.allocate(0, members, 32).value();
+        REQUIRE(lock_step.free(0, members, extra).has_value());
+      }
+      CHECK(lock_step.members_in_step() == members);  // all empty again: all rejoined
+    }
+  }
 }
