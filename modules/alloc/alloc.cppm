@@ -57,7 +57,7 @@ class BankAllocator {
 
   // Takes `size` bytes (rounded up to the granule) from the free block the policy chooses. First
   // fit: the lowest-address block that holds it (top_down: the highest). Best fit: the smallest
-  // such block; among blocks of that size the most recently freed (large blocks: the lowest
+  // such block; among blocks of that size the last in its bucket, usually a recently freed one (large blocks: the lowest
   // address). The allocation sits at the block's low end (bottom_up) or high end (top_down).
   // `alignment` 0 means the granule; a larger power of two is honoured by a slower linear search.
   [[nodiscard]] Result<std::uint64_t> allocate(std::uint64_t size,
@@ -176,17 +176,18 @@ class BankAllocator {
 // buffer type; ADR 0004): an allocation over several members takes one address on each. Members
 // that hold the same blocks share one BankAllocator, so a lock-step allocation costs the same on
 // 64 devices as on one. A member that comes to differ (an allocation on it alone, or a range
-// freed on it alone) gets its own copy, and rejoins when it holds the same blocks again: that is
-// checked at most once per as many of its own operations as the shared allocator has blocks, so
-// copies and checks stay amortised O(1) per operation.
+// freed on it alone) gets its own copy and counts how many blocks it and the shared allocator do
+// not both hold. At 0 it rejoins: at once when the shared allocator caught up with it (a mesh
+// buffer freed device by device), else once its own operations have repaid its O(n) copy, so
+// a lone buffer made and freed again and again does not copy each time.
 class LockStepAllocator {
  public:
   [[nodiscard]] static Result<LockStepAllocator> create(std::uint32_t members, std::uint64_t base, std::uint64_t size,
                                                         std::uint64_t granule,
                                                         AllocatorPolicy policy = AllocatorPolicy::first_fit);
 
-  // One address for `size` bytes, free on every member in [first, first + count): where the
-  // first of them would place it, else (when they differ) find_in_all()'s answer.
+  // One address for `size` bytes, free on every member in [first, first + count): find_in_all()
+  // over their allocators (the shared one first, when a member in step is in the range).
   [[nodiscard]] Result<std::uint64_t> allocate(std::uint32_t first, std::uint32_t count, std::uint64_t size,
                                                AllocationDirection direction = AllocationDirection::bottom_up);
   // Frees the block at `address` on every member in [first, first + count). An Error, changing
@@ -204,19 +205,21 @@ class LockStepAllocator {
   struct Own {
     std::optional<BankAllocator> allocator;  // set while the member differs from the shared one
     std::uint64_t operations{};              // its own operations since it came to differ
-    std::uint64_t next_check{};              // when to see whether it may rejoin
+    std::uint64_t copy_cost{};               // the shared blocks copied then
+    std::int64_t differing{};                // blocks held by it or by the shared one, not both
   };
   LockStepAllocator(BankAllocator shared, std::uint32_t members);
   [[nodiscard]] Result<void> check_range(std::uint32_t first, std::uint32_t count) const;
   // Members of the range still in step leave it, unless every member in step is in the range.
   void split_off(std::uint32_t first, std::uint32_t count);
   [[nodiscard]] std::span<BankAllocator* const> targets(std::uint32_t first, std::uint32_t count);
-  void count_and_rejoin(std::uint32_t first, std::uint32_t count);
+  void note_change(std::uint32_t first, std::uint32_t count, std::uint64_t address, std::uint64_t size,
+                   bool allocated, bool shared_changed);
 
   BankAllocator shared_;
   std::uint32_t in_step_{};
   std::vector<Own> own_;
-  std::vector<BankAllocator*> targets_;  // targets()' answer; points into this object
+  std::vector<BankAllocator*> targets_;  // targets()' answer, valid during one call only
 };
 
 }  // namespace meshrt

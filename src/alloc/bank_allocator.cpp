@@ -156,7 +156,7 @@ BankAllocator::Index BankAllocator::best_fit(std::uint64_t rounded) const {
     while (bits == 0 && ++word < bucket_bits_.size()) bits = bucket_bits_[word];
     if (bits != 0) {
       const std::size_t bucket = word * 64 + static_cast<std::size_t>(std::countr_zero(bits));
-      return buckets_[bucket].back();  // the most recently freed: warm in cache
+      return buckets_[bucket].back();  // usually a recently freed one: warm in cache
     }
   }
   const auto found = large_.lower_bound({rounded, 0, 0});

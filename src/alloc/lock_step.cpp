@@ -125,9 +125,10 @@ void LockStepAllocator::split_off(std::uint32_t first, std::uint32_t count) {
   for (std::uint32_t index = first; index < first + count; ++index) {
     Own& own = own_[index];
     if (own.allocator) continue;
-    own.allocator.emplace(shared_);  // O(n) in the shared blocks: the next check waits as many operations
+    own.allocator.emplace(shared_);  // O(n) in the shared blocks: repaid by as many operations of its own
     own.operations = 0;
-    own.next_check = shared_.statistics().allocated_blocks + 1;
+    own.copy_cost = shared_.statistics().allocated_blocks + 1;
+    own.differing = 0;
     --in_step_;
   }
 }
@@ -146,15 +147,34 @@ std::span<BankAllocator* const> LockStepAllocator::targets(std::uint32_t first, 
   return std::span<BankAllocator* const>(targets_).subspan(shared ? 0 : 1);
 }
 
-void LockStepAllocator::count_and_rejoin(std::uint32_t first, std::uint32_t count) {
-  for (std::uint32_t index = first; index < first + count; ++index) {
+// After one block (address, size) was taken (or given back) on some of the allocators: each
+// member's count of blocks held by it or by the shared allocator but not both moves by one where
+// the change reached only one side. A member at 0 holds what the shared allocator holds, and
+// rejoins it at once when the shared allocator was the side that caught up (the devices that
+// had not yet freed a range now have), else once its own operations have repaid its copy.
+void LockStepAllocator::note_change(std::uint32_t first, std::uint32_t count, std::uint64_t address,
+                                    std::uint64_t size, bool allocated, bool shared_changed) {
+  for (std::uint32_t index = 0; index < own_.size(); ++index) {
     Own& own = own_[index];
-    if (!own.allocator || ++own.operations < own.next_check) continue;
-    if (own.allocator->holds_same_blocks(shared_)) {
+    if (!own.allocator) continue;
+    const bool own_changed = index >= first && index - first < count;
+    if (own_changed) ++own.operations;
+    if (own_changed != shared_changed) {
+      const BankAllocator& unchanged = own_changed ? shared_ : *own.allocator;
+      const auto held = unchanged.allocated_size(address);
+      const bool unchanged_holds = held.has_value() && *held == size;
+      // Taken on one side: a difference fewer if the other held it already, else one more.
+      if (allocated == unchanged_holds) {
+        Expects(own.differing > 0);
+        --own.differing;
+      } else {
+        ++own.differing;
+      }
+    }
+    const bool caught_up = shared_changed && !own_changed;
+    if (own.differing == 0 && (caught_up || own.operations >= own.copy_cost)) {
       own.allocator.reset();
       ++in_step_;
-    } else {
-      own.next_check = own.operations + shared_.statistics().allocated_blocks + 1;
     }
   }
 }
@@ -165,11 +185,14 @@ Result<std::uint64_t> LockStepAllocator::allocate(std::uint32_t first, std::uint
   auto address = find_in(targets(first, count), size, direction);
   if (!address) return address;
   split_off(first, count);  // only now: a refused request changes nothing
-  for (BankAllocator* allocator : targets(first, count)) {
+  const std::span<BankAllocator* const> chosen = targets(first, count);
+  for (BankAllocator* allocator : chosen) {
     const auto taken = allocator->allocate_at(*address, size);
     Ensures(taken.has_value());  // find_in_all() found it free in every one of them
   }
-  count_and_rejoin(first, count);
+  const auto taken_size = chosen.front()->allocated_size(*address);
+  Ensures(taken_size.has_value());
+  note_change(first, count, *address, *taken_size, true, chosen.front() == &shared_);
   return address;
 }
 
@@ -179,11 +202,14 @@ Result<void> LockStepAllocator::free(std::uint32_t first, std::uint32_t count, s
     if (auto held = allocator->allocated_size(address); !held) return tl::unexpected(std::move(held.error()));
   }
   split_off(first, count);
-  for (BankAllocator* allocator : targets(first, count)) {
+  const std::span<BankAllocator* const> chosen = targets(first, count);
+  const auto freed_size = chosen.front()->allocated_size(address);
+  Ensures(freed_size.has_value());  // checked above
+  for (BankAllocator* allocator : chosen) {
     const auto freed = allocator->free(address);
     Ensures(freed.has_value());  // each of them holds a block there, checked above
   }
-  count_and_rejoin(first, count);
+  note_change(first, count, address, *freed_size, false, chosen.front() == &shared_);
   return {};
 }
 

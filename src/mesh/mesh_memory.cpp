@@ -147,7 +147,7 @@ Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type
 void MeshMemory::free(const MeshLock& lock, BufferType type, std::uint64_t address, std::uint64_t bytes_per_bank,
                       std::uint32_t first_device, std::uint32_t device_count) {
   Expects(lock.holds(*this));
-  Expects(first_device + device_count <= devices_.size());
+  Expects(device_count >= 1 && first_device + device_count <= devices_.size());
   if (!open_) return;  // close() already emptied everything
   const auto freed = allocator(type).free(first_device, device_count, address);
   Ensures(freed.has_value());  // the buffer state machine frees each reservation exactly once

@@ -1,6 +1,6 @@
 // RUN: %clang_tidy --checks='-*,meshrt-deallocate-on-every-path' \
 // RUN:   --config="{CheckOptions: {meshrt-deallocate-on-every-path.DeallocationCalls: 'Buffer::deallocate;MeshBuffer::mark_deallocated'}}" \
-// RUN:   %s -- -std=c++20 | FileCheck %s --check-prefix=CHECK-MESSAGES --implicit-check-not='{{warning|error}}:'
+// RUN:   %s -- -std=c++20 | FileCheck %s --check-prefix=CHECK-MESSAGES --implicit-check-not='{{warning|error|note}}:'
 
 #include "seed.h"
 
@@ -96,4 +96,75 @@ struct Throws {
 // Not a deallocating function: not checked.
 struct Unrelated {
   void close() {}
+};
+
+// A release loop whose body can move on past the release skips some buffers: the warning names
+// the way out, and a note the statement that skips.
+struct LoopContinue {
+  std::vector<std::shared_ptr<Buffer>> buffers;
+  bool keep_cached = false;
+  void deallocate() {
+    for (auto& b : buffers) {
+      if (keep_cached) continue;
+      b->deallocate();
+    }
+  }
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'LoopContinue::deallocate' can reach its end without deallocating
+  // CHECK-MESSAGES: :[[@LINE-5]]:24: note: this 'continue' moves on without deallocating the buffer in hand (or the ones after it); release each element on every path through the loop, and skip only empty ones
+};
+
+struct LoopBreak {
+  std::vector<std::shared_ptr<Buffer>> buffers;
+  bool closed = false;
+  void deallocate() {
+    for (std::size_t i = 0; i < buffers.size(); ++i) {
+      if (closed) break;
+      buffers[i]->deallocate();
+    }
+  }
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'LoopBreak::deallocate' can reach its end without deallocating
+  // CHECK-MESSAGES: :[[@LINE-5]]:19: note: this 'break' leaves the loop without deallocating
+};
+
+// A filter in the body: the buffers it drops are never released.
+struct LoopFilter {
+  std::vector<std::shared_ptr<Buffer>> buffers;
+  int owner = 0;
+  static int owner_of(const Buffer&);
+  void deallocate() {
+    for (auto& b : buffers) {
+      if (owner_of(*b) == owner) b->deallocate();
+    }
+  }
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'LoopFilter::deallocate' can reach its end without deallocating
+  // CHECK-MESSAGES: :[[@LINE-4]]:7: note: this branch lets the loop move on without deallocating
+};
+
+// Skipping only empty elements releases everything that exists: silent, in each spelling.
+struct LoopSkipsEmpty {
+  std::vector<std::shared_ptr<Buffer>> buffers;
+  std::vector<Buffer*> raw;
+  void deallocate() {
+    for (auto& b : buffers) {
+      if (!b) continue;
+      b->deallocate();
+    }
+    for (std::size_t i = 0; i < raw.size(); ++i) {
+      if (raw[i] == nullptr) continue;
+      raw[i]->deallocate();
+    }
+    for (Buffer* b : raw) {
+      if (b != nullptr) b->deallocate();
+    }
+  }
+};
+
+// Nested loops that release every element of every inner list are fine.
+struct NestedRelease {
+  std::vector<std::vector<std::shared_ptr<Buffer>>> groups;
+  void deallocate() {
+    for (auto& group : groups) {
+      for (auto& b : group) b->deallocate();
+    }
+  }
 };

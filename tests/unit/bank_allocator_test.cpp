@@ -515,6 +515,31 @@ TEST_SUITE("alloc") {
     CHECK(lock_step.members_in_step() == 8);
   }
 
+  TEST_CASE("lock-step: a mesh block freed device by device brings every device back in step") {
+    LockStepAllocator lock_step = LockStepAllocator::create(8, 0, 1 << 20, 32).value();
+    for (int block = 0; block < 100; ++block) REQUIRE(lock_step.allocate(0, 8, 64).has_value());
+    const std::uint64_t mesh_block = lock_step.allocate(0, 8, 4096).value();
+    for (std::uint32_t member = 0; member < 8; ++member) {
+      REQUIRE(lock_step.free(member, 1, mesh_block).has_value());
+      CHECK(lock_step.member(member).is_free(mesh_block, 4096));
+      if (member + 1 < 8) {
+        CHECK_FALSE(lock_step.member(member + 1).is_free(mesh_block, 4096));
+        CHECK(lock_step.members_in_step() == 7 - member);
+      }
+    }
+    // The last one freed it on the shared allocator: the others caught up and rejoined at once.
+    CHECK(lock_step.members_in_step() == 8);
+    // A lone block made and freed is not worth a copy each time: the member stays on its own
+    // copy until its operations repaid it, then rejoins.
+    const std::uint64_t lone = lock_step.allocate(2, 1, 64).value();
+    REQUIRE(lock_step.free(2, 1, lone).has_value());
+    CHECK(lock_step.members_in_step() == 7);
+    for (int round = 0; round < 60 && lock_step.members_in_step() < 8; ++round) {
+      REQUIRE(lock_step.free(2, 1, lock_step.allocate(2, 1, 64).value()).has_value());
+    }
+    CHECK(lock_step.members_in_step() == 8);
+  }
+
   TEST_CASE("lock-step: refused requests and bad ranges change nothing") {
     LockStepAllocator lock_step = LockStepAllocator::create(4, 0, 4096, 32).value();
     CHECK(LockStepAllocator::create(0, 0, 4096, 32).error().code == ErrorCode::invalid_argument);

@@ -1,6 +1,7 @@
 module;
 #include <algorithm>
 #include <deque>
+#include <map>
 #include <memory>
 #include <set>
 #include <string>
@@ -9,7 +10,6 @@ module;
 #include "clang/AST/ASTContext.h"
 #include "clang/AST/DeclCXX.h"
 #include "clang/AST/ExprCXX.h"
-#include "clang/AST/RecursiveASTVisitor.h"
 #include "clang/AST/StmtCXX.h"
 #include "clang/ASTMatchers/ASTMatchFinder.h"
 #include "clang/ASTMatchers/ASTMatchers.h"
@@ -52,41 +52,6 @@ bool is_deallocation_call(const clang::Stmt* stmt, const std::vector<std::string
   return deallocates_on_every_path(*definition, deallocation_calls, context, depth + 1);
 }
 
-// Finds a deallocation call anywhere in a statement, but not inside lambdas or local classes: their
-// bodies run when (and if) someone calls them, not here.
-class DeallocationFinder : public clang::RecursiveASTVisitor<DeallocationFinder> {
- public:
-  DeallocationFinder(const std::vector<std::string>& deallocation_calls, clang::ASTContext& context, int depth)
-      : deallocation_calls_(deallocation_calls), context_(context), depth_(depth) {}
-  bool found() const { return found_; }
-  bool VisitCallExpr(clang::CallExpr* call) {
-    if (is_deallocation_call(call, deallocation_calls_, context_, depth_)) found_ = true;
-    return !found_;
-  }
-  bool TraverseLambdaExpr(clang::LambdaExpr* /*lambda*/) { return true; }
-  bool TraverseCXXRecordDecl(clang::CXXRecordDecl* /*record*/) { return true; }
-
- private:
-  const std::vector<std::string>& deallocation_calls_;
-  clang::ASTContext& context_;
-  int depth_;
-  bool found_{false};
-};
-
-// A loop whose body makes a deallocation call deallocates every element it iterates: taking its
-// exit edge after zero iterations is fine (there was nothing to deallocate).
-bool is_deallocating_loop(const clang::Stmt* terminator, const std::vector<std::string>& deallocation_calls,
-                       clang::ASTContext& context, int depth) {
-  const clang::Stmt* body = nullptr;
-  if (const auto* loop = llvm::dyn_cast_or_null<clang::ForStmt>(terminator)) body = loop->getBody();
-  else if (const auto* loop = llvm::dyn_cast_or_null<clang::WhileStmt>(terminator)) body = loop->getBody();
-  else if (const auto* loop = llvm::dyn_cast_or_null<clang::CXXForRangeStmt>(terminator)) body = loop->getBody();
-  if (body == nullptr) return false;
-  DeallocationFinder finder(deallocation_calls, context, depth);
-  finder.TraverseStmt(const_cast<clang::Stmt*>(body));
-  return finder.found();
-}
-
 const clang::ReturnStmt* return_in(const clang::CFGBlock& block) {
   for (auto element = block.rbegin(); element != block.rend(); ++element) {
     if (const auto statement = element->getAs<clang::CFGStmt>()) {
@@ -105,8 +70,149 @@ bool ends_in_throw(const clang::CFGBlock& block) {
   return false;
 }
 
+// The variable a loop walks: the range-for's element, or the variables a for loop declares.
+std::vector<const clang::VarDecl*> loop_variables(const clang::Stmt* loop) {
+  std::vector<const clang::VarDecl*> variables;
+  if (const auto* range = llvm::dyn_cast_or_null<clang::CXXForRangeStmt>(loop)) {
+    variables.push_back(range->getLoopVariable());
+  } else if (const auto* plain = llvm::dyn_cast_or_null<clang::ForStmt>(loop)) {
+    if (const auto* declared = llvm::dyn_cast_or_null<clang::DeclStmt>(plain->getInit())) {
+      for (const clang::Decl* decl : declared->decls()) {
+        if (const auto* variable = llvm::dyn_cast<clang::VarDecl>(decl)) variables.push_back(variable);
+      }
+    }
+  }
+  return variables;
+}
+
+bool refers_to(const clang::Stmt* stmt, const std::vector<const clang::VarDecl*>& variables) {
+  if (stmt == nullptr) return false;
+  if (const auto* ref = llvm::dyn_cast<clang::DeclRefExpr>(stmt)) {
+    return std::find(variables.begin(), variables.end(), ref->getDecl()) != variables.end();
+  }
+  return std::any_of(stmt->child_begin(), stmt->child_end(),
+                     [&](const clang::Stmt* child) { return refers_to(child, variables); });
+}
+
+// Which successor of a branch on `condition` is taken when the loop's element is empty, if the
+// branch is a test of emptiness of the element (`if (b)`, `if (!slots[i])`, `b == nullptr`, ...):
+// skipping an empty element releases nothing that exists. -1 when it is any other condition.
+int empty_element_edge(const clang::Expr* condition, const std::vector<const clang::VarDecl*>& variables) {
+  if (condition == nullptr) return -1;
+  condition = condition->IgnoreParenImpCasts();
+  bool negated = false;
+  while (const auto* unary = llvm::dyn_cast<clang::UnaryOperator>(condition)) {
+    if (unary->getOpcode() != clang::UO_LNot) return -1;
+    negated = !negated;
+    condition = unary->getSubExpr()->IgnoreParenImpCasts();
+  }
+  if (const auto* compare = llvm::dyn_cast<clang::BinaryOperator>(condition)) {
+    if (compare->getOpcode() != clang::BO_EQ && compare->getOpcode() != clang::BO_NE) return -1;
+    const clang::Expr* left = compare->getLHS()->IgnoreParenImpCasts();
+    const clang::Expr* right = compare->getRHS()->IgnoreParenImpCasts();
+    const bool null_right = llvm::isa<clang::CXXNullPtrLiteralExpr, clang::GNUNullExpr>(right);
+    const bool null_left = llvm::isa<clang::CXXNullPtrLiteralExpr, clang::GNUNullExpr>(left);
+    if (!(null_right && refers_to(left, variables)) && !(null_left && refers_to(right, variables))) return -1;
+    const bool equal = compare->getOpcode() == clang::BO_EQ;
+    return (equal != negated) ? 0 : 1;  // `== nullptr` is true when empty
+  }
+  // A test of the element itself (a pointer, an optional, a handle's operator bool).
+  if (const auto* call = llvm::dyn_cast<clang::CXXMemberCallExpr>(condition)) {
+    const clang::CXXMethodDecl* method = call->getMethodDecl();
+    if (method == nullptr || !llvm::isa<clang::CXXConversionDecl>(method)) return -1;
+    condition = call->getImplicitObjectArgument()->IgnoreParenImpCasts();
+  }
+  const clang::QualType type = condition->getType();
+  if (!refers_to(condition, variables) || (!type->isPointerType() && !type->isRecordType())) {
+    return -1;
+  }
+  return negated ? 0 : 1;  // `if (b)` is false when empty
+}
+
+bool has_deallocation_call(const clang::CFGBlock& block, const std::vector<std::string>& deallocation_calls,
+                           clang::ASTContext& context, int depth) {
+  return std::any_of(block.begin(), block.end(), [&](const clang::CFGElement& element) {
+    const auto statement = element.getAs<clang::CFGStmt>();
+    return statement && is_deallocation_call(statement->getStmt(), deallocation_calls, context, depth);
+  });
+}
+
+// The statement that makes a path skip: the `continue` or `break` that ends its block, else the
+// condition of the nearest branch above it.
+const clang::Stmt* skipping_statement(const clang::CFGBlock* block,
+                                      const std::map<const clang::CFGBlock*, const clang::CFGBlock*>& parent) {
+  for (const clang::CFGBlock* at = block; at != nullptr;) {
+    const clang::Stmt* terminator = at->getTerminatorStmt();
+    if (llvm::isa_and_nonnull<clang::ContinueStmt, clang::BreakStmt>(terminator)) return terminator;
+    if (at != block && terminator != nullptr && at->succ_size() > 1) return terminator;
+    const auto up = parent.find(at);
+    at = up == parent.end() ? nullptr : up->second;
+  }
+  return nullptr;
+}
+
+// A loop releases every element it walks when each path through its body, from the body's
+// entry back to the loop's condition (by `continue` or the end of the body) or out of the loop
+// (by `break`), passes a deallocation call; a path that skips an empty element (see
+// empty_element_edge) is fine. Its exit edge then counts as releasing: after zero iterations
+// there was nothing to release. Returns whether it does, and the statement that skips if not.
+struct LoopVerdict {
+  bool releases_every_element{false};
+  const clang::Stmt* skip{nullptr};
+};
+
+LoopVerdict judge_loop(const clang::CFGBlock& header, const std::vector<std::string>& deallocation_calls,
+                       clang::ASTContext& context, int depth) {
+  const clang::Stmt* loop = header.getTerminatorStmt();
+  if (!llvm::isa_and_nonnull<clang::ForStmt, clang::WhileStmt, clang::CXXForRangeStmt>(loop) || header.succ_size() != 2) {
+    return {};
+  }
+  const clang::CFGBlock* body = header.succ_begin()->getReachableBlock();
+  const clang::CFGBlock* after = (header.succ_begin() + 1)->getReachableBlock();
+  if (body == nullptr) return {};
+  const std::vector<const clang::VarDecl*> variables = loop_variables(loop);
+  std::map<const clang::CFGBlock*, const clang::CFGBlock*> parent{{body, nullptr}};
+  std::deque<const clang::CFGBlock*> pending{body};
+  bool reached_deallocation = false;
+  const clang::Stmt* skip = nullptr;
+  bool skips = false;
+  while (!pending.empty()) {
+    const clang::CFGBlock* block = pending.front();
+    pending.pop_front();
+    if (has_deallocation_call(*block, deallocation_calls, context, depth)) {
+      reached_deallocation = true;
+      continue;
+    }
+    const clang::Stmt* terminator = block->getTerminatorStmt();
+    int empty_edge = -1;
+    if (const auto* branch = llvm::dyn_cast_or_null<clang::IfStmt>(terminator)) {
+      empty_edge = empty_element_edge(branch->getCond(), variables);
+    }
+    const bool inner_releases = block != &header && judge_loop(*block, deallocation_calls, context, depth).releases_every_element;
+    int edge = -1;
+    for (const clang::CFGBlock::AdjacentBlock& successor : block->succs()) {
+      ++edge;
+      const clang::CFGBlock* next = successor.getReachableBlock();
+      if (next == nullptr || edge == empty_edge || (inner_releases && edge == 1)) continue;
+      // A return (or throw) whose way out passes the loop's exit block is not a `break`: the
+      // walk over the whole function reports it.
+      const bool leaves_function = return_in(*block) != nullptr || ends_in_throw(*block);
+      if (next == &header || (next == after && !leaves_function)) {
+        if (!skips) skip = skipping_statement(block, parent);
+        skips = true;
+        continue;
+      }
+      if (parent.emplace(next, block).second) pending.push_back(next);
+    }
+  }
+  // A body with no deallocation at all is no release loop: the path past it is the leak.
+  if (!reached_deallocation) return {};
+  return {!skips, skip};
+}
+
 std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const std::vector<std::string>& deallocation_calls,
-                                                  clang::ASTContext& context, int depth);
+                                                  clang::ASTContext& context, int depth,
+                                                  std::vector<const clang::Stmt*>* skips = nullptr);
 std::unique_ptr<clang::CFG> build_cfg(const clang::FunctionDecl& function, clang::ASTContext& context);
 
 }  // namespace
@@ -143,7 +249,8 @@ namespace {
 // Walks every path from the entry; a path ends where it passes a deallocation. Returns the
 // blocks from which a path reaches the exit without one: the ways out that skip it.
 std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const std::vector<std::string>& deallocation_calls,
-                                                  clang::ASTContext& context, int depth) {
+                                                  clang::ASTContext& context, int depth,
+                                                  std::vector<const clang::Stmt*>* skips) {
   const clang::CFGBlock& exit = cfg.getExit();
   std::set<unsigned> seen{cfg.getEntry().getBlockID()};
   std::deque<const clang::CFGBlock*> pending{&cfg.getEntry()};
@@ -151,16 +258,10 @@ std::vector<const clang::CFGBlock*> leaking_exits(const clang::CFG& cfg, const s
   while (!pending.empty()) {
     const clang::CFGBlock* block = pending.front();
     pending.pop_front();
-    bool deallocated = false;
-    for (const clang::CFGElement& element : *block) {
-      if (const auto statement = element.getAs<clang::CFGStmt>();
-          statement && is_deallocation_call(statement->getStmt(), deallocation_calls, context, depth)) {
-        deallocated = true;
-        break;
-      }
-    }
-    if (deallocated) continue;
-    const bool deallocating_loop = is_deallocating_loop(block->getTerminatorStmt(), deallocation_calls, context, depth);
+    if (has_deallocation_call(*block, deallocation_calls, context, depth)) continue;
+    const LoopVerdict loop = judge_loop(*block, deallocation_calls, context, depth);
+    const bool deallocating_loop = loop.releases_every_element;
+    if (skips != nullptr && loop.skip != nullptr) skips->push_back(loop.skip);
     unsigned edge = 0;
     for (const clang::CFGBlock::AdjacentBlock& successor : block->succs()) {
       const clang::CFGBlock* next = successor.getReachableBlock();
@@ -193,7 +294,8 @@ void DeallocatePathsCheck::check(const MatchFinder::MatchResult& result) {
   if (function == nullptr || function->getBody() == nullptr) return;
   const std::unique_ptr<clang::CFG> cfg = build_cfg(*function, *result.Context);
   if (!cfg) return;
-  const std::vector<const clang::CFGBlock*> leaks = leaking_exits(*cfg, deallocation_calls_, *result.Context, 0);
+  std::vector<const clang::Stmt*> skips;
+  const std::vector<const clang::CFGBlock*> leaks = leaking_exits(*cfg, deallocation_calls_, *result.Context, 0, &skips);
 
   const clang::SourceManager& sources = *result.SourceManager;
   const std::string name = function->getQualifiedNameAsString();
@@ -225,6 +327,20 @@ void DeallocatePathsCheck::check(const MatchFinder::MatchResult& result) {
       diag(leak.at, "'%0' can reach its end without deallocating its per-device buffers: no call to %1 on this path")
           << name << calls;
     }
+  }
+  // Where a loop goes on (or out) without releasing the element in hand.
+  if (found.empty()) return;
+  std::set<clang::SourceLocation> noted;
+  for (const clang::Stmt* skip : skips) {
+    const clang::SourceLocation at = sources.getExpansionLoc(skip->getBeginLoc());
+    if (!noted.insert(at).second) continue;
+    const char* what = llvm::isa<clang::ContinueStmt>(skip) ? "this 'continue' moves on"
+                       : llvm::isa<clang::BreakStmt>(skip)  ? "this 'break' leaves the loop"
+                                                            : "this branch lets the loop move on";
+    diag(at, "%0 without deallocating the buffer in hand (or the ones after it); release each element on every "
+             "path through the loop, and skip only empty ones",
+         clang::DiagnosticIDs::Note)
+        << what;
   }
 }
 
