@@ -189,14 +189,14 @@ LoopVerdict judge_loop(const clang::CFGBlock& header, const std::vector<std::str
       empty_edge = empty_element_edge(branch->getCond(), variables);
     }
     const bool inner_releases = block != &header && judge_loop(*block, deallocation_calls, context, depth).releases_every_element;
+    // A return (or throw) whose way out passes the loop's exit block is not a `break`: the walk
+    // over the whole function reports it.
+    const bool leaves_function = return_in(*block) != nullptr || ends_in_throw(*block);
     int edge = -1;
     for (const clang::CFGBlock::AdjacentBlock& successor : block->succs()) {
       ++edge;
       const clang::CFGBlock* next = successor.getReachableBlock();
       if (next == nullptr || edge == empty_edge || (inner_releases && edge == 1)) continue;
-      // A return (or throw) whose way out passes the loop's exit block is not a `break`: the
-      // walk over the whole function reports it.
-      const bool leaves_function = return_in(*block) != nullptr || ends_in_throw(*block);
       if (next == &header || (next == after && !leaves_function)) {
         if (!skips) skip = skipping_statement(block, parent);
         skips = true;
