@@ -1,8 +1,10 @@
 // RUN: %clang_tidy --checks='-*,meshrt-deallocate-on-every-path' \
-// RUN:   --config="{CheckOptions: {meshrt-deallocate-on-every-path.DeallocationCalls: 'Buffer::deallocate;MeshBuffer::mark_deallocated'}}" \
+// RUN:   --config="{CheckOptions: {meshrt-deallocate-on-every-path.DeallocationCalls: 'Buffer::deallocate;MeshBuffer::mark_deallocated', meshrt-deallocate-on-every-path.ReleasePrimitives: ''}}" \
 // RUN:   %s -- -std=c++20 | FileCheck %s --check-prefix=CHECK-MESSAGES --implicit-check-not='{{warning|error|note}}:'
 
 #include "seed.h"
+
+#include <functional>
 
 // The seed: with the mesh device alive, deallocate() returns before any device buffer is deallocated.
 void MeshBuffer::deallocate() {
@@ -168,3 +170,80 @@ struct NestedRelease {
     }
   }
 };
+
+// A guard on the object's own handle: on its empty side there is nothing to release.
+struct OwnGuard {
+  std::shared_ptr<Buffer> buffer;
+  Buffer* raw = nullptr;
+  void deallocate() {
+    if (!buffer) return;
+    buffer->deallocate();
+    if (raw != nullptr) raw->deallocate();
+  }
+};
+
+// The same guard the wrong way round returns while it still owns the buffer.
+struct InvertedGuard {
+  std::shared_ptr<Buffer> buffer;
+  void deallocate() {
+    if (buffer) return;
+    // CHECK-MESSAGES: :[[@LINE-1]]:17: warning: 'InvertedGuard::deallocate' returns here without deallocating
+    buffer->deallocate();
+  }
+};
+
+// A guard on something other than the object's own handle is a skip (the seed's shape).
+struct ForeignGuard {
+  std::shared_ptr<Buffer> buffer;
+  std::weak_ptr<MeshDevice> device;
+  void deallocate() {
+    if (!device.lock()) return;
+    // CHECK-MESSAGES: :[[@LINE-1]]:25: warning: 'ForeignGuard::deallocate' returns here without deallocating
+    buffer->deallocate();
+  }
+};
+
+// Move assignment: a self-move keeps what it owns; any other path must release first.
+struct MovableOwner {
+  std::shared_ptr<Buffer> buffer;
+  void deallocate() { buffer->deallocate(); }
+  MovableOwner& operator=(MovableOwner&& other) noexcept {
+    if (this != &other) {
+      deallocate();
+      buffer = std::move(other.buffer);
+    }
+    return *this;
+  }
+};
+
+struct ForgetfulOwner {
+  std::shared_ptr<Buffer> buffer;
+  void deallocate() { buffer->deallocate(); }
+  ForgetfulOwner& operator=(ForgetfulOwner&& other) noexcept {
+    buffer = std::move(other.buffer);
+    return *this;
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'ForgetfulOwner::operator=' returns here without deallocating
+  }
+};
+
+// A release handed over as a lambda counts when the lambda releases on every path.
+struct Deferred {
+  std::shared_ptr<Buffer> buffer;
+  void defer(std::function<void()> work);
+  void deallocate() {
+    defer([b = buffer] { b->deallocate(); });
+  }
+};
+struct DeferredSkip {
+  std::shared_ptr<Buffer> buffer;
+  bool cached = false;
+  void defer(std::function<void()> work);
+  void deallocate() {
+    defer([this] {
+      if (cached) return;
+      buffer->deallocate();
+    });
+  }
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'DeferredSkip::deallocate' can reach its end without deallocating
+};
+

@@ -3,6 +3,7 @@
 // Each check reads its options with Options.get and writes them back in storeOptions, so
 // `clang-tidy --dump-config` shows a project what it can point at its own types.
 module;
+#include <set>
 #include <string>
 #include <vector>
 
@@ -23,6 +24,8 @@ std::string join_list(const std::vector<std::string>& items);
 std::vector<llvm::StringRef> as_refs(const std::vector<std::string>& items);
 // Whether a declaration's qualified name matches one of the patterns, as hasAnyName does.
 bool name_matches(const clang::NamedDecl& decl, const std::vector<std::string>& patterns);
+// A declaration's plain name, or "" for operators, conversions and constructors.
+llvm::StringRef identifier_of(const clang::NamedDecl& decl);
 // "a::b::f;g" -> "f() or g()", for diagnostics.
 std::string call_list(const std::vector<std::string>& functions);
 
@@ -34,13 +37,14 @@ class StateTransitionCheck : public ClangTidyCheck {
   void registerMatchers(MatchFinder* finder) override;
   void check(const MatchFinder::MatchResult& result) override;
   bool isLanguageVersionSupported(const clang::LangOptions& lang) const override { return lang.CPlusPlus; }
+  void onStartOfTranslationUnit() override { reported_.clear(); }
 
  private:
   std::vector<std::string> state_members_;
   std::vector<std::string> transition_functions_;
   std::vector<std::string> state_setters_;
-  std::vector<std::string> mutating_methods_;
   bool allow_in_constructors_;
+  std::set<clang::SourceLocation> reported_;  // one finding per write, however many mentions reach it
 };
 
 // meshrt-deallocate-on-every-path: every path through a deallocating function deallocates the
@@ -52,11 +56,17 @@ class DeallocatePathsCheck : public ClangTidyCheck {
   void registerMatchers(MatchFinder* finder) override;
   void check(const MatchFinder::MatchResult& result) override;
   bool isLanguageVersionSupported(const clang::LangOptions& lang) const override { return lang.CPlusPlus; }
+  void onStartOfTranslationUnit() override { checked_.clear(); }
 
  private:
   std::vector<std::string> deallocating_functions_;
   std::vector<std::string> deallocation_calls_;
+  std::vector<std::string> release_primitives_;
+  std::vector<std::string> owned_types_;
   bool check_destructors_;
+  bool check_move_assignments_;
+  std::vector<std::string> releases_;  // deallocation calls and primitives: what counts as releasing
+  std::set<const clang::Decl*> checked_;
 };
 
 // meshrt-ownership-escape: buffers never leave their owning handles.

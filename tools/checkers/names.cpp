@@ -25,6 +25,11 @@ bool name_matches(const clang::NamedDecl& decl, const std::vector<std::string>& 
   return false;
 }
 
+llvm::StringRef identifier_of(const clang::NamedDecl& decl) {
+  const clang::IdentifierInfo* identifier = decl.getIdentifier();
+  return identifier == nullptr ? llvm::StringRef() : identifier->getName();
+}
+
 // "::a::B::f;g" -> "B::f() or g()": how a diagnostic names the functions to call instead (the
 // class keeps same-named methods apart).
 std::string call_list(const std::vector<std::string>& functions) {

@@ -1,12 +1,15 @@
 module;
+#include <set>
 #include <string>
 #include <vector>
 
 #include "clang/AST/ASTContext.h"
 #include "clang/AST/DeclCXX.h"
 #include "clang/AST/Expr.h"
+#include "clang/AST/ExprCXX.h"
 #include "clang/ASTMatchers/ASTMatchFinder.h"
 #include "clang/ASTMatchers/ASTMatchers.h"
+#include "clang/Analysis/Analyses/ExprMutationAnalyzer.h"
 #include "clang-tidy/ClangTidyCheck.h"
 
 module meshrt.checkers;
@@ -21,8 +24,87 @@ constexpr const char* default_state_members = "::meshrt::detail::BufferAllocatio
 constexpr const char* default_transitions =
     "::meshrt::detail::BufferAllocation::mark_deallocated;::meshrt::detail::BufferAllocation::mark_device_closed";
 constexpr const char* default_setters = "mark_as_deallocated";
-constexpr const char* default_mutators =
-    "operator=;emplace;reset;swap;store;exchange;compare_exchange_weak;compare_exchange_strong";
+
+bool same(const clang::Expr* a, const clang::Expr* b) {
+  return a != nullptr && b != nullptr && a->IgnoreParenImpCasts() == b->IgnoreParenImpCasts();
+}
+
+// From a mention of the state member up to the storage it names: `states_`, `states_[i]`,
+// `states_.get()[i]`, `*states_`, `states_->...`, `states_.data() + i`. What the mutation
+// analysis then asks about is that expression (or, for a pointer, what it points to).
+const clang::Expr* state_storage(const clang::Expr* mention, clang::ASTContext& context) {
+  const clang::Expr* storage = mention;
+  for (;;) {
+    const auto parents = context.getParents(*storage);
+    if (parents.size() != 1) return storage;
+    const auto* parent = parents[0].get<clang::Expr>();
+    if (parent == nullptr) return storage;
+    if (const auto* cast = llvm::dyn_cast<clang::ImplicitCastExpr>(parent)) {
+      if (cast->getCastKind() == clang::CK_LValueToRValue && !storage->getType()->isPointerType()) return storage;
+      storage = parent;
+    } else if (llvm::isa<clang::ParenExpr>(parent)) {
+      storage = parent;
+    } else if (const auto* subscript = llvm::dyn_cast<clang::ArraySubscriptExpr>(parent)) {
+      if (!same(subscript->getBase(), storage)) return storage;
+      storage = parent;
+    } else if (const auto* op = llvm::dyn_cast<clang::CXXOperatorCallExpr>(parent)) {
+      const auto kind = op->getOperator();
+      const bool reaches = kind == clang::OO_Subscript || kind == clang::OO_Star || kind == clang::OO_Arrow;
+      if (!reaches || op->getNumArgs() == 0 || !same(op->getArg(0), storage)) return storage;
+      storage = parent;
+    } else if (const auto* unary = llvm::dyn_cast<clang::UnaryOperator>(parent)) {
+      if (unary->getOpcode() != clang::UO_Deref) return storage;
+      storage = parent;
+    } else if (const auto* arithmetic = llvm::dyn_cast<clang::BinaryOperator>(parent)) {
+      // `states_.get() + i`: still the state, one element on.
+      if (!arithmetic->isAdditiveOp() || !storage->getType()->isPointerType()) return storage;
+      storage = parent;
+    } else if (const auto* member = llvm::dyn_cast<clang::MemberExpr>(parent)) {
+      // `states_.get()` / `states_.data()`: the pointer to the same storage.
+      const auto* method = llvm::dyn_cast<clang::CXXMethodDecl>(member->getMemberDecl());
+      if (method == nullptr || !(identifier_of(*method) == "get" || identifier_of(*method) == "data")) return storage;
+      const auto grand = context.getParents(*member);
+      const auto* call = grand.size() == 1 ? grand[0].get<clang::CXXMemberCallExpr>() : nullptr;
+      if (call == nullptr) return storage;
+      storage = call;
+    } else {
+      return storage;
+    }
+  }
+}
+
+bool points_to_mutable(clang::QualType type) {
+  return type->isPointerType() && !type->getPointeeType().isConstQualified();
+}
+
+// A pointer to the state handed to a call that takes a pointer it may write through
+// (`std::construct_at(states_.get() + i, ...)`, `memset(states_.get(), ...)`), or kept in a
+// variable that is written through later. The mutation analysis does not follow either.
+const clang::Stmt* pointer_handed_on(const clang::Expr* storage, const clang::Stmt& body, clang::ASTContext& context) {
+  const clang::Expr* at = storage;
+  for (;;) {
+    const auto parents = context.getParents(*at);
+    if (parents.size() != 1) return nullptr;
+    if (const auto* cast = parents[0].get<clang::ImplicitCastExpr>()) {
+      at = cast;
+      continue;
+    }
+    if (const auto* call = parents[0].get<clang::CallExpr>()) {
+      const clang::FunctionDecl* callee = call->getDirectCallee();
+      for (unsigned i = 0; i < call->getNumArgs(); ++i) {
+        if (call->getArg(i) != at) continue;
+        if (callee == nullptr || i >= callee->getNumParams()) return call;  // variadic, or unknown: assume a write
+        return points_to_mutable(callee->getParamDecl(i)->getType()) ? call : nullptr;
+      }
+      return nullptr;
+    }
+    if (const auto* variable = parents[0].get<clang::VarDecl>()) {
+      if (!points_to_mutable(variable->getType())) return nullptr;
+      return clang::ExprMutationAnalyzer(body, context).findPointeeMutation(variable);
+    }
+    return nullptr;
+  }
+}
 
 }  // namespace
 
@@ -31,41 +113,24 @@ StateTransitionCheck::StateTransitionCheck(llvm::StringRef name, ClangTidyContex
       state_members_(split_list(Options.get("StateMembers", default_state_members))),
       transition_functions_(split_list(Options.get("TransitionFunctions", default_transitions))),
       state_setters_(split_list(Options.get("StateSetters", default_setters))),
-      mutating_methods_(split_list(Options.get("MutatingMethods", default_mutators))),
       allow_in_constructors_(Options.get("AllowInConstructors", true)) {}
 
 void StateTransitionCheck::storeOptions(ClangTidyOptions::OptionMap& options) {
   Options.store(options, "StateMembers", join_list(state_members_));
   Options.store(options, "TransitionFunctions", join_list(transition_functions_));
   Options.store(options, "StateSetters", join_list(state_setters_));
-  Options.store(options, "MutatingMethods", join_list(mutating_methods_));
   Options.store(options, "AllowInConstructors", allow_in_constructors_);
 }
 
 void StateTransitionCheck::registerMatchers(MatchFinder* finder) {
-  const auto state_member = memberExpr(member(fieldDecl(hasAnyName(as_refs(state_members_))).bind("field")));
-  // The member itself, or one element of it (states_[slot]).
-  const auto state_object = expr(ignoringParenImpCasts(
-      anyOf(state_member, arraySubscriptExpr(hasBase(ignoringParenImpCasts(state_member))),
-            cxxOperatorCallExpr(hasOverloadedOperatorName("[]"), hasArgument(0, ignoringParenImpCasts(state_member))))));
   const auto outside_transitions = allOf(unless(hasAncestor(functionDecl(hasAnyName(as_refs(transition_functions_))))),
                                          optionally(hasAncestor(cxxConstructorDecl().bind("constructor"))),
                                          unless(isExpansionInSystemHeader()));
-  finder->addMatcher(binaryOperator(isAssignmentOperator(), hasLHS(state_object), outside_transitions).bind("write"),
-                     this);
-  finder->addMatcher(
-      unaryOperator(hasAnyOperatorName("++", "--"), hasUnaryOperand(state_object), outside_transitions).bind("write"),
-      this);
-  finder->addMatcher(
-      cxxOperatorCallExpr(isAssignmentOperator(), hasArgument(0, state_object), outside_transitions).bind("write"),
-      this);
-  finder->addMatcher(cxxMemberCallExpr(on(state_object), callee(cxxMethodDecl(hasAnyName(as_refs(mutating_methods_)))),
-                                       outside_transitions)
-                         .bind("write"),
-                     this);
-  finder->addMatcher(callExpr(callee(functionDecl(hasAnyName("::std::swap", "::std::exchange"))),
-                              hasArgument(0, state_object), outside_transitions)
-                         .bind("write"),
+  // Every mention of the state, in any function: whether it is written there, however spelled,
+  // is the mutation analysis' question (check()).
+  finder->addMatcher(memberExpr(member(fieldDecl(hasAnyName(as_refs(state_members_))).bind("field")),
+                                outside_transitions, hasAncestor(functionDecl(hasBody(stmt())).bind("function")))
+                         .bind("mention"),
                      this);
   if (!state_setters_.empty()) {
     finder->addMatcher(
@@ -76,19 +141,46 @@ void StateTransitionCheck::registerMatchers(MatchFinder* finder) {
 }
 
 void StateTransitionCheck::check(const MatchFinder::MatchResult& result) {
-  const auto* constructor = result.Nodes.getNodeAs<clang::CXXConstructorDecl>("constructor");
-  const auto* field = result.Nodes.getNodeAs<clang::FieldDecl>("field");
-  // A constructor may set its own object's initial state; that is where the machine starts.
-  if (allow_in_constructors_ && constructor != nullptr && field != nullptr &&
-      constructor->getParent() == field->getParent()) {
-    return;
-  }
   const std::string transitions = call_list(transition_functions_);
-  if (const auto* write = result.Nodes.getNodeAs<clang::Expr>("write")) {
+  if (const auto* mention = result.Nodes.getNodeAs<clang::MemberExpr>("mention")) {
+    const auto* constructor = result.Nodes.getNodeAs<clang::CXXConstructorDecl>("constructor");
+    const auto* field = result.Nodes.getNodeAs<clang::FieldDecl>("field");
+    const auto* function = result.Nodes.getNodeAs<clang::FunctionDecl>("function");
+    if (field == nullptr || function == nullptr || function->getBody() == nullptr) return;
+    // A constructor may set its own object's initial state; that is where the machine starts.
+    if (allow_in_constructors_ && constructor != nullptr && constructor->getParent() == field->getParent()) return;
+    const clang::Expr* storage = state_storage(mention, *result.Context);
+    clang::ExprMutationAnalyzer analyzer(*function->getBody(), *result.Context);
+    const clang::Stmt* write = nullptr;
+    const auto loops = match(
+        findAll(cxxForRangeStmt(hasRangeInit(ignoringParenImpCasts(expr(equalsNode(storage))))).bind("loop")),
+        *function->getBody(), *result.Context);
+    const auto* loop = loops.empty() ? nullptr : loops.front().getNodeAs<clang::CXXForRangeStmt>("loop");
+    if (loop != nullptr) {
+      // `for (auto& s : states_)`: the elements are written when the loop variable is (the
+      // analysis would count the loop's own iterator as a write).
+      const clang::VarDecl* element = loop->getLoopVariable();
+      const clang::QualType type = element->getType();
+      if (type->isReferenceType() && !type.getNonReferenceType().isConstQualified()) {
+        write = clang::ExprMutationAnalyzer(*loop->getBody(), *result.Context).findMutation(element);
+      }
+    } else if (storage->getType()->isPointerType()) {
+      write = analyzer.findPointeeMutation(storage);
+      if (write == nullptr) write = pointer_handed_on(storage, *function->getBody(), *result.Context);
+    } else {
+      write = analyzer.findMutation(storage);
+    }
+    if (write == nullptr) return;
+    const clang::SourceLocation at = result.SourceManager->getExpansionLoc(write->getBeginLoc());
+    if (!reported_.insert(at).second) return;
     diag(write->getBeginLoc(),
          "buffer state '%0' is written outside its transition functions; change it only through %1, so that "
          "every change emits its event")
         << field->getName() << transitions;
+    const clang::SourceLocation reached = result.SourceManager->getExpansionLoc(mention->getBeginLoc());
+    if (result.SourceManager->getExpansionLineNumber(reached) != result.SourceManager->getExpansionLineNumber(at)) {
+      diag(mention->getBeginLoc(), "the state is reached here", clang::DiagnosticIDs::Note);
+    }
     return;
   }
   const auto* call = result.Nodes.getNodeAs<clang::CallExpr>("setter-call");
@@ -97,7 +189,7 @@ void StateTransitionCheck::check(const MatchFinder::MatchResult& result) {
   diag(call->getBeginLoc(),
        "'%0' sets a buffer's state outside its transition functions; call %1 instead, so that the change emits "
        "its event")
-      << setter->getName() << transitions;
+      << setter->getNameAsString() << transitions;
 }
 
 }  // namespace meshrt::checkers
