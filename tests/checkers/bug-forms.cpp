@@ -26,6 +26,12 @@
 // RUN:   | FileCheck %s --check-prefix=CLOSE-DEFERS --implicit-check-not='{{warning|error}}:'
 // RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' %s -- -std=c++20 -DDESTRUCTOR_SKIPS \
 // RUN:   | FileCheck %s --check-prefix=DESTRUCTOR --implicit-check-not='{{warning|error}}:'
+// RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' %s -- -std=c++20 -DDEFAULTED_DESTRUCTOR \
+// RUN:   | FileCheck %s --check-prefix=DEFAULTED --implicit-check-not='{{warning|error}}:'
+// RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' %s -- -std=c++20 -DIMPLICIT_DESTRUCTOR \
+// RUN:   | FileCheck %s --check-prefix=IMPLICIT --implicit-check-not='{{warning|error}}:'
+// RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' %s -- -std=c++20 -DMUTUAL_TRUST \
+// RUN:   | FileCheck %s --check-prefix=MUTUAL --implicit-check-not='{{warning|error}}:'
 // RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' %s -- -std=c++20 -DSTATE_THROUGH_GET \
 // RUN:   | FileCheck %s --check-prefix=STATE-GET --implicit-check-not='{{warning|error}}:'
 // RUN: %clang_tidy --config='{}' --checks='-*,meshrt-*' %s -- -std=c++20 -DSTATE_THROUGH_REFERENCE \
@@ -107,7 +113,12 @@ class MeshDevice {
 // Holds the record itself and has no deallocate(): its destructor is an entry point too.
 class SystemBuffer {
  public:
+#ifdef DEFAULTED_DESTRUCTOR
+  ~SystemBuffer() = default;
+  // DEFAULTED: :[[@LINE-1]]:3: warning: 'meshrt::SystemBuffer' holds a BufferAllocation directly but its destructor is written by the compiler: it drops the buffers without releasing them; define it, and release them there [meshrt-deallocate-on-every-path]
+#else
   ~SystemBuffer();
+#endif
 
  private:
   std::shared_ptr<detail::BufferAllocation> allocation_;
@@ -145,9 +156,15 @@ DeviceBuffer& DeviceBuffer::operator=(DeviceBuffer&& other) noexcept {
 DeviceBuffer::~DeviceBuffer() { deallocate_for(FreeReason::destructor); }
 
 void DeviceBuffer::deallocate() noexcept { deallocate_for(FreeReason::explicit_deallocate); }
+// MUTUAL: :[[@LINE-1]]:93: warning: 'meshrt::DeviceBuffer::deallocate' can reach its end without deallocating
 
 void DeviceBuffer::deallocate_for(FreeReason reason) noexcept {
-#ifdef RELEASES_NOTHING
+#if defined(MUTUAL_TRUST)
+  // Each trusts the other by name, and neither reaches the state machine.
+  if (allocation_) deallocate();
+  (void)reason;
+  // MUTUAL: :[[@LINE+8]]:1: warning: 'meshrt::DeviceBuffer::deallocate_for' can reach its end without deallocating
+#elif defined(RELEASES_NOTHING)
   if (allocation_) allocation_->deallocate_slots({}, reason);
   // RELEASES-NOTHING: :[[@LINE+5]]:1: warning: 'meshrt::DeviceBuffer::deallocate_for' can reach its end without deallocating
   // RELEASES-NOTHING: :[[@LINE-2]]:20: note: this call is given an empty set of buffers: it releases nothing
@@ -233,6 +250,15 @@ void MeshDevice::close() {
   memory_->close();
 }
 
+#ifdef IMPLICIT_DESTRUCTOR
+// Holds the record and has no destructor at all.
+class Scratch {
+  // IMPLICIT: :[[@LINE-1]]:7: warning: 'meshrt::Scratch' holds a BufferAllocation directly but its destructor is written by the compiler
+  std::shared_ptr<detail::BufferAllocation> allocation_;
+};
+#endif
+
+#ifndef DEFAULTED_DESTRUCTOR
 SystemBuffer::~SystemBuffer() {
 #ifdef DESTRUCTOR_SKIPS
   if (pinned_) return;
@@ -240,5 +266,6 @@ SystemBuffer::~SystemBuffer() {
 #endif
   if (allocation_) allocation_->deallocate_slots(std::array<std::uint32_t, 1>{0}, FreeReason::destructor);
 }
+#endif
 
 }  // namespace meshrt

@@ -247,3 +247,53 @@ struct DeferredSkip {
   // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'DeferredSkip::deallocate' can reach its end without deallocating
 };
 
+
+// Ways out that are not silent, and guards that are not skips.
+[[noreturn]] void fail_fast();
+struct Asserts {
+  std::unique_ptr<Buffer> buffer;
+  void deallocate() {
+    if (buffer == nullptr) return;  // a smart pointer compared with nullptr: owns nothing
+    if (!buffer) fail_fast();       // does not return: no silent exit
+    buffer->deallocate();
+  }
+};
+
+// A flag is not a handle: returning on it skips the release.
+struct FlagGuard {
+  std::shared_ptr<Buffer> buffer;
+  std::atomic<bool> open{true};
+  void deallocate() {
+    if (!open) return;
+    // CHECK-MESSAGES: :[[@LINE-1]]:16: warning: 'FlagGuard::deallocate' returns here without deallocating
+    buffer->deallocate();
+  }
+};
+
+// A loop may skip empty elements however the test is written, but not on a lookup.
+Buffer* lookup(const std::shared_ptr<Buffer>& b);
+struct LoopLookup {
+  std::vector<std::shared_ptr<Buffer>> buffers;
+  void deallocate() {
+    for (auto& b : buffers) {
+      if (b != nullptr && lookup(b) == nullptr) continue;
+      b->deallocate();
+    }
+  }
+  // CHECK-MESSAGES: :[[@LINE-1]]:3: warning: 'LoopLookup::deallocate' can reach its end without deallocating
+  // CHECK-MESSAGES: :[[@LINE-5]]:49: note: this 'continue' moves on without deallocating
+};
+
+// Releasing the other side of a move is not releasing what this object held.
+struct WrongSideMove {
+  std::shared_ptr<Buffer> buffer;
+  void deallocate() { buffer->deallocate(); }
+  WrongSideMove& operator=(WrongSideMove&& other) noexcept {
+    if (this != &other) {
+      other.deallocate();
+      buffer = std::move(other.buffer);
+    }
+    return *this;
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: 'WrongSideMove::operator=' returns here without deallocating
+  }
+};

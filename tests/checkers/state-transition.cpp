@@ -8,6 +8,7 @@
 #include <algorithm>
 #include <atomic>
 #include <memory>
+#include <span>
 
 // The seed, in the shape of the runtime we learn from: with the device alive, deallocate()
 // marks the mesh buffer deallocated and returns, so no device buffer is ever deallocated.
@@ -100,6 +101,26 @@ class Record {
     std::atomic_ref<State>(plain_[0]).store(State::deallocated);
     // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'plain_' is written outside
   }
+  void through_arrow() {
+    states_.get()->store(State::deallocated);
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'states_' is written outside
+  }
+  void through_kept_pointer(int slot) {
+    auto* state = states_.get() + slot;
+    state->store(State::deallocated);
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'states_' is written outside
+    // CHECK-MESSAGES: :[[@LINE-3]]:19: note: the state is reached here
+  }
+  void through_span(int slot) {
+    std::span<std::atomic<State>>(states_.get(), 4)[slot].store(State::deallocated);
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'states_' is written outside
+  }
+  void through_const_reference_to_owner(int slot) {
+    const auto& all = states_;
+    all[slot].store(State::deallocated);
+    // CHECK-MESSAGES: :[[@LINE-1]]:5: warning: buffer state 'states_' is written outside
+    // CHECK-MESSAGES: :[[@LINE-3]]:23: note: the state is reached here
+  }
   // Reads, in the same spellings, stay silent.
   int reads(int slot) const {
     const auto& state = states_[slot];
@@ -107,6 +128,9 @@ class Record {
     int allocated = 0;
     for (const auto& s : fixed_) allocated += s.load() == State::allocated ? 1 : 0;
     for (auto& s : fixed_) allocated += s.load() == State::allocated ? 1 : 0;
+    const auto& all = states_;
+    const std::atomic<State>* kept = states_.get();
+    allocated += all[slot].load() == kept->load() ? 1 : 0;
     return allocated + (state.load() == pointer->load() ? 1 : 0) + (plain_[0] == State::allocated ? 1 : 0);
   }
 

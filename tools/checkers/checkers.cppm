@@ -3,10 +3,13 @@
 // Each check reads its options with Options.get and writes them back in storeOptions, so
 // `clang-tidy --dump-config` shows a project what it can point at its own types.
 module;
+#include <map>
+#include <memory>
 #include <set>
 #include <string>
 #include <vector>
 
+#include "clang/Analysis/Analyses/ExprMutationAnalyzer.h"
 #include "clang-tidy/ClangTidyCheck.h"
 
 export module meshrt.checkers;
@@ -37,7 +40,10 @@ class StateTransitionCheck : public ClangTidyCheck {
   void registerMatchers(MatchFinder* finder) override;
   void check(const MatchFinder::MatchResult& result) override;
   bool isLanguageVersionSupported(const clang::LangOptions& lang) const override { return lang.CPlusPlus; }
-  void onStartOfTranslationUnit() override { reported_.clear(); }
+  void onStartOfTranslationUnit() override {
+    reported_.clear();
+    analyzers_.clear();
+  }
 
  private:
   std::vector<std::string> state_members_;
@@ -45,6 +51,11 @@ class StateTransitionCheck : public ClangTidyCheck {
   std::vector<std::string> state_setters_;
   bool allow_in_constructors_;
   std::set<clang::SourceLocation> reported_;  // one finding per write, however many mentions reach it
+  // One mutation analysis per function (it caches what it learns), for the TU being checked.
+  std::map<const clang::FunctionDecl*, std::unique_ptr<clang::ExprMutationAnalyzer>> analyzers_;
+  const clang::Stmt* find_write(const clang::Expr* mention, const clang::FunctionDecl& function,
+                                clang::ASTContext& context, int depth);
+  clang::ExprMutationAnalyzer& analyzer(const clang::FunctionDecl& function, clang::ASTContext& context);
 };
 
 // meshrt-deallocate-on-every-path: every path through a deallocating function deallocates the
@@ -67,6 +78,7 @@ class DeallocatePathsCheck : public ClangTidyCheck {
   bool check_move_assignments_;
   std::vector<std::string> releases_;  // deallocation calls and primitives: what counts as releasing
   std::set<const clang::Decl*> checked_;
+  void check_holder(const clang::CXXRecordDecl& holder);
 };
 
 // meshrt-ownership-escape: buffers never leave their owning handles.

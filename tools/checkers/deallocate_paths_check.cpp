@@ -3,6 +3,7 @@ module;
 #include <deque>
 #include <map>
 #include <memory>
+#include <optional>
 #include <set>
 #include <string>
 #include <vector>
@@ -40,17 +41,33 @@ constexpr const char* default_owned_types = "::meshrt::detail::BufferAllocation"
 
 // How deep the check follows helpers (a destructor calling deallocate_all() calling ...).
 constexpr int max_helper_depth = 3;
+constexpr int max_loop_nesting = 8;
 
 // What one run of the check knows: the calls that release, the function under check (calling
 // itself releases nothing), and where to collect release calls that release nothing.
 struct Rules {
   const std::vector<std::string>& releases;
+  const std::vector<std::string>& primitives;
   clang::ASTContext& context;
   const clang::FunctionDecl* self;
   std::vector<const clang::Stmt*>* empty_releases;
+  // Each helper's verdict, by depth: a helper called on many paths is walked once.
+  std::map<std::pair<const clang::FunctionDecl*, int>, bool>* verdicts;
 };
 
 bool deallocates_on_every_path(const clang::FunctionDecl& function, const Rules& rules, int depth);
+
+// Whether `function`'s body calls `target` directly.
+// (A call names whichever declaration came last before it, so the declarations are compared by
+// their canonical one.)
+bool calls(const clang::FunctionDecl& function, const clang::FunctionDecl& target, clang::ASTContext& context) {
+  const auto found = match(findAll(callExpr().bind("call")), *function.getBody(), context);
+  return std::any_of(found.begin(), found.end(), [&](const BoundNodes& bound) {
+    const auto* call = bound.getNodeAs<clang::CallExpr>("call");
+    const clang::FunctionDecl* callee = call == nullptr ? nullptr : call->getDirectCallee();
+    return callee != nullptr && callee->getCanonicalDecl() == target.getCanonicalDecl();
+  });
+}
 
 bool is_range_type(clang::QualType type) {
   const auto* record = type.getNonReferenceType()->getAsCXXRecordDecl();
@@ -75,7 +92,7 @@ bool is_empty_set(const clang::Expr* expr, clang::ASTContext& context) {
     return is_empty_set(cast->getSubExpr(), context);
   }
   if (const auto* list = llvm::dyn_cast<clang::InitListExpr>(expr)) {
-    return list->getNumInits() == 0 && (list->getType()->isRecordType() || list->getType()->isArrayType());
+    return list->getNumInits() == 0 && (is_range_type(list->getType()) || list->getType()->isArrayType());
   }
   if (const auto* list = llvm::dyn_cast<clang::CXXStdInitializerListExpr>(expr)) {
     return is_empty_set(list->getSubExpr(), context);
@@ -116,15 +133,30 @@ bool is_deallocation_call(const clang::Stmt* stmt, const Rules& rules, int depth
   const clang::FunctionDecl* callee = call->getDirectCallee();
   const bool self = callee != nullptr && rules.self != nullptr &&
                     callee->getCanonicalDecl() == rules.self->getCanonicalDecl();
-  if (callee != nullptr && !self) {
+  // A release of a parameter's buffers (`other.deallocate_for(...)` in a move assignment) gives
+  // up someone else's, not this object's.
+  const auto* member_call = llvm::dyn_cast<clang::CXXMemberCallExpr>(call);
+  const clang::Expr* object = member_call == nullptr ? nullptr : member_call->getImplicitObjectArgument();
+  const auto* object_ref = object == nullptr ? nullptr : llvm::dyn_cast<clang::DeclRefExpr>(object->IgnoreParenImpCasts());
+  const bool on_parameter = object_ref != nullptr && llvm::isa<clang::ParmVarDecl>(object_ref->getDecl());
+  if (callee != nullptr && !self && !on_parameter) {
+    const clang::FunctionDecl* definition = nullptr;
     if (name_matches(*callee, rules.releases)) {
       const bool empty = std::any_of(call->arg_begin(), call->arg_end(),
                                      [&](const clang::Expr* arg) { return is_empty_set(arg, rules.context); });
-      if (!empty) return true;
-      if (rules.empty_releases != nullptr && depth == 0) rules.empty_releases->push_back(call);
-      return false;
+      if (empty) {
+        if (rules.empty_releases != nullptr && depth == 0) rules.empty_releases->push_back(call);
+        return false;
+      }
+      // Trusted by name: its own body is checked as an entry point. Except when that body
+      // trusts this function back, where neither would reach a primitive: then it is judged
+      // by its body, with this function's calls not counting.
+      if (rules.self != nullptr && depth < max_helper_depth && !name_matches(*callee, rules.primitives) &&
+          callee->hasBody(definition) && definition != nullptr && calls(*definition, *rules.self, rules.context)) {
+        return deallocates_on_every_path(*definition, rules, depth + 1);
+      }
+      return true;
     }
-    const clang::FunctionDecl* definition = nullptr;
     if (depth < max_helper_depth && callee->hasBody(definition) && definition != nullptr &&
         !rules.context.getSourceManager().isInSystemHeader(definition->getLocation()) &&
         deallocates_on_every_path(*definition, rules, depth + 1)) {
@@ -148,7 +180,10 @@ const clang::ReturnStmt* return_in(const clang::CFGBlock& block) {
   return nullptr;
 }
 
+// A path that throws, or calls a function that does not return (`Expects`, `std::abort`), is no
+// silent exit: nothing goes on without the buffers.
 bool ends_in_throw(const clang::CFGBlock& block) {
+  if (block.hasNoReturnElement()) return true;
   for (auto element = block.rbegin(); element != block.rend(); ++element) {
     if (const auto statement = element->getAs<clang::CFGStmt>()) {
       return llvm::isa<clang::CXXThrowExpr>(statement->getStmt());
@@ -188,6 +223,71 @@ bool is_own_member(const clang::Expr* expr) {
   return member != nullptr && llvm::isa<clang::CXXThisExpr>(member->getBase()->IgnoreParenImpCasts());
 }
 
+// A type whose emptiness means "holds nothing": a pointer, a smart pointer, an optional.
+bool is_handle_type(clang::QualType type) {
+  if (type->isPointerType()) return true;
+  const auto* record = type.getNonReferenceType()->getAsCXXRecordDecl();
+  if (record == nullptr) return false;
+  const llvm::StringRef name = identifier_of(*record);
+  return name == "shared_ptr" || name == "unique_ptr" || name == "optional";
+}
+
+// One of the object's own handles (`allocation_`, `memory_`), not a flag or an atomic.
+bool is_own_handle(const clang::Expr* expr) {
+  return is_own_member(expr) && is_handle_type(expr->IgnoreParenImpCasts()->getType());
+}
+
+// The element a loop is on: its variable, a member of it (`slot.buffer`), or an element picked
+// by it (`raw[i]`); not a call that merely mentions it (`lookup(b)`).
+bool names_element(const clang::Expr* expr, const std::vector<const clang::VarDecl*>& variables) {
+  if (expr == nullptr) return false;
+  expr = expr->IgnoreParenImpCasts();
+  if (const auto* ref = llvm::dyn_cast<clang::DeclRefExpr>(expr)) {
+    return std::find(variables.begin(), variables.end(), ref->getDecl()) != variables.end();
+  }
+  if (const auto* member = llvm::dyn_cast<clang::MemberExpr>(expr)) {
+    return llvm::isa<clang::FieldDecl>(member->getMemberDecl()) && names_element(member->getBase(), variables);
+  }
+  if (const auto* subscript = llvm::dyn_cast<clang::ArraySubscriptExpr>(expr)) {
+    return refers_to(subscript->getIdx(), variables);
+  }
+  if (const auto* op = llvm::dyn_cast<clang::CXXOperatorCallExpr>(expr)) {
+    return op->getOperator() == clang::OO_Subscript && op->getNumArgs() == 2 && refers_to(op->getArg(1), variables);
+  }
+  return false;
+}
+
+// `a == b` or `a != b`, however written: built in, an operator call, or C++20's rewritten form.
+struct Comparison {
+  bool equal{false};
+  const clang::Expr* left{nullptr};
+  const clang::Expr* right{nullptr};
+};
+
+std::optional<Comparison> comparison(const clang::Expr* expr) {
+  if (expr == nullptr) return std::nullopt;
+  expr = expr->IgnoreParenImpCasts();
+  if (const auto* rewritten = llvm::dyn_cast<clang::CXXRewrittenBinaryOperator>(expr)) {
+    const auto form = rewritten->getDecomposedForm();
+    if (form.Opcode != clang::BO_EQ && form.Opcode != clang::BO_NE) return std::nullopt;
+    return Comparison{form.Opcode == clang::BO_EQ, form.LHS, form.RHS};
+  }
+  if (const auto* binary = llvm::dyn_cast<clang::BinaryOperator>(expr)) {
+    if (binary->getOpcode() != clang::BO_EQ && binary->getOpcode() != clang::BO_NE) return std::nullopt;
+    return Comparison{binary->getOpcode() == clang::BO_EQ, binary->getLHS(), binary->getRHS()};
+  }
+  if (const auto* op = llvm::dyn_cast<clang::CXXOperatorCallExpr>(expr)) {
+    const auto kind = op->getOperator();
+    if ((kind != clang::OO_EqualEqual && kind != clang::OO_ExclaimEqual) || op->getNumArgs() != 2) return std::nullopt;
+    return Comparison{kind == clang::OO_EqualEqual, op->getArg(0), op->getArg(1)};
+  }
+  return std::nullopt;
+}
+
+bool is_null(const clang::Expr* expr) {
+  return llvm::isa<clang::CXXNullPtrLiteralExpr, clang::GNUNullExpr>(expr->IgnoreParenImpCasts());
+}
+
 // Which successor of a branch on `condition` is taken when `subject` is empty, if the branch is
 // a test of its emptiness (`if (b)`, `if (!slots[i])`, `b == nullptr`, ...): what is empty holds
 // nothing to release. -1 when it is any other condition.
@@ -201,15 +301,11 @@ int empty_edge(const clang::Expr* condition, Subject subject) {
     negated = !negated;
     condition = unary->getSubExpr()->IgnoreParenImpCasts();
   }
-  if (const auto* compare = llvm::dyn_cast<clang::BinaryOperator>(condition)) {
-    if (compare->getOpcode() != clang::BO_EQ && compare->getOpcode() != clang::BO_NE) return -1;
-    const clang::Expr* left = compare->getLHS()->IgnoreParenImpCasts();
-    const clang::Expr* right = compare->getRHS()->IgnoreParenImpCasts();
-    const bool null_right = llvm::isa<clang::CXXNullPtrLiteralExpr, clang::GNUNullExpr>(right);
-    const bool null_left = llvm::isa<clang::CXXNullPtrLiteralExpr, clang::GNUNullExpr>(left);
-    if (!(null_right && subject(left)) && !(null_left && subject(right))) return -1;
-    const bool equal = compare->getOpcode() == clang::BO_EQ;
-    return (equal != negated) ? 0 : 1;  // `== nullptr` is true when empty
+  if (const std::optional<Comparison> compare = comparison(condition)) {
+    const bool tested = (is_null(compare->right) && subject(compare->left)) ||
+                        (is_null(compare->left) && subject(compare->right));
+    if (!tested) return -1;
+    return (compare->equal != negated) ? 0 : 1;  // `== nullptr` is true when empty
   }
   // A test of the thing itself (a pointer, an optional, a handle's operator bool).
   if (const auto* call = llvm::dyn_cast<clang::CXXMemberCallExpr>(condition)) {
@@ -217,13 +313,12 @@ int empty_edge(const clang::Expr* condition, Subject subject) {
     if (method == nullptr || !llvm::isa<clang::CXXConversionDecl>(method)) return -1;
     condition = call->getImplicitObjectArgument()->IgnoreParenImpCasts();
   }
-  const clang::QualType type = condition->getType();
-  if (!subject(condition) || (!type->isPointerType() && !type->isRecordType())) return -1;
+  if (!subject(condition) || !is_handle_type(condition->getType())) return -1;
   return negated ? 0 : 1;  // `if (b)` is false when empty
 }
 
 int empty_element_edge(const clang::Expr* condition, const std::vector<const clang::VarDecl*>& variables) {
-  return empty_edge(condition, [&](const clang::Expr* e) { return refers_to(e, variables); });
+  return empty_edge(condition, [&](const clang::Expr* e) { return names_element(e, variables); });
 }
 
 // `this != &other` in a move assignment: the edge taken when the object is assigned to itself,
@@ -237,21 +332,20 @@ int self_assignment_edge(const clang::Expr* condition) {
     negated = !negated;
     condition = unary->getSubExpr()->IgnoreParenImpCasts();
   }
-  const auto* compare = llvm::dyn_cast<clang::BinaryOperator>(condition);
-  if (compare == nullptr || (compare->getOpcode() != clang::BO_EQ && compare->getOpcode() != clang::BO_NE)) return -1;
+  const std::optional<Comparison> compare = comparison(condition);
+  if (!compare) return -1;
   const auto is_address_of_parameter = [](const clang::Expr* e) {
     const auto* address = llvm::dyn_cast<clang::UnaryOperator>(e->IgnoreParenImpCasts());
     if (address == nullptr || address->getOpcode() != clang::UO_AddrOf) return false;
     const auto* ref = llvm::dyn_cast<clang::DeclRefExpr>(address->getSubExpr()->IgnoreParenImpCasts());
     return ref != nullptr && llvm::isa<clang::ParmVarDecl>(ref->getDecl());
   };
-  const clang::Expr* left = compare->getLHS()->IgnoreParenImpCasts();
-  const clang::Expr* right = compare->getRHS()->IgnoreParenImpCasts();
+  const clang::Expr* left = compare->left->IgnoreParenImpCasts();
+  const clang::Expr* right = compare->right->IgnoreParenImpCasts();
   const bool self_test = (llvm::isa<clang::CXXThisExpr>(left) && is_address_of_parameter(right)) ||
                          (llvm::isa<clang::CXXThisExpr>(right) && is_address_of_parameter(left));
   if (!self_test) return -1;
-  const bool equal = compare->getOpcode() == clang::BO_EQ;
-  return (equal != negated) ? 0 : 1;
+  return (compare->equal != negated) ? 0 : 1;
 }
 
 // The edge of a branch on which the function owns nothing to release: the object's own handle
@@ -263,7 +357,7 @@ int nothing_owned_edge(const clang::CFGBlock& block) {
     return -1;
   }
   const clang::Expr* condition = block.getLastCondition();
-  const int edge = empty_edge(condition, is_own_member);
+  const int edge = empty_edge(condition, is_own_handle);
   return edge >= 0 ? edge : self_assignment_edge(condition);
 }
 
@@ -298,8 +392,10 @@ struct LoopVerdict {
   const clang::Stmt* skip{nullptr};
 };
 
-LoopVerdict judge_loop(const clang::CFGBlock& header, const Rules& rules, int depth) {
+LoopVerdict judge_loop(const clang::CFGBlock& header, const Rules& rules, int depth, int nesting = 0) {
   const clang::Stmt* loop = header.getTerminatorStmt();
+  // Loops nest a few deep in real code; a `goto` can make two loops each other's inner loop.
+  if (nesting > max_loop_nesting) return {};
   if (!llvm::isa_and_nonnull<clang::ForStmt, clang::WhileStmt, clang::CXXForRangeStmt>(loop) || header.succ_size() != 2) {
     return {};
   }
@@ -324,7 +420,8 @@ LoopVerdict judge_loop(const clang::CFGBlock& header, const Rules& rules, int de
     if (const auto* branch = llvm::dyn_cast_or_null<clang::IfStmt>(terminator)) {
       skip_edge = empty_element_edge(branch->getCond(), variables);
     }
-    const bool inner_releases = block != &header && judge_loop(*block, rules, depth).releases_every_element;
+    const bool inner_releases =
+        block != &header && judge_loop(*block, rules, depth, nesting + 1).releases_every_element;
     // A return (or throw) whose way out passes the loop's exit block is not a `break`: the walk
     // over the whole function reports it.
     const bool leaves_function = return_in(*block) != nullptr || ends_in_throw(*block);
@@ -383,8 +480,15 @@ std::unique_ptr<clang::CFG> build_cfg(const clang::FunctionDecl& function, clang
 }
 
 bool deallocates_on_every_path(const clang::FunctionDecl& function, const Rules& rules, int depth) {
+  const auto key = std::make_pair(function.getCanonicalDecl(), depth);
+  if (rules.verdicts != nullptr) {
+    if (const auto known = rules.verdicts->find(key); known != rules.verdicts->end()) return known->second;
+    (*rules.verdicts)[key] = false;  // a helper that reaches itself again does not release by that
+  }
   const std::unique_ptr<clang::CFG> cfg = build_cfg(function, rules.context);
-  return cfg && leaking_exits(*cfg, rules, depth).empty();
+  const bool releases = cfg && leaking_exits(*cfg, rules, depth).empty();
+  if (rules.verdicts != nullptr) (*rules.verdicts)[key] = releases;
+  return releases;
 }
 
 // --- Filtered release sets: a function that collects the buffers it releases into a local set
@@ -449,38 +553,39 @@ void find_additions(const clang::Stmt* stmt, const clang::VarDecl* set, std::vec
 
 // `element.allocation_ == allocation_` (the element's field and this owner's, of one name): an
 // element that fails it belongs to another owner (a handle moved out of a mesh buffer).
-bool same_owner_test(const clang::Expr* condition, const std::vector<const clang::VarDecl*>& variables) {
+// Whether `condition` compares the element's owner field with this object's: `equal` says
+// whether it is true when they are the same (`==`) or when they differ (`!=`, `!(a == b)`).
+std::optional<bool> owner_comparison(const clang::Expr* condition, const std::vector<const clang::VarDecl*>& variables) {
+  if (condition == nullptr) return std::nullopt;
   condition = condition->IgnoreParenImpCasts();
-  const clang::Expr* left = nullptr;
-  const clang::Expr* right = nullptr;
-  if (const auto* compare = llvm::dyn_cast<clang::BinaryOperator>(condition)) {
-    if (compare->getOpcode() != clang::BO_EQ) return false;
-    left = compare->getLHS();
-    right = compare->getRHS();
-  } else if (const auto* op = llvm::dyn_cast<clang::CXXOperatorCallExpr>(condition)) {
-    if (op->getOperator() != clang::OO_EqualEqual || op->getNumArgs() != 2) return false;
-    left = op->getArg(0);
-    right = op->getArg(1);
-  } else {
-    return false;
+  bool negated = false;
+  while (const auto* unary = llvm::dyn_cast<clang::UnaryOperator>(condition)) {
+    if (unary->getOpcode() != clang::UO_LNot) return std::nullopt;
+    negated = !negated;
+    condition = unary->getSubExpr()->IgnoreParenImpCasts();
   }
-  const auto* a = llvm::dyn_cast<clang::MemberExpr>(left->IgnoreParenImpCasts());
-  const auto* b = llvm::dyn_cast<clang::MemberExpr>(right->IgnoreParenImpCasts());
-  if (a == nullptr || b == nullptr) return false;
-  if (a->getMemberDecl()->getDeclName() != b->getMemberDecl()->getDeclName()) return false;
-  return (refers_to(a->getBase(), variables) && is_own_member(b)) ||
-         (refers_to(b->getBase(), variables) && is_own_member(a));
+  const std::optional<Comparison> compare = comparison(condition);
+  if (!compare) return std::nullopt;
+  const auto* a = llvm::dyn_cast<clang::MemberExpr>(compare->left->IgnoreParenImpCasts());
+  const auto* b = llvm::dyn_cast<clang::MemberExpr>(compare->right->IgnoreParenImpCasts());
+  if (a == nullptr || b == nullptr) return std::nullopt;
+  if (a->getMemberDecl()->getDeclName() != b->getMemberDecl()->getDeclName()) return std::nullopt;
+  const bool owners = (names_element(a->getBase(), variables) && is_own_member(b)) ||
+                      (names_element(b->getBase(), variables) && is_own_member(a));
+  if (!owners) return std::nullopt;
+  return compare->equal != negated;
 }
 
 // A condition under which an element may be left out of the set: each of its `&&` terms tests
 // that the element is not empty, or that it is this owner's.
 bool keeps_every_owned_element(const clang::Expr* condition, const std::vector<const clang::VarDecl*>& variables) {
+  if (condition == nullptr) return false;
   const clang::Expr* plain = condition->IgnoreParenImpCasts();
   const auto* both = llvm::dyn_cast<clang::BinaryOperator>(plain);
   if (both != nullptr && both->getOpcode() == clang::BO_LAnd) {
     return keeps_every_owned_element(both->getLHS(), variables) && keeps_every_owned_element(both->getRHS(), variables);
   }
-  return empty_element_edge(plain, variables) == 1 || same_owner_test(plain, variables);
+  return empty_element_edge(plain, variables) == 1 || owner_comparison(plain, variables) == std::optional<bool>(true);
 }
 
 bool skips_iteration(const clang::Stmt* stmt) {
@@ -506,12 +611,17 @@ const clang::Expr* dropping_condition(const std::vector<const clang::Stmt*>& pat
       if (statement == *(at + 1)) break;
       const auto* branch = llvm::dyn_cast<clang::IfStmt>(statement);
       if (branch == nullptr || !skips_iteration(branch->getThen())) continue;
-      if (empty_element_edge(branch->getCond(), variables) != 0) return branch->getCond();
+      const clang::Expr* skip = branch->getCond();
+      if (skip == nullptr) continue;
+      // Skipping an empty element, or another owner's, is fine.
+      if (empty_element_edge(skip, variables) != 0 && owner_comparison(skip, variables) != std::optional<bool>(false)) {
+        return skip;
+      }
     }
   }
   for (auto step = at; step + 1 != path.end(); ++step) {
     const auto* branch = llvm::dyn_cast<clang::IfStmt>(*step);
-    if (branch == nullptr || *(step + 1) == branch->getCond()) continue;
+    if (branch == nullptr || branch->getCond() == nullptr || *(step + 1) == branch->getCond()) continue;
     if (*(step + 1) != branch->getThen() || !keeps_every_owned_element(branch->getCond(), variables)) {
       return branch->getCond();
     }
@@ -597,9 +707,50 @@ void DeallocatePathsCheck::registerMatchers(MatchFinder* finder) {
   if (check_move_assignments_) {
     finder->addMatcher(cxxMethodDecl(candidate, isMoveAssignmentOperator(), ofClass(owner)).bind("function"), this);
   }
+  // A class that holds the record itself and lets the compiler write its destructor (or its
+  // move assignment) drops the buffers with the pointer: nothing releases them.
+  finder->addMatcher(cxxRecordDecl(isDefinition(), has(owned_field), unless(isImplicit()),
+                                   unless(isExpansionInSystemHeader()), unless(isTemplateInstantiation()))
+                         .bind("holder"),
+                     this);
+}
+
+void DeallocatePathsCheck::check_holder(const clang::CXXRecordDecl& holder) {
+  // "::meshrt::detail::BufferAllocation" -> "BufferAllocation", for the message.
+  std::string types;
+  for (const std::string& type : owned_types_) {
+    if (!types.empty()) types += " or ";
+    types += llvm::StringRef(type).rsplit("::").second.empty() ? type : llvm::StringRef(type).rsplit("::").second.str();
+  }
+  const auto report = [&](clang::SourceLocation at, const char* what) {
+    diag(at,
+         "'%0' holds a %1 directly but its %2 is written by the compiler: it drops the buffers without releasing "
+         "them; define it, and release them there")
+        << holder.getQualifiedNameAsString() << types << what;
+  };
+  const clang::CXXDestructorDecl* destructor = holder.getDestructor();
+  if (check_destructors_) {
+    if (!holder.hasUserDeclaredDestructor()) {
+      report(holder.getLocation(), "destructor");
+    } else if (destructor != nullptr && destructor->isDefaulted() && !destructor->isDeleted()) {
+      report(destructor->getLocation(), "destructor");
+    }
+  }
+  if (check_move_assignments_) {
+    for (const clang::CXXMethodDecl* method : holder.methods()) {
+      if (method->isMoveAssignmentOperator() && method->isDefaulted() && !method->isDeleted() &&
+          !method->isImplicit()) {
+        report(method->getLocation(), "move assignment");
+      }
+    }
+  }
 }
 
 void DeallocatePathsCheck::check(const MatchFinder::MatchResult& result) {
+  if (const auto* holder = result.Nodes.getNodeAs<clang::CXXRecordDecl>("holder")) {
+    check_holder(*holder);
+    return;
+  }
   const auto* function = result.Nodes.getNodeAs<clang::FunctionDecl>("function");
   if (function == nullptr || function->getBody() == nullptr) return;
   // A destructor that is also named (or matched twice) is checked once.
@@ -608,7 +759,8 @@ void DeallocatePathsCheck::check(const MatchFinder::MatchResult& result) {
   if (!cfg) return;
   std::vector<const clang::Stmt*> skips;
   std::vector<const clang::Stmt*> empty_releases;
-  const Rules rules{releases_, *result.Context, function, &empty_releases};
+  std::map<std::pair<const clang::FunctionDecl*, int>, bool> verdicts;
+  const Rules rules{releases_, release_primitives_, *result.Context, function, &empty_releases, &verdicts};
   const std::vector<const clang::CFGBlock*> leaks = leaking_exits(*cfg, rules, 0, &skips);
 
   const clang::SourceManager& sources = *result.SourceManager;
@@ -674,3 +826,4 @@ void DeallocatePathsCheck::check(const MatchFinder::MatchResult& result) {
 }
 
 }  // namespace meshrt::checkers
+

@@ -77,36 +77,102 @@ bool points_to_mutable(clang::QualType type) {
   return type->isPointerType() && !type->getPointeeType().isConstQualified();
 }
 
-// A pointer to the state handed to a call that takes a pointer it may write through
-// (`std::construct_at(states_.get() + i, ...)`, `memset(states_.get(), ...)`), or kept in a
-// variable that is written through later. The mutation analysis does not follow either.
-const clang::Stmt* pointer_handed_on(const clang::Expr* storage, const clang::Stmt& body, clang::ASTContext& context) {
-  const clang::Expr* at = storage;
+// Up from `expr` past implicit casts and parentheses: the node that uses it.
+clang::DynTypedNode user_of(const clang::Expr*& expr, clang::ASTContext& context) {
   for (;;) {
-    const auto parents = context.getParents(*at);
-    if (parents.size() != 1) return nullptr;
-    if (const auto* cast = parents[0].get<clang::ImplicitCastExpr>()) {
-      at = cast;
-      continue;
-    }
-    if (const auto* call = parents[0].get<clang::CallExpr>()) {
-      const clang::FunctionDecl* callee = call->getDirectCallee();
-      for (unsigned i = 0; i < call->getNumArgs(); ++i) {
-        if (call->getArg(i) != at) continue;
-        if (callee == nullptr || i >= callee->getNumParams()) return call;  // variadic, or unknown: assume a write
-        return points_to_mutable(callee->getParamDecl(i)->getType()) ? call : nullptr;
-      }
-      return nullptr;
-    }
-    if (const auto* variable = parents[0].get<clang::VarDecl>()) {
-      if (!points_to_mutable(variable->getType())) return nullptr;
-      return clang::ExprMutationAnalyzer(body, context).findPointeeMutation(variable);
-    }
-    return nullptr;
+    const auto parents = context.getParents(*expr);
+    if (parents.size() != 1) return {};
+    const auto* up = parents[0].get<clang::Expr>();
+    if (up == nullptr || !llvm::isa<clang::ImplicitCastExpr, clang::ParenExpr>(up)) return parents[0];
+    expr = up;
   }
 }
 
+// A pointer to the state used to write it: a non-const method called through it
+// (`states_.get()->store(...)`), or handed to a call or constructor whose parameter may write
+// through it (`std::construct_at(states_.get() + i, ...)`, `std::span(states_.get(), n)`).
+const clang::Stmt* write_through_pointer(const clang::Expr* pointer, clang::ASTContext& context) {
+  const clang::Expr* at = pointer;
+  const clang::DynTypedNode user = user_of(at, context);
+  if (const auto* member = user.get<clang::MemberExpr>(); member != nullptr && member->isArrow()) {
+    const auto* method = llvm::dyn_cast<clang::CXXMethodDecl>(member->getMemberDecl());
+    if (method == nullptr) return nullptr;
+    const auto parents = context.getParents(*member);
+    const auto* call = parents.size() == 1 ? parents[0].get<clang::CXXMemberCallExpr>() : nullptr;
+    return call != nullptr && !method->isConst() ? call : nullptr;
+  }
+  const auto param_writes = [](const clang::FunctionDecl* callee, unsigned index) {
+    // Variadic, or unknown: assume the worst.
+    if (callee == nullptr || index >= callee->getNumParams()) return true;
+    return points_to_mutable(callee->getParamDecl(index)->getType());
+  };
+  if (const auto* call = user.get<clang::CallExpr>()) {
+    const clang::FunctionDecl* callee = call->getDirectCallee();
+    // A member operator's first argument is its object, not a parameter.
+    const unsigned skipped =
+        llvm::isa<clang::CXXOperatorCallExpr>(call) && llvm::isa_and_nonnull<clang::CXXMethodDecl>(callee) ? 1 : 0;
+    for (unsigned i = skipped; i < call->getNumArgs(); ++i) {
+      if (call->getArg(i) == at) return param_writes(callee, i - skipped) ? call : nullptr;
+    }
+    return nullptr;
+  }
+  if (const auto* construct = user.get<clang::CXXConstructExpr>()) {
+    for (unsigned i = 0; i < construct->getNumArgs(); ++i) {
+      if (construct->getArg(i) == at) return param_writes(construct->getConstructor(), i) ? construct : nullptr;
+    }
+  }
+  return nullptr;
+}
+
+// The variable a reference or pointer to the state is kept in (`const auto& all = states_;`,
+// `auto* p = states_.get() + i;`): its uses are mentions of the state too.
+const clang::VarDecl* kept_in(const clang::Expr* storage, clang::ASTContext& context) {
+  const clang::Expr* at = storage;
+  const auto* variable = user_of(at, context).get<clang::VarDecl>();
+  if (variable == nullptr || variable->getInit() == nullptr) return nullptr;
+  const clang::QualType type = variable->getType();
+  return type->isReferenceType() || type->isPointerType() ? variable : nullptr;
+}
+
 }  // namespace
+
+// Whether the state a mention reaches is written in `function`, and where.
+const clang::Stmt* StateTransitionCheck::find_write(const clang::Expr* mention, const clang::FunctionDecl& function,
+                                                    clang::ASTContext& context, int depth) {
+  const clang::Stmt& body = *function.getBody();
+  const clang::Expr* storage = state_storage(mention, context);
+  const auto loops = match(
+      findAll(cxxForRangeStmt(hasRangeInit(ignoringParenImpCasts(expr(equalsNode(storage))))).bind("loop")), body,
+      context);
+  if (const auto* loop = loops.empty() ? nullptr : loops.front().getNodeAs<clang::CXXForRangeStmt>("loop")) {
+    // `for (auto& s : states_)`: the elements are written when the loop variable is (the
+    // analysis would count the loop's own iterator as a write).
+    const clang::VarDecl* element = loop->getLoopVariable();
+    const clang::QualType type = element->getType();
+    if (!type->isReferenceType() || type.getNonReferenceType().isConstQualified()) return nullptr;
+    return clang::ExprMutationAnalyzer(*loop->getBody(), context).findMutation(element);
+  }
+  // LLVM 19's analysis has no answer for what a pointer points to: that is ours.
+  const clang::Stmt* write = storage->getType()->isPointerType() ? write_through_pointer(storage, context)
+                                                                 : analyzer(function, context).findMutation(storage);
+  if (write != nullptr) return write;
+  const clang::VarDecl* variable = kept_in(storage, context);
+  if (variable == nullptr || depth >= 3) return nullptr;
+  const auto uses = match(findAll(declRefExpr(to(varDecl(equalsNode(variable)))).bind("use")), body, context);
+  for (const auto& use : uses) {
+    if (const clang::Stmt* found = find_write(use.getNodeAs<clang::Expr>("use"), function, context, depth + 1)) {
+      return found;
+    }
+  }
+  return nullptr;
+}
+
+clang::ExprMutationAnalyzer& StateTransitionCheck::analyzer(const clang::FunctionDecl& function,
+                                                            clang::ASTContext& context) {
+  auto& slot = analyzers_[&function];
+  if (!slot) slot = std::make_unique<clang::ExprMutationAnalyzer>(*function.getBody(), context);
+  return *slot;
+}
 
 StateTransitionCheck::StateTransitionCheck(llvm::StringRef name, ClangTidyContext* context)
     : ClangTidyCheck(name, context),
@@ -149,27 +215,7 @@ void StateTransitionCheck::check(const MatchFinder::MatchResult& result) {
     if (field == nullptr || function == nullptr || function->getBody() == nullptr) return;
     // A constructor may set its own object's initial state; that is where the machine starts.
     if (allow_in_constructors_ && constructor != nullptr && constructor->getParent() == field->getParent()) return;
-    const clang::Expr* storage = state_storage(mention, *result.Context);
-    clang::ExprMutationAnalyzer analyzer(*function->getBody(), *result.Context);
-    const clang::Stmt* write = nullptr;
-    const auto loops = match(
-        findAll(cxxForRangeStmt(hasRangeInit(ignoringParenImpCasts(expr(equalsNode(storage))))).bind("loop")),
-        *function->getBody(), *result.Context);
-    const auto* loop = loops.empty() ? nullptr : loops.front().getNodeAs<clang::CXXForRangeStmt>("loop");
-    if (loop != nullptr) {
-      // `for (auto& s : states_)`: the elements are written when the loop variable is (the
-      // analysis would count the loop's own iterator as a write).
-      const clang::VarDecl* element = loop->getLoopVariable();
-      const clang::QualType type = element->getType();
-      if (type->isReferenceType() && !type.getNonReferenceType().isConstQualified()) {
-        write = clang::ExprMutationAnalyzer(*loop->getBody(), *result.Context).findMutation(element);
-      }
-    } else if (storage->getType()->isPointerType()) {
-      write = analyzer.findPointeeMutation(storage);
-      if (write == nullptr) write = pointer_handed_on(storage, *function->getBody(), *result.Context);
-    } else {
-      write = analyzer.findMutation(storage);
-    }
+    const clang::Stmt* write = find_write(mention, *function, *result.Context, 0);
     if (write == nullptr) return;
     const clang::SourceLocation at = result.SourceManager->getExpansionLoc(write->getBeginLoc());
     if (!reported_.insert(at).second) return;
