@@ -288,19 +288,27 @@ bool is_null(const clang::Expr* expr) {
   return llvm::isa<clang::CXXNullPtrLiteralExpr, clang::GNUNullExpr>(expr->IgnoreParenImpCasts());
 }
 
+// `!!x` -> `x`, and whether it was negated; nullopt under another unary operator (`*p`, `-n`).
+std::optional<bool> strip_negations(const clang::Expr*& condition) {
+  condition = condition->IgnoreParenImpCasts();
+  bool negated = false;
+  while (const auto* unary = llvm::dyn_cast<clang::UnaryOperator>(condition)) {
+    if (unary->getOpcode() != clang::UO_LNot) return std::nullopt;
+    negated = !negated;
+    condition = unary->getSubExpr()->IgnoreParenImpCasts();
+  }
+  return negated;
+}
+
 // Which successor of a branch on `condition` is taken when `subject` is empty, if the branch is
 // a test of its emptiness (`if (b)`, `if (!slots[i])`, `b == nullptr`, ...): what is empty holds
 // nothing to release. -1 when it is any other condition.
 template <class Subject>
 int empty_edge(const clang::Expr* condition, Subject subject) {
   if (condition == nullptr) return -1;
-  condition = condition->IgnoreParenImpCasts();
-  bool negated = false;
-  while (const auto* unary = llvm::dyn_cast<clang::UnaryOperator>(condition)) {
-    if (unary->getOpcode() != clang::UO_LNot) return -1;
-    negated = !negated;
-    condition = unary->getSubExpr()->IgnoreParenImpCasts();
-  }
+  const std::optional<bool> negations = strip_negations(condition);
+  if (!negations) return -1;
+  const bool negated = *negations;
   if (const std::optional<Comparison> compare = comparison(condition)) {
     const bool tested = (is_null(compare->right) && subject(compare->left)) ||
                         (is_null(compare->left) && subject(compare->right));
@@ -325,13 +333,9 @@ int empty_element_edge(const clang::Expr* condition, const std::vector<const cla
 // where it keeps what it owns.
 int self_assignment_edge(const clang::Expr* condition) {
   if (condition == nullptr) return -1;
-  condition = condition->IgnoreParenImpCasts();
-  bool negated = false;
-  while (const auto* unary = llvm::dyn_cast<clang::UnaryOperator>(condition)) {
-    if (unary->getOpcode() != clang::UO_LNot) return -1;
-    negated = !negated;
-    condition = unary->getSubExpr()->IgnoreParenImpCasts();
-  }
+  const std::optional<bool> negations = strip_negations(condition);
+  if (!negations) return -1;
+  const bool negated = *negations;
   const std::optional<Comparison> compare = comparison(condition);
   if (!compare) return -1;
   const auto is_address_of_parameter = [](const clang::Expr* e) {
@@ -557,13 +561,9 @@ void find_additions(const clang::Stmt* stmt, const clang::VarDecl* set, std::vec
 // whether it is true when they are the same (`==`) or when they differ (`!=`, `!(a == b)`).
 std::optional<bool> owner_comparison(const clang::Expr* condition, const std::vector<const clang::VarDecl*>& variables) {
   if (condition == nullptr) return std::nullopt;
-  condition = condition->IgnoreParenImpCasts();
-  bool negated = false;
-  while (const auto* unary = llvm::dyn_cast<clang::UnaryOperator>(condition)) {
-    if (unary->getOpcode() != clang::UO_LNot) return std::nullopt;
-    negated = !negated;
-    condition = unary->getSubExpr()->IgnoreParenImpCasts();
-  }
+  const std::optional<bool> negations = strip_negations(condition);
+  if (!negations) return std::nullopt;
+  const bool negated = *negations;
   const std::optional<Comparison> compare = comparison(condition);
   if (!compare) return std::nullopt;
   const auto* a = llvm::dyn_cast<clang::MemberExpr>(compare->left->IgnoreParenImpCasts());
