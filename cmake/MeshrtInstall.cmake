@@ -5,7 +5,7 @@ include(GNUInstallDirs)
 include(CMakePackageConfigHelpers)
 
 set(MESHRT_INSTALL_CMAKEDIR "${CMAKE_INSTALL_LIBDIR}/cmake/meshrt")
-set(meshrt_installed_modules core alloc unix_socket protocol tracking tracking_client device mesh program tensor ops monitor)
+set(meshrt_installed_modules core alloc unix_socket protocol stacks tracking tracking_client device mesh program tensor ops monitor)
 list(TRANSFORM meshrt_installed_modules PREPEND meshrt_)
 
 install(TARGETS ${meshrt_installed_modules} meshrt_runtime

@@ -27,7 +27,8 @@ class Monitor {
   ~Monitor() = default;
 
   // The server's JSON answer (chunks joined), or its refusal as an Error.
-  [[nodiscard]] Result<std::string> query(protocol::QueryKind kind, std::uint32_t pid = 0);
+  // `with_stacks`: a buffer list with each buffer's whole call stack.
+  [[nodiscard]] Result<std::string> query(protocol::QueryKind kind, std::uint32_t pid = 0, bool with_stacks = false);
 
  private:
   explicit Monitor(FileDescriptor fd) : fd_(std::move(fd)) {}

@@ -27,7 +27,9 @@ export namespace meshrt::protocol {
 // delivered everything; records with sizes over max_buffer_size or ids that wrap are malformed.
 // 4: a Free's reason may be 5, move_assigned (a version-3 server would refuse it as malformed).
 // 5: an Alloc's flags carry its allocation category in bits 2-3 (ADR 0020).
-inline constexpr std::uint16_t version = 5;
+// 6: CallStack frames; an Events or SnapshotChunk frame's record format says whether its records
+// carry a call stack id (ADR 0024); a Query may ask for stacks, or for the leak reports.
+inline constexpr std::uint16_t version = 6;
 inline constexpr std::size_t header_size = 8;
 // Banks of one buffer type on one device that a DeviceInfo may describe (a Wormhole has 64 of L1).
 inline constexpr std::uint32_t max_banks = 1U << 16U;
@@ -49,12 +51,13 @@ enum class MessageType : std::uint16_t {
   query = 9,             // monitor -> server
   reply = 10,            // server -> monitor: JSON, in chunks
   error = 11,            // server -> client: why the session is being closed
+  call_stack = 12,       // client -> server: a call stack's frames, before the first record naming it
 };
 
 [[nodiscard]] std::string_view to_string(MessageType type);
 
 enum class ClientRole : std::uint8_t { tracker = 1, monitor = 2 };
-enum class QueryKind : std::uint8_t { summary = 1, buffers = 2, verify = 3 };
+enum class QueryKind : std::uint8_t { summary = 1, buffers = 2, verify = 3, leaks = 4 };
 
 struct Hello {
   std::uint16_t protocol_version{version};
@@ -81,27 +84,62 @@ struct MeshBufferName {
 };
 
 inline constexpr std::size_t record_size = 8 + 8 + 8 + 8 + 8 + 4 + 1 + 1 + 2;
+// A record that carries its call stack's id: 4 bytes more (ADR 0024).
+inline constexpr std::size_t stack_record_size = record_size + 4;
 inline constexpr std::size_t device_totals_size = 4 + 4 + (8 + 4 + 8) * buffer_type_count;
-inline constexpr std::size_t batch_prefix_size = 8 + 4 + 4;  // first sequence, count, reserved
+inline constexpr std::size_t batch_prefix_size = 8 + 4 + 4;  // first sequence, count, record format
 static_assert(record_size == 48 && device_totals_size == 88);
-inline constexpr std::size_t max_records = (max_payload_size - batch_prefix_size) / record_size;
+inline constexpr std::size_t max_records = (max_payload_size - batch_prefix_size) / stack_record_size;
 
-// Decodes one record from exactly record_size bytes (checked when the frame was decoded).
-[[nodiscard]] EventRecord decode_record(std::span<const std::byte> bytes);
+// What the records of one Events or SnapshotChunk frame look like: the batch prefix says.
+enum class RecordFormat : std::uint8_t {
+  plain = 0,       // 48 bytes
+  with_stack = 1,  // 52 bytes: the call stack id follows
+};
+[[nodiscard]] constexpr std::size_t size_of(RecordFormat format) {
+  return format == RecordFormat::with_stack ? stack_record_size : record_size;
+}
+
+// Decodes one record from exactly size_of(format) bytes (checked when the frame was decoded).
+[[nodiscard]] EventRecord decode_record(std::span<const std::byte> bytes, RecordFormat format = RecordFormat::plain);
 
 // Records are decoded on access from the frame's bytes: no copy of a whole batch.
 class RecordView {
  public:
   RecordView() = default;
-  explicit RecordView(std::span<const std::byte> bytes) : bytes_(bytes) {}
-  [[nodiscard]] std::size_t size() const { return bytes_.size() / record_size; }
+  explicit RecordView(std::span<const std::byte> bytes, RecordFormat format = RecordFormat::plain)
+      : bytes_(bytes), format_(format) {}
+  [[nodiscard]] std::size_t size() const { return bytes_.size() / size_of(format_); }
   [[nodiscard]] bool empty() const { return bytes_.empty(); }
+  [[nodiscard]] RecordFormat format() const { return format_; }
   [[nodiscard]] EventRecord operator[](std::size_t index) const {
-    return decode_record(bytes_.subspan(index * record_size, record_size));
+    return decode_record(bytes_.subspan(index * size_of(format_), size_of(format_)), format_);
   }
 
  private:
   std::span<const std::byte> bytes_;
+  RecordFormat format_{RecordFormat::plain};
+};
+
+// Bounds of a CallStack frame.
+inline constexpr std::size_t max_stack_frames = 128;
+inline constexpr std::size_t max_symbol_size = 1024;  // a function's name or a file's path, cut there
+
+struct StackFrame {
+  std::uint64_t address{};  // 0 for an interpreted frame
+  std::string function;
+  std::string file;
+  std::uint32_t line{};
+  bool interpreted{};
+  friend bool operator==(const StackFrame&, const StackFrame&) = default;
+};
+
+// One call stack of the session, innermost frame first: records name it by `id` (never 0).
+struct CallStack {
+  std::uint32_t id{};
+  std::vector<StackFrame> frames;
+  std::uint16_t call_site{};  // the frame people mean by "who allocated it" (the client chooses)
+  friend bool operator==(const CallStack&, const CallStack&) = default;
 };
 
 struct EventBatch {
@@ -126,6 +164,7 @@ struct Goodbye {
 struct Query {
   QueryKind kind{QueryKind::summary};
   std::uint32_t pid{};  // 0: every process
+  bool with_stacks{};   // buffers: each buffer's whole call stack, not only its call site
 };
 
 struct Reply {
@@ -139,7 +178,7 @@ struct ErrorMessage {
 };
 
 using Message = std::variant<Hello, DeviceInfo, MeshBufferName, EventBatch, SnapshotBegin, SnapshotChunk, SnapshotEnd,
-                             Goodbye, Query, Reply, ErrorMessage>;
+                             Goodbye, Query, Reply, ErrorMessage, CallStack>;
 
 struct Frame {
   MessageType type{};
@@ -162,9 +201,13 @@ struct Frame {
 void encode(const Hello& message, std::vector<std::byte>& out);
 void encode(const DeviceInfo& message, std::vector<std::byte>& out);
 void encode(const MeshBufferName& message, std::vector<std::byte>& out);
-void encode_events(std::uint64_t first_sequence, std::span<const EventRecord> records, std::vector<std::byte>& out);
+void encode_events(std::uint64_t first_sequence, std::span<const EventRecord> records, std::vector<std::byte>& out,
+                   RecordFormat format = RecordFormat::plain);
 void encode(const SnapshotBegin& message, std::vector<std::byte>& out);
-void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out);
+void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out,
+                           RecordFormat format = RecordFormat::plain);
+// Frames past max_stack_frames and symbols past max_symbol_size are cut off.
+void encode(const CallStack& message, std::vector<std::byte>& out);
 void encode(const SnapshotEnd& message, std::vector<std::byte>& out);
 void encode(const Goodbye& message, std::vector<std::byte>& out);
 void encode(const Query& message, std::vector<std::byte>& out);

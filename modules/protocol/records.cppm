@@ -30,6 +30,7 @@ struct AllocRecord {
   bool hooked{};
   std::uint16_t device_count{1};
   AllocationCategory category{AllocationCategory::buffer};  // ADR 0020
+  std::uint32_t stack{};  // the session's id of the allocating call stack (a CallStack frame); 0: none
   friend bool operator==(const AllocRecord&, const AllocRecord&) = default;
 };
 
@@ -49,6 +50,8 @@ struct FreeRecord {
 //   40 u32 device | 44 u8 type (alloc) or reason (free) | 45 u8 flags: bit 0 hooked, bit 1 free,
 //   bits 2-3 the allocation category (alloc only; 0 on a free)
 //   46 u16 device count
+// and, in frames whose records carry stacks (ADR 0024), 4 bytes more:
+//   48 u32 call stack id (an Alloc's; 0 on a free)
 struct EventRecord {
   bool is_free{};
   AllocRecord alloc;  // when !is_free

@@ -5,6 +5,7 @@
 module;
 #include <array>
 #include <cstdint>
+#include <deque>
 #include <map>
 #include <string>
 #include <string_view>
@@ -54,6 +55,7 @@ struct Counters {
   std::uint64_t conflicting_device_info{};  // device totals that disagreed with another live session's
   std::uint64_t sequence_gaps{};          // Alloc/Free batches that did not follow the last one
   std::uint64_t resyncs{};                // snapshots applied
+  std::uint64_t call_stacks_dropped{};    // CallStacks not kept: the session had its limit of them
   friend bool operator==(const Counters&, const Counters&) = default;
 };
 
@@ -95,6 +97,8 @@ struct LiveBuffer {
   std::uint64_t size{};
   std::int64_t time_ns{};
   bool hooked{};
+  std::uint32_t stack{};  // the session's call stack id; 0: none
+  std::string call_site;  // that stack's call site, as "function (file:line)"; "" without one
 };
 
 // The live buffers at one instant, ordered as the buffer list shows them (pid, device, buffer
@@ -110,8 +114,9 @@ class BufferListing {
   // the closing bracket) and at most `max_bytes` (at least max_entry_bytes). `now_ns` gives the
   // ages. Renders nothing once done().
   void render(std::string& out, std::size_t max_bytes, std::int64_t now_ns);
-  // The longest one buffer's JSON can be (its name escaped at worst).
-  static constexpr std::size_t max_entry_bytes = 512 + 6 * protocol::max_name_size;
+  // The longest one buffer's JSON can be (its name escaped at worst, its stack at its limit).
+  static constexpr std::size_t max_stack_json_bytes = std::size_t{64} << 10U;
+  static constexpr std::size_t max_entry_bytes = 512 + 6 * protocol::max_name_size + max_stack_json_bytes;
   // The same buffers as values (tests and small answers).
   [[nodiscard]] std::vector<LiveBuffer> buffers() const;
 
@@ -125,7 +130,8 @@ class BufferListing {
     std::int64_t time_ns;
     std::uint32_t pid;
     std::uint32_t device;
-    std::uint32_t name;  // index into names_; 0: none
+    std::uint32_t name;   // index into names_; 0: none
+    std::uint32_t stack;  // index into stacks_; 0: none
     BufferType type;
     AllocationCategory category;
     bool hooked;
@@ -133,17 +139,51 @@ class BufferListing {
   std::vector<Entry> entries_;
   std::vector<std::string> names_{std::string{}};  // as given; [0] is no name
   std::vector<std::string> quoted_names_;           // the same as JSON strings, made as needed
+  // Call stacks of the listed buffers ([0] is none), and their JSON (the call site, and with
+  // with_stacks_ every frame), made as needed.
+  std::vector<protocol::CallStack> stacks_{protocol::CallStack{}};
+  std::vector<std::string> stack_json_;
+  bool with_stacks_{false};
   std::size_t next_{0};
   bool opened_{false};
   bool closed_{false};
 };
 
-// What a session still held when it ended, per device and type.
+// A stack's call site, as "function (file:line)"; "" for a stack without frames.
+[[nodiscard]] std::string call_site_of(const protocol::CallStack& stack);
+
+// What a session left behind from one call site: its buffers, grouped as heaptrack groups leaks.
+struct LeakSite {
+  protocol::CallStack stack;  // one stack through the site (the first seen); no frames: none was captured
+  std::uint64_t stacks{};     // distinct call stacks through this site
+  std::uint64_t bytes{};
+  std::uint64_t buffers{};
+  std::vector<std::uint32_t> devices;  // sorted
+  std::vector<std::string> names;      // mesh buffer names, the first few
+  [[nodiscard]] std::string call_site() const;  // "function (file:line)", or "" without a stack
+};
+
+// How a session ended: Goodbye with everything delivered, Goodbye from a client that gave up on a
+// server too slow for its shutdown timeout, or no Goodbye at all (it crashed, or was cut off).
+enum class SessionEnd : std::uint8_t { goodbye, gave_up, disconnected };
+[[nodiscard]] std::string_view to_string(SessionEnd how);
+
+// What a session still held when it ended, per device and type, and by call site.
 struct Reclaim {
   SessionIdentity identity;
   std::uint64_t buffers{};
   std::uint64_t bytes{};
   std::map<std::uint32_t, UsageByType> devices;
+  std::vector<LeakSite> sites;  // largest first (bytes, then buffers, then devices)
+  std::uint64_t sites_omitted{};  // call sites past max_sites_per_report, folded into none
+};
+
+// A Reclaim kept after its session ended, for `meshrt-smi --leaks`.
+struct LeakReport {
+  SessionId session{};
+  SessionEnd how{};
+  std::int64_t ended_ns{};
+  Reclaim reclaim;
 };
 
 // The result of cross-checking every aggregate against the live buffers themselves.
@@ -151,10 +191,6 @@ struct Verification {
   bool consistent{true};
   std::vector<std::string> differences;  // one line per mismatch, with both figures
 };
-
-// How a session ended: Goodbye with everything delivered, Goodbye from a client that gave up on a
-// server too slow for its shutdown timeout, or no Goodbye at all (it crashed, or was cut off).
-enum class SessionEnd : std::uint8_t { goodbye, gave_up, disconnected };
 
 // What a Free record did: which of its device buffers it freed (bit i: device first_device + i),
 // and how many it named that were not live (double: freed before; unknown: never seen).
@@ -174,9 +210,21 @@ class Ledger {
   // them counts as unknown rather than double.
   static constexpr std::size_t recent_frees_remembered = 4096;
 
+  // A leak report names at most this many call sites; the rest are counted.
+  static constexpr std::size_t max_sites_per_report = 256;
+
   SessionId open_session(SessionIdentity identity);
-  // Ends a session: its live buffers are reclaimed (and reported) and it is forgotten.
-  Reclaim close_session(SessionId session, SessionEnd how);
+  // Ends a session: its live buffers are reclaimed (and reported, by call site) and it is
+  // forgotten; when it held any, its report is kept among the last leak_report_limit().
+  Reclaim close_session(SessionId session, SessionEnd how, std::int64_t ended_ns = 0);
+  // Reports of ended sessions that left buffers behind, oldest first (of one pid, or all when 0).
+  [[nodiscard]] std::vector<LeakReport> leak_reports(std::uint32_t pid = 0) const;
+  void set_leak_report_limit(std::size_t limit);
+  [[nodiscard]] std::size_t leak_report_limit() const { return leak_report_limit_; }
+  // A call stack of the session, named by its id. False (and counted) when the session already
+  // holds `limit` stacks; a stack told again replaces the one it had.
+  bool add_call_stack(SessionId session, protocol::CallStack stack, std::size_t limit);
+  [[nodiscard]] std::uint64_t call_stack_count(SessionId session) const;
   [[nodiscard]] bool has_session(SessionId session) const { return sessions_.contains(session); }
   [[nodiscard]] const SessionIdentity& identity(SessionId session) const;
 
@@ -205,7 +253,8 @@ class Ledger {
   [[nodiscard]] std::uint64_t name_count(SessionId session) const;
   [[nodiscard]] Summary summary() const;
   // Every live buffer (of one pid, or all when pid is 0). O(live buffers), sorted once.
-  [[nodiscard]] BufferListing list_buffers(std::uint32_t pid = 0) const;
+  // With `with_stacks`, each buffer's whole call stack too, not only its call site.
+  [[nodiscard]] BufferListing list_buffers(std::uint32_t pid = 0, bool with_stacks = false) const;
   [[nodiscard]] std::vector<LiveBuffer> live_buffers(std::uint32_t pid = 0) const { return list_buffers(pid).buffers(); }
   // Recomputes every aggregate from the live buffers and compares. O(live buffers).
   [[nodiscard]] Verification verify() const;
@@ -233,6 +282,9 @@ class Ledger {
     GroupIndex live;
     std::vector<AllocationGroup> slab;
     std::vector<std::uint32_t> free_slots;
+    // The call stack of each slab slot's group; empty while the session sent none (ADR 0024).
+    std::vector<std::uint32_t> stacks;
+    absl::flat_hash_map<std::uint32_t, protocol::CallStack> call_stacks;
     std::vector<UsageByType> devices;  // by device id
     std::uint64_t live_buffers{};
     std::uint64_t live_bytes{};
@@ -261,6 +313,10 @@ class Ledger {
   // stalled server for a crashed process that held 200,000 buffers).
   void remove_all(SessionRecord& session);
   void remember_free(SessionRecord& session, std::uint64_t first_id);
+  static std::uint32_t stack_of(const SessionRecord& session, std::uint32_t slot) {
+    return slot < session.stacks.size() ? session.stacks[slot] : 0;
+  }
+  static std::vector<LeakSite> leak_sites(const SessionRecord& session, std::uint64_t& omitted);
   static UsageByType& usage_of(std::vector<UsageByType>& devices, std::uint32_t device);
 
   SessionId next_session_{1};
@@ -275,6 +331,8 @@ class Ledger {
   std::vector<bool> device_known_;
   std::uint64_t active_allocations_{};
   Counters counters_;
+  std::deque<LeakReport> leak_reports_;
+  std::size_t leak_report_limit_{64};
 };
 
 }  // namespace meshrt::server

@@ -32,6 +32,11 @@ struct ServerConfig {
   std::chrono::milliseconds hello_timeout{10'000};  // a connection must say Hello within this
   std::uint64_t max_live_per_session{std::uint64_t{1} << 24U};
   std::uint64_t max_names_per_session{std::uint64_t{1} << 20U};
+  // Call stacks kept per session (ADR 0024); more are dropped and counted, their buffers then
+  // show no call site.
+  std::uint64_t max_stacks_per_session{std::uint64_t{1} << 16U};
+  // Leak reports kept: those of the last this many sessions that ended with live buffers.
+  std::size_t leak_reports{64};
   std::uint64_t max_messages_per_second{200'000};  // frames per second per session (with a 1 s burst)
   std::uint32_t max_payload{protocol::max_payload_size};
   std::size_t max_pending_output{std::size_t{64} << 20U};  // a monitor that stops reading is dropped

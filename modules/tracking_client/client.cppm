@@ -16,6 +16,9 @@ import meshrt.tracking;
 
 export namespace meshrt {
 
+// True when MESHRT_ALLOC_STACKS=1: tracked allocations carry their call stacks (ADR 0024).
+[[nodiscard]] bool stacks_enabled_by_environment();
+
 // A processor that forwards events to the allocation server (meshrt-alloc-server).
 //
 // The allocation path never waits on the socket: process() appends to the calling thread's lane;
@@ -42,6 +45,11 @@ class TrackingClient final : public EventProcessor {
     std::chrono::milliseconds shutdown_timeout{2000};
     // Where the client's few messages go (server absent, lost, back). stderr when empty.
     std::function<void(std::string_view)> warn;
+    // Capture each tracked allocation's call stack (ADR 0024): the server then shows who
+    // allocated every live buffer and groups leaks by call site. Off unless MESHRT_ALLOC_STACKS=1.
+    bool capture_stacks{stacks_enabled_by_environment()};
+    // Distinct call stacks the client keeps (and names); allocations from further ones carry none.
+    std::size_t max_stacks{16384};
   };
 
   struct Status {
@@ -60,6 +68,8 @@ class TrackingClient final : public EventProcessor {
     std::uint64_t lanes{};               // per-thread event lanes: one per thread alive that recorded
     std::uint64_t chunks{};              // event chunks allocated (64 KiB each): recording's memory
     std::uint64_t connect_attempts_refused{};  // connects that failed at once (absent, or backlog full)
+    std::uint64_t stacks{};              // distinct call stacks captured (with capture_stacks)
+    std::uint64_t stacks_dropped{};      // allocations that went without a stack: max_stacks was reached
     bool gave_up{};                      // shutdown gave up on a server too slow for shutdown_timeout
     bool said_goodbye{};                 // shutdown's Goodbye was written to the server
   };

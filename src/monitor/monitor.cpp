@@ -46,9 +46,9 @@ Result<Monitor> Monitor::connect(const std::string& socket_path) {
   return monitor;
 }
 
-Result<std::string> Monitor::query(protocol::QueryKind kind, std::uint32_t pid) {
+Result<std::string> Monitor::query(protocol::QueryKind kind, std::uint32_t pid, bool with_stacks) {
   std::vector<std::byte> request;
-  protocol::encode(protocol::Query{kind, pid}, request);
+  protocol::encode(protocol::Query{kind, pid, with_stacks}, request);
   if (auto sent = write(request); !sent) return tl::unexpected(std::move(sent.error()));
   std::string json;
   for (;;) {

@@ -1,4 +1,5 @@
 module;
+#include <algorithm>
 #include <array>
 #include <bit>
 #include <cstddef>
@@ -28,7 +29,7 @@ namespace meshrt::protocol {
 
 namespace {
 
-constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::error);
+constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::call_stack);
 constexpr std::uint8_t hooked_flag = 1U;
 constexpr std::uint8_t free_flag = 2U;
 constexpr unsigned category_shift = 2U;
@@ -127,16 +128,25 @@ tl::unexpected<Error> malformed(MessageType type, std::string_view what) {
   return fail(ErrorCode::protocol_error, fmt::format("malformed {} frame: {}", to_string(type), what));
 }
 
-Result<std::size_t> batch_count(MessageType type, Reader& reader, std::size_t record_size) {
+struct BatchHeader {
+  std::size_t count;
+  RecordFormat format;
+};
+
+Result<BatchHeader> batch_header(MessageType type, Reader& reader) {
   const auto count = reader.integer<std::uint32_t>();
-  const auto reserved = reader.integer<std::uint32_t>();
+  const auto format = reader.integer<std::uint32_t>();
   if (!reader.ok()) return malformed(type, "shorter than its batch header");
-  if (reserved != 0) return malformed(type, "reserved field is not zero");
-  if (reader.remaining() != std::size_t{count} * record_size) {
-    return malformed(type, fmt::format("says {} records of {} bytes but carries {} bytes", count, record_size,
+  if (format > static_cast<std::uint32_t>(RecordFormat::with_stack)) {
+    return malformed(type, fmt::format("unknown record format {}", format));
+  }
+  const auto record_format = static_cast<RecordFormat>(format);
+  const std::size_t size = size_of(record_format);
+  if (reader.remaining() != std::size_t{count} * size) {
+    return malformed(type, fmt::format("says {} records of {} bytes but carries {} bytes", count, size,
                                        reader.remaining()));
   }
-  return std::size_t{count};
+  return BatchHeader{count, record_format};
 }
 
 tl::unexpected<Error> bad_range(MessageType type, std::size_t index, std::uint32_t first, std::uint32_t count) {
@@ -147,12 +157,13 @@ tl::unexpected<Error> bad_range(MessageType type, std::size_t index, std::uint32
 // Checks every record of an Events or SnapshotChunk frame once, so that views may decode them
 // later without checks; snapshots carry allocations only.
 Result<RecordView> records(MessageType type, Reader& reader) {
-  auto count = batch_count(type, reader, record_size);
-  if (!count) return tl::unexpected(std::move(count.error()));
+  auto header = batch_header(type, reader);
+  if (!header) return tl::unexpected(std::move(header.error()));
   const auto bytes = reader.rest();
-  const RecordView view(bytes);
-  for (std::size_t i = 0; i < *count; ++i) {
-    const auto raw = bytes.subspan(i * record_size, record_size);
+  const RecordView view(bytes, header->format);
+  const std::size_t size = size_of(header->format);
+  for (std::size_t i = 0; i < header->count; ++i) {
+    const auto raw = bytes.subspan(i * size, size);
     const auto type_or_reason = std::to_integer<std::uint8_t>(raw[44]);
     const auto flags = std::to_integer<std::uint8_t>(raw[45]);
     if ((flags & ~(hooked_flag | free_flag | category_bits)) != 0) {
@@ -180,6 +191,11 @@ Result<RecordView> records(MessageType type, Reader& reader) {
     const std::uint64_t buffer = is_free ? record.free.buffer : record.alloc.buffer;
     if (buffer > std::numeric_limits<std::uint64_t>::max() - devices) {
       return malformed(type, fmt::format("record {}: buffer ids {} + {} wrap around", i, buffer, devices));
+    }
+    if (is_free && header->format == RecordFormat::with_stack &&
+        std::to_integer<std::uint8_t>(raw[48]) + std::to_integer<std::uint8_t>(raw[49]) +
+                std::to_integer<std::uint8_t>(raw[50]) + std::to_integer<std::uint8_t>(raw[51]) != 0) {
+      return malformed(type, fmt::format("record {}: a free carries no call stack", i));
     }
     if (!is_free && record.alloc.size > max_buffer_size) {
       return malformed(type, fmt::format("record {}: size {} bytes is over the limit of {} bytes per device buffer",
@@ -241,6 +257,12 @@ void write_record(W& w, const EventRecord& record) {
   w.integer(r.device_count);
 }
 
+template <class W>
+void write_record(W& w, const EventRecord& record, RecordFormat format) {
+  write_record(w, record);
+  if (format == RecordFormat::with_stack) w.integer(record.is_free ? std::uint32_t{0} : record.alloc.stack);
+}
+
 }  // namespace
 
 std::string default_socket_path() {
@@ -264,12 +286,13 @@ std::string_view to_string(MessageType type) {
     case MessageType::query: return "Query";
     case MessageType::reply: return "Reply";
     case MessageType::error: return "Error";
+    case MessageType::call_stack: return "CallStack";
   }
   return "unknown";
 }
 
-EventRecord decode_record(std::span<const std::byte> bytes) {
-  Expects(bytes.size() == record_size);
+EventRecord decode_record(std::span<const std::byte> bytes, RecordFormat format) {
+  Expects(bytes.size() == size_of(format));
   Reader reader(bytes);
   const auto buffer = reader.integer<std::uint64_t>();
   const auto mesh_buffer = reader.integer<std::uint64_t>();
@@ -281,9 +304,10 @@ EventRecord decode_record(std::span<const std::byte> bytes) {
   const auto flags = reader.integer<std::uint8_t>();
   const auto device_count = reader.integer<std::uint16_t>();
   if ((flags & free_flag) != 0) return EventRecord::of(FreeRecord{buffer, time_ns, type_or_reason, device_count});
+  const std::uint32_t stack = format == RecordFormat::with_stack ? reader.integer<std::uint32_t>() : 0;
   return EventRecord::of(AllocRecord{buffer, mesh_buffer, address, size, time_ns, device,
                                      static_cast<BufferType>(type_or_reason), (flags & hooked_flag) != 0, device_count,
-                                     static_cast<AllocationCategory>((flags & category_bits) >> category_shift)});
+                                     static_cast<AllocationCategory>((flags & category_bits) >> category_shift), stack});
 }
 
 Result<std::optional<Frame>> next_frame(std::span<const std::byte> input, std::uint32_t max_payload) {
@@ -395,11 +419,12 @@ Result<Message> decode(const Frame& frame) {
     case MessageType::query: {
       if (!exact(8)) return malformed(type, "payload is not 8 bytes");
       const auto kind = reader.integer<std::uint8_t>();
-      if (kind < 1 || kind > 3) return malformed(type, fmt::format("unknown query kind {}", kind));
-      if (reader.integer<std::uint8_t>() != 0 || reader.integer<std::uint16_t>() != 0) {
-        return malformed(type, "reserved field is not zero");
-      }
-      return Query{static_cast<QueryKind>(kind), reader.integer<std::uint32_t>()};
+      if (kind < 1 || kind > 4) return malformed(type, fmt::format("unknown query kind {}", kind));
+      const auto options = reader.integer<std::uint8_t>();
+      if (options > 1) return malformed(type, fmt::format("unknown query options {:#x}", options));
+      if (reader.integer<std::uint16_t>() != 0) return malformed(type, "reserved field is not zero");
+      const auto pid = reader.integer<std::uint32_t>();
+      return Query{static_cast<QueryKind>(kind), pid, options == 1};
     }
     case MessageType::reply: {
       const auto last = reader.integer<std::uint8_t>();
@@ -417,6 +442,44 @@ Result<Message> decode(const Frame& frame) {
         return malformed(type, fmt::format("unknown error code {}", code));
       }
       return ErrorMessage{static_cast<ErrorCode>(code), std::move(message)};
+    }
+    case MessageType::call_stack: {
+      CallStack stack;
+      stack.id = reader.integer<std::uint32_t>();
+      const auto count = reader.integer<std::uint16_t>();
+      stack.call_site = reader.integer<std::uint16_t>();
+      if (!reader.ok()) return malformed(type, "shorter than its header");
+      if (stack.id == 0) return malformed(type, "stack id 0 means no stack");
+      if (stack.call_site >= std::max<std::uint16_t>(count, 1)) {
+        return malformed(type, fmt::format("call site frame {} of {} frames", stack.call_site, count));
+      }
+      if (count > max_stack_frames) {
+        return malformed(type, fmt::format("{} frames, over the limit of {}", count, max_stack_frames));
+      }
+      stack.frames.resize(count);
+      for (std::size_t i = 0; i < count; ++i) {
+        StackFrame& entry = stack.frames[i];
+        entry.address = reader.integer<std::uint64_t>();
+        entry.line = reader.integer<std::uint32_t>();
+        const auto interpreted = reader.integer<std::uint8_t>();
+        const auto frame_reserved = reader.integer<std::uint8_t>();
+        const auto function_size = reader.integer<std::uint16_t>();
+        const auto file_size = reader.integer<std::uint16_t>();
+        const auto frame_reserved_2 = reader.integer<std::uint16_t>();
+        if (!reader.ok()) return malformed(type, fmt::format("frame {}: shorter than its header", i));
+        if (interpreted > 1 || frame_reserved != 0 || frame_reserved_2 != 0) {
+          return malformed(type, fmt::format("frame {}: reserved bits are not zero", i));
+        }
+        if (function_size > max_symbol_size || file_size > max_symbol_size) {
+          return malformed(type, fmt::format("frame {}: a name over {} bytes", i, max_symbol_size));
+        }
+        entry.interpreted = interpreted == 1;
+        entry.function = reader.text(function_size);
+        entry.file = reader.text(file_size);
+        if (!reader.ok()) return malformed(type, fmt::format("frame {}: shorter than its names", i));
+      }
+      if (reader.remaining() != 0) return malformed(type, "bytes after its last frame");
+      return stack;
     }
   }
   return fail(ErrorCode::protocol_error, "unknown message type");
@@ -457,9 +520,10 @@ void encode(const MeshBufferName& message, std::vector<std::byte>& out) {
   });
 }
 
-void encode_events(std::uint64_t first_sequence, std::span<const EventRecord> records, std::vector<std::byte>& out) {
+void encode_events(std::uint64_t first_sequence, std::span<const EventRecord> records, std::vector<std::byte>& out,
+                   RecordFormat format) {
   Expects(records.size() <= max_records);
-  const std::size_t payload = batch_prefix_size + records.size() * record_size;
+  const std::size_t payload = batch_prefix_size + records.size() * size_of(format);
   const std::size_t start = out.size();
   out.resize(start + header_size + payload);
   PlacedWriter w(out.data() + start);
@@ -468,21 +532,21 @@ void encode_events(std::uint64_t first_sequence, std::span<const EventRecord> re
   w.integer(std::uint16_t{0});
   w.integer(first_sequence);
   w.integer(static_cast<std::uint32_t>(records.size()));
-  w.integer(std::uint32_t{0});
-  for (const EventRecord& record : records) write_record(w, record);
+  w.integer(static_cast<std::uint32_t>(format));
+  for (const EventRecord& record : records) write_record(w, record, format);
 }
 
 void encode(const SnapshotBegin& /*message*/, std::vector<std::byte>& out) {
   frame(MessageType::snapshot_begin, out, [](Writer&) {});
 }
 
-void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out) {
+void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std::byte>& out, RecordFormat format) {
   Expects(records.size() <= max_records);
   frame(MessageType::snapshot_chunk, out, [&](Writer& w) {
     w.integer(std::uint64_t{0});
     w.integer(static_cast<std::uint32_t>(records.size()));
-    w.integer(std::uint32_t{0});
-    for (const AllocRecord& record : records) write_record(w, EventRecord::of(record));
+    w.integer(static_cast<std::uint32_t>(format));
+    for (const AllocRecord& record : records) write_record(w, EventRecord::of(record), format);
   });
 }
 
@@ -503,7 +567,7 @@ void encode(const Goodbye& message, std::vector<std::byte>& out) {
 void encode(const Query& message, std::vector<std::byte>& out) {
   frame(MessageType::query, out, [&](Writer& w) {
     w.integer(static_cast<std::uint8_t>(message.kind));
-    w.integer(std::uint8_t{0});
+    w.integer(static_cast<std::uint8_t>(message.with_stacks ? 1U : 0U));
     w.integer(std::uint16_t{0});
     w.integer(message.pid);
   });
@@ -515,6 +579,30 @@ void encode(const Reply& message, std::vector<std::byte>& out) {
     w.integer(static_cast<std::uint8_t>(message.last ? 1U : 0U));
     w.zeros(3);
     w.text(message.json);
+  });
+}
+
+void encode(const CallStack& message, std::vector<std::byte>& out) {
+  Expects(message.id != 0);
+  const std::size_t count = std::min(message.frames.size(), max_stack_frames);
+  frame(MessageType::call_stack, out, [&](Writer& w) {
+    w.integer(message.id);
+    w.integer(static_cast<std::uint16_t>(count));
+    w.integer(static_cast<std::uint16_t>(message.call_site < count ? message.call_site : 0));
+    for (std::size_t i = 0; i < count; ++i) {
+      const StackFrame& frame = message.frames[i];
+      const std::string_view function = std::string_view(frame.function).substr(0, max_symbol_size);
+      const std::string_view file = std::string_view(frame.file).substr(0, max_symbol_size);
+      w.integer(frame.address);
+      w.integer(frame.line);
+      w.integer(static_cast<std::uint8_t>(frame.interpreted ? 1U : 0U));
+      w.integer(std::uint8_t{0});
+      w.integer(static_cast<std::uint16_t>(function.size()));
+      w.integer(static_cast<std::uint16_t>(file.size()));
+      w.integer(std::uint16_t{0});
+      w.text(function);
+      w.text(file);
+    }
   });
 }
 

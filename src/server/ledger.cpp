@@ -132,6 +132,10 @@ bool Ledger::add(SessionRecord& s, const protocol::AllocRecord& record) {
     s.free_slots.pop_back();
     s.slab[group->second] = value;
   }
+  if (record.stack != 0 || !s.stacks.empty()) {
+    if (s.stacks.size() < s.slab.size()) s.stacks.resize(s.slab.size());
+    s.stacks[group->second] = record.stack;
+  }
   for (std::uint32_t device = record.device; device < record.device + record.device_count; ++device) {
     grow(usage_of(devices_, device)[type], record.size);
     if (device_categories_.size() <= device) device_categories_.resize(std::size_t{device} + 1);
@@ -276,6 +280,7 @@ void Ledger::begin_snapshot(SessionId id) {
   remove_all(s);
   s.slab.clear();
   s.free_slots.clear();
+  s.stacks.clear();
   s.recent_frees.clear();
   s.recent_free_ring.clear();
   s.recent_free_next = 0;
@@ -288,9 +293,10 @@ void Ledger::end_snapshot(SessionId id, std::uint64_t next_sequence) {
   ++counters_.resyncs;
 }
 
-Reclaim Ledger::close_session(SessionId id, SessionEnd how) {
+Reclaim Ledger::close_session(SessionId id, SessionEnd how, std::int64_t ended_ns) {
   SessionRecord& s = session(id);
   Reclaim reclaim{.identity = s.identity, .buffers = s.live_buffers, .bytes = s.live_bytes};
+  if (s.live_buffers > 0) reclaim.sites = leak_sites(s, reclaim.sites_omitted);
   for (std::uint32_t device = 0; device < s.devices.size(); ++device) {
     const UsageByType& usage = s.devices[device];
     if (std::ranges::any_of(usage, [](const Usage& u) { return u.buffers > 0; })) reclaim.devices[device] = usage;
@@ -307,6 +313,10 @@ Reclaim Ledger::close_session(SessionId id, SessionEnd how) {
     cached_ = nullptr;
   }
   sessions_.erase(id);
+  if (reclaim.buffers > 0 && leak_report_limit_ > 0) {
+    if (leak_reports_.size() == leak_report_limit_) leak_reports_.pop_front();
+    leak_reports_.push_back(LeakReport{.session = id, .how = how, .ended_ns = ended_ns, .reclaim = reclaim});
+  }
   return reclaim;
 }
 
@@ -342,17 +352,20 @@ Summary Ledger::summary() const {
   return summary;
 }
 
-BufferListing Ledger::list_buffers(std::uint32_t pid) const {
+BufferListing Ledger::list_buffers(std::uint32_t pid, bool with_stacks) const {
   BufferListing listing;
+  listing.with_stacks_ = with_stacks;
   std::size_t count = 0;
   for (const auto& [id, s] : sessions_) {
     if (pid == 0 || s.identity.pid == pid) count += s.live_buffers;
   }
   listing.entries_.reserve(count);
   absl::flat_hash_map<std::uint64_t, std::uint32_t> name_index;  // this session's mesh buffer -> names_
+  absl::flat_hash_map<std::uint32_t, std::uint32_t> stack_index;  // this session's stack id -> stacks_
   for (const auto& [id, s] : sessions_) {
     if (pid != 0 && s.identity.pid != pid) continue;
     name_index.clear();
+    stack_index.clear();
     for (const auto& [first, slot] : s.live) {
       const AllocationGroup& g = s.slab[slot];
       std::uint32_t name = 0;
@@ -360,6 +373,15 @@ BufferListing Ledger::list_buffers(std::uint32_t pid) const {
         const auto [at, added] = name_index.try_emplace(g.mesh_buffer, static_cast<std::uint32_t>(listing.names_.size()));
         if (added) listing.names_.push_back(known->second.text);
         name = at->second;
+      }
+      std::uint32_t stack = 0;
+      if (const std::uint32_t stack_id = stack_of(s, slot); stack_id != 0) {
+        const auto [at, added] = stack_index.try_emplace(stack_id, static_cast<std::uint32_t>(listing.stacks_.size()));
+        if (added) {
+          const auto known = s.call_stacks.find(stack_id);
+          listing.stacks_.push_back(known != s.call_stacks.end() ? known->second : protocol::CallStack{.id = stack_id});
+        }
+        stack = at->second;
       }
       for_each_bit(g.live_mask, [&](std::uint32_t bit) {
         listing.entries_.push_back(BufferListing::Entry{.buffer = first + bit,
@@ -370,6 +392,7 @@ BufferListing Ledger::list_buffers(std::uint32_t pid) const {
                                                         .pid = s.identity.pid,
                                                         .device = g.first_device + bit,
                                                         .name = name,
+                                                        .stack = stack,
                                                         .type = g.type,
                                                         .category = g.category,
                                                         .hooked = g.hooked});

@@ -1,5 +1,6 @@
 // What the server says about its ledger: JSON for monitors, text lines for its log.
 module;
+#include <algorithm>
 #include <array>
 #include <cstdint>
 #include <string>
@@ -11,6 +12,7 @@ module;
 module meshrt.server:report;
 
 import meshrt.core;
+import meshrt.protocol;
 import :ledger;
 import :server;
 
@@ -95,6 +97,7 @@ inline std::string summary_json(const Summary& summary, const ConnectionCounters
       {"conflicting_device_info", c.conflicting_device_info},
       {"sequence_gaps", c.sequence_gaps},
       {"resyncs", c.resyncs},
+      {"call_stacks_dropped", c.call_stacks_dropped},
       {"total_allocations", c.allocations},
       {"total_deallocations", c.deallocations},
       {"malformed_messages", connections.malformed_messages},
@@ -145,6 +148,60 @@ inline std::vector<std::string> summary_lines(const Summary& summary, const Conn
                               c.leaked_at_exit, c.lost_at_exit, c.sequence_gaps, connections.malformed_messages,
                               connections.rejected_sessions));
   lines.push_back(fmt::format("Active allocations: {}", summary.active_allocations));
+  return lines;
+}
+
+inline nlohmann::json frames_json(const protocol::CallStack& stack) {
+  nlohmann::json frames = nlohmann::json::array();
+  for (const protocol::StackFrame& frame : stack.frames) {
+    frames.push_back({{"file", frame.file}, {"function", frame.function}, {"interpreted", frame.interpreted},
+                      {"line", frame.line}});
+  }
+  return frames;
+}
+
+// What ended sessions left behind, each process's call sites largest first.
+inline std::string leaks_json(const std::vector<LeakReport>& reports, std::int64_t now_ns) {
+  nlohmann::json list = nlohmann::json::array();
+  for (const LeakReport& report : reports) {
+    const Reclaim& r = report.reclaim;
+    nlohmann::json sites = nlohmann::json::array();
+    for (const LeakSite& site : r.sites) {
+      sites.push_back({{"call_site", site.call_site()},
+                       {"bytes", site.bytes},
+                       {"buffers", site.buffers},
+                       {"devices", site.devices},
+                       {"names", site.names},
+                       {"stacks", site.stacks},
+                       {"stack", frames_json(site.stack)}});
+    }
+    list.push_back({{"pid", r.identity.pid},
+                    {"name", r.identity.name},
+                    {"session", report.session},
+                    {"how", std::string(to_string(report.how))},
+                    {"ended_seconds_ago", static_cast<double>(now_ns - report.ended_ns) / 1e9},
+                    {"buffers", r.buffers},
+                    {"bytes", r.bytes},
+                    {"sites_omitted", r.sites_omitted},
+                    {"sites", std::move(sites)}});
+  }
+  return nlohmann::json{{"leaks", std::move(list)}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+// The largest call sites of a reclaim, for the log: the first few, and how many more.
+inline std::vector<std::string> leak_site_lines(const Reclaim& reclaim) {
+  constexpr std::size_t shown = 3;
+  std::vector<std::string> lines;
+  const bool any_stack = std::ranges::any_of(reclaim.sites, [](const LeakSite& s) { return !s.stack.frames.empty(); });
+  if (!any_stack) return lines;
+  for (std::size_t i = 0; i < reclaim.sites.size() && i < shown; ++i) {
+    const LeakSite& site = reclaim.sites[i];
+    const std::string where = site.call_site();
+    lines.push_back(fmt::format("  {} B in {} buffers on {} devices from {}", site.bytes, site.buffers,
+                                site.devices.size(), where.empty() ? "(no call stack)" : where));
+  }
+  const std::size_t sites = reclaim.sites.size() + reclaim.sites_omitted;
+  if (sites > shown) lines.push_back(fmt::format("  and {} more call sites (meshrt-smi --leaks)", sites - shown));
   return lines;
 }
 

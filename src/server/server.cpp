@@ -89,7 +89,9 @@ struct Server::Loop {
   bool running{true};
 
   Loop(ServerConfig server_config, std::optional<gid_t> gid, Poller epoll)
-      : config(std::move(server_config)), group(gid), poller(std::move(epoll)) {}
+      : config(std::move(server_config)), group(gid), poller(std::move(epoll)) {
+    ledger.set_leak_report_limit(config.leak_reports);
+  }
 
   void log(std::string_view line) const {
     if (config.log) {

@@ -266,14 +266,21 @@ void Session::apply(const protocol::Query& query) {
       send(report::summary_json(context_.ledger.summary(), context_.counters, context_.info()));
       return;
     case protocol::QueryKind::buffers:
-      listing_ = std::make_unique<BufferListing>(context_.ledger.list_buffers(query.pid));
+      listing_ = std::make_unique<BufferListing>(context_.ledger.list_buffers(query.pid, query.with_stacks));
       listing_now_ns_ = wall_clock_ns();
       continue_listing();
       return;
     case protocol::QueryKind::verify:
       send(report::verification_json(context_.ledger.verify()));
       return;
+    case protocol::QueryKind::leaks:
+      send(report::leaks_json(context_.ledger.leak_reports(query.pid), wall_clock_ns()));
+      return;
   }
+}
+
+void Session::apply(const protocol::CallStack& stack) {
+  (void)context_.ledger.add_call_stack(session_, stack, context_.config.max_stacks_per_session);
 }
 
 void Session::apply(const protocol::Reply& /*reply*/) {

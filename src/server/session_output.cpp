@@ -123,7 +123,7 @@ void Session::end() {
   log_activity();
   if (session_ == 0) return;
   const SessionEnd how = !said_goodbye_ ? SessionEnd::disconnected : gave_up_ ? SessionEnd::gave_up : SessionEnd::goodbye;
-  const Reclaim reclaim = context_.ledger.close_session(session_, how);
+  const Reclaim reclaim = context_.ledger.close_session(session_, how, wall_clock_ns());
   ++context_.changes;
   if (reclaim.buffers == 0) {
     log(fmt::format("{}: {}", who(), how == SessionEnd::disconnected ? "disconnected" : "said goodbye"));
@@ -138,6 +138,7 @@ void Session::end() {
     log(fmt::format("{}: disconnected without Goodbye (crashed?): reclaimed {} leaked buffers ({} bytes): {}", who(),
                     reclaim.buffers, reclaim.bytes, report::reclaim_text(reclaim)));
   }
+  for (const std::string& line : report::leak_site_lines(reclaim)) log(fmt::format("{}:{}", who(), line));
 }
 
 }  // namespace meshrt::server

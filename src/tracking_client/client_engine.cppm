@@ -24,6 +24,7 @@ import meshrt.core;
 import meshrt.protocol;
 import meshrt.tracking;
 import :client;
+import :call_stacks;
 import :event_lanes;
 import :server_connection;
 
@@ -50,6 +51,14 @@ struct TrackingClient::Engine {
     wake.notify_one();
   }
   detail::EventLanes lanes{[this] { kick(); }};
+  // With capture_stacks: application threads intern stacks here; the sender names them in `stack_book`.
+  std::unique_ptr<detail::StackInterner> interner;
+  std::unique_ptr<detail::StackBook> stack_book;
+  [[nodiscard]] protocol::RecordFormat record_format() const {
+    return interner ? protocol::RecordFormat::with_stack : protocol::RecordFormat::plain;
+  }
+  // Names the stacks interned since the last round; tells them to the server when `stream`.
+  void take_new_stacks(bool stream);
   std::atomic<bool> stopping{false};
 
   // Shared with flush()/status()/describe_*, under `mutex`.
@@ -95,7 +104,7 @@ struct TrackingClient::Engine {
 
   // Applies one event to the live table; when `stream` is set, also encodes what the server must
   // hear, in an order it accepts (each Alloc before its Free).
-  void apply(const AllocationEvent& event, bool stream);
+  void apply(const AllocationEvent& event, std::uint32_t stack, bool stream);
 
   // ---- encoding: runs of events become one frame; order between kinds is kept ----
 

@@ -37,7 +37,7 @@ namespace meshrt {
 
 namespace {
 
-protocol::AllocRecord to_record(const AllocationEvent& event) {
+protocol::AllocRecord to_record(const AllocationEvent& event, std::uint32_t stack) {
   return protocol::AllocRecord{
       .buffer = event.buffer.value(),
       .mesh_buffer = event.mesh_buffer.value(),
@@ -49,6 +49,7 @@ protocol::AllocRecord to_record(const AllocationEvent& event) {
       .hooked = event.hooked,
       .device_count = static_cast<std::uint16_t>(event.device_count),
       .category = event.category,
+      .stack = stack,
   };
 }
 
@@ -81,9 +82,15 @@ std::optional<std::string> TrackingClient::Engine::take_name(std::uint64_t id) {
   return name;
 }
 
-void TrackingClient::Engine::apply(const AllocationEvent& event, bool stream) {
+void TrackingClient::Engine::take_new_stacks(bool stream) {
+  if (!interner) return;
+  for (const detail::CapturedStack& stack : interner->take_new()) stack_book->add(stack);
+  if (stream) stack_book->tell(out);
+}
+
+void TrackingClient::Engine::apply(const AllocationEvent& event, std::uint32_t stack, bool stream) {
   if (event.kind == EventKind::allocate) {
-    const protocol::AllocRecord record = to_record(event);
+    const protocol::AllocRecord record = to_record(event, stack);
     std::optional<std::string> name = take_name(record.mesh_buffer);
     if (stream) send_alloc(record, name);
     // Frees that overtook this Alloc (recorded on another thread's lane) follow it now.
@@ -113,17 +120,18 @@ std::uint64_t TrackingClient::Engine::apply_lanes(bool stream) {
       for (std::size_t i = lane->consumed; i < published; ++i) {
         // A buffer whose whole life is two neighbours in one lane (a short-lived buffer) never
         // needs the live table: only the server hears of it.
-        const AllocationEvent& event = chunk->events[i];
-        if (i + 1 < published && cancels(event, chunk->events[i + 1]) && table.frees_waiting() == 0) {
+        const AllocationEvent& event = chunk->events[i].event;
+        const std::uint32_t stack = chunk->events[i].stack;
+        if (i + 1 < published && cancels(event, chunk->events[i + 1].event) && table.frees_waiting() == 0) {
           const std::optional<std::string> name = take_name(event.mesh_buffer.value());
           if (stream) {
-            send_alloc(to_record(event), name);
-            encode(protocol::EventRecord::of(to_free_record(chunk->events[i + 1])));
+            send_alloc(to_record(event, stack), name);
+            encode(protocol::EventRecord::of(to_free_record(chunk->events[i + 1].event)));
           }
           ++i;
           continue;
         }
-        apply(event, stream);
+        apply(event, stack, stream);
       }
       taken += published - lane->consumed;
       lane->consumed = published;
@@ -152,6 +160,9 @@ std::uint64_t TrackingClient::Engine::round() {
   // and the snapshot of the next session (or of the resync) carries their effect.
   const bool stream = connected() && !need_snapshot;
   if (stream && !new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
+  // Before the lanes: a stack is interned before the event that names it is published, so every
+  // record read below names a stack already told.
+  take_new_stacks(stream);
   const std::uint64_t taken = apply_lanes(stream);
   if (stream) flush_pending();
   if (!connected()) {
@@ -180,6 +191,10 @@ void TrackingClient::Engine::publish_status(std::uint64_t taken, std::uint64_t f
     status.frees_waiting = table.frees_waiting();
     status.lanes = lanes.lane_count();
     status.chunks = lanes.chunks_allocated();
+    if (interner) {
+      status.stacks = interner->size();
+      status.stacks_dropped = interner->dropped();
+    }
   }
   delivered_changed.notify_all();
 }

@@ -45,7 +45,7 @@ void TrackingClient::Engine::warn(const std::string& line) const {
 
 void TrackingClient::Engine::flush_pending() {
   if (pending.empty()) return;
-  protocol::encode_events(next_sequence, pending, out);
+  protocol::encode_events(next_sequence, pending, out, record_format());
   next_sequence += pending.size();
   pending.clear();
 }
@@ -65,6 +65,7 @@ void TrackingClient::Engine::send_alloc(const protocol::AllocRecord& record, con
 
 void TrackingClient::Engine::encode_session_start() {
   outbound.clear();
+  if (stack_book) stack_book->new_session();
   protocol::encode(protocol::Hello{.protocol_version = protocol::version,
                                    .role = protocol::ClientRole::tracker,
                                    .claimed_pid = static_cast<std::uint32_t>(::getpid()),
@@ -83,6 +84,7 @@ void TrackingClient::Engine::encode_snapshot() {
   for (const auto& [mesh_buffer, name] : table.live_names()) {
     protocol::encode(protocol::MeshBufferName{mesh_buffer, name}, out);
   }
+  if (stack_book) stack_book->tell(out);  // the stacks the snapshot's records name
   protocol::encode(protocol::SnapshotBegin{}, out);
   std::vector<protocol::AllocRecord> chunk;
   chunk.reserve(std::min<std::uint64_t>(table.live_device_buffers(), protocol::max_records));
@@ -91,13 +93,14 @@ void TrackingClient::Engine::encode_snapshot() {
     chunk.push_back(record);
     ++records;
     if (chunk.size() == protocol::max_records) {
-      protocol::encode_snapshot_chunk(chunk, out);
+      protocol::encode_snapshot_chunk(chunk, out, record_format());
       chunk.clear();
     }
   });
-  if (!chunk.empty()) protocol::encode_snapshot_chunk(chunk, out);
+  if (!chunk.empty()) protocol::encode_snapshot_chunk(chunk, out, record_format());
   protocol::encode(protocol::SnapshotEnd{next_sequence, records}, out);
   outbound.keep_what_is_queued();
+  if (stack_book) stack_book->keep();
   need_snapshot = false;
   const std::scoped_lock lock(mutex);
   ++status.snapshots;
@@ -105,6 +108,7 @@ void TrackingClient::Engine::encode_snapshot() {
 
 void TrackingClient::Engine::drop_pending() {
   if (!outbound.cut_unsent()) return;
+  if (stack_book) stack_book->forget_unkept();  // told again with the snapshot
   need_snapshot = true;
   const std::scoped_lock lock(mutex);
   ++status.overflows;

@@ -31,9 +31,16 @@ struct Chunk {
   // Left unwritten when a chunk is made (no 64 KiB memset on the recording thread): a slot is
   // written with record() before `published` covers it, and read only below `published`.
   Chunk() {}  // NOLINT(modernize-use-equals-default): `= default` is deleted (the union member has initialisers)
-  void record(std::size_t at, const AllocationEvent& event) { std::construct_at(&events[at], event); }
+  void record(std::size_t at, const AllocationEvent& event, std::uint32_t stack) {
+    std::construct_at(&events[at], LaneEvent{event, stack});
+  }
+  // An event and the id of the call stack that made it (0: none; only Allocs carry one).
+  struct LaneEvent {
+    AllocationEvent event;
+    std::uint32_t stack;
+  };
   union {
-    std::array<AllocationEvent, capacity> events;
+    std::array<LaneEvent, capacity> events;
   };
   std::atomic<std::size_t> published{0};  // events[0, published) are written and visible
   std::atomic<Chunk*> next{nullptr};      // set once this chunk is full

@@ -210,6 +210,53 @@ TEST_SUITE("integration") {
     CHECK(log.find(fmt::format("Device 0 dram {} B in {}", 104'857'600 + system_dram, 8 + 2)) != std::string::npos);
   }
 
+  TEST_CASE("with MESHRT_ALLOC_STACKS=1 every live buffer has its call site, and a crash's leaks are grouped by it") {
+    Fixture fixture;
+    auto demo = fixture.client({fixture.bin() + "/meshrt-demo", "--hold", "300", "--no-verify"},
+                               {{"MESHRT_ALLOC_STACKS", "1"}});
+    REQUIRE(eventually([&] { return fixture.active("buffer") == 128; }));
+    const auto [listed, listing] = fixture.smi({"--buffers", "--stacks", "--json"});
+    REQUIRE(listed == 0);
+    const json buffers = json::parse(listing)["buffers"];
+    REQUIRE(buffers.size() == 128 + system_buffers);
+    for (const json& buffer : buffers) {
+      const bool seed = buffer["category"] == "buffer";
+      // The seed's buffers come from the demo's loop, the system buffers from opening the mesh.
+      CHECK(buffer["call_site"].get<std::string>().find(seed ? "run_iteration" : "run(int, char**)") != std::string::npos);
+      CHECK(buffer["call_site"].get<std::string>().find("programs/demo/main.cpp:") != std::string::npos);
+      CHECK(buffer["stack"].size() >= 3);
+    }
+    const auto [shown, table] = fixture.smi({"--buffers", "--stacks"});
+    CHECK(shown == 0);
+    CHECK(table.find("allocated at (anonymous namespace)::run_iteration(") != std::string::npos);
+    CHECK(table.find("meshrt::MeshBuffer::create(") != std::string::npos);
+
+    demo->signal(SIGKILL);
+    REQUIRE(demo->wait_for(30s) == 128 + SIGKILL);
+    REQUIRE(eventually([&] { return fixture.summary()["reclaimed_allocations"] == 128 + system_buffers; }));
+    const auto [code, text] = fixture.smi({"--leaks", "--json", "--pid", std::to_string(demo->pid())});
+    REQUIRE(code == 0);
+    const json leaks = json::parse(text)["leaks"];
+    REQUIRE(leaks.size() == 1);
+    CHECK(leaks[0]["how"] == "reclaimed after a crash");
+    CHECK(leaks[0]["buffers"] == 128 + system_buffers);
+    const json sites = leaks[0]["sites"];
+    REQUIRE(sites.size() == 2);  // the loop's 16 mesh buffers, and the mesh's system buffers
+    CHECK(sites[0]["call_site"].get<std::string>().find("run_iteration") != std::string::npos);
+    CHECK(sites[0]["buffers"] == 128);
+    CHECK(sites[0]["bytes"] == 8 * (104'857'600 + 12'582'912));
+    CHECK(sites[0]["devices"].size() == 8);
+    CHECK(sites[1]["buffers"] == system_buffers);
+    CHECK(sites[0]["bytes"].get<std::uint64_t>() > sites[1]["bytes"].get<std::uint64_t>());
+    const auto [shown_leaks, leak_table] = fixture.smi({"--leaks"});
+    CHECK(shown_leaks == 0);
+    CHECK(leak_table.find("reclaimed after a crash") != std::string::npos);
+    CHECK(leak_table.find("run_iteration") != std::string::npos);
+    CHECK(fixture.server_log().find("B in 128 buffers on 8 devices from (anonymous namespace)::run_iteration") !=
+          std::string::npos);
+    CHECK(fixture.smi({"--leaks", "--pid", "999999"}).second.find("no leaks") != std::string::npos);
+  }
+
   TEST_CASE("the server killed and restarted while clients hold buffers: after resync it matches them exactly") {
     Fixture fixture;
     auto demo = fixture.demo({"--hold", "300", "--no-verify"});

@@ -124,12 +124,17 @@ TEST_SUITE("tracking pieces") {
     ChunkPool pool;
     Chunk* chunk = pool.take_first();
     for (std::size_t i = 0; i < Chunk::capacity; ++i) {
-      chunk->record(i, AllocationEvent{.buffer = BufferId{i}, .size = i * 2});
+      chunk->record(i, AllocationEvent{.buffer = BufferId{i}, .size = i * 2}, static_cast<std::uint32_t>(i));
     }
     chunk->published.store(Chunk::capacity, std::memory_order_release);
     std::uint64_t sum = 0;
-    for (std::size_t i = 0; i < chunk->published.load(std::memory_order_acquire); ++i) sum += chunk->events[i].size;
+    std::uint64_t stacks = 0;
+    for (std::size_t i = 0; i < chunk->published.load(std::memory_order_acquire); ++i) {
+      sum += chunk->events[i].event.size;
+      stacks += chunk->events[i].stack;
+    }
     CHECK(sum == Chunk::capacity * (Chunk::capacity - 1));
+    CHECK(stacks == Chunk::capacity * (Chunk::capacity - 1) / 2);
     pool.give(chunk);
     pool.lane_closed();
   }

@@ -47,6 +47,13 @@ int run(int argc, char** argv) {
       ->capture_default_str();
   app.add_option("--max-names-per-process", config.max_names_per_session, "most mesh buffer names one process may hold")
       ->capture_default_str();
+  app.add_option("--max-stacks-per-process", config.max_stacks_per_session,
+                 "most call stacks one process may describe (MESHRT_ALLOC_STACKS=1); more are counted, not kept")
+      ->capture_default_str();
+  app.add_option("--leak-reports", config.leak_reports,
+                 "leak reports kept for meshrt-smi --leaks: those of the last N processes that left buffers behind")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 16U));
   app.add_option("--max-messages-per-second", config.max_messages_per_second, "most frames a second from one session")
       ->capture_default_str()
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40U));

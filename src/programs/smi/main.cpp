@@ -15,6 +15,7 @@
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
+#include <fmt/ranges.h>
 #include <nlohmann/json.hpp>
 
 import meshrt.core;
@@ -91,7 +92,46 @@ void print_summary(const json& summary) {
              summary.value("malformed_messages", 0), summary.value("rejected_sessions", 0));
 }
 
-void print_buffers(const json& reply) {
+std::string frame_text(const json& frame) {
+  const std::string function = frame.value("function", std::string{});
+  const std::string file = frame.value("file", std::string{});
+  const auto line = frame.value("line", 0U);
+  std::string text = function.empty() ? std::string("??") : function;
+  if (!file.empty()) text += line > 0 ? fmt::format(" ({}:{})", file, line) : fmt::format(" ({})", file);
+  return text;
+}
+
+// What ended processes left behind, grouped by call site, largest first (heaptrack's "most leaked").
+void print_leaks(const json& reply, bool with_stacks) {
+  const json& reports = reply["leaks"];
+  if (reports.empty()) {
+    fmt::print("no leaks: no process that ended left buffers behind (of the last the server keeps)\n");
+    return;
+  }
+  for (const json& report : reports) {
+    fmt::print("pid {} ({}): {} buffers, {} B {} ({:.0f} s ago)\n", report.value("pid", 0),
+               report.value("name", std::string{}), report.value("buffers", std::uint64_t{0}),
+               bytes_text(report.value("bytes", std::uint64_t{0})), report.value("how", std::string{}),
+               report.value("ended_seconds_ago", 0.0));
+    fmt::print("  {:>16} {:>8} {:>8}  {}\n", "Bytes", "Buffers", "Devices", "Call site");
+    for (const json& site : report["sites"]) {
+      std::string where = site.value("call_site", std::string{});
+      if (where.empty()) where = "(no call stack: run with MESHRT_ALLOC_STACKS=1)";
+      const auto names = site.value("names", std::vector<std::string>{});
+      fmt::print("  {:>16} {:>8} {:>8}  {}{}\n", bytes_text(site.value("bytes", std::uint64_t{0})),
+                 site.value("buffers", std::uint64_t{0}), site["devices"].size(), where,
+                 names.empty() ? "" : fmt::format("  [{}]", fmt::join(names, ", ")));
+      if (with_stacks) {
+        for (const json& frame : site["stack"]) fmt::print("  {:>36}{}\n", "", frame_text(frame));
+      }
+    }
+    if (report.value("sites_omitted", 0) > 0) {
+      fmt::print("  ... and {} smaller call sites\n", report.value("sites_omitted", 0));
+    }
+  }
+}
+
+void print_buffers(const json& reply, bool with_stacks) {
   fmt::print("{:>8} {:>10} {:>10}  {:<20} {:>6}  {:<8} {:<15} {:>14} {:>16} {:>9}\n", "PID", "Buffer", "Mesh buf",
              "Name", "Device", "Type", "Category", "Address", "Size", "Age (s)");
   for (const json& b : reply["buffers"]) {
@@ -101,6 +141,13 @@ void print_buffers(const json& reply) {
                b.value("category", std::string{}),
                b.value("address", std::uint64_t{0}), bytes_text(b.value("size", std::uint64_t{0})),
                b.value("age_seconds", 0.0), b.value("hooked", false) ? "  (hooked)" : "");
+    if (with_stacks) {
+      const std::string where = b.value("call_site", std::string{});
+      fmt::print("{:>10}allocated at {}\n", "", where.empty() ? "(no call stack: run with MESHRT_ALLOC_STACKS=1)" : where);
+      if (b.contains("stack")) {
+        for (const json& frame : b["stack"]) fmt::print("{:>12}{}\n", "", frame_text(frame));
+      }
+    }
   }
   fmt::print("{} live buffers\n", reply["buffers"].size());
 }
@@ -145,6 +192,8 @@ int run(int argc, char** argv) {
   bool as_json = false;
   bool buffers = false;
   bool verify = false;
+  bool stacks = false;
+  bool leaks = false;
   std::uint32_t pid = 0;
   double watch = 0;
   std::string map;
@@ -153,7 +202,14 @@ int run(int argc, char** argv) {
   app.add_flag("--json", as_json, "print one JSON object (per refresh with --watch)");
   app.add_option("--watch", watch, "refresh every SECONDS until interrupted")->check(CLI::Range(0.1, 86400.0));
   auto* buffers_flag = app.add_flag("--buffers", buffers, "list live buffers instead of the summary");
-  app.add_option("--pid", pid, "with --buffers: only this process's buffers")->needs(buffers_flag);
+  auto* leaks_flag = app.add_flag(
+      "--leaks", leaks,
+      "what ended processes left behind (crashed, or exited with live buffers), grouped by call site, largest first");
+  leaks_flag->excludes(buffers_flag);
+  auto* pid_option = app.add_option("--pid", pid, "with --buffers or --leaks: only this process");
+  auto* stacks_flag = app.add_flag("--stacks", stacks,
+               "with --buffers: each buffer's call site and stack; with --leaks: each site's stack "
+               "(the process must run with MESHRT_ALLOC_STACKS=1)");
   auto* map_option =
       app.add_option("--map", map, "draw every device's memory as an SVG memory map into FILE (open it in a browser)")
           ->excludes("--watch")
@@ -173,6 +229,12 @@ int run(int argc, char** argv) {
     fmt::print(stderr, "meshrt-smi: {}\n\n{}", error.what(), app.help());
     return 2;
   }
+  for (const auto* option : {pid_option, stacks_flag}) {
+    if (option->count() > 0 && !buffers && !leaks) {
+      fmt::print(stderr, "meshrt-smi: {} requires --buffers or --leaks\n\n{}", option->get_name(), app.help());
+      return 2;
+    }
+  }
 
   auto monitor = meshrt::server::Monitor::connect(socket);
   if (!monitor) {
@@ -180,10 +242,12 @@ int run(int argc, char** argv) {
     return 1;
   }
   if (!map.empty()) return write_map(*monitor, map, map_device);
-  const auto kind = verify ? meshrt::protocol::QueryKind::verify :
-                    buffers ? meshrt::protocol::QueryKind::buffers : meshrt::protocol::QueryKind::summary;
+  const auto kind = verify ? meshrt::protocol::QueryKind::verify
+                    : buffers ? meshrt::protocol::QueryKind::buffers
+                    : leaks ? meshrt::protocol::QueryKind::leaks
+                            : meshrt::protocol::QueryKind::summary;
   for (;;) {
-    auto answer = monitor->query(kind, pid);
+    auto answer = monitor->query(kind, pid, stacks && buffers);
     if (!answer) {
       fmt::print(stderr, "meshrt-smi: {}\n", answer.error().message);
       return 1;
@@ -204,7 +268,9 @@ int run(int argc, char** argv) {
         for (const json& line : reply["differences"]) fmt::print("  {}\n", line.get<std::string>());
       }
     } else if (buffers) {
-      print_buffers(reply);
+      print_buffers(reply, stacks);
+    } else if (leaks) {
+      print_leaks(reply, stacks);
     } else {
       print_summary(reply);
     }

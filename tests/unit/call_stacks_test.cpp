@@ -1,0 +1,224 @@
+// Call stacks (ADR 0024): capture and naming in the process, their wire form, and the server's
+// leak reports grouped by call site.
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <string>
+#include <variant>
+#include <vector>
+
+#include <doctest/doctest.h>
+
+import meshrt.core;
+import meshrt.protocol;
+import meshrt.server;
+import meshrt.stacks;
+
+using namespace meshrt;
+
+namespace {
+
+// Not inlined, so that each level is a frame of its own.
+[[gnu::noinline]] std::size_t capture_at_depth(int depth, std::span<std::uintptr_t> out) {
+  if (depth > 0) {
+    const std::size_t count = capture_at_depth(depth - 1, out);
+    asm volatile("" ::: "memory");  // no tail call: the frame stays
+    return count;
+  }
+  return stacks::capture(out);
+}
+
+protocol::Message round_trip(const std::vector<std::byte>& bytes) {
+  auto frame = protocol::next_frame(bytes);
+  REQUIRE(frame.has_value());
+  REQUIRE(frame->has_value());
+  auto message = protocol::decode(**frame);
+  REQUIRE(message.has_value());
+  return *message;
+}
+
+protocol::CallStack stack_at(std::uint32_t id, const std::string& function, std::uint32_t line) {
+  return protocol::CallStack{.id = id,
+                             .frames = {{.address = 0x10, .function = "meshrt::MeshBuffer::create", .file = "mesh.cpp"},
+                                        {.address = 0x20, .function = function, .file = "test.cpp", .line = line}},
+                             .call_site = 1};
+}
+
+}  // namespace
+
+TEST_SUITE("call stacks") {
+  TEST_CASE("a frame-pointer walk sees every level of a deep stack, the same each time from one call site") {
+    std::array<std::uintptr_t, stacks::max_frames> first{};
+    std::array<std::uintptr_t, stacks::max_frames> second{};
+    std::size_t depth_first = 0;
+    std::size_t depth_second = 0;
+    for (int i = 0; i < 2; ++i) {
+      (i == 0 ? depth_first : depth_second) = capture_at_depth(20, i == 0 ? first : second);
+    }
+    CHECK(depth_first >= 21);
+    CHECK(depth_first == depth_second);
+    // The innermost frames are the recursion's; only the loop's return address differs, not at all.
+    CHECK(std::equal(first.begin(), first.begin() + 21, second.begin()));
+    CHECK(stacks::hash_frames(std::span(first).first(depth_first)) ==
+          stacks::hash_frames(std::span(second).first(depth_second)));
+    std::array<std::uintptr_t, 4> short_out{};
+    CHECK(capture_at_depth(20, short_out) == 4);
+  }
+
+  TEST_CASE("a return address is named: demangled function, this file and a line") {
+    std::array<std::uintptr_t, 8> frames{};
+    REQUIRE(capture_at_depth(0, frames) >= 2);
+    stacks::Symbolizer symbolizer;
+    const stacks::Frame innermost = symbolizer.symbolize(frames[0]);
+    CHECK(innermost.function.find("capture_at_depth") != std::string::npos);
+    CHECK(innermost.file.find("call_stacks_test.cpp") != std::string::npos);
+    CHECK(innermost.line > 0);
+    CHECK(stacks::describe(innermost).find("call_stacks_test.cpp:") != std::string::npos);
+    CHECK(symbolizer.symbolize(frames[0]) == innermost);  // cached, and the same
+  }
+
+  TEST_CASE("the call site is the first frame outside meshrt and the libraries, unless an interpreted frame is there") {
+    std::vector<stacks::Frame> frames{{.function = "meshrt::TrackingClient::process(...)"},
+                                      {.function = "auto tl::detail::and_then_impl<int>(int&&)"},
+                                      {.function = "decltype(std::forward<int>(fp)) tl::detail::invoke<int>(int&&)"},
+                                      {.function = "meshrt::MeshBuffer::create(...)"},
+                                      {.function = "(anonymous namespace)::run(int, char**)"},
+                                      {.function = "main"}};
+    CHECK(stacks::call_site(frames) == 4);
+    frames.push_back({.function = "test_leaks", .file = "test_x.py", .line = 12, .interpreted = true});
+    CHECK(stacks::call_site(frames) == 6);
+    const std::vector<stacks::Frame> inside{{.function = "meshrt::a()"}, {.function = "std::b()"}};
+    CHECK(stacks::call_site(inside) == 0);
+  }
+
+  TEST_CASE("interpreter frames given for a scope are this thread's while it lasts, innermost scope first") {
+    CHECK(stacks::caller_frames() == nullptr);
+    {
+      const stacks::ScopedCallerFrames outer({{.function = "f", .file = "a.py", .line = 1, .interpreted = true}});
+      {
+        const stacks::ScopedCallerFrames inner({{.function = "g", .file = "a.py", .line = 2, .interpreted = true}});
+        REQUIRE(stacks::caller_frames() == &inner);
+        CHECK(inner.hash() != outer.hash());
+      }
+      CHECK(stacks::caller_frames() == &outer);
+    }
+    CHECK(stacks::caller_frames() == nullptr);
+  }
+
+  TEST_CASE("a CallStack round-trips, records with stacks carry the id and plain records none") {
+    std::vector<std::byte> bytes;
+    const protocol::CallStack stack = stack_at(7, "test_fn()", 42);
+    protocol::encode(stack, bytes);
+    CHECK(std::get<protocol::CallStack>(round_trip(bytes)) == stack);
+
+    const protocol::AllocRecord alloc{.buffer = 5, .size = 64, .device_count = 2, .stack = 7};
+    const protocol::FreeRecord free{.buffer = 5, .reason = 1, .device_count = 2};
+    for (const auto format : {protocol::RecordFormat::plain, protocol::RecordFormat::with_stack}) {
+      bytes.clear();
+      protocol::encode_events(0, std::vector{protocol::EventRecord::of(alloc), protocol::EventRecord::of(free)}, bytes,
+                              format);
+      CHECK(bytes.size() == protocol::header_size + protocol::batch_prefix_size + 2 * protocol::size_of(format));
+      const auto batch = std::get<protocol::EventBatch>(round_trip(bytes));
+      REQUIRE(batch.records.size() == 2);
+      CHECK(batch.records[0].alloc.stack == (format == protocol::RecordFormat::with_stack ? 7U : 0U));
+      CHECK(batch.records[1].is_free);
+      bytes.clear();
+      protocol::encode_snapshot_chunk(std::vector{alloc}, bytes, format);
+      const auto chunk = std::get<protocol::SnapshotChunk>(round_trip(bytes));
+      REQUIRE(chunk.records.size() == 1);
+      CHECK(chunk.records[0].alloc.stack == (format == protocol::RecordFormat::with_stack ? 7U : 0U));
+    }
+  }
+
+  TEST_CASE("malformed CallStacks and stack records are refused with a reason") {
+    const auto refusal = [](const std::vector<std::byte>& bytes) {
+      auto frame = protocol::next_frame(bytes);
+      REQUIRE(frame.has_value());
+      REQUIRE(frame->has_value());
+      auto message = protocol::decode(**frame);
+      REQUIRE_FALSE(message.has_value());
+      return message.error().message;
+    };
+    std::vector<std::byte> bytes;
+    protocol::encode(stack_at(3, "f()", 1), bytes);
+    bytes[protocol::header_size + 6] = std::byte{9};  // call site frame 9 of 2
+    CHECK(refusal(bytes).find("call site frame 9 of 2 frames") != std::string::npos);
+    bytes[protocol::header_size + 6] = std::byte{0};
+    bytes[protocol::header_size] = std::byte{0};  // id 0
+    CHECK(refusal(bytes).find("stack id 0") != std::string::npos);
+
+    bytes.clear();
+    protocol::encode_events(0, std::vector{protocol::EventRecord::of(protocol::FreeRecord{.buffer = 1})}, bytes,
+                            protocol::RecordFormat::with_stack);
+    bytes.back() = std::byte{1};  // a free's stack id
+    CHECK(refusal(bytes).find("a free carries no call stack") != std::string::npos);
+    bytes.clear();
+    protocol::encode_events(0, std::vector{protocol::EventRecord::of(protocol::AllocRecord{.buffer = 1})}, bytes);
+    bytes[protocol::header_size + 12] = std::byte{2};  // record format 2
+    CHECK(refusal(bytes).find("unknown record format 2") != std::string::npos);
+  }
+
+  TEST_CASE("a session's leak report groups its buffers by call site, largest first, and is kept after it ends") {
+    server::Ledger ledger;
+    ledger.set_leak_report_limit(2);
+    const server::SessionId a = ledger.open_session({.pid = 10, .name = "a"});
+    // Stacks 1 and 2 reach one call site by two paths; stack 3 is another site.
+    CHECK(ledger.add_call_stack(a, stack_at(1, "run()", 5), 16));
+    protocol::CallStack other_path = stack_at(2, "run()", 5);
+    other_path.frames[0].function = "meshrt::Tensor::allocate";
+    CHECK(ledger.add_call_stack(a, other_path, 16));
+    CHECK(ledger.add_call_stack(a, stack_at(3, "small()", 9), 16));
+    CHECK(ledger.apply_alloc(a, {.buffer = 1, .mesh_buffer = 1, .size = 100, .device = 0, .device_count = 4, .stack = 1}));
+    CHECK(ledger.apply_alloc(a, {.buffer = 10, .mesh_buffer = 2, .size = 50, .device = 2, .stack = 2}));
+    CHECK(ledger.apply_alloc(a, {.buffer = 20, .mesh_buffer = 3, .size = 1000, .device = 1, .stack = 3}));
+    CHECK(ledger.apply_alloc(a, {.buffer = 30, .mesh_buffer = 4, .size = 1, .device = 0}));  // no stack
+    (void)ledger.apply_free(a, {.buffer = 20, .device_count = 1});
+    ledger.name_mesh_buffer(a, 1, "weights");
+    const server::Reclaim reclaim = ledger.close_session(a, server::SessionEnd::disconnected, 1'000);
+    REQUIRE(reclaim.sites.size() == 2);
+    CHECK(reclaim.sites[0].call_site() == "run() (test.cpp:5)");
+    CHECK(reclaim.sites[0].bytes == 450);
+    CHECK(reclaim.sites[0].buffers == 5);
+    CHECK(reclaim.sites[0].stacks == 2);
+    CHECK(reclaim.sites[0].devices == std::vector<std::uint32_t>{0, 1, 2, 3});
+    CHECK(reclaim.sites[1].call_site().empty());  // the buffer without a stack
+    CHECK(reclaim.sites[1].bytes == 1);
+    const auto reports = ledger.leak_reports();
+    REQUIRE(reports.size() == 1);
+    CHECK(reports[0].how == server::SessionEnd::disconnected);
+    CHECK(reports[0].ended_ns == 1'000);
+    CHECK(reports[0].reclaim.identity.pid == 10);
+    CHECK(ledger.leak_reports(11).empty());
+
+    // Only the last two sessions that left something are kept; one that left nothing makes none.
+    for (std::uint32_t pid = 11; pid <= 13; ++pid) {
+      const server::SessionId s = ledger.open_session({.pid = pid});
+      CHECK(ledger.apply_alloc(s, {.buffer = 1, .size = 8}));
+      (void)ledger.close_session(s, server::SessionEnd::goodbye);
+    }
+    (void)ledger.close_session(ledger.open_session({.pid = 14}), server::SessionEnd::goodbye);
+    const auto kept = ledger.leak_reports();
+    REQUIRE(kept.size() == 2);
+    CHECK(kept[0].reclaim.identity.pid == 12);
+    CHECK(kept[1].reclaim.identity.pid == 13);
+  }
+
+  TEST_CASE("a session's stacks are bounded: one over the limit is counted, one told again replaces its own") {
+    server::Ledger ledger;
+    const server::SessionId a = ledger.open_session({.pid = 10});
+    CHECK(ledger.add_call_stack(a, stack_at(1, "f()", 1), 2));
+    CHECK(ledger.add_call_stack(a, stack_at(2, "g()", 2), 2));
+    CHECK_FALSE(ledger.add_call_stack(a, stack_at(3, "h()", 3), 2));
+    CHECK(ledger.counters().call_stacks_dropped == 1);
+    CHECK(ledger.add_call_stack(a, stack_at(1, "f2()", 1), 2));
+    CHECK(ledger.call_stack_count(a) == 2);
+    CHECK(ledger.apply_alloc(a, {.buffer = 1, .size = 8, .stack = 1}));
+    CHECK(ledger.apply_alloc(a, {.buffer = 2, .size = 8, .stack = 3}));  // a stack never kept
+    const auto buffers = ledger.live_buffers();
+    REQUIRE(buffers.size() == 2);
+    CHECK(buffers[0].call_site == "f2() (test.cpp:1)");
+    CHECK(buffers[1].stack == 3);
+    CHECK(buffers[1].call_site.empty());
+  }
+}
