@@ -16,6 +16,7 @@ module meshrt.server;
 
 import meshrt.core;
 import meshrt.protocol;
+import :report;
 
 namespace meshrt::server {
 
@@ -38,11 +39,7 @@ void BufferListing::render(std::string& out, std::size_t max_bytes, std::int64_t
       stack_json_.push_back(fmt::format(R"("call_site":{},)", dump(call_site_of(stack))));
       std::string frames;
       if (with_stacks_) {
-        nlohmann::json list = nlohmann::json::array();
-        for (const protocol::StackFrame& frame : stack.frames) {
-          list.push_back({{"file", frame.file}, {"function", frame.function}, {"interpreted", frame.interpreted},
-                          {"line", frame.line}});
-        }
+        nlohmann::json list = report::frames_json(stack);
         frames = dump(list);
         while (frames.size() > max_stack_json_bytes - 16 && !list.empty()) {
           list.erase(list.size() - 1);

@@ -102,24 +102,27 @@ std::uint64_t StackInterner::size() const {
 
 void StackBook::add(const CapturedStack& captured) {
   Expects(captured.id == stacks_.size() + 1);
-  protocol::CallStack stack{.id = captured.id, .frames = {}};
-  bool above_call_site = true;
+  std::vector<stacks::Frame> named;
+  named.reserve(captured.native.size() + captured.interpreted.size());
   for (const std::uintptr_t address : captured.native) {
     stacks::Frame frame = symbolizer_.symbolize(address);
-    if (above_call_site && is_capture_machinery(frame.function)) continue;
-    above_call_site = false;
-    stack.frames.push_back({frame.address, std::move(frame.function), std::move(frame.file), frame.line, false});
+    if (named.empty() && is_capture_machinery(frame.function)) continue;  // above the call site
+    named.push_back(std::move(frame));
   }
-  std::vector<stacks::Frame> named;
-  for (const stacks::Frame& frame : captured.interpreted) {
-    stack.frames.push_back({0, frame.function, frame.file, frame.line, true});
-  }
-  named.reserve(stack.frames.size());
-  for (const protocol::StackFrame& frame : stack.frames) {
-    named.push_back({frame.address, frame.function, frame.file, frame.line, frame.interpreted});
+  for (stacks::Frame frame : captured.interpreted) {
+    frame.address = 0;
+    frame.interpreted = true;  // whatever the binding said: these are the interpreter's
+    named.push_back(std::move(frame));
   }
   const std::size_t site = stacks::call_site(named);
-  stack.call_site = static_cast<std::uint16_t>(site < protocol::max_stack_frames ? site : 0);
+  protocol::CallStack stack{.id = captured.id,
+                            .frames = {},
+                            .call_site = static_cast<std::uint16_t>(site < protocol::max_stack_frames ? site : 0)};
+  stack.frames.reserve(named.size());
+  for (stacks::Frame& frame : named) {
+    stack.frames.push_back(
+        {frame.address, std::move(frame.function), std::move(frame.file), frame.line, frame.interpreted});
+  }
   stacks_.push_back(std::move(stack));
 }
 
