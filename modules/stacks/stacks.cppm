@@ -46,8 +46,10 @@ class Symbolizer {
   Symbolizer& operator=(Symbolizer&&) noexcept;
   ~Symbolizer();
 
-  // The frame of the call that returns to `return_address` (the call instruction is just before it).
-  [[nodiscard]] Frame symbolize(std::uintptr_t return_address);
+  // The frames of the call that returns to `return_address` (the call instruction is just before
+  // it), innermost first: the functions the optimizer inlined there, each at the line it was
+  // called from, then the function the address is in. One frame when nothing was inlined; never none.
+  [[nodiscard]] std::vector<Frame> symbolize(std::uintptr_t return_address);
 
  private:
   struct State;

@@ -1,8 +1,10 @@
 module;
+#include <algorithm>
 #include <cstddef>
 #include <cstdint>
 #include <initializer_list>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -13,6 +15,7 @@ module;
 #include <pthread.h>
 #include <unistd.h>
 
+#include <dwarf.h>
 #include <elfutils/libdw.h>
 #include <elfutils/libdwfl.h>
 #include <fmt/format.h>
@@ -171,7 +174,7 @@ struct Symbolizer::State {
   Dwfl_Callbacks callbacks{};
   Dwfl* dwfl{nullptr};
   char* debuginfo_path{nullptr};
-  std::unordered_map<std::uintptr_t, Frame> cache;
+  std::unordered_map<std::uintptr_t, std::vector<Frame>> cache;
 
   State() {
     callbacks.find_elf = dwfl_linux_proc_find_elf;
@@ -197,28 +200,80 @@ struct Symbolizer::State {
     (void)dwfl_report_end(dwfl, nullptr, nullptr);
   }
 
-  // dwfl_module_getsrc finds a unit by .debug_aranges, which clang does not emit by default: then
-  // ask each compilation unit whether it covers the address.
-  static void find_line_without_aranges(Dwfl_Module* module, Dwarf_Addr pc, Frame& frame) {
-    Dwarf_Addr bias = 0;
+  // The compilation unit covering `pc`. dwfl_module_addrdie finds it by .debug_aranges, which
+  // clang does not emit by default: then each unit is asked whether it covers the address.
+  static std::optional<Dwarf_Die> unit_of(Dwfl_Module* module, Dwarf_Addr pc, Dwarf_Addr& bias) {
+    if (Dwarf_Die* unit = dwfl_module_addrdie(module, pc, &bias); unit != nullptr) return *unit;
     for (Dwarf_Die* unit = dwfl_module_nextcu(module, nullptr, &bias); unit != nullptr;
          unit = dwfl_module_nextcu(module, unit, &bias)) {
-      if (dwarf_haspc(unit, pc - bias) <= 0) continue;
-      Dwarf_Line* line = dwarf_getsrc_die(unit, pc - bias);
-      if (line == nullptr) return;
-      int line_number = 0;
-      if (const char* file = dwarf_linesrc(line, nullptr, nullptr); file != nullptr) {
-        (void)dwarf_lineno(line, &line_number);
-        frame.file = file;
-        frame.line = static_cast<std::uint32_t>(line_number > 0 ? line_number : 0);
+      if (dwarf_haspc(unit, pc - bias) > 0) return *unit;
+    }
+    return std::nullopt;
+  }
+
+  // A function's name as people read it: its demangled linkage name, else its plain name.
+  static std::string name_of(Dwarf_Die* function) {
+    Dwarf_Attribute attribute;
+    for (const unsigned int name : {DW_AT_linkage_name, DW_AT_MIPS_linkage_name}) {
+      if (dwarf_attr_integrate(function, name, &attribute) == nullptr) continue;
+      if (const char* linkage = dwarf_formstring(&attribute); linkage != nullptr) {
+        return without_module_attachments(llvm::demangle(std::string_view(linkage)));
       }
-      return;
+    }
+    if (dwarf_attr_integrate(function, DW_AT_name, &attribute) != nullptr) {
+      if (const char* plain = dwarf_formstring(&attribute); plain != nullptr) return plain;
+    }
+    return {};
+  }
+
+  // Where an inlined call was made from: the file and line in the function it was inlined into.
+  static void set_call_location(Dwarf_Die* unit, Dwarf_Die* inlined, Frame& frame) {
+    Dwarf_Attribute attribute;
+    Dwarf_Word file_index = 0;
+    Dwarf_Word line = 0;
+    if (dwarf_attr(inlined, DW_AT_call_file, &attribute) != nullptr && dwarf_formudata(&attribute, &file_index) == 0) {
+      Dwarf_Files* files = nullptr;
+      std::size_t file_count = 0;
+      if (dwarf_getsrcfiles(unit, &files, &file_count) == 0 && file_index < file_count) {
+        if (const char* file = dwarf_filesrc(files, file_index, nullptr, nullptr); file != nullptr) frame.file = file;
+      }
+    }
+    if (dwarf_attr(inlined, DW_AT_call_line, &attribute) != nullptr && dwarf_formudata(&attribute, &line) == 0) {
+      frame.line = static_cast<std::uint32_t>(line);
     }
   }
 
-  Frame lookup(std::uintptr_t return_address) {
+  // Appends the inlined calls under `parent` that cover `pc`, outermost first. Functions are
+  // found at the unit's top level or in namespaces; inside one, blocks and inlined calls nest.
+  static bool find_inlined_calls(Dwarf_Die* parent, Dwarf_Addr pc, std::vector<Dwarf_Die>& calls) {
+    Dwarf_Die child;
+    if (dwarf_child(parent, &child) != 0) return false;
+    do {
+      const int tag = dwarf_tag(&child);
+      if (tag == DW_TAG_namespace) {
+        if (find_inlined_calls(&child, pc, calls)) return true;
+        continue;
+      }
+      const bool scope = tag == DW_TAG_subprogram || tag == DW_TAG_inlined_subroutine || tag == DW_TAG_lexical_block;
+      if (!scope || dwarf_haspc(&child, pc) <= 0) continue;
+      if (tag == DW_TAG_inlined_subroutine) calls.push_back(child);
+      (void)find_inlined_calls(&child, pc, calls);
+      return true;
+    } while (dwarf_siblingof(&child, &child) == 0);
+    return false;
+  }
+
+  // The inlined calls at `pc`, innermost first.
+  static std::vector<Dwarf_Die> inlined_calls(Dwarf_Die* unit, Dwarf_Addr pc) {
+    std::vector<Dwarf_Die> calls;
+    (void)find_inlined_calls(unit, pc, calls);
+    std::ranges::reverse(calls);
+    return calls;
+  }
+
+  std::vector<Frame> lookup(std::uintptr_t return_address) {
     Frame frame{.address = return_address};
-    if (dwfl == nullptr || return_address == 0) return frame;
+    if (dwfl == nullptr || return_address == 0) return {frame};
     // The call instruction ends just before the return address: look up a byte inside it.
     const Dwarf_Addr pc = return_address - 1;
     Dwfl_Module* module = dwfl_addrmodule(dwfl, pc);
@@ -226,24 +281,44 @@ struct Symbolizer::State {
       report_modules();
       module = dwfl_addrmodule(dwfl, pc);
     }
-    if (module == nullptr) return frame;
+    if (module == nullptr) return {frame};
     if (const char* symbol = dwfl_module_addrname(module, pc); symbol != nullptr) {
       frame.function = without_module_attachments(llvm::demangle(std::string_view(symbol)));
     }
-    if (Dwfl_Line* line = dwfl_module_getsrc(module, pc); line != nullptr) {
-      int line_number = 0;
-      if (const char* file = dwfl_lineinfo(line, nullptr, &line_number, nullptr, nullptr, nullptr); file != nullptr) {
-        frame.file = file;
-        frame.line = static_cast<std::uint32_t>(line_number > 0 ? line_number : 0);
+    Dwarf_Addr bias = 0;
+    std::optional<Dwarf_Die> unit = unit_of(module, pc, bias);
+    if (unit) {
+      if (Dwarf_Line* line = dwarf_getsrc_die(&*unit, pc - bias); line != nullptr) {
+        int line_number = 0;
+        if (const char* file = dwarf_linesrc(line, nullptr, nullptr); file != nullptr) {
+          (void)dwarf_lineno(line, &line_number);
+          frame.file = file;
+          frame.line = static_cast<std::uint32_t>(line_number > 0 ? line_number : 0);
+        }
       }
-    } else {
-      find_line_without_aranges(module, pc, frame);
     }
     if (frame.file.empty()) {
       const char* binary = dwfl_module_info(module, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr, nullptr);
       if (binary != nullptr) frame.file = binary;
     }
-    return frame;
+    std::vector<Dwarf_Die> inlined = unit ? inlined_calls(&*unit, pc - bias) : std::vector<Dwarf_Die>{};
+    if (inlined.empty()) return {frame};
+    // The address's line is in the innermost inlined function; each inlined call's own location
+    // is the line of the next frame out, the function the symbol names last.
+    std::vector<Frame> frames;
+    frames.reserve(inlined.size() + 1);
+    for (std::size_t i = 0; i <= inlined.size(); ++i) {
+      Frame named{.address = return_address};
+      named.function = i < inlined.size() ? name_of(&inlined[i]) : frame.function;
+      if (i == 0) {
+        named.file = frame.file;
+        named.line = frame.line;
+      } else {
+        set_call_location(&*unit, &inlined[i - 1], named);
+      }
+      frames.push_back(std::move(named));
+    }
+    return frames;
   }
 };
 
@@ -252,15 +327,15 @@ Symbolizer::Symbolizer(Symbolizer&&) noexcept = default;
 Symbolizer& Symbolizer::operator=(Symbolizer&&) noexcept = default;
 Symbolizer::~Symbolizer() = default;
 
-Frame Symbolizer::symbolize(std::uintptr_t return_address) {
+std::vector<Frame> Symbolizer::symbolize(std::uintptr_t return_address) {
   const auto found = state_->cache.find(return_address);
   if (found != state_->cache.end()) return found->second;
-  Frame frame = state_->lookup(return_address);
+  std::vector<Frame> frames = state_->lookup(return_address);
   // Bounded: a process with more distinct return addresses than this forgets and starts over.
   constexpr std::size_t max_cached = 1U << 16U;
   if (state_->cache.size() >= max_cached) state_->cache.clear();
-  state_->cache.emplace(return_address, frame);
-  return frame;
+  state_->cache.emplace(return_address, frames);
+  return frames;
 }
 
 }  // namespace meshrt::stacks

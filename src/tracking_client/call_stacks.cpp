@@ -1,4 +1,5 @@
 module;
+#include <algorithm>
 #include <array>
 #include <atomic>
 #include <cstddef>
@@ -105,10 +106,15 @@ void StackBook::add(const CapturedStack& captured) {
   std::vector<stacks::Frame> named;
   named.reserve(captured.native.size() + captured.interpreted.size());
   for (const std::uintptr_t address : captured.native) {
-    stacks::Frame frame = symbolizer_.symbolize(address);
-    if (named.empty() && is_capture_machinery(frame.function)) continue;  // above the call site
-    named.push_back(std::move(frame));
+    for (stacks::Frame& frame : symbolizer_.symbolize(address)) {
+      if (named.empty() && is_capture_machinery(frame.function)) continue;  // above the call site
+      named.push_back(std::move(frame));
+    }
   }
+  // The wire keeps max_stack_frames: when inlined calls make more, the outermost native frames
+  // (the interpreter's own, under Python) go, not the interpreted ones that follow them.
+  const std::size_t room = protocol::max_stack_frames - std::min(captured.interpreted.size(), protocol::max_stack_frames);
+  if (named.size() > room) named.resize(room);
   for (stacks::Frame frame : captured.interpreted) {
     frame.address = 0;
     frame.interpreted = true;  // whatever the binding said: these are the interpreter's

@@ -1,5 +1,6 @@
 // Call stacks (ADR 0024): capture and naming in the process, their wire form, and the server's
 // leak reports grouped by call site.
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -29,6 +30,25 @@ namespace {
   return stacks::capture(out);
 }
 
+// Two calls of this are two captures from one call site inside it.
+[[gnu::noinline]] std::size_t capture_from_one_site(std::span<std::uintptr_t> out) {
+  const std::size_t count = capture_at_depth(20, out);
+  asm volatile("" ::: "memory");
+  return count;
+}
+
+[[gnu::always_inline]] inline std::size_t inlined_capture(std::span<std::uintptr_t> out) {
+  return stacks::capture(out);
+}
+
+constexpr std::uint32_t inlined_call_line = __LINE__ + 3;  // the line of the inlined call below
+[[gnu::noinline]] std::size_t capture_through_inlined_call(std::span<std::uintptr_t> out) {
+  const std::size_t count =
+      inlined_capture(out);
+  asm volatile("" ::: "memory");
+  return count;
+}
+
 protocol::Message round_trip(const std::vector<std::byte>& bytes) {
   auto frame = protocol::next_frame(bytes);
   REQUIRE(frame.has_value());
@@ -51,16 +71,17 @@ TEST_SUITE("call stacks") {
   TEST_CASE("a frame-pointer walk sees every level of a deep stack, the same each time from one call site") {
     std::array<std::uintptr_t, stacks::max_frames> first{};
     std::array<std::uintptr_t, stacks::max_frames> second{};
-    std::size_t depth_first = 0;
-    std::size_t depth_second = 0;
-    for (int i = 0; i < 2; ++i) {
-      (i == 0 ? depth_first : depth_second) = capture_at_depth(20, i == 0 ? first : second);
-    }
-    CHECK(depth_first >= 21);
+    const std::size_t depth_first = capture_from_one_site(first);
+    const std::size_t depth_second = capture_from_one_site(second);
+    CHECK(depth_first >= 22);
     CHECK(depth_first == depth_second);
-    // The innermost frames are the recursion's; only the loop's return address differs, not at all.
-    CHECK(std::equal(first.begin(), first.begin() + 21, second.begin()));
-    CHECK(stacks::hash_frames(std::span(first).first(depth_first)) ==
+    // The recursion's 21 frames and capture_from_one_site's are the same; the frames past them
+    // return to this test's two calls, at two addresses.
+    constexpr std::size_t same = 22;
+    CHECK(std::equal(first.begin(), first.begin() + same, second.begin()));
+    CHECK(stacks::hash_frames(std::span(first).first(same)) == stacks::hash_frames(std::span(second).first(same)));
+    CHECK(first[same] != second[same]);
+    CHECK(stacks::hash_frames(std::span(first).first(depth_first)) !=
           stacks::hash_frames(std::span(second).first(depth_second)));
     std::array<std::uintptr_t, 4> short_out{};
     CHECK(capture_at_depth(20, short_out) == 4);
@@ -70,12 +91,30 @@ TEST_SUITE("call stacks") {
     std::array<std::uintptr_t, 8> frames{};
     REQUIRE(capture_at_depth(0, frames) >= 2);
     stacks::Symbolizer symbolizer;
-    const stacks::Frame innermost = symbolizer.symbolize(frames[0]);
+    const std::vector<stacks::Frame> named = symbolizer.symbolize(frames[0]);
+    REQUIRE(named.size() == 1);  // capture_at_depth is not inlined
+    const stacks::Frame& innermost = named[0];
     CHECK(innermost.function.find("capture_at_depth") != std::string::npos);
     CHECK(innermost.file.find("call_stacks_test.cpp") != std::string::npos);
     CHECK(innermost.line > 0);
     CHECK(stacks::describe(innermost).find("call_stacks_test.cpp:") != std::string::npos);
-    CHECK(symbolizer.symbolize(frames[0]) == innermost);  // cached, and the same
+    CHECK(symbolizer.symbolize(frames[0]) == named);  // cached, and the same
+  }
+
+  TEST_CASE("a call the optimizer inlined is named as its own frame, at the line it was called from") {
+    std::array<std::uintptr_t, 8> frames{};
+    const std::size_t count = capture_through_inlined_call(frames);
+    REQUIRE(count >= 1);
+    stacks::Symbolizer symbolizer;
+    const std::vector<stacks::Frame> named = symbolizer.symbolize(frames[0]);
+    // always_inline is inlined at every optimization level, -O0 too.
+    REQUIRE(named.size() == 2);
+    CHECK(named[0].function.find("inlined_capture") != std::string::npos);
+    CHECK(named[0].file.find("call_stacks_test.cpp") != std::string::npos);
+    CHECK(named[1].function.find("capture_through_inlined_call") != std::string::npos);
+    CHECK(named[1].file.find("call_stacks_test.cpp") != std::string::npos);
+    CHECK(named[1].line == inlined_call_line);
+    CHECK(named[0].address == named[1].address);
   }
 
   TEST_CASE("the call site is the first frame outside meshrt and the libraries, unless an interpreted frame is there") {
