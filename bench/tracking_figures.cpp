@@ -19,6 +19,7 @@ module;
 #include <string>
 #include <string_view>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include <fmt/format.h>
@@ -34,6 +35,7 @@ import meshrt;
 import meshrt.protocol;
 import meshrt.server;
 import meshrt.monitor;
+import meshrt.stacks;
 import meshrt.testing;
 
 namespace meshrt::bench {
@@ -132,6 +134,62 @@ std::optional<double> counted_instructions(const Context& context, const std::st
     if (line.starts_with("totals: ") || line.starts_with("summary: ")) return std::stod(line.substr(line.find(' ') + 1));
   }
   return std::nullopt;
+}
+
+// Runs `body` `levels` frames below the caller, each level a frame of its own.
+template <class Body>
+[[gnu::noinline]] void at_depth(std::size_t levels, Body& body) {
+  if (levels > 0) {
+    at_depth(levels - 1, body);
+    asm volatile("" ::: "memory");  // no tail call: the frame stays
+    return;
+  }
+  body();
+}
+
+// How many frames the calling thread's stack has now (capped at the walk's limit).
+[[gnu::noinline]] std::size_t frames_here() {
+  std::array<std::uintptr_t, stacks::max_frames> frames{};
+  return stacks::capture(frames);
+}
+
+// Issue 17's figures: what a call stack costs each tracked allocation. The same device buffer
+// lives, made 16 frames deep by the application (one call site, so every stack after the first
+// is a cache hit), through a client capturing stacks and one not; thread CPU time.
+std::vector<Figure> stack_figures(const std::string& socket, MeshDevice& mesh_without) {
+  auto client = TrackingClient::start({.socket_path = socket, .capture_stacks = true});
+  auto tracker = std::make_shared<Tracker>();
+  tracker->add_processor(client);
+  auto mesh_with = MeshDevice::create({1, 1}, DeviceSpec::wormhole_b0(), tracker).value();
+  constexpr std::size_t call_site_depth = 16;
+  const std::size_t depth = frames_here();
+  const std::size_t levels = depth < call_site_depth ? call_site_depth - depth : 0;
+  constexpr std::uint64_t lives = 50'000;
+  const auto deep_lives = [&](MeshDevice& mesh) {
+    return [&mesh, levels] {
+      auto body = [&mesh] { device_buffer_lives(mesh, lives); };
+      at_depth(levels, body);
+    };
+  };
+  const auto [with_ns, without_ns] =
+      paired_medians(deep_lives(mesh_with), deep_lives(mesh_without), lives, 15, Timing::thread_cpu);
+
+  // The walk alone, at the same depth.
+  std::size_t walked = 0;
+  auto walk = [&] {
+    std::array<std::uintptr_t, stacks::max_frames> frames{};
+    for (int i = 0; i < 100'000; ++i) walked = stacks::capture(frames);
+  };
+  const double walk_ns = median_ns_per_op([&] { at_depth(levels, walk); }, 100'000, 9, 1, Timing::thread_cpu);
+  (void)client->flush(10s);
+  const TrackingClient::Status status = client->status();
+  return {
+      figure("stack_capture_ns", with_ns - without_ns, "ns", Bound::at_most, 250),
+      figure("stack_overhead_ratio", with_ns / without_ns, "x", Bound::at_most, 3),
+      figure("stack_walk_ns", walk_ns, "ns"),
+      figure("stack_walk_frames", static_cast<double>(walked), "frames"),
+      figure("stack_interned_stacks", static_cast<double>(status.stacks), "stacks"),
+  };
 }
 
 }  // namespace
@@ -234,7 +292,7 @@ std::vector<Figure> tracking_figures(const Context& context) {
     std::fputs(testing::read_text(context.scratch + "/tracking-server.log").c_str(), stderr);
   }
 
-  return {
+  std::vector<Figure> figures{
       figure("tracked_device_buffer_ns", on_ns, "ns"),
       figure("untracked_device_buffer_ns", off_ns, "ns"),
       figure("tracking_overhead_ratio", on_ns / off_ns, "x", Bound::at_most, 1.10),
@@ -253,6 +311,8 @@ std::vector<Figure> tracking_figures(const Context& context) {
       figure("thread_churn_ns_per_thread", churn_on_ns, "ns"),
       figure("thread_churn_ratio", churn_on_ns / churn_off_ns, "x", Bound::at_most, 2.0),
   };
+  for (Figure& stack_figure : stack_figures(socket, mesh_on)) figures.push_back(std::move(stack_figure));
+  return figures;
 }
 
 }  // namespace meshrt::bench

@@ -92,6 +92,9 @@ class TrackingClient final : public EventProcessor {
   void shutdown();
   [[nodiscard]] Status status() const;
 
+  // True when tracked allocations carry their call stacks (Options::capture_stacks).
+  [[nodiscard]] bool captures_stacks() const noexcept;
+
   struct Engine;  // what the sender thread runs and shares: src/tracking_client/client_engine.cppm
 
  private:

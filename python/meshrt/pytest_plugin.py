@@ -11,6 +11,8 @@ every process it starts) at it, so the server sees every allocation the tests ma
   buffers it created are still live at its end; the report lists them. System and program
   memory belong to a mesh and its cache: they count when the test opened a mesh and did not close
   it (``--meshrt-leaks-all-categories`` counts every category).
+- ``--meshrt-stacks`` (or ``MESHRT_ALLOC_STACKS=1``): every allocation carries its call stack, Python
+  frames included, and a leak report groups what a test left by the line that allocated it.
 - ``@pytest.mark.meshrt_limit(dram="64 MiB", l1="1 MiB")``: fails a test whose peak use on any
   device of this process's meshes, above what was live when it began (a fixture's mesh and its
   system buffers do not count; circular buffers and program binaries do), passed the limit,
@@ -134,6 +136,9 @@ def pytest_addoption(parser):
                     help="fail every test that leaves device buffers it created live (as @pytest.mark.meshrt_no_leaks)")
     group.addoption("--meshrt-leaks-all-categories", action="store_true",
                     help="count live system, program and circular buffers as leaks too, not only buffers")
+    group.addoption("--meshrt-stacks", action="store_true",
+                    help="record each allocation's call stack (MESHRT_ALLOC_STACKS=1): leak reports name the lines "
+                         "that allocated what was left")
 
 
 _server = None
@@ -149,6 +154,8 @@ def pytest_configure(config):
         # Before any test opens a mesh: this process's tracker is made on first use.
         os.environ["MESHRT_ALLOC_TRACKING"] = "1"
         os.environ["MESHRT_ALLOC_SERVER"] = _server.socket
+        if config.getoption("meshrt_stacks"):
+            os.environ["MESHRT_ALLOC_STACKS"] = "1"
 
 
 def pytest_unconfigure(config):
@@ -180,7 +187,21 @@ def _describe(buffer):
     return (f"  buffer {buffer['buffer']} (mesh buffer {buffer.get('mesh_buffer', 0)} "
             f"'{buffer.get('name', '')}') on device {buffer['device']}: {buffer['type']}, "
             f"{buffer.get('category', 'buffer')}, {buffer['size']} bytes, pid {buffer['pid']}"
-            f"{', at ' + buffer['site'] if buffer.get('site') else ''}")
+            f"{', at ' + buffer['call_site'] if buffer.get('call_site') else ''}")
+
+
+def _by_call_site(leaked):
+    """Lines of what was left, one per call site, most bytes first (only with stacks on)."""
+    sites = {}
+    for buffer in leaked:
+        if buffer.get("call_site"):
+            site = sites.setdefault(buffer["call_site"], {"bytes": 0, "buffers": 0, "devices": set()})
+            site["bytes"] += buffer["size"]
+            site["buffers"] += 1
+            site["devices"].add(buffer["device"])
+    ranked = sorted(sites.items(), key=lambda item: (-item[1]["bytes"], item[0]))
+    return [f"  {s['bytes']} bytes in {s['buffers']} buffers on {len(s['devices'])} devices at {where}"
+            for where, s in ranked]
 
 
 def _key(buffer):
@@ -244,8 +265,11 @@ def pytest_runtest_call(item):
                             "(leaked at exit, or reclaimed after a crash): see the server's log")
         if leaked:
             total = sum(b["size"] for b in leaked)
+            sites = _by_call_site(leaked)
             failures.append(f"meshrt: {len(leaked)} device buffers ({total} bytes) created by this test are still "
-                            f"live at its end:\n" + "\n".join(_describe(b) for b in leaked[:50])
+                            f"live at its end:\n"
+                            + ("  by call site, largest first:\n  " + "\n  ".join(sites[:20]) + "\n" if sites else "")
+                            + "\n".join(_describe(b) for b in leaked[:50])
                             + (f"\n  ... and {len(leaked) - 50} more" if len(leaked) > 50 else ""))
     if limits:
         for device, figures in sorted(meshrt._meshrt._device_peaks().items()):

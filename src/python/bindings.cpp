@@ -24,6 +24,7 @@
 #include <fmt/format.h>
 
 import meshrt;
+import meshrt.stacks;
 
 namespace py = pybind11;
 using namespace meshrt;
@@ -87,7 +88,59 @@ struct MeshComposer {
   MeshComposerConfig config;
 };
 
+// The Python frames of the calling thread, innermost first, for the stacks of what this call
+// allocates (ADR 0024): taken at the binding's entry, while it holds the GIL, and only when the
+// process's tracking client captures stacks. Outer frames past the limit (pytest's and pluggy's
+// machinery, mostly) are cut.
+class PythonCallerFrames {
+ public:
+  PythonCallerFrames() {
+    const std::shared_ptr<TrackingClient> client = process_tracking_client();
+    if (client && client->captures_stacks()) scope_.emplace(frames_of_this_thread());
+  }
+
+ private:
+  static constexpr std::size_t max_python_frames = 48;
+
+  static std::string text(PyObject* unicode) {
+    if (unicode == nullptr) return {};
+    const char* utf8 = PyUnicode_AsUTF8(unicode);
+    if (utf8 == nullptr) {
+      PyErr_Clear();
+      return {};
+    }
+    return utf8;
+  }
+
+  static std::vector<stacks::Frame> frames_of_this_thread() {
+    std::vector<stacks::Frame> frames;
+    PyFrameObject* frame = PyEval_GetFrame();  // borrowed
+    Py_XINCREF(frame);
+    while (frame != nullptr && frames.size() < max_python_frames) {
+      PyCodeObject* code = PyFrame_GetCode(frame);  // a new reference
+#if PY_VERSION_HEX >= 0x030B0000
+      PyObject* function = code->co_qualname;
+#else
+      PyObject* function = code->co_name;
+#endif
+      frames.push_back({.function = text(function),
+                        .file = text(code->co_filename),
+                        .line = static_cast<std::uint32_t>(std::max(PyFrame_GetLineNumber(frame), 0)),
+                        .interpreted = true});
+      Py_DECREF(code);
+      PyFrameObject* back = PyFrame_GetBack(frame);  // a new reference, or null
+      Py_DECREF(frame);
+      frame = back;
+    }
+    Py_XDECREF(frame);
+    return frames;
+  }
+
+  std::optional<stacks::ScopedCallerFrames> scope_;
+};
+
 MeshHandle open_mesh_device(MeshShape shape, const std::string& spec_name) {
+  const PythonCallerFrames caller;
   DeviceSpec spec = unwrap(DeviceSpec::named(spec_name));
   py::gil_scoped_release unlocked;
   meshrt_python::watch_device_peaks();
@@ -143,6 +196,7 @@ MeshMapperConfig placement_for(const MeshHandle& device, DataType dtype, Layout 
 PyTensor from_numpy(const py::array_t<float, py::array::c_style | py::array::forcecast>& values, DataType dtype,
                     Layout layout, const MeshHandle& device, const std::optional<MeshMapper>& mapper,
                     const std::string& name) {
+  const PythonCallerFrames caller;
   const MeshMapperConfig config = placement_for(device, dtype, layout, mapper);
   HostTensor host{.shape = shape_of(values), .values = {}};
   host.values.assign(values.data(), values.data() + values.size());
@@ -155,6 +209,7 @@ PyTensor from_numpy(const py::array_t<float, py::array::c_style | py::array::for
 PyTensor from_bfloat16_bits(const py::array_t<std::uint16_t, py::array::c_style | py::array::forcecast>& bits,
                             DataType dtype, Layout layout, const MeshHandle& device,
                             const std::optional<MeshMapper>& mapper, const std::string& name) {
+  const PythonCallerFrames caller;
   const MeshMapperConfig config = placement_for(device, dtype, layout, mapper);
   HostTensor host{.shape = shape_of(bits), .values = std::vector<float>(static_cast<std::size_t>(bits.size()))};
   const std::uint16_t* raw = bits.data();
@@ -180,6 +235,7 @@ py::array_t<float> to_numpy(const PyTensor& tensor, const std::optional<MeshComp
 using TensorOperation = Result<Tensor> (*)(MeshDevice&, const Tensor&, const Tensor&, std::string);
 PyTensor run(std::string_view op, TensorOperation operation, const PyTensor& a, const PyTensor& b,
              const std::string& name) {
+  const PythonCallerFrames caller;
   if (a.mesh != b.mesh) raise(ErrorCode::invalid_argument, fmt::format("{}: the operands are on different meshes", op));
   py::gil_scoped_release unlocked;
   return PyTensor{a.mesh, unwrap(operation(*a.mesh, a.tensor, b.tensor, name))};
@@ -187,6 +243,7 @@ PyTensor run(std::string_view op, TensorOperation operation, const PyTensor& a, 
 
 PyMeshBuffer create_mesh_buffer(const MeshHandle& mesh, std::uint64_t size, std::uint64_t page_size,
                                 BufferType buffer_type, const std::string& name) {
+  const PythonCallerFrames caller;
   if (!mesh) raise(ErrorCode::invalid_argument, "create_mesh_buffer needs a mesh device, not None");
   py::gil_scoped_release unlocked;
   return PyMeshBuffer{mesh, unwrap(MeshBuffer::create(*mesh, ReplicatedBufferConfig{.size = size, .name = name},

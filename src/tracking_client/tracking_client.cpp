@@ -180,6 +180,8 @@ bool TrackingClient::flush(std::chrono::milliseconds timeout) {
   return engine_->delivered_changed.wait_for(lock, timeout, [&] { return engine_->flushed_through >= request; });
 }
 
+bool TrackingClient::captures_stacks() const noexcept { return engine_->interner != nullptr; }
+
 TrackingClient::Status TrackingClient::status() const {
   if (engine_->forked_away()) return Status{};
   Status status;

@@ -42,6 +42,38 @@ def test_a_leaking_test_fails_with_the_buffers_it_left_and_a_clean_one_passes(py
     assert "test_clean FAILED" not in result.stdout.str()
 
 
+def test_with_stacks_a_leak_report_names_the_python_lines_that_allocated_what_was_left(pytester):
+    source = """
+        import pytest, meshrt
+        kept = []
+
+        def make(mesh, size):
+            return meshrt.create_mesh_buffer(mesh, size=size, page_size=2048, name="made")
+
+        @pytest.mark.meshrt_no_leaks
+        @pytest.mark.parametrize("mesh_device", [(1, 2)], indirect=True)
+        def test_leaks(mesh_device):
+            kept.append(make(mesh_device, 4096))
+            kept.append(meshrt.create_mesh_buffer(mesh_device, size=16384, page_size=2048, name="direct"))
+    """
+    result = run(pytester, source, "--meshrt-stacks")
+    result.assert_outcomes(failed=1)
+    written = next(pytester.path.glob("test_with_stacks*.py")).read_text().splitlines()
+    in_make = next(n for n, line in enumerate(written, 1) if "return meshrt.create_mesh_buffer" in line)
+    direct = next(n for n, line in enumerate(written, 1) if 'name="direct"' in line)
+    # The larger site first; each at the Python line that allocated.
+    result.stdout.fnmatch_lines([
+        "*meshrt: 4 device buffers (40960 bytes) created by this test are still live at its end:*",
+        "*by call site, largest first:*",
+        f"*32768 bytes in 2 buffers on 2 devices at test_leaks (*test_with_stacks*.py:{direct})*",
+        f"*8192 bytes in 2 buffers on 2 devices at make (*test_with_stacks*.py:{in_make})*",
+        f"*'made') on device 0: dram, buffer, 4096 bytes, pid *, at make (*.py:{in_make})*",
+    ])
+    plain = run(pytester, source)
+    plain.assert_outcomes(failed=1)
+    assert "by call site" not in plain.stdout.str()
+
+
 def test_the_option_checks_every_test_and_a_mesh_left_open_leaks_its_system_buffers(pytester):
     result = run(pytester, """
         import meshrt
