@@ -57,7 +57,8 @@ enum class MessageType : std::uint16_t {
 [[nodiscard]] std::string_view to_string(MessageType type);
 
 enum class ClientRole : std::uint8_t { tracker = 1, monitor = 2 };
-enum class QueryKind : std::uint8_t { summary = 1, buffers = 2, verify = 3, leaks = 4 };
+// timeline: the server's usage history and moments (ADR 0025), as JSON.
+enum class QueryKind : std::uint8_t { summary = 1, buffers = 2, verify = 3, leaks = 4, timeline = 5 };
 
 struct Hello {
   std::uint16_t protocol_version{version};

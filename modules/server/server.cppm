@@ -37,6 +37,8 @@ struct ServerConfig {
   std::uint64_t max_stacks_per_session{std::uint64_t{1} << 16U};
   // Leak reports kept: those of the last this many sessions that ended with live buffers.
   std::size_t leak_reports{64};
+  // Usage samples the timeline keeps (ADR 0025), 24 bytes each; the oldest go first. 0: no timeline.
+  std::size_t history_samples{std::size_t{1} << 17U};
   std::uint64_t max_messages_per_second{200'000};  // frames per second per session (with a 1 s burst)
   std::uint32_t max_payload{protocol::max_payload_size};
   std::size_t max_pending_output{std::size_t{64} << 20U};  // a monitor that stops reading is dropped

@@ -3,4 +3,5 @@
 export module meshrt.server;
 
 export import :ledger;
+export import :history;
 export import :server;

@@ -17,6 +17,7 @@ module;
 module meshrt.memory_map;
 
 import meshrt.core;
+import :drawing;
 
 namespace meshrt {
 namespace {
@@ -29,35 +30,9 @@ constexpr double panel_gap = 46;    // title and figures above each panel
 constexpr std::size_t merge_above = 4000;  // blocks per panel past which neighbours of one process merge
 constexpr std::string_view mixed_colour = "#7f7f7f";  // a group of tiny blocks of several processes
 
-// Distinct, readable colours; processes take them in order of pid.
-constexpr std::array<std::string_view, 10> palette{"#4e79a7", "#f28e2b", "#e15759", "#76b7b2", "#59a14f",
-                                                   "#edc948", "#b07aa1", "#ff9da7", "#9c755f", "#bab0ac"};
-
-std::string escape(std::string_view text) {
-  std::string out;
-  for (const char c : text) {
-    switch (c) {
-      case '&': out += "&amp;"; break;
-      case '<': out += "&lt;"; break;
-      case '>': out += "&gt;"; break;
-      case '"': out += "&quot;"; break;
-      default:
-        if (static_cast<unsigned char>(c) >= 0x20 || c == '\t') out += c;  // XML forbids other controls
-    }
-  }
-  return out;
-}
-
-std::string bytes_text(std::uint64_t bytes) {
-  constexpr std::array<std::string_view, 4> units{"B", "KiB", "MiB", "GiB"};
-  double value = static_cast<double>(bytes);
-  std::size_t unit = 0;
-  while (value >= 1024 && unit + 1 < units.size()) {
-    value /= 1024;
-    ++unit;
-  }
-  return unit == 0 ? fmt::format("{} B", bytes) : fmt::format("{:.1f} {}", value, units[unit]);
-}
+using drawing::bytes_text;
+using drawing::escape;
+using drawing::palette;
 
 struct Block {
   std::uint64_t offset{};  // from the bank's base address

@@ -419,7 +419,7 @@ Result<Message> decode(const Frame& frame) {
     case MessageType::query: {
       if (!exact(8)) return malformed(type, "payload is not 8 bytes");
       const auto kind = reader.integer<std::uint8_t>();
-      if (kind < 1 || kind > 4) return malformed(type, fmt::format("unknown query kind {}", kind));
+      if (kind < 1 || kind > 5) return malformed(type, fmt::format("unknown query kind {}", kind));
       const auto options = reader.integer<std::uint8_t>();
       if (options > 1) return malformed(type, fmt::format("unknown query options {:#x}", options));
       if (reader.integer<std::uint16_t>() != 0) return malformed(type, "reserved field is not zero");

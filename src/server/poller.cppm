@@ -26,9 +26,10 @@ class Poller {
   [[nodiscard]] Result<void> add(int fd, std::uint32_t events) const { return control(EPOLL_CTL_ADD, fd, events); }
   [[nodiscard]] Result<void> change(int fd, std::uint32_t events) const { return control(EPOLL_CTL_MOD, fd, events); }
   void remove(int fd) const { (void)::epoll_ctl(epoll_.get(), EPOLL_CTL_DEL, fd, nullptr); }
-  // Waits for events; an empty span when interrupted by a signal.
-  [[nodiscard]] Result<std::span<const epoll_event>> wait(std::span<epoll_event> events) const {
-    const int ready = ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), -1);
+  // Waits for events, at most timeout_ms (-1: for ever); an empty span when interrupted by a
+  // signal or timed out.
+  [[nodiscard]] Result<std::span<const epoll_event>> wait(std::span<epoll_event> events, int timeout_ms = -1) const {
+    const int ready = ::epoll_wait(epoll_.get(), events.data(), static_cast<int>(events.size()), timeout_ms);
     if (ready < 0) {
       if (errno == EINTR) return std::span<const epoll_event>{};
       return failure("epoll_wait");

@@ -14,6 +14,7 @@ module meshrt.server:report;
 import meshrt.core;
 import meshrt.protocol;
 import :ledger;
+import :history;
 import :server;
 
 namespace meshrt::server {
@@ -186,6 +187,48 @@ inline std::string leaks_json(const std::vector<LeakReport>& reports, std::int64
                     {"sites", std::move(sites)}});
   }
   return nlohmann::json{{"leaks", std::move(list)}}.dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
+}
+
+// The timeline (ADR 0025): series points as [time_ns, pid, device, type, category, bytes] (pid 0:
+// a category's series over every process; category "all": one process's series), and moments.
+// With a pid, only that process's series and moments.
+inline std::string timeline_json(const History& history, std::uint32_t pid, std::int64_t now_ns) {
+  nlohmann::json samples = nlohmann::json::array();
+  for (const HistorySample& s : history.samples()) {
+    if (pid != 0 && s.pid != pid) continue;
+    const std::string_view category =
+        s.category == all_categories ? std::string_view("all")
+                                     : to_string(all_allocation_categories.at(s.category % allocation_category_count));
+    samples.push_back({s.time_ns, s.pid, s.device, std::string(to_string(all_buffer_types.at(s.type % buffer_type_count))),
+                       std::string(category), s.bytes});
+  }
+  nlohmann::json moments = nlohmann::json::array();
+  for (const Moment& m : history.moments()) {
+    if (pid != 0 && m.pid != pid) continue;
+    moments.push_back({{"time_ns", m.time_ns},
+                       {"kind", std::string(to_string(m.kind))},
+                       {"pid", m.pid},
+                       {"process", m.process},
+                       {"buffers", m.buffers},
+                       {"bytes", m.bytes},
+                       {"detail", m.detail}});
+  }
+  nlohmann::json processes = nlohmann::json::array();
+  for (const auto& [process_pid, name] : history.process_names()) {
+    if (pid == 0 || process_pid == pid) processes.push_back({{"pid", process_pid}, {"name", name}});
+  }
+  return nlohmann::json{{"timeline",
+                         {{"now_ns", now_ns},
+                          {"max_samples", history.max_samples()},
+                          {"bytes_per_sample", History::bytes_per_sample()},
+                          {"samples_taken", history.samples_taken()},
+                          {"samples_dropped", history.samples_dropped()},
+                          {"moments_dropped", history.moments_dropped()},
+                          {"min_interval_ms", History::min_interval.count()},
+                          {"processes", std::move(processes)},
+                          {"samples", std::move(samples)},
+                          {"moments", std::move(moments)}}}}
+      .dump(-1, ' ', false, nlohmann::json::error_handler_t::replace);
 }
 
 // The largest call sites of a reclaim, for the log: the first few, and how many more.

@@ -78,9 +78,12 @@ struct Server::Loop {
   std::int64_t start_time_seconds{wall_clock_ns() / 1'000'000'000};
   std::chrono::steady_clock::time_point started{std::chrono::steady_clock::now()};
   Ledger ledger;
+  History history;
   ConnectionCounters counters;
   SessionContext context{ledger, counters, config, [this](std::string_view line) { log(line); },
                          [this] { return info(); }};
+  std::chrono::steady_clock::time_point last_sample{};
+  std::uint64_t changes_at_last_sample{};
   Admission admission{config, group};
   DescriptorReserve reserve;
   std::map<int, std::unique_ptr<Connection>> connections;
@@ -89,8 +92,18 @@ struct Server::Loop {
   bool running{true};
 
   Loop(ServerConfig server_config, std::optional<gid_t> gid, Poller epoll)
-      : config(std::move(server_config)), group(gid), poller(std::move(epoll)) {
+      : config(std::move(server_config)), group(gid), poller(std::move(epoll)), history(config.history_samples) {
     ledger.set_leak_report_limit(config.leak_reports);
+    context.history = &history;
+  }
+
+  // The timeline's sample: taken when something changed, at most every History::min_interval.
+  // Called after each round of events and on the timer, so a last change is not left unsampled.
+  void sample_history(std::chrono::steady_clock::time_point now) {
+    if (context.changes == changes_at_last_sample || now - last_sample < History::min_interval) return;
+    history.sample(ledger.summary(), wall_clock_ns());
+    last_sample = now;
+    changes_at_last_sample = context.changes;
   }
 
   void log(std::string_view line) const {
@@ -274,9 +287,13 @@ struct Server::Loop {
   Result<void> loop() {
     std::array<epoll_event, 64> events{};
     while (running) {
-      auto ready = poller.wait(events);
+      // A change not yet sampled (it came within min_interval of the last sample) is sampled
+      // when the interval is up, even if nothing else happens.
+      const bool unsampled = config.history_samples > 0 && context.changes != changes_at_last_sample;
+      auto ready = poller.wait(events, unsampled ? static_cast<int>(History::min_interval.count()) : -1);
       if (!ready) return tl::unexpected(std::move(ready.error()));
       for (const epoll_event& event : *ready) dispatch(event);
+      if (config.history_samples > 0) sample_history(std::chrono::steady_clock::now());
     }
     return {};
   }

@@ -141,6 +141,10 @@ void Session::apply(const protocol::Hello& hello) {
   }
   ++context_.counters.sessions_opened;
   session_ = context_.ledger.open_session(SessionIdentity{peer_.pid, peer_.uid, peer_.start_time, peer_.name});
+  if (context_.history != nullptr) {
+    context_.history->add(
+        {.time_ns = wall_clock_ns(), .kind = MomentKind::process_start, .pid = peer_.pid, .process = peer_.name});
+  }
   log(fmt::format("{}: connected (uid {}, session {})", who(), peer_.uid, session_));
 }
 
@@ -275,6 +279,10 @@ void Session::apply(const protocol::Query& query) {
       return;
     case protocol::QueryKind::leaks:
       send(report::leaks_json(context_.ledger.leak_reports(query.pid), wall_clock_ns()));
+      return;
+    case protocol::QueryKind::timeline:
+      send(report::timeline_json(context_.history != nullptr ? *context_.history : History(0, 0), query.pid,
+                                 wall_clock_ns()));
       return;
   }
 }

@@ -38,6 +38,8 @@ struct SessionContext {
   std::function<ServerInfo()> info;
   // Frames applied and sessions ended: the periodic summary is logged only after a change.
   std::uint64_t changes{};
+  // The timeline's moments go here (processes starting and ending); none kept when null.
+  History* history{};
 };
 
 class Session {

@@ -123,8 +123,21 @@ void Session::end() {
   log_activity();
   if (session_ == 0) return;
   const SessionEnd how = !said_goodbye_ ? SessionEnd::disconnected : gave_up_ ? SessionEnd::gave_up : SessionEnd::goodbye;
-  const Reclaim reclaim = context_.ledger.close_session(session_, how, wall_clock_ns());
+  const std::int64_t ended_ns = wall_clock_ns();
+  const Reclaim reclaim = context_.ledger.close_session(session_, how, ended_ns);
   ++context_.changes;
+  if (context_.history != nullptr) {
+    const MomentKind kind = reclaim.buffers == 0             ? MomentKind::process_exit
+                            : how == SessionEnd::disconnected ? MomentKind::crash_reclaim
+                                                              : MomentKind::leak_at_exit;
+    context_.history->add({.time_ns = ended_ns,
+                           .kind = kind,
+                           .pid = peer_.pid,
+                           .process = peer_.name,
+                           .buffers = reclaim.buffers,
+                           .bytes = reclaim.bytes,
+                           .detail = reclaim.buffers == 0 ? std::string{} : report::reclaim_text(reclaim)});
+  }
   if (reclaim.buffers == 0) {
     log(fmt::format("{}: {}", who(), how == SessionEnd::disconnected ? "disconnected" : "said goodbye"));
   } else if (how == SessionEnd::gave_up) {

@@ -54,6 +54,11 @@ int run(int argc, char** argv) {
                  "leak reports kept for meshrt-smi --leaks: those of the last N processes that left buffers behind")
       ->capture_default_str()
       ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 16U));
+  app.add_option("--history-samples", config.history_samples,
+                 "usage samples the timeline keeps for meshrt-smi --timeline (24 bytes each; the oldest go "
+                 "first; 0: no timeline)")
+      ->capture_default_str()
+      ->check(CLI::Range(std::size_t{0}, std::size_t{1} << 26U));
   app.add_option("--max-messages-per-second", config.max_messages_per_second, "most frames a second from one session")
       ->capture_default_str()
       ->check(CLI::Range(std::uint64_t{1}, std::uint64_t{1} << 40U));

@@ -153,6 +153,46 @@ void print_buffers(const json& reply, bool with_stacks) {
 }
 
 // Draws the server's view as an SVG memory map; written beside the target, then renamed into place.
+// Writes `text` to `path` whole or not at all: a reader never sees half a file.
+bool write_whole(const std::string& path, const std::string& text) {
+  const std::string temporary = path + ".tmp";
+  std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
+  file << text;
+  file.close();
+  if (!file || std::rename(temporary.c_str(), path.c_str()) != 0) {
+    std::remove(temporary.c_str());
+    return false;
+  }
+  return true;
+}
+
+// --timeline FILE: the server's history as a Chrome trace (.json, for Perfetto) or a page (.html).
+int write_timeline(meshrt::server::Monitor& monitor, const std::string& path, std::uint32_t pid) {
+  const bool page = path.ends_with(".html") || path.ends_with(".htm");
+  auto answer = monitor.query(meshrt::protocol::QueryKind::timeline, pid);
+  if (!answer) {
+    fmt::print(stderr, "meshrt-smi: {}\n", answer.error().message);
+    return 1;
+  }
+  auto rendered = page ? meshrt::render_timeline_page(*answer) : meshrt::render_timeline_trace(*answer);
+  if (!rendered) {
+    fmt::print(stderr, "meshrt-smi: {}\n", rendered.error().message);
+    return 1;
+  }
+  if (!write_whole(path, *rendered)) {
+    fmt::print(stderr, "meshrt-smi: cannot write the timeline to {}\n", path);
+    return 1;
+  }
+  const json timeline = json::parse(*answer)["timeline"];
+  fmt::print("wrote {}: {} samples and {} moments{}{}\n", path, timeline["samples"].size(), timeline["moments"].size(),
+             timeline.value("samples_dropped", std::uint64_t{0}) > 0
+                 ? fmt::format(" ({} older samples dropped by the server's ring: raise --history-samples)",
+                               timeline["samples_dropped"].get<std::uint64_t>())
+                 : std::string{},
+             page ? " (open it in a browser)" : " (open it in https://ui.perfetto.dev or chrome://tracing)");
+  return 0;
+}
+
 int write_map(meshrt::server::Monitor& monitor, const std::string& path, std::optional<std::uint32_t> device) {
   auto summary = monitor.query(meshrt::protocol::QueryKind::summary);
   if (!summary) {
@@ -169,12 +209,7 @@ int write_map(meshrt::server::Monitor& monitor, const std::string& path, std::op
     fmt::print(stderr, "meshrt-smi: {}\n", svg.error().message);
     return 1;
   }
-  const std::string temporary = path + ".tmp";
-  std::ofstream file(temporary, std::ios::binary | std::ios::trunc);
-  file << *svg;
-  file.close();
-  if (!file || std::rename(temporary.c_str(), path.c_str()) != 0) {
-    std::remove(temporary.c_str());
+  if (!write_whole(path, *svg)) {
     fmt::print(stderr, "meshrt-smi: cannot write the memory map to {}\n", path);
     return 1;
   }
@@ -197,6 +232,7 @@ int run(int argc, char** argv) {
   std::uint32_t pid = 0;
   double watch = 0;
   std::string map;
+  std::string timeline;
   CLI::App app{"meshrt-smi: the allocation server's view of device memory, per device, type and process"};
   app.add_option("--socket", socket, "the server's Unix socket ($MESHRT_ALLOC_SERVER)")->capture_default_str();
   app.add_flag("--json", as_json, "print one JSON object (per refresh with --watch)");
@@ -206,7 +242,7 @@ int run(int argc, char** argv) {
       "--leaks", leaks,
       "what ended processes left behind (crashed, or exited with live buffers), grouped by call site, largest first");
   leaks_flag->excludes(buffers_flag);
-  auto* pid_option = app.add_option("--pid", pid, "with --buffers or --leaks: only this process");
+  auto* pid_option = app.add_option("--pid", pid, "with --buffers, --leaks or --timeline: only this process");
   auto* stacks_flag = app.add_flag("--stacks", stacks,
                "with --buffers: each buffer's call site and stack; with --leaks: each site's stack "
                "(the process must run with MESHRT_ALLOC_STACKS=1)");
@@ -214,6 +250,20 @@ int run(int argc, char** argv) {
       app.add_option("--map", map, "draw every device's memory as an SVG memory map into FILE (open it in a browser)")
           ->excludes("--watch")
           ->excludes("--json");
+  app.add_option("--timeline", timeline,
+                 "write the server's memory timeline (usage over time by device, type and process, and the "
+                 "moments: starts, exits, crashes, leaks, out of memory) to FILE: FILE.json is a Chrome trace "
+                 "(Perfetto, chrome://tracing), FILE.html a page that plots it")
+      ->excludes("--watch")
+      ->excludes("--json")
+      ->excludes(map_option)
+      ->excludes(buffers_flag)
+      ->excludes(leaks_flag)
+      ->check([](const std::string& path) {
+        return path.ends_with(".json") || path.ends_with(".html") || path.ends_with(".htm")
+                   ? std::string{}
+                   : std::string("FILE must end in .json (a Chrome trace) or .html (a page)");
+      });
   std::optional<std::uint32_t> map_device;
   app.add_option("--device", map_device, "with --map: only this device")->needs(map_option);
   app.add_flag("--verify", verify, "check that per-buffer, per-process and per-device totals agree (exit 1 if not)");
@@ -230,8 +280,9 @@ int run(int argc, char** argv) {
     return 2;
   }
   for (const auto* option : {pid_option, stacks_flag}) {
-    if (option->count() > 0 && !buffers && !leaks) {
-      fmt::print(stderr, "meshrt-smi: {} requires --buffers or --leaks\n\n{}", option->get_name(), app.help());
+    if (option->count() > 0 && !buffers && !leaks && (timeline.empty() || option == stacks_flag)) {
+      fmt::print(stderr, "meshrt-smi: {} requires --buffers or --leaks{}\n\n{}", option->get_name(),
+                 option == pid_option ? " or --timeline" : "", app.help());
       return 2;
     }
   }
@@ -242,6 +293,7 @@ int run(int argc, char** argv) {
     return 1;
   }
   if (!map.empty()) return write_map(*monitor, map, map_device);
+  if (!timeline.empty()) return write_timeline(*monitor, timeline, pid);
   const auto kind = verify ? meshrt::protocol::QueryKind::verify
                     : buffers ? meshrt::protocol::QueryKind::buffers
                     : leaks ? meshrt::protocol::QueryKind::leaks
