@@ -17,6 +17,7 @@ module;
 
 #include <sys/socket.h>
 #include <sys/un.h>
+#include <malloc.h>
 #include <unistd.h>
 
 #include <nlohmann/json.hpp>
@@ -254,6 +255,54 @@ std::vector<Figure> server_figures(const Context& context) {
     figures.push_back(figure("reclaim_ms_1m",
                              std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - killed).count(),
                              "ms", Bound::at_most, 1000));
+  }
+  {
+    // The timeline's ring (ADR 0025): what a sample costs in memory, measured as the heap a full
+    // million-sample ring holds (malloc's own count: resident size would not see memory this
+    // process freed before and reuses), and what one sampling of a busy server costs (8
+    // processes on 64 devices, every series changed).
+    constexpr std::size_t ring = std::size_t{1} << 20U;
+    const auto heap_bytes = [] {
+      const struct mallinfo2 info = ::mallinfo2();
+      return info.uordblks + info.hblkhd;
+    };
+    const std::size_t before = heap_bytes();
+    server::History history(ring);
+    server::Summary busy;
+    for (std::uint32_t device = 0; device < 64; ++device) busy.devices.push_back({.device = device});
+    for (std::uint32_t pid = 1; pid <= 8; ++pid) {
+      server::ProcessSummary process{.identity = {.pid = pid, .name = "worker"}};
+      for (std::uint32_t device = 0; device < 64; ++device) process.devices[device] = {};
+      busy.processes.push_back(process);
+    }
+    std::uint64_t round = 0;
+    const auto change_all = [&] {
+      ++round;
+      for (server::ProcessSummary& process : busy.processes) {
+        for (auto& [device, usage] : process.devices) {
+          usage[index_of(BufferType::dram)].bytes = round * 4096;
+          usage[index_of(BufferType::l1)].bytes = round * 2048;
+        }
+      }
+    };
+    std::int64_t now_ns = 0;
+    const double sample_ns = median_ns_per_op(
+        [&] {
+          for (int i = 0; i < 100; ++i) {
+            change_all();
+            history.sample(busy, now_ns += 10'000'000);
+          }
+        },
+        100, 9, 1, Timing::thread_cpu);
+    while (history.samples_taken() < ring) {
+      change_all();
+      history.sample(busy, now_ns += 10'000'000);
+    }
+    const std::size_t after = heap_bytes();
+    figures.push_back(figure("history_bytes_per_sample",
+                             static_cast<double>(after - before) / static_cast<double>(ring), "B",
+                             Bound::at_most, 64));
+    figures.push_back(figure("history_sample_us_8x64", sample_ns / 1000.0, "us"));
   }
   return figures;
 }
