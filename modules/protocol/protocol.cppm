@@ -52,6 +52,7 @@ enum class MessageType : std::uint16_t {
   reply = 10,            // server -> monitor: JSON, in chunks
   error = 11,            // server -> client: why the session is being closed
   call_stack = 12,       // client -> server: a call stack's frames, before the first record naming it
+  out_of_memory = 13,    // client -> server: an allocation failed for lack of memory (a timeline moment)
 };
 
 [[nodiscard]] std::string_view to_string(MessageType type);
@@ -143,6 +144,18 @@ struct CallStack {
   friend bool operator==(const CallStack&, const CallStack&) = default;
 };
 
+// An allocation that failed for lack of memory, with the runtime's Error message (cut at
+// max_out_of_memory_message bytes).
+inline constexpr std::size_t max_out_of_memory_message = 4096;
+struct OutOfMemory {
+  std::uint32_t device{};
+  BufferType type{};
+  std::uint64_t requested{};           // bytes per device
+  std::uint64_t largest_free_block{};  // in each bank of that device
+  std::string message;
+  friend bool operator==(const OutOfMemory&, const OutOfMemory&) = default;
+};
+
 struct EventBatch {
   std::uint64_t first_sequence{};
   RecordView records;
@@ -179,7 +192,7 @@ struct ErrorMessage {
 };
 
 using Message = std::variant<Hello, DeviceInfo, MeshBufferName, EventBatch, SnapshotBegin, SnapshotChunk, SnapshotEnd,
-                             Goodbye, Query, Reply, ErrorMessage, CallStack>;
+                             Goodbye, Query, Reply, ErrorMessage, CallStack, OutOfMemory>;
 
 struct Frame {
   MessageType type{};
@@ -209,6 +222,7 @@ void encode_snapshot_chunk(std::span<const AllocRecord> records, std::vector<std
                            RecordFormat format = RecordFormat::plain);
 // Frames past max_stack_frames and symbols past max_symbol_size are cut off.
 void encode(const CallStack& message, std::vector<std::byte>& out);
+void encode(const OutOfMemory& message, std::vector<std::byte>& out);
 void encode(const SnapshotEnd& message, std::vector<std::byte>& out);
 void encode(const Goodbye& message, std::vector<std::byte>& out);
 void encode(const Query& message, std::vector<std::byte>& out);

@@ -85,6 +85,16 @@ struct AllocationRequest {
   std::uint64_t bytes_per_bank{};
 };
 
+// An allocation that failed for lack of memory (ADR 0025): what was asked, what there was, and
+// the runtime's Error message (which names the largest consumers there). Strings live only for the call.
+struct OutOfMemoryReport {
+  DeviceId device{};
+  BufferType type{};
+  std::uint64_t requested{};           // bytes per device
+  std::uint64_t largest_free_block{};  // in each bank of that device
+  std::string_view message;
+};
+
 class EventProcessor {
  public:
   EventProcessor() = default;
@@ -102,6 +112,8 @@ class EventProcessor {
     (void)mesh_buffer;
     (void)name;
   }
+  // An allocation failed for lack of memory (nothing was allocated, no event follows).
+  virtual void report_out_of_memory(const OutOfMemoryReport& report) noexcept { (void)report; }
 };
 
 class AllocationHook {
@@ -154,6 +166,7 @@ class Tracker {
   [[nodiscard]] std::optional<std::uint64_t> intercept(const AllocationRequest& request) const;
   void record(std::span<const AllocationEvent> events) const noexcept;
   void describe_devices(std::span<const DeviceDescription> devices) const noexcept;
+  void report_out_of_memory(const OutOfMemoryReport& report) const noexcept;
   // One Alloc of a named mesh buffer: each processor that sees the Alloc hears the name just
   // before it (and one that does not, having joined while it was made, hears neither).
   void record_named_allocation(const AllocationEvent& allocated, std::string_view name) const noexcept;

@@ -91,6 +91,7 @@ class TrackingClient final : public EventProcessor {
   // Flushes, says Goodbye and stops the background thread. Idempotent; the destructor calls it.
   void shutdown();
   [[nodiscard]] Status status() const;
+  void report_out_of_memory(const OutOfMemoryReport& report) noexcept override;
 
   // True when tracked allocations carry their call stacks (Options::capture_stacks).
   [[nodiscard]] bool captures_stacks() const noexcept;

@@ -227,6 +227,16 @@ void BufferAllocation::deallocate_slots(std::span<const std::uint32_t> slots, Fr
   memory_->tracker().record(batch);
 }
 
+std::optional<ResidentHolding> BufferAllocation::holding(std::uint32_t device) const noexcept {
+  if (device < plan_.first_device || device >= plan_.first_device + plan_.device_count) return std::nullopt;
+  if (state(device - plan_.first_device) != DeviceBufferState::allocated) return std::nullopt;
+  return ResidentHolding{.type = plan_.type,
+                         .category = plan_.category,
+                         .bytes = plan_.bytes_per_bank * plan_.layout.bank_count,
+                         .mesh_buffer = plan_.mesh_buffer,
+                         .name = plan_.name};
+}
+
 void BufferAllocation::on_mesh_close(const MeshLock& lock) noexcept {
   std::array<std::uint32_t, max_devices_per_event> all{};
   std::iota(all.begin(), all.end(), 0U);

@@ -7,6 +7,7 @@ module;
 #include <cstddef>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <vector>
@@ -74,6 +75,7 @@ class BufferAllocation final : public MeshResident, public std::enable_shared_fr
   // The mesh closes: every slot still allocated becomes device_closed.
   void on_mesh_close(const MeshLock& lock) noexcept override;
   [[nodiscard]] std::shared_ptr<const void> keep_alive() noexcept override { return shared_from_this(); }
+  [[nodiscard]] std::optional<ResidentHolding> holding(std::uint32_t device) const noexcept override;
 
  private:
   struct Token {};  // keeps construction inside allocate()

@@ -137,9 +137,18 @@ Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type
     const std::string devices = device_count == 1 ? fmt::format("device {}", first_device)
                                                   : fmt::format("devices {}-{}", first_device,
                                                                 first_device + device_count - 1);
-    return fail(address.error().code, fmt::format("{} on {} ({} banks per device, {}): {}", to_string(type),
-                                                  spec_.name, spec_.layout(type).bank_count, devices,
-                                                  address.error().message));
+    std::string message = fmt::format("{} on {} ({} banks per device, {}): {}", to_string(type), spec_.name,
+                                      spec_.layout(type).bank_count, devices, address.error().message);
+    if (address.error().code == ErrorCode::out_of_memory) {
+      message += largest_holdings(type, first_device);
+      const AllocatorStatistics there = allocator(type).member(first_device).statistics();
+      tracker_->report_out_of_memory({.device = DeviceId{first_device},
+                                      .type = type,
+                                      .requested = bytes_per_bank * spec_.layout(type).bank_count,
+                                      .largest_free_block = there.largest_free_block,
+                                      .message = message});
+    }
+    return fail(address.error().code, std::move(message));
   }
   return *address;
 }
@@ -155,6 +164,29 @@ void MeshMemory::free(const MeshLock& lock, BufferType type, std::uint64_t addre
   for (std::uint32_t device = first_device; device < first_device + device_count; ++device) {
     devices_[device].memory().discard(type, banks, address, bytes_per_bank);
   }
+}
+
+// "; largest there: ..." — the mesh buffers holding most of `type` on `device`, for an
+// out-of-memory Error: who to free, or who leaked.
+std::string MeshMemory::largest_holdings(BufferType type, std::uint32_t device) const {
+  constexpr std::size_t named = 5;
+  std::vector<ResidentHolding> holdings;
+  for (const MeshResident* resident = residents_; resident != nullptr; resident = resident->next_) {
+    const std::optional<ResidentHolding> holding = resident->holding(device);
+    if (holding && holding->type == type) holdings.push_back(*holding);
+  }
+  if (holdings.empty()) return {};
+  const auto larger = [](const ResidentHolding& a, const ResidentHolding& b) { return a.bytes > b.bytes; };
+  const std::size_t shown = std::min(named, holdings.size());
+  std::partial_sort(holdings.begin(), holdings.begin() + static_cast<std::ptrdiff_t>(shown), holdings.end(), larger);
+  std::string text = fmt::format("; largest on device {}:", device);
+  for (std::size_t i = 0; i < shown; ++i) {
+    const ResidentHolding& h = holdings[i];
+    text += fmt::format("{} mesh buffer {}{} ({}, {} bytes)", i == 0 ? "" : ",", h.mesh_buffer.value(),
+                        h.name.empty() ? std::string{} : fmt::format(" '{}'", h.name), to_string(h.category), h.bytes);
+  }
+  if (holdings.size() > shown) text += fmt::format(" and {} more", holdings.size() - shown);
+  return text;
 }
 
 void MeshMemory::add_resident(const MeshLock& lock, MeshResident& resident) {

@@ -12,6 +12,8 @@ module;
 #include <mutex>
 #include <optional>
 #include <span>
+#include <string>
+#include <string_view>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -71,6 +73,15 @@ class MeshLock {
   bool borrowed_;
 };
 
+// What a resident holds on one device, for an out-of-memory report's "largest there".
+struct ResidentHolding {
+  BufferType type{};
+  AllocationCategory category{};
+  std::uint64_t bytes{};  // on that device: its share of every bank
+  MeshBufferId mesh_buffer{};
+  std::string_view name;  // lives as long as the resident
+};
+
 // Anything holding memory on a mesh that MeshDevice::close() must give back. A resident of the
 // mesh while it holds memory; close() removes it and calls on_mesh_close() once.
 class MeshResident {
@@ -84,6 +95,11 @@ class MeshResident {
   // A reference that keeps the resident alive while close() tells it: its owners may drop their
   // last handle on another thread the moment they see its state change.
   [[nodiscard]] virtual std::shared_ptr<const void> keep_alive() noexcept = 0;
+  // What it holds live on `device` (with the mesh's lock held), or nothing.
+  [[nodiscard]] virtual std::optional<ResidentHolding> holding(std::uint32_t device) const noexcept {
+    (void)device;
+    return std::nullopt;
+  }
 
  protected:
   MeshResident() = default;
@@ -144,6 +160,7 @@ class MeshMemory {
 
  private:
   using TypeAllocators = std::array<std::optional<LockStepAllocator>, buffer_type_count>;
+  [[nodiscard]] std::string largest_holdings(BufferType type, std::uint32_t device) const;
   MeshMemory(MeshShape shape, DeviceSpec spec, std::shared_ptr<Tracker> tracker, TypeAllocators allocators);
   [[nodiscard]] LockStepAllocator& allocator(BufferType type);
 

@@ -29,7 +29,7 @@ namespace meshrt::protocol {
 
 namespace {
 
-constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::call_stack);
+constexpr std::uint16_t last_message_type = static_cast<std::uint16_t>(MessageType::out_of_memory);
 constexpr std::uint8_t hooked_flag = 1U;
 constexpr std::uint8_t free_flag = 2U;
 constexpr unsigned category_shift = 2U;
@@ -287,6 +287,7 @@ std::string_view to_string(MessageType type) {
     case MessageType::reply: return "Reply";
     case MessageType::error: return "Error";
     case MessageType::call_stack: return "CallStack";
+    case MessageType::out_of_memory: return "OutOfMemory";
   }
   return "unknown";
 }
@@ -442,6 +443,24 @@ Result<Message> decode(const Frame& frame) {
         return malformed(type, fmt::format("unknown error code {}", code));
       }
       return ErrorMessage{static_cast<ErrorCode>(code), std::move(message)};
+    }
+    case MessageType::out_of_memory: {
+      OutOfMemory oom;
+      oom.device = reader.integer<std::uint32_t>();
+      const auto buffer_type = reader.integer<std::uint8_t>();
+      const auto reserved = reader.integer<std::uint8_t>();
+      const auto size = reader.integer<std::uint16_t>();
+      oom.requested = reader.integer<std::uint64_t>();
+      oom.largest_free_block = reader.integer<std::uint64_t>();
+      oom.message = reader.text(size);
+      if (!reader.ok() || reader.remaining() != 0) return malformed(type, "size does not match its message length");
+      if (reserved != 0) return malformed(type, "reserved field is not zero");
+      if (buffer_type >= buffer_type_count) return malformed(type, fmt::format("unknown buffer type {}", buffer_type));
+      if (size > max_out_of_memory_message) {
+        return malformed(type, fmt::format("a message over {} bytes", max_out_of_memory_message));
+      }
+      oom.type = all_buffer_types.at(buffer_type);
+      return oom;
     }
     case MessageType::call_stack: {
       CallStack stack;
@@ -603,6 +622,19 @@ void encode(const CallStack& message, std::vector<std::byte>& out) {
       w.text(function);
       w.text(file);
     }
+  });
+}
+
+void encode(const OutOfMemory& message, std::vector<std::byte>& out) {
+  const std::string_view text = std::string_view(message.message).substr(0, max_out_of_memory_message);
+  frame(MessageType::out_of_memory, out, [&](Writer& w) {
+    w.integer(message.device);
+    w.integer(static_cast<std::uint8_t>(index_of(message.type)));
+    w.integer(std::uint8_t{0});
+    w.integer(static_cast<std::uint16_t>(text.size()));
+    w.integer(message.requested);
+    w.integer(message.largest_free_block);
+    w.text(text);
   });
 }
 

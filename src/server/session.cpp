@@ -291,6 +291,21 @@ void Session::apply(const protocol::CallStack& stack) {
   (void)context_.ledger.add_call_stack(session_, stack, context_.config.max_stacks_per_session);
 }
 
+void Session::apply(const protocol::OutOfMemory& failure) {
+  const std::string message = printable(failure.message);
+  log(fmt::format("{}: out of memory on device {} {}: {}", who(), failure.device, to_string(failure.type), message));
+  if (context_.history == nullptr) return;
+  context_.history->add({.time_ns = wall_clock_ns(),
+                         .kind = MomentKind::out_of_memory,
+                         .pid = peer_.pid,
+                         .process = peer_.name,
+                         .buffers = 0,
+                         .bytes = failure.requested,
+                         .detail = fmt::format("device {} {}: {} bytes asked, largest free block {} bytes per bank; {}",
+                                               failure.device, to_string(failure.type), failure.requested,
+                                               failure.largest_free_block, message)});
+}
+
 void Session::apply(const protocol::Reply& /*reply*/) {
   reject(ErrorCode::protocol_error, "Reply message out of order: only the server sends replies",
          context_.counters.malformed_messages);

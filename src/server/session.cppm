@@ -111,6 +111,7 @@ class Session {
   void apply(const protocol::Reply& reply);
   void apply(const protocol::ErrorMessage& error);
   void apply(const protocol::CallStack& stack);
+  void apply(const protocol::OutOfMemory& failure);
   void allocate(const protocol::AllocRecord& record);
   void free(const protocol::FreeRecord& record);
   [[nodiscard]] bool within_live_limit(std::uint64_t adding);

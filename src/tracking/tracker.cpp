@@ -203,6 +203,13 @@ void Tracker::record_events(std::span<const AllocationEvent> events, std::string
   for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) deliver(*member, events, name);
 }
 
+void Tracker::report_out_of_memory(const OutOfMemoryReport& report) const noexcept {
+  const detail::ReadSection read;
+  for (const auto& member : current_.load(std::memory_order_seq_cst)->processors) {
+    member->processor->report_out_of_memory(report);
+  }
+}
+
 void Tracker::describe_devices(std::span<const DeviceDescription> devices) const noexcept {
   {
     const std::scoped_lock lock(mutex_);

@@ -151,15 +151,21 @@ std::uint64_t TrackingClient::Engine::apply_lanes(bool stream) {
 
 std::uint64_t TrackingClient::Engine::round() {
   std::vector<protocol::DeviceTotals> new_devices;
+  std::vector<protocol::OutOfMemory> failures;
   {
     const std::scoped_lock lock(mutex);
     new_devices.swap(device_queue);
+    failures.swap(out_of_memory_queue);
   }
   for (const protocol::DeviceTotals& device : new_devices) devices[device.device] = device;
   // Streaming: events go out as they are applied. Otherwise the live table alone takes them
   // and the snapshot of the next session (or of the resync) carries their effect.
   const bool stream = connected() && !need_snapshot;
   if (stream && !new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
+  // A moment of the timeline: while not connected it has no timeline to be in, and is dropped.
+  if (stream) {
+    for (const protocol::OutOfMemory& failure : failures) protocol::encode(failure, out);
+  }
   // Before the lanes: a stack is interned before the event that names it is published, so every
   // record read below names a stack already told.
   take_new_stacks(stream);

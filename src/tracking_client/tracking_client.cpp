@@ -164,6 +164,23 @@ void TrackingClient::describe_devices(std::span<const DeviceDescription> devices
   }
 }
 
+void TrackingClient::report_out_of_memory(const OutOfMemoryReport& report) noexcept {
+  if (engine_->forked_away()) return;
+  constexpr std::size_t max_queued = 64;  // a loop of failing allocations must not grow the queue
+  try {
+    const std::scoped_lock lock(engine_->mutex);
+    auto& queue = engine_->out_of_memory_queue;
+    if (queue.size() >= max_queued) queue.erase(queue.begin());
+    queue.push_back({.device = report.device.value(),
+                     .type = report.type,
+                     .requested = report.requested,
+                     .largest_free_block = report.largest_free_block,
+                     .message = std::string(report.message.substr(0, protocol::max_out_of_memory_message))});
+    engine_->wake.notify_one();
+  } catch (...) {  // out of host memory too: the report goes, the Error still reaches the caller
+  }
+}
+
 void TrackingClient::describe_mesh_buffer(MeshBufferId mesh_buffer, std::string_view name) noexcept {
   if (engine_->forked_away()) return;
   const std::scoped_lock lock(engine_->mutex);

@@ -133,6 +133,55 @@ TEST_SUITE("client and server") {
     CHECK(after["sequence_gaps"] == 0);
   }
 
+  TEST_CASE("out of memory tells all: the Error names the largest consumers there, the server's timeline the moment") {
+    testing::TempDirectory dir;
+    const std::string socket = dir.file("alloc.sock");
+    RunningServer server(socket);
+    auto client = TrackingClient::start({.socket_path = socket});
+    auto tracker = std::make_shared<Tracker>();
+    tracker->add_processor(client);
+    auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
+    const auto pages = [](std::uint64_t bytes) { return bytes / 2048 * 2048; };  // whole 2 KiB pages
+    const std::uint64_t dram = mesh.spec().dram.total_bytes();
+    auto big = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = pages(dram / 2), .name = "weights"},
+                                  {.page_size = 2048, .buffer_type = BufferType::dram});
+    REQUIRE(big.has_value());
+    auto small = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = pages(dram / 8), .name = "activations"},
+                                    {.page_size = 2048, .buffer_type = BufferType::dram});
+    REQUIRE(small.has_value());
+    auto failed = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = pages(dram / 2), .name = "too much"},
+                                     {.page_size = 2048, .buffer_type = BufferType::dram});
+    REQUIRE_FALSE(failed.has_value());
+    CHECK(failed.error().code == ErrorCode::out_of_memory);
+    const std::string& message = failed.error().message;
+    CHECK(message.find("largest free block") != std::string::npos);
+    // The largest first: the half, then the eighth.
+    const auto weights = message.find("'weights' (buffer, ");
+    const auto activations = message.find("'activations' (buffer, ");
+    CHECK(message.find("largest on device 0:") != std::string::npos);
+    REQUIRE(weights != std::string::npos);
+    REQUIRE(activations != std::string::npos);
+    CHECK(weights < activations);
+    REQUIRE(client->flush(5s));
+    nlohmann::json moments;
+    REQUIRE(testing::eventually([&] {
+      auto monitor = server::Monitor::connect(socket);
+      if (!monitor) return false;
+      auto reply = monitor->query(protocol::QueryKind::timeline);
+      if (!reply) return false;
+      moments = nlohmann::json::parse(*reply)["timeline"]["moments"];
+      return std::ranges::any_of(moments, [](const nlohmann::json& m) { return m["kind"] == "out of memory"; });
+    }));
+    for (const nlohmann::json& moment : moments) {
+      if (moment["kind"] != "out of memory") continue;
+      CHECK(moment["pid"] == ::getpid());
+      CHECK(moment["detail"].get<std::string>().find("'weights'") != std::string::npos);
+      CHECK(moment["detail"].get<std::string>().find("largest free block") != std::string::npos);
+    }
+    const auto log = server.log();
+    CHECK(std::ranges::any_of(log, [](const std::string& line) { return line.find("out of memory on device 0 dram") != std::string::npos; }));
+  }
+
   TEST_CASE("server absent at start: one warning, then it appears and gets the live table") {
     testing::TempDirectory dir;
     const std::string socket = dir.file("alloc.sock");
