@@ -302,7 +302,7 @@ struct Symbolizer::State {
       if (binary != nullptr) frame.file = binary;
     }
     std::vector<Dwarf_Die> inlined = unit ? inlined_calls(&*unit, pc - bias) : std::vector<Dwarf_Die>{};
-    if (inlined.empty()) return {frame};
+    if (inlined.empty() || !unit) return {frame};
     // The address's line is in the innermost inlined function; each inlined call's own location
     // is the line of the next frame out, the function the symbol names last.
     std::vector<Frame> frames;

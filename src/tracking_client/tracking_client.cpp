@@ -177,7 +177,7 @@ void TrackingClient::report_out_of_memory(const OutOfMemoryReport& report) noexc
                      .largest_free_block = report.largest_free_block,
                      .message = std::string(report.message.substr(0, protocol::max_out_of_memory_message))});
     engine_->wake.notify_one();
-  } catch (...) {  // out of host memory too: the report goes, the Error still reaches the caller
+  } catch (...) {  // NOLINT(bugprone-empty-catch): out of host memory too; the Error still reaches the caller
   }
 }
 

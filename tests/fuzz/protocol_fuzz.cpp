@@ -63,6 +63,12 @@ void round_trip(const Message& message) {
       require(a.device == b.device && a.total_bytes == b.total_bytes && a.bank_count == b.bank_count &&
               a.base_address == b.base_address);
     }
+  } else if (const auto* stack = std::get_if<CallStack>(&message)) {
+    encode(*stack, bytes);
+    require(std::get<CallStack>(decode_one(bytes)) == *stack);
+  } else if (const auto* failure = std::get_if<OutOfMemory>(&message)) {
+    encode(*failure, bytes);
+    require(std::get<OutOfMemory>(decode_one(bytes)) == *failure);
   } else if (const auto* name = std::get_if<MeshBufferName>(&message)) {
     encode(*name, bytes);
     const auto again = std::get<MeshBufferName>(decode_one(bytes));

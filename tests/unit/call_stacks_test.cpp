@@ -198,6 +198,31 @@ TEST_SUITE("call stacks") {
     CHECK(refusal(bytes).find("unknown record format 2") != std::string::npos);
   }
 
+  TEST_CASE("an OutOfMemory frame round-trips, long messages are cut, hostile ones refused with a reason") {
+    const protocol::OutOfMemory failure{.device = 3,
+                                        .type = BufferType::l1,
+                                        .requested = 1 << 20,
+                                        .largest_free_block = 4096,
+                                        .message = "l1 on wormhole_b0: out of memory"};
+    std::vector<std::byte> bytes;
+    protocol::encode(failure, bytes);
+    CHECK(std::get<protocol::OutOfMemory>(round_trip(bytes)) == failure);
+    protocol::OutOfMemory long_one = failure;
+    long_one.message.assign(10'000, 'x');
+    bytes.clear();
+    protocol::encode(long_one, bytes);
+    CHECK(std::get<protocol::OutOfMemory>(round_trip(bytes)).message.size() == protocol::max_out_of_memory_message);
+    bytes.clear();
+    protocol::encode(failure, bytes);
+    bytes[protocol::header_size + 4] = std::byte{9};  // buffer type 9
+    auto frame = protocol::next_frame(bytes);
+    REQUIRE(frame.has_value());
+    REQUIRE(frame->has_value());
+    auto refused = protocol::decode(**frame);
+    REQUIRE_FALSE(refused.has_value());
+    CHECK(refused.error().message.find("unknown buffer type 9") != std::string::npos);
+  }
+
   TEST_CASE("a session's leak report groups its buffers by call site, largest first, and is kept after it ends") {
     server::Ledger ledger;
     ledger.set_leak_report_limit(2);
