@@ -163,6 +163,17 @@ struct LeakSite {
   [[nodiscard]] std::string call_site() const;  // "function (file:line)", or "" without a stack
 };
 
+// One mesh buffer's share of a device's memory of one type, across every live session: what an
+// out-of-memory moment names as the largest consumers.
+struct Holding {
+  std::uint32_t pid{};
+  std::string process;
+  std::uint64_t mesh_buffer{};
+  std::string mesh_buffer_name;  // "" when unnamed
+  std::uint64_t bytes{};         // on that device, of that type
+  std::string call_site;         // "function (file:line)"; "" without a stack
+};
+
 // How a session ended: Goodbye with everything delivered, Goodbye from a client that gave up on a
 // server too slow for its shutdown timeout, or no Goodbye at all (it crashed, or was cut off).
 enum class SessionEnd : std::uint8_t { goodbye, gave_up, disconnected };
@@ -256,6 +267,9 @@ class Ledger {
   // With `with_stacks`, each buffer's whole call stack too, not only its call site.
   [[nodiscard]] BufferListing list_buffers(std::uint32_t pid = 0, bool with_stacks = false) const;
   [[nodiscard]] std::vector<LiveBuffer> live_buffers(std::uint32_t pid = 0) const { return list_buffers(pid).buffers(); }
+  // The `count` mesh buffers holding most of `type` on `device`, largest first, over every live
+  // session. O(live allocations): asked for when a client reports running out of memory.
+  [[nodiscard]] std::vector<Holding> largest_holdings(std::uint32_t device, BufferType type, std::size_t count) const;
   // Recomputes every aggregate from the live buffers and compares. O(live buffers).
   [[nodiscard]] Verification verify() const;
 

@@ -232,7 +232,7 @@ std::optional<ResidentHolding> BufferAllocation::holding(std::uint32_t device) c
   if (state(device - plan_.first_device) != DeviceBufferState::allocated) return std::nullopt;
   return ResidentHolding{.type = plan_.type,
                          .category = plan_.category,
-                         .bytes = plan_.bytes_per_bank * plan_.layout.bank_count,
+                         .bytes = plan_.size_per_device,  // as the tracker, the server and meshrt-smi show it
                          .mesh_buffer = plan_.mesh_buffer,
                          .name = plan_.name};
 }

@@ -137,8 +137,10 @@ Result<std::uint64_t> MeshMemory::allocate(const MeshLock& lock, BufferType type
     const std::string devices = device_count == 1 ? fmt::format("device {}", first_device)
                                                   : fmt::format("devices {}-{}", first_device,
                                                                 first_device + device_count - 1);
-    std::string message = fmt::format("{} on {} ({} banks per device, {}): {}", to_string(type), spec_.name,
-                                      spec_.layout(type).bank_count, devices, address.error().message);
+    // The allocator's figures are per bank (every bank of the devices takes the same share);
+    // the holdings that follow are per device.
+    std::string message = fmt::format("{} on {} ({}, {} banks each; bytes per bank): {}", to_string(type), spec_.name,
+                                      devices, spec_.layout(type).bank_count, address.error().message);
     if (address.error().code == ErrorCode::out_of_memory) {
       message += largest_holdings(type, first_device);
       const AllocatorStatistics there = allocator(type).member(first_device).statistics();
@@ -176,10 +178,13 @@ std::string MeshMemory::largest_holdings(BufferType type, std::uint32_t device) 
     if (holding && holding->type == type) holdings.push_back(*holding);
   }
   if (holdings.empty()) return {};
-  const auto larger = [](const ResidentHolding& a, const ResidentHolding& b) { return a.bytes > b.bytes; };
+  // Largest first; of equal ones, the oldest (the lowest id) first, so the list reads the same each time.
+  const auto larger = [](const ResidentHolding& a, const ResidentHolding& b) {
+    return a.bytes != b.bytes ? a.bytes > b.bytes : a.mesh_buffer.value() < b.mesh_buffer.value();
+  };
   const std::size_t shown = std::min(named, holdings.size());
   std::partial_sort(holdings.begin(), holdings.begin() + static_cast<std::ptrdiff_t>(shown), holdings.end(), larger);
-  std::string text = fmt::format("; largest on device {}:", device);
+  std::string text = fmt::format("; largest on device {} (bytes on the device):", device);
   for (std::size_t i = 0; i < shown; ++i) {
     const ResidentHolding& h = holdings[i];
     text += fmt::format("{} mesh buffer {}{} ({}, {} bytes)", i == 0 ? "" : ",", h.mesh_buffer.value(),

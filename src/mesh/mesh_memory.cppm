@@ -77,7 +77,7 @@ class MeshLock {
 struct ResidentHolding {
   BufferType type{};
   AllocationCategory category{};
-  std::uint64_t bytes{};  // on that device: its share of every bank
+  std::uint64_t bytes{};  // on that device, as the tracker reports it (the size asked for)
   MeshBufferId mesh_buffer{};
   std::string_view name;  // lives as long as the resident
 };

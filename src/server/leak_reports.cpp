@@ -1,5 +1,6 @@
 // What a session left behind, by call site (ADR 0024): the sites of a reclaim, the reports kept
-// after sessions end, and the session's table of call stacks they are named from.
+// after sessions end, and the session's table of call stacks they are named from; and who holds
+// a device's memory when a client runs out of it.
 module;
 #include <algorithm>
 #include <bit>
@@ -124,6 +125,39 @@ std::vector<LeakReport> Ledger::leak_reports(std::uint32_t pid) const {
     if (pid == 0 || report.reclaim.identity.pid == pid) reports.push_back(report);
   }
   return reports;
+}
+
+std::vector<Holding> Ledger::largest_holdings(std::uint32_t device, BufferType type, std::size_t count) const {
+  std::vector<Holding> holdings;
+  if (count == 0) return holdings;
+  for (const auto& [id, s] : sessions_) {
+    // A mesh buffer may span several groups (several records, or devices past 64): summed by id.
+    absl::flat_hash_map<std::uint64_t, std::size_t> holding_of;
+    for (const auto& [first, slot] : s.live) {
+      const AllocationGroup& g = s.slab[slot];
+      if (g.type != type || device < g.first_device || device - g.first_device >= g.count) continue;
+      if ((g.live_mask >> (device - g.first_device) & 1U) == 0) continue;
+      auto [at, added] = holding_of.try_emplace(g.mesh_buffer, holdings.size());
+      if (added) {
+        const auto name = s.names.find(g.mesh_buffer);
+        const auto stack = s.call_stacks.find(stack_of(s, slot));
+        holdings.push_back({.pid = s.identity.pid,
+                            .process = s.identity.name,
+                            .mesh_buffer = g.mesh_buffer,
+                            .mesh_buffer_name = name != s.names.end() ? name->second.text : std::string{},
+                            .bytes = 0,
+                            .call_site = stack != s.call_stacks.end() ? call_site_of(stack->second) : std::string{}});
+      }
+      holdings[at->second].bytes += g.size;
+    }
+  }
+  const std::size_t kept = std::min(count, holdings.size());
+  std::ranges::partial_sort(holdings, holdings.begin() + static_cast<std::ptrdiff_t>(kept),
+                            [](const Holding& a, const Holding& b) {
+                              return std::tuple(a.bytes, b.pid, b.mesh_buffer) > std::tuple(b.bytes, a.pid, a.mesh_buffer);
+                            });
+  holdings.resize(kept);
+  return holdings;
 }
 
 void Ledger::set_leak_report_limit(std::size_t limit) {

@@ -32,6 +32,8 @@ namespace {
 
 constexpr std::size_t compact_input_after = std::size_t{256} << 10U;
 constexpr int unknown_frees_logged_per_session = 5;
+constexpr std::size_t holders_named = 5;  // in an out-of-memory moment
+constexpr std::int64_t holdings_scan_interval_ns = 1'000'000'000;
 
 }  // namespace
 
@@ -293,17 +295,32 @@ void Session::apply(const protocol::CallStack& stack) {
 
 void Session::apply(const protocol::OutOfMemory& failure) {
   const std::string message = printable(failure.message);
-  log(fmt::format("{}: out of memory on device {} {}: {}", who(), failure.device, to_string(failure.type), message));
+  const std::int64_t now_ns = wall_clock_ns();
+  // The process named its own largest buffers; the server adds who holds the device across every
+  // process, with the call sites their stacks give (ADR 0025).
+  std::string holders;
+  if (!holdings_scanned_ || now_ns - holdings_scanned_ns_ >= holdings_scan_interval_ns) {
+    holdings_scanned_ = true;
+    holdings_scanned_ns_ = now_ns;
+    for (const Holding& holding : context_.ledger.largest_holdings(failure.device, failure.type, holders_named)) {
+      holders += fmt::format("{}pid {} ({}) mesh buffer {}{} {} bytes{}", holders.empty() ? "" : ", ", holding.pid,
+                             printable(holding.process), holding.mesh_buffer,
+                             holding.mesh_buffer_name.empty() ? "" : fmt::format(" '{}'", printable(holding.mesh_buffer_name)),
+                             holding.bytes, holding.call_site.empty() ? "" : " at " + printable(holding.call_site));
+    }
+    if (!holders.empty()) holders = fmt::format("; largest holders of device {} {}: {}", failure.device, to_string(failure.type), holders);
+  }
+  log(fmt::format("{}: out of memory on device {} {}: {}{}", who(), failure.device, to_string(failure.type), message, holders));
   if (context_.history == nullptr) return;
-  context_.history->add({.time_ns = wall_clock_ns(),
+  context_.history->add({.time_ns = now_ns,
                          .kind = MomentKind::out_of_memory,
                          .pid = peer_.pid,
                          .process = peer_.name,
                          .buffers = 0,
                          .bytes = failure.requested,
-                         .detail = fmt::format("device {} {}: {} bytes asked, largest free block {} bytes per bank; {}",
+                         .detail = fmt::format("device {} {}: {} bytes asked, largest free block {} bytes per bank; {}{}",
                                                failure.device, to_string(failure.type), failure.requested,
-                                               failure.largest_free_block, message)});
+                                               failure.largest_free_block, message, holders)});
 }
 
 void Session::apply(const protocol::Reply& /*reply*/) {

@@ -130,6 +130,10 @@ class Session {
   protocol::ClientRole role_{protocol::ClientRole::tracker};
   SessionId session_{};  // 0 until a tracker says Hello (the ledger's ids start at 1)
   bool in_snapshot_{false};
+  // When this session's last out-of-memory report was answered with the largest holdings (a scan
+  // of every live allocation): at most one scan a second, so a flood of reports costs no more.
+  std::int64_t holdings_scanned_ns_{};
+  bool holdings_scanned_{false};
   std::uint64_t snapshot_records_{};
   bool said_goodbye_{false};
   bool gave_up_{false};  // its Goodbye said events were left undelivered (the server was too slow)

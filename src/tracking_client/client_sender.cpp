@@ -162,15 +162,21 @@ std::uint64_t TrackingClient::Engine::round() {
   // and the snapshot of the next session (or of the resync) carries their effect.
   const bool stream = connected() && !need_snapshot;
   if (stream && !new_devices.empty()) protocol::encode(protocol::DeviceInfo{new_devices}, out);
-  // A moment of the timeline: while not connected it has no timeline to be in, and is dropped.
-  if (stream) {
-    for (const protocol::OutOfMemory& failure : failures) protocol::encode(failure, out);
-  }
   // Before the lanes: a stack is interned before the event that names it is published, so every
   // record read below names a stack already told.
   take_new_stacks(stream);
   const std::uint64_t taken = apply_lanes(stream);
   if (stream) flush_pending();
+  // A moment of the timeline, after the events: every allocation made before the failure was
+  // published before it was queued, so once the lanes are drained the server's account of who
+  // holds the device includes them (until then it waits a round). While not connected it has no
+  // timeline to be in, and is dropped.
+  if (stream && more_waiting && !failures.empty()) {
+    const std::scoped_lock lock(mutex);
+    out_of_memory_queue.insert(out_of_memory_queue.begin(), failures.begin(), failures.end());
+  } else if (stream) {
+    for (const protocol::OutOfMemory& failure : failures) protocol::encode(failure, out);
+  }
   if (!connected()) {
     try_connect();  // a new session starts with a snapshot: it covers these events
   } else if (need_snapshot && outbound.all_sent()) {

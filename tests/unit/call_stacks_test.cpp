@@ -268,6 +268,50 @@ TEST_SUITE("call stacks") {
     CHECK(kept[1].reclaim.identity.pid == 13);
   }
 
+  TEST_CASE("the largest holdings of a device and type span every session, sum a mesh buffer's groups and name call sites") {
+    server::Ledger ledger;
+    const server::SessionId a = ledger.open_session({.pid = 10, .name = "trainer"});
+    const server::SessionId b = ledger.open_session({.pid = 20, .name = "server"});
+    CHECK(ledger.add_call_stack(a, stack_at(1, "load_weights()", 7), 16));
+    // Mesh buffer 1 of a: two records on device 2 (200 + 300), one of them also on devices 0..3.
+    CHECK(ledger.apply_alloc(a, {.buffer = 1, .mesh_buffer = 1, .size = 200, .device = 0, .device_count = 4, .stack = 1}));
+    CHECK(ledger.apply_alloc(a, {.buffer = 5, .mesh_buffer = 1, .size = 300, .device = 2, .stack = 1}));
+    ledger.name_mesh_buffer(a, 1, "weights");
+    // Another process's buffer on device 2, larger than any one record of a's but not their sum.
+    CHECK(ledger.apply_alloc(b, {.buffer = 1, .mesh_buffer = 9, .size = 400, .device = 2}));
+    // Not counted: L1 on device 2, DRAM on device 3 only, and a freed buffer on device 2.
+    CHECK(ledger.apply_alloc(b, {.buffer = 2, .mesh_buffer = 10, .size = 9000, .device = 2, .type = BufferType::l1}));
+    CHECK(ledger.apply_alloc(b, {.buffer = 3, .mesh_buffer = 11, .size = 9000, .device = 3}));
+    CHECK(ledger.apply_alloc(b, {.buffer = 4, .mesh_buffer = 12, .size = 9000, .device = 1, .device_count = 2}));
+    (void)ledger.apply_free(b, {.buffer = 5, .device_count = 1});  // its device 2 buffer
+    CHECK(ledger.apply_alloc(a, {.buffer = 6, .mesh_buffer = 2, .size = 10, .device = 2}));
+
+    const auto holdings = ledger.largest_holdings(2, BufferType::dram, 5);
+    REQUIRE(holdings.size() == 3);
+    CHECK(holdings[0].pid == 10);
+    CHECK(holdings[0].process == "trainer");
+    CHECK(holdings[0].mesh_buffer == 1);
+    CHECK(holdings[0].mesh_buffer_name == "weights");
+    CHECK(holdings[0].bytes == 500);
+    CHECK(holdings[0].call_site == "load_weights() (test.cpp:7)");
+    CHECK(holdings[1].pid == 20);
+    CHECK(holdings[1].mesh_buffer == 9);
+    CHECK(holdings[1].bytes == 400);
+    CHECK(holdings[1].call_site.empty());  // b captured no stacks
+    CHECK(holdings[2].mesh_buffer == 2);
+    CHECK(holdings[2].bytes == 10);
+    const auto largest = ledger.largest_holdings(2, BufferType::dram, 1);
+    REQUIRE(largest.size() == 1);
+    CHECK(largest[0].mesh_buffer == 1);
+    const auto other_device = ledger.largest_holdings(1, BufferType::dram, 5);  // mesh buffer 12 still holds device 1
+    REQUIRE(other_device.size() == 2);
+    CHECK(other_device[0].mesh_buffer == 12);
+    CHECK(other_device[0].bytes == 9000);
+    CHECK(ledger.largest_holdings(2, BufferType::dram, 0).empty());
+    CHECK(ledger.largest_holdings(40, BufferType::dram, 5).empty());
+    CHECK(ledger.largest_holdings(2, BufferType::l1, 5).size() == 1);
+  }
+
   TEST_CASE("a session's stacks are bounded: one over the limit is counted, one told again replaces its own") {
     server::Ledger ledger;
     const server::SessionId a = ledger.open_session({.pid = 10});

@@ -137,7 +137,7 @@ TEST_SUITE("client and server") {
     testing::TempDirectory dir;
     const std::string socket = dir.file("alloc.sock");
     RunningServer server(socket);
-    auto client = TrackingClient::start({.socket_path = socket});
+    auto client = TrackingClient::start({.socket_path = socket, .capture_stacks = true});
     auto tracker = std::make_shared<Tracker>();
     tracker->add_processor(client);
     auto mesh = MeshDevice::create({1, 2}, testing::without_system_buffers(DeviceSpec::wormhole_b0()), tracker).value();
@@ -149,6 +149,9 @@ TEST_SUITE("client and server") {
     auto small = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = pages(dram / 8), .name = "activations"},
                                     {.page_size = 2048, .buffer_type = BufferType::dram});
     REQUIRE(small.has_value());
+    auto same_size = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = pages(dram / 8), .name = "later"},
+                                        {.page_size = 2048, .buffer_type = BufferType::dram});
+    REQUIRE(same_size.has_value());
     auto failed = MeshBuffer::create(mesh, ReplicatedBufferConfig{.size = pages(dram / 2), .name = "too much"},
                                      {.page_size = 2048, .buffer_type = BufferType::dram});
     REQUIRE_FALSE(failed.has_value());
@@ -158,10 +161,12 @@ TEST_SUITE("client and server") {
     // The largest first: the half, then the eighth.
     const auto weights = message.find("'weights' (buffer, ");
     const auto activations = message.find("'activations' (buffer, ");
-    CHECK(message.find("largest on device 0:") != std::string::npos);
+    CHECK(message.find("largest on device 0 (bytes on the device):") != std::string::npos);
+    CHECK(message.find("(devices 0-1, 12 banks each; bytes per bank): out of memory") != std::string::npos);
     REQUIRE(weights != std::string::npos);
     REQUIRE(activations != std::string::npos);
     CHECK(weights < activations);
+    CHECK(activations < message.find("'later' (buffer, "));  // of equal ones, the older first
     REQUIRE(client->flush(5s));
     nlohmann::json moments;
     REQUIRE(testing::eventually([&] {
@@ -177,9 +182,16 @@ TEST_SUITE("client and server") {
       CHECK(moment["pid"] == ::getpid());
       CHECK(moment["detail"].get<std::string>().find("'weights'") != std::string::npos);
       CHECK(moment["detail"].get<std::string>().find("largest free block") != std::string::npos);
+      // The server's own account: who holds device 0's DRAM across processes, and from where.
+      const std::string detail = moment["detail"].get<std::string>();
+      const auto holders = detail.find("; largest holders of device 0 dram: pid ");
+      REQUIRE(holders != std::string::npos);
+      CHECK(detail.find("'weights' ", holders) < detail.find("'activations' ", holders));
+      CHECK(detail.find("client_server_test.cpp:", holders) != std::string::npos);
     }
     const auto log = server.log();
-    CHECK(std::ranges::any_of(log, [](const std::string& line) { return line.find("out of memory on device 0 dram") != std::string::npos; }));
+    CHECK(std::ranges::any_of(log, [](const std::string& line) { return line.find("out of memory on device 0 dram") != std::string::npos &&
+                                                       line.find("largest holders of device 0 dram") != std::string::npos; }));
   }
 
   TEST_CASE("server absent at start: one warning, then it appears and gets the live table") {
