@@ -6,6 +6,7 @@ module;
 #include <bit>
 #include <cstddef>
 #include <cstdint>
+#include <span>
 #include <string>
 #include <string_view>
 #include <tuple>
@@ -128,35 +129,52 @@ std::vector<LeakReport> Ledger::leak_reports(std::uint32_t pid) const {
 }
 
 std::vector<Holding> Ledger::largest_holdings(std::uint32_t device, BufferType type, std::size_t count) const {
-  std::vector<Holding> holdings;
-  if (count == 0) return holdings;
+  // Sizes first, names and call sites only for the few kept: a million live allocations cost a
+  // pass over the slabs, not a million strings.
+  struct Share {
+    std::uint64_t bytes;
+    std::uint32_t pid;
+    SessionId session;
+    std::uint64_t mesh_buffer;
+    std::uint32_t slot;  // a group of it, for its stack
+  };
+  std::vector<Share> shares;
+  if (count == 0) return {};
   for (const auto& [id, s] : sessions_) {
-    // A mesh buffer may span several groups (several records, or devices past 64): summed by id.
-    absl::flat_hash_map<std::uint64_t, std::size_t> holding_of;
+    // A mesh buffer may span several groups (several records, or devices past 64): summed by
+    // id. Id 0 names no mesh buffer: each such group stands alone.
+    absl::flat_hash_map<std::uint64_t, std::size_t> share_of;
     for (const auto& [first, slot] : s.live) {
       const AllocationGroup& g = s.slab[slot];
       if (g.type != type || device < g.first_device || device - g.first_device >= g.count) continue;
       if ((g.live_mask >> (device - g.first_device) & 1U) == 0) continue;
-      auto [at, added] = holding_of.try_emplace(g.mesh_buffer, holdings.size());
-      if (added) {
-        const auto name = s.names.find(g.mesh_buffer);
-        const auto stack = s.call_stacks.find(stack_of(s, slot));
-        holdings.push_back({.pid = s.identity.pid,
-                            .process = s.identity.name,
-                            .mesh_buffer = g.mesh_buffer,
-                            .mesh_buffer_name = name != s.names.end() ? name->second.text : std::string{},
-                            .bytes = 0,
-                            .call_site = stack != s.call_stacks.end() ? call_site_of(stack->second) : std::string{}});
+      if (g.mesh_buffer != 0) {
+        auto [at, added] = share_of.try_emplace(g.mesh_buffer, shares.size());
+        if (!added) {
+          shares[at->second].bytes += g.size;
+          continue;
+        }
       }
-      holdings[at->second].bytes += g.size;
+      shares.push_back({.bytes = g.size, .pid = s.identity.pid, .session = id, .mesh_buffer = g.mesh_buffer, .slot = slot});
     }
   }
-  const std::size_t kept = std::min(count, holdings.size());
-  std::ranges::partial_sort(holdings, holdings.begin() + static_cast<std::ptrdiff_t>(kept),
-                            [](const Holding& a, const Holding& b) {
-                              return std::tuple(a.bytes, b.pid, b.mesh_buffer) > std::tuple(b.bytes, a.pid, a.mesh_buffer);
-                            });
-  holdings.resize(kept);
+  const std::size_t kept = std::min(count, shares.size());
+  std::ranges::partial_sort(shares, shares.begin() + static_cast<std::ptrdiff_t>(kept), [](const Share& a, const Share& b) {
+    return std::tuple(a.bytes, b.pid, b.session, b.mesh_buffer) > std::tuple(b.bytes, a.pid, a.session, a.mesh_buffer);
+  });
+  std::vector<Holding> holdings;
+  holdings.reserve(kept);
+  for (const Share& share : std::span(shares).first(kept)) {
+    const SessionRecord& s = sessions_.at(share.session);
+    const auto name = s.names.find(share.mesh_buffer);
+    const auto stack = s.call_stacks.find(stack_of(s, share.slot));
+    holdings.push_back({.pid = share.pid,
+                        .process = s.identity.name,
+                        .mesh_buffer = share.mesh_buffer,
+                        .mesh_buffer_name = share.mesh_buffer != 0 && name != s.names.end() ? name->second.text : std::string{},
+                        .bytes = share.bytes,
+                        .call_site = stack != s.call_stacks.end() ? call_site_of(stack->second) : std::string{}});
+  }
   return holdings;
 }
 

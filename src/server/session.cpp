@@ -33,7 +33,7 @@ namespace {
 constexpr std::size_t compact_input_after = std::size_t{256} << 10U;
 constexpr int unknown_frees_logged_per_session = 5;
 constexpr std::size_t holders_named = 5;  // in an out-of-memory moment
-constexpr std::int64_t holdings_scan_interval_ns = 1'000'000'000;
+constexpr std::chrono::seconds holdings_scan_interval{1};
 
 }  // namespace
 
@@ -299,9 +299,9 @@ void Session::apply(const protocol::OutOfMemory& failure) {
   // The process named its own largest buffers; the server adds who holds the device across every
   // process, with the call sites their stacks give (ADR 0025).
   std::string holders;
-  if (!holdings_scanned_ || now_ns - holdings_scanned_ns_ >= holdings_scan_interval_ns) {
-    holdings_scanned_ = true;
-    holdings_scanned_ns_ = now_ns;
+  const Clock::time_point now = Clock::now();
+  if (!context_.holdings_scanned || now - *context_.holdings_scanned >= holdings_scan_interval) {
+    context_.holdings_scanned = now;
     for (const Holding& holding : context_.ledger.largest_holdings(failure.device, failure.type, holders_named)) {
       holders += fmt::format("{}pid {} ({}) mesh buffer {}{} {} bytes{}", holders.empty() ? "" : ", ", holding.pid,
                              printable(holding.process), holding.mesh_buffer,
@@ -318,7 +318,7 @@ void Session::apply(const protocol::OutOfMemory& failure) {
                          .process = peer_.name,
                          .buffers = 0,
                          .bytes = failure.requested,
-                         .detail = fmt::format("device {} {}: {} bytes asked, largest free block {} bytes per bank; {}{}",
+                         .detail = fmt::format("device {} {}: {} bytes asked (aligned to the banks), largest free block {} bytes per bank; {}{}",
                                                failure.device, to_string(failure.type), failure.requested,
                                                failure.largest_free_block, message, holders)});
 }

@@ -11,6 +11,7 @@ module;
 #include <cstdint>
 #include <functional>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -40,6 +41,10 @@ struct SessionContext {
   std::uint64_t changes{};
   // The timeline's moments go here (processes starting and ending); none kept when null.
   History* history{};
+  // When an out-of-memory report last had the ledger scanned for the largest holdings (every
+  // live allocation): at most one scan a second over all sessions, so a flood of reports from
+  // many processes costs no more than one.
+  std::optional<std::chrono::steady_clock::time_point> holdings_scanned{};
 };
 
 class Session {
@@ -130,10 +135,6 @@ class Session {
   protocol::ClientRole role_{protocol::ClientRole::tracker};
   SessionId session_{};  // 0 until a tracker says Hello (the ledger's ids start at 1)
   bool in_snapshot_{false};
-  // When this session's last out-of-memory report was answered with the largest holdings (a scan
-  // of every live allocation): at most one scan a second, so a flood of reports costs no more.
-  std::int64_t holdings_scanned_ns_{};
-  bool holdings_scanned_{false};
   std::uint64_t snapshot_records_{};
   bool said_goodbye_{false};
   bool gave_up_{false};  // its Goodbye said events were left undelivered (the server was too slow)

@@ -174,6 +174,10 @@ std::uint64_t TrackingClient::Engine::round() {
   if (stream && more_waiting && !failures.empty()) {
     const std::scoped_lock lock(mutex);
     out_of_memory_queue.insert(out_of_memory_queue.begin(), failures.begin(), failures.end());
+    if (out_of_memory_queue.size() > max_out_of_memory_queued) {  // reports made meanwhile: keep the newest
+      out_of_memory_queue.erase(out_of_memory_queue.begin(),
+                                out_of_memory_queue.end() - static_cast<std::ptrdiff_t>(max_out_of_memory_queued));
+    }
   } else if (stream) {
     for (const protocol::OutOfMemory& failure : failures) protocol::encode(failure, out);
   }

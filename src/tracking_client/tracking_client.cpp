@@ -166,11 +166,10 @@ void TrackingClient::describe_devices(std::span<const DeviceDescription> devices
 
 void TrackingClient::report_out_of_memory(const OutOfMemoryReport& report) noexcept {
   if (engine_->forked_away()) return;
-  constexpr std::size_t max_queued = 64;  // a loop of failing allocations must not grow the queue
   try {
     const std::scoped_lock lock(engine_->mutex);
     auto& queue = engine_->out_of_memory_queue;
-    if (queue.size() >= max_queued) queue.erase(queue.begin());
+    if (queue.size() >= Engine::max_out_of_memory_queued) queue.erase(queue.begin());
     queue.push_back({.device = report.device.value(),
                      .type = report.type,
                      .requested = report.requested,

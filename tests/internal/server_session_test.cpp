@@ -3,6 +3,7 @@
 // meshrt.server, so this file is an implementation unit of that module, built with a private
 // copy of it (tests/CMakeLists.txt).
 module;
+#include <algorithm>
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
@@ -143,6 +144,37 @@ TEST_SUITE("server session, without sockets") {
     CHECK(h.ledger.active_allocations() == 0);
     CHECK(h.ledger.counters().reclaimed_allocations == 8);
     CHECK(h.logged("disconnected without Goodbye (crashed?): reclaimed 8 leaked buffers"));
+  }
+
+  TEST_CASE("out of memory: the log names the largest holders, and the ledger is scanned at most once a second over all sessions") {
+    Harness h;
+    const auto out_of_memory = [] {
+      std::vector<std::byte> out;
+      protocol::encode(protocol::OutOfMemory{.device = 0, .type = BufferType::dram, .requested = 1 << 30,
+                                             .largest_free_block = 4096, .message = "no room"},
+                       out);
+      return out;
+    };
+    const auto holders_logged = [&] {
+      return std::ranges::count_if(h.lines, [](const std::string& line) { return line.find("largest holders of device 0 dram") != std::string::npos; });
+    };
+    Session first(h.context, peer());
+    first.receive(hello());
+    first.receive(events(0, {protocol::EventRecord::of(alloc(100, 2))}));
+    first.receive(out_of_memory());
+    CHECK(h.logged("pid 4242 (trainer): out of memory on device 0 dram: no room; largest holders of device 0 dram: pid 4242 (trainer) mesh buffer 9 1048576 bytes"));
+    CHECK(holders_logged() == 1);
+    // Another session's report within the second: logged, without a second scan.
+    Session second(h.context, Peer{.pid = 4343, .uid = 1000, .start_time = 78, .name = "other"});
+    second.receive(hello(protocol::ClientRole::tracker, 4343));
+    second.receive(out_of_memory());
+    CHECK(h.logged("pid 4343 (other): out of memory on device 0 dram: no room"));
+    CHECK(holders_logged() == 1);
+    // A second later the next report scans again.
+    REQUIRE(h.context.holdings_scanned.has_value());
+    h.context.holdings_scanned = h.context.holdings_scanned.value() - 1s;
+    second.receive(out_of_memory());
+    CHECK(holders_logged() == 2);
   }
 
   TEST_CASE("frames split anywhere are applied once whole, and a half frame at the end is a truncated session") {

@@ -308,6 +308,31 @@ TEST_SUITE("call stacks") {
     CHECK(other_device[0].mesh_buffer == 12);
     CHECK(other_device[0].bytes == 9000);
     CHECK(ledger.largest_holdings(2, BufferType::dram, 0).empty());
+    // Equal shares: the lower pid first, then the older session, then the lower mesh buffer id.
+    // Groups without a mesh buffer (id 0) stand alone, never summed.
+    server::Ledger equal;
+    const server::SessionId late = equal.open_session({.pid = 30});
+    const server::SessionId early_pid = equal.open_session({.pid = 5});
+    const server::SessionId same_pid = equal.open_session({.pid = 30});
+    CHECK(equal.apply_alloc(late, {.buffer = 1, .mesh_buffer = 7, .size = 64}));
+    CHECK(equal.apply_alloc(same_pid, {.buffer = 1, .mesh_buffer = 7, .size = 64}));
+    CHECK(equal.apply_alloc(same_pid, {.buffer = 2, .mesh_buffer = 3, .size = 64}));
+    CHECK(equal.apply_alloc(early_pid, {.buffer = 1, .mesh_buffer = 9, .size = 64}));
+    CHECK(equal.apply_alloc(early_pid, {.buffer = 2, .mesh_buffer = 0, .size = 40}));
+    CHECK(equal.apply_alloc(early_pid, {.buffer = 3, .mesh_buffer = 0, .size = 30}));
+    const auto ties = equal.largest_holdings(0, BufferType::dram, 8);
+    REQUIRE(ties.size() == 6);
+    CHECK(ties[0].pid == 5);
+    CHECK(ties[0].mesh_buffer == 9);
+    CHECK(ties[1].pid == 30);
+    CHECK(ties[1].mesh_buffer == 7);  // session `late`: opened first
+    CHECK(ties[2].pid == 30);
+    CHECK(ties[2].mesh_buffer == 3);  // session `same_pid`, lower id first
+    CHECK(ties[3].mesh_buffer == 7);
+    CHECK(ties[4].mesh_buffer == 0);
+    CHECK(ties[4].bytes == 40);
+    CHECK(ties[5].mesh_buffer == 0);
+    CHECK(ties[5].bytes == 30);
     CHECK(ledger.largest_holdings(40, BufferType::dram, 5).empty());
     CHECK(ledger.largest_holdings(2, BufferType::l1, 5).size() == 1);
   }

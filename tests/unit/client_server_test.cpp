@@ -166,7 +166,9 @@ TEST_SUITE("client and server") {
     REQUIRE(weights != std::string::npos);
     REQUIRE(activations != std::string::npos);
     CHECK(weights < activations);
-    CHECK(activations < message.find("'later' (buffer, "));  // of equal ones, the older first
+    const auto later = message.find("'later' (buffer, ");
+    REQUIRE(later != std::string::npos);
+    CHECK(activations < later);  // of equal ones, the older first
     REQUIRE(client->flush(5s));
     nlohmann::json moments;
     REQUIRE(testing::eventually([&] {
@@ -186,7 +188,11 @@ TEST_SUITE("client and server") {
       const std::string detail = moment["detail"].get<std::string>();
       const auto holders = detail.find("; largest holders of device 0 dram: pid ");
       REQUIRE(holders != std::string::npos);
-      CHECK(detail.find("'weights' ", holders) < detail.find("'activations' ", holders));
+      const auto held_weights = detail.find("'weights' ", holders);
+      const auto held_activations = detail.find("'activations' ", holders);
+      REQUIRE(held_weights != std::string::npos);
+      REQUIRE(held_activations != std::string::npos);
+      CHECK(held_weights < held_activations);
       CHECK(detail.find("client_server_test.cpp:", holders) != std::string::npos);
     }
     const auto log = server.log();
