@@ -138,8 +138,8 @@ std::vector<Holding> Ledger::largest_holdings(std::uint32_t device, BufferType t
     std::uint64_t mesh_buffer;
     std::uint32_t slot;  // a group of it, for its stack
   };
-  std::vector<Share> shares;
   if (count == 0) return {};
+  std::vector<Share> shares;
   for (const auto& [id, s] : sessions_) {
     // A mesh buffer may span several groups (several records, or devices past 64): summed by
     // id. Id 0 names no mesh buffer: each such group stands alone.

@@ -66,9 +66,8 @@ struct TrackingClient::Engine {
   std::condition_variable wake;
   std::condition_variable delivered_changed;
   std::vector<protocol::DeviceTotals> device_queue;
-  // Out-of-memory reports for the server's timeline; bounded: past it, the oldest are dropped.
-  // Reports of allocations that failed for lack of memory, the newest max_out_of_memory_queued:
-  // a loop of failing allocations must not grow it.
+  // Out-of-memory reports for the server's timeline, the newest max_out_of_memory_queued: a loop
+  // of failing allocations must not grow it (past it, the oldest are dropped).
   static constexpr std::size_t max_out_of_memory_queued = 64;
   std::vector<protocol::OutOfMemory> out_of_memory_queue;
   // Names wait here until the sender applies their mesh buffer's Alloc (they are described just
