@@ -26,14 +26,10 @@ import meshrt.tracking;
 import :client;
 import :call_stacks;
 import :event_lanes;
+import :fork_handling;
 import :server_connection;
 
 namespace meshrt {
-
-namespace detail {
-// Bumped in every child of fork() (ADR 0017).
-[[nodiscard]] std::uint64_t fork_generation();
-}  // namespace detail
 
 struct TrackingClient::Engine {
   using Clock = std::chrono::steady_clock;
@@ -42,6 +38,8 @@ struct TrackingClient::Engine {
   // The fork generation this client was started in: in any later one it is a parent's copy.
   const std::uint64_t generation{detail::fork_generation()};
   [[nodiscard]] bool forked_away() const { return detail::fork_generation() != generation; }
+  // The sender runs each pass of its loop through it, so a fork finds the client at rest.
+  detail::ForkGate fork_gate;
 
   // An application thread wakes the sender early (without the mutex: a wake-up missed costs one
   // flush interval, no more) when too many lanes of exited threads wait to be drained.

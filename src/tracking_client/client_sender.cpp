@@ -215,8 +215,13 @@ void TrackingClient::Engine::publish_status(std::uint64_t taken, std::uint64_t f
   delivered_changed.notify_all();
 }
 
+// Each pass of the loop runs through the fork gate, never the wait for work: a fork waits for
+// the pass in progress, so a child never inherits memory only this thread's stack held.
 void TrackingClient::Engine::run() {
-  try_connect();  // at once: a server that is there sees the first allocations as they happen
+  {
+    const detail::ForkGate::Pass pass(fork_gate);
+    try_connect();  // at once: a server that is there sees the first allocations as they happen
+  }
   std::uint64_t flush_round{};
   std::uint64_t kicks_seen{};
   for (;;) {
@@ -233,6 +238,7 @@ void TrackingClient::Engine::run() {
       flush_round = flush_requests;
     }
     if (stopping.load(std::memory_order_acquire)) break;
+    const detail::ForkGate::Pass pass(fork_gate);
     const std::uint64_t taken = round();
     if (connected()) pump_until(Clock::now());
     // Only what can be dropped counts: a session start larger than the limit (a big live
@@ -257,6 +263,7 @@ void TrackingClient::Engine::finish() {
   bool complete = true;
   frame_records = exit_frame_records;
   for (;;) {
+    const detail::ForkGate::Pass pass(fork_gate);
     const std::uint64_t taken = round();
     if (connected()) {
       // Keep the queue short while draining: the socket paces the drain, nothing is dropped.
@@ -271,6 +278,7 @@ void TrackingClient::Engine::finish() {
       break;
     }
   }
+  const detail::ForkGate::Pass pass(fork_gate);  // the last: it may wait for the server (a fork waits fork_wait at most)
   // Frees whose Alloc never came are a runtime bug: the server counts them as unknown.
   if (complete && !need_snapshot) {
     for (const protocol::FreeRecord& free : table.unmatched_frees()) encode(protocol::EventRecord::of(free));

@@ -17,7 +17,6 @@ module;
 #include <thread>
 #include <utility>
 
-#include <pthread.h>
 
 module meshrt.tracking_client;
 
@@ -25,21 +24,11 @@ import meshrt.core;
 import meshrt.protocol;
 import :client_engine;
 import :event_lanes;
-import :server_connection;
+import :fork_handling;
 
 namespace meshrt {
 
 namespace {
-
-// Bumped in every child of fork(): a client started in an earlier generation belongs to the
-// parent. In the child it records nothing, sends nothing and its exit neither waits nor says
-// Goodbye (ADR 0017): the child's copy of the parent's session must not speak for the parent.
-std::atomic<std::uint64_t> fork_generation_count{0};
-void count_fork_in_child() {
-  fork_generation_count.fetch_add(1, std::memory_order_relaxed);
-  detail::close_connections_in_child();  // async-signal-safe
-}
-std::once_flag fork_handler_installed;
 
 // The client client_from_environment() started for Tracker::process_default(), once it has.
 std::mutex environment_client_mutex;
@@ -53,8 +42,6 @@ std::string own_process_name() {
 }
 
 }  // namespace
-
-std::uint64_t detail::fork_generation() { return fork_generation_count.load(std::memory_order_relaxed); }
 
 std::shared_ptr<EventProcessor> detail::client_from_environment() {
   if (!tracking_enabled_by_environment()) return nullptr;
@@ -83,7 +70,7 @@ bool tracking_enabled_by_environment() {
 }
 
 std::shared_ptr<TrackingClient> TrackingClient::start(Options options) {
-  std::call_once(fork_handler_installed, [] { ::pthread_atfork(nullptr, nullptr, count_fork_in_child); });
+  detail::install_fork_handlers();
   if (options.socket_path.empty()) options.socket_path = protocol::default_socket_path();
   if (options.process_name.empty()) options.process_name = own_process_name();
   auto engine = std::make_unique<Engine>();

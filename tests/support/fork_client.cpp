@@ -5,6 +5,11 @@
 //   meshrt-fork-client exec PROGRAM ...  the child execs PROGRAM (a tracked process of its own)
 //   meshrt-fork-client linger            the child sleeps (60 s at most) and the parent does not
 //                                        wait for it: the parent's session must end with the parent
+//   meshrt-fork-client storm             60 forks, each soon after the parent opened a mesh and
+//                                        made 200 allocations and frees, at a different point of
+//                                        the sender's pass; each child returns from main at once. Prints "storm: N of 60 children
+//                                        failed" and exits 0 only if none did (a child under
+//                                        LeakSanitizer fails if its exit finds a leak)
 //
 // The parent holds 3 buffers on a 1x2 mesh (6 device buffers), waits for the child (at most
 // 30 s: a child that hangs at exit fails the run with exit 3), prints "child PID exited CODE",
@@ -56,18 +61,64 @@ int child_allocates(std::vector<MeshBuffer>& inherited) {
   return 0;
 }
 
+// The child's exit code, 128 + signal if killed, or -1 if it is still running after 30 s (then killed).
+int wait_for(pid_t child) {
+  int status = 0;
+  const auto deadline = std::chrono::steady_clock::now() + 30s;
+  while (::waitpid(child, &status, WNOHANG) == 0) {
+    if (std::chrono::steady_clock::now() >= deadline) {
+      ::kill(child, SIGKILL);
+      (void)::waitpid(child, &status, 0);
+      return -1;
+    }
+    std::this_thread::sleep_for(1ms);
+  }
+  return WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status);
+}
+
+int storm(MeshDevice& mesh) {
+  constexpr int children = 60;
+  int failed = 0;
+  for (int round = 0; round < children; ++round) {
+    // A mesh opened describes its devices: the sender's next pass takes them off a queue it shares.
+    auto burst = MeshDevice::create({1, 2}, client_spec()).value();
+    for (int i = 0; i < 200; ++i) (void)replicated(i % 2 == 0 ? burst : mesh, 1024, {});
+    std::this_thread::sleep_for(std::chrono::microseconds(round % 8 * 700));  // forks at every point of a pass
+    std::fflush(stdout);  // or the child would print what the parent had not yet
+    const pid_t child = ::fork();
+    if (child < 0) {
+      std::perror("fork");
+      return 1;
+    }
+    if (child == 0) return -1;  // main returns: static destructors, and LeakSanitizer's check
+    if (const int code = wait_for(child); code != 0) {
+      std::printf("child %d exited %d\n", child, code);
+      ++failed;
+    }
+  }
+  std::printf("storm: %d of %d children failed\n", failed, children);
+  return failed == 0 ? 0 : 4;
+}
+
 }  // namespace
 
 int main(int argc, char** argv) {
   const std::vector<std::string> args(argv + 1, argv + argc);
-  if (args.empty() || (args[0] != "allocate" && args[0] != "linger" && (args[0] != "exec" || args.size() < 2))) {
-    std::fprintf(stderr, "usage: meshrt-fork-client allocate | linger | exec PROGRAM [ARGS...]\n");
+  if (args.empty() || (args[0] != "allocate" && args[0] != "linger" && args[0] != "storm" &&
+                        (args[0] != "exec" || args.size() < 2))) {
+    std::fprintf(stderr, "usage: meshrt-fork-client allocate | linger | storm | exec PROGRAM [ARGS...]\n");
     return 2;
   }
   std::signal(SIGUSR1, resume);
   auto mesh = MeshDevice::create({1, 2}, client_spec()).value();
   std::vector<MeshBuffer> buffers;
   for (int i = 0; i < 3; ++i) buffers.push_back(replicated(mesh, 1 << 20, "parent " + std::to_string(i)));
+
+  if (args[0] == "storm") {
+    const int code = storm(mesh);
+    if (code < 0) return 0;  // a child, done
+    return code;
+  }
 
   const pid_t child = ::fork();
   if (child < 0) {
@@ -96,17 +147,12 @@ int main(int argc, char** argv) {
     for (int i = 0; i < 6000 && resumed == 0; ++i) std::this_thread::sleep_for(10ms);
     return 0;
   }
-  int status = 0;
-  const auto deadline = std::chrono::steady_clock::now() + 30s;
-  while (::waitpid(child, &status, WNOHANG) == 0) {
-    if (std::chrono::steady_clock::now() >= deadline) {
-      std::printf("child %d hung at exit\n", child);
-      ::kill(child, SIGKILL);
-      return 3;
-    }
-    std::this_thread::sleep_for(10ms);
+  const int code = wait_for(child);
+  if (code < 0) {
+    std::printf("child %d hung at exit\n", child);
+    return 3;
   }
-  std::printf("child %d exited %d\n", child, WIFEXITED(status) ? WEXITSTATUS(status) : 128 + WTERMSIG(status));
+  std::printf("child %d exited %d\n", child, code);
   // The parent goes on allocating after the fork: its session must be intact.
   buffers.push_back(replicated(mesh, 2048, "after fork"));
   buffers.pop_back();
