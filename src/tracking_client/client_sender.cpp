@@ -278,7 +278,7 @@ void TrackingClient::Engine::finish() {
       break;
     }
   }
-  const detail::ForkGate::Pass pass(fork_gate);  // the last: it may wait for the server (a fork waits fork_wait at most)
+  const detail::ForkGate::Pass pass(fork_gate);  // like the drain's, it may wait for the server: a fork waits fork_wait at most
   // Frees whose Alloc never came are a runtime bug: the server counts them as unknown.
   if (complete && !need_snapshot) {
     for (const protocol::FreeRecord& free : table.unmatched_frees()) encode(protocol::EventRecord::of(free));

@@ -41,7 +41,8 @@ void after_fork_in_parent() {
   gates_mutex.unlock();
 }
 
-// Only what is async-signal-safe: the child may have been forked from any state.
+// Async-signal-safe but for the unlock of a normal mutex this thread locked (safe in glibc):
+// the child may have been forked from any state.
 void after_fork_in_child() {
   fork_generation_count.fetch_add(1, std::memory_order_relaxed);
   close_connections_in_child();

@@ -20,8 +20,9 @@ namespace meshrt::detail {
 // Installs the fork handlers; once per process, whoever calls first.
 void install_fork_handlers();
 
-// The longest a fork waits for a sender's pass in progress. A pass is short (it never waits for
-// the server, only at shutdown); past this the fork goes on, as it would without the gate.
+// The longest a fork waits for a sender's pass in progress. A running pass is short (it never
+// waits for the server); a pass of the shutdown drain may, and past this the fork goes on, as it
+// would without the gate.
 inline constexpr std::chrono::milliseconds fork_wait{100};
 
 // Where a sender's passes and fork() meet. The sender brackets each pass of its loop with a

@@ -7,13 +7,15 @@
 //                                        wait for it: the parent's session must end with the parent
 //   meshrt-fork-client storm             60 forks, each soon after the parent opened a mesh and
 //                                        made 200 allocations and frees, at a different point of
-//                                        the sender's pass; each child returns from main at once. Prints "storm: N of 60 children
-//                                        failed" and exits 0 only if none did (a child under
-//                                        LeakSanitizer fails if its exit finds a leak)
+//                                        the sender's 5 ms cycle; each child returns from main at
+//                                        once. Prints "storm: N of 60 children failed" and exits 0
+//                                        only if none did (under LeakSanitizer a child fails if
+//                                        its exit finds a leak)
 //
-// The parent holds 3 buffers on a 1x2 mesh (6 device buffers), waits for the child (at most
-// 30 s: a child that hangs at exit fails the run with exit 3), prints "child PID exited CODE",
-// then "holding" and waits for SIGUSR1 (at most 60 s) before it frees everything and exits 0.
+// The parent holds 3 buffers on a 1x2 mesh (6 device buffers). Except in storm, it then waits
+// for the child (at most 30 s: a child that hangs at exit fails the run with exit 3), prints
+// "child PID exited CODE", then "holding" and waits for SIGUSR1 (at most 60 s) before it frees
+// everything and exits 0.
 #include <chrono>
 #include <csignal>
 #include <cstdio>
@@ -83,7 +85,7 @@ int storm(MeshDevice& mesh) {
     // A mesh opened describes its devices: the sender's next pass takes them off a queue it shares.
     auto burst = MeshDevice::create({1, 2}, client_spec()).value();
     for (int i = 0; i < 200; ++i) (void)replicated(i % 2 == 0 ? burst : mesh, 1024, {});
-    std::this_thread::sleep_for(std::chrono::microseconds(round % 8 * 700));  // forks at every point of a pass
+    std::this_thread::sleep_for(std::chrono::microseconds(round % 8 * 700));  // forks across the sender's cycle
     std::fflush(stdout);  // or the child would print what the parent had not yet
     const pid_t child = ::fork();
     if (child < 0) {
