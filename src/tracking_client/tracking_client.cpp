@@ -17,7 +17,6 @@ module;
 #include <thread>
 #include <utility>
 
-
 module meshrt.tracking_client;
 
 import meshrt.core;
